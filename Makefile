@@ -1,0 +1,41 @@
+# recloop developer entry points. `make demo` and `make test` work on a fresh machine:
+# they create .venv and install the exact pins first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo-run
+
+.PHONY: setup test demo lint format bench-prepare clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 is pinned in requirements.lock and installed in the same pip call as the
+# other pins, so nothing can pull in a different (CUDA) torch build.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/recloop demo --workdir $(DEMO_DIR)
+
+lint: setup
+	$(VENV)/bin/ruff check recloop tests bench
+	$(VENV)/bin/ruff format --check recloop tests bench
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff format recloop tests bench
+	$(VENV)/bin/ruff check --fix recloop tests bench
+
+bench-prepare: setup
+	$(PY) bench/prepare.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,366 @@
+"""Interaction log -> recloop dataset directory.
+
+Pipeline (polars, multi-threaded): read normalised chunks -> drop duplicates (policy) -> drop
+users with too few events -> optional k-core -> dense ids (users 0..U-1, items 1..I, both in
+ascending raw-id order so the mapping is reproducible) -> stable sort by (user, time, source
+order) -> CSR arrays -> files in a temporary directory -> atomic rename to `out_dir`.
+
+The dataset directory holds:
+
+    offsets.npy      int64 [U + 1]   user u's events are items[offsets[u]:offsets[u + 1]]
+    items.npy        int32 [E]       dense item ids, 1-based (0 = padding)
+    timestamps.npy   int64 [E]       source timestamps, or source order when there are none
+    values.npy       float32 [E]     optional (ratings)
+    users.parquet    id -> raw       vocabulary in dense-id order (row i is dense id i)
+    items.parquet    id -> raw       (row i is dense id i + 1)
+    users_by_raw.parquet, items_by_raw.parquet   the same pairs sorted by raw id: raw -> id
+    manifest.json    source, options, counts, lengths, checksums, recloop version
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+import recloop
+from recloop.data.readers import ColumnMap, ProgressCallback, read_chunks
+from recloop.errors import ConfigError, DatasetError
+
+DuplicatePolicy = Literal["drop", "keep", "error"]
+MANIFEST = "manifest.json"
+DATASET_FORMAT_VERSION = 1
+Notice = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    # Exact duplicates are rows equal in user, item, timestamp (and value/event when present).
+    # Formats without timestamps have no duplicates by this definition: each line is its own
+    # moment in the sequence, and a repeated item there is a real repeat.
+    duplicates: DuplicatePolicy = "drop"
+    # A user needs two events to give one training pair (prefix -> next item).
+    min_user_events: int = 2
+    # k-core: repeat until every user has >= user_core and every item >= item_core events.
+    user_core: int = 0
+    item_core: int = 0
+
+    def __post_init__(self) -> None:
+        if self.duplicates not in ("drop", "keep", "error"):
+            raise ConfigError(
+                f"duplicates must be 'drop', 'keep' or 'error', got {self.duplicates!r}"
+            )
+        for name in ("min_user_events", "user_core", "item_core"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class FileSource:
+    path: Path
+    format: str
+    columns: ColumnMap | None = None
+
+    def describe(self) -> dict[str, Any]:
+        stat = self.path.stat()
+        return {
+            "kind": "file",
+            "format": self.format,
+            "path": str(self.path.resolve()),
+            "bytes": stat.st_size,
+            "sha256": sha256_file(self.path),
+            "columns": asdict(self.columns) if self.columns else None,
+        }
+
+    def chunks(self, on_progress: ProgressCallback | None = None) -> Iterator[pl.DataFrame]:
+        return read_chunks(self.path, self.format, self.columns, on_progress=on_progress)
+
+
+@dataclass
+class PrepareReport:
+    """What preprocessing did, for the manifest and for the user."""
+
+    raw_rows: int = 0
+    duplicates_dropped: int = 0
+    short_users_dropped: int = 0
+    short_user_events_dropped: int = 0
+    kcore_events_dropped: int = 0
+    notices: list[str] = field(default_factory=list)
+
+
+def prepare(
+    chunks: Iterable[pl.DataFrame],
+    source: dict[str, Any],
+    out_dir: Path,
+    options: PrepareOptions = PrepareOptions(),
+    *,
+    overwrite: bool = False,
+    notice: Notice | None = None,
+) -> dict[str, Any]:
+    """Builds the dataset directory `out_dir` from normalised chunks; returns its manifest.
+
+    Nothing is written to `out_dir` unless everything succeeded: the files go to a temporary
+    sibling directory that is renamed into place at the end.
+    """
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    started = time.perf_counter()
+    report = PrepareReport()
+    events = _collect(chunks, source)
+    report.raw_rows = events.height
+    has_time = events["timestamp"].null_count() == 0
+    if not has_time:
+        if events["timestamp"].null_count() != events.height:
+            raise DatasetError("some rows have a timestamp and others do not")
+        # No clock in the source: its order is the time order (SASRec / S3-Rec files).
+        events = events.with_columns(timestamp=pl.col("order"))
+
+    events = _apply_duplicate_policy(events, options.duplicates, has_time, report)
+    events = _drop_short_users(events, options.min_user_events, report)
+    events = _k_core(events, options.user_core, options.item_core, report)
+    if events.height == 0:
+        raise DatasetError("no interactions left after filtering (check min_user_events/k-core)")
+
+    events = events.with_columns(
+        uid=(pl.col("user").rank("dense") - 1).cast(pl.Int64),
+        iid=pl.col("item").rank("dense").cast(pl.Int32),
+    ).sort(["uid", "timestamp", "order"], maintain_order=True)
+    num_users = int(events["uid"].max()) + 1  # type: ignore[arg-type]
+    num_items = int(events["iid"].max())  # type: ignore[arg-type]
+    lengths = np.bincount(events["uid"].to_numpy(), minlength=num_users)
+    offsets = np.zeros(num_users + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        files: dict[str, np.ndarray] = {
+            "offsets.npy": offsets,
+            "items.npy": events["iid"].to_numpy().astype(np.int32, copy=False),
+            "timestamps.npy": events["timestamp"].to_numpy().astype(np.int64, copy=False),
+        }
+        if "value" in events.columns:
+            files["values.npy"] = events["value"].to_numpy().astype(np.float32)
+        for name, array in files.items():
+            np.save(tmp / name, np.ascontiguousarray(array))
+        _write_vocab(events, "user", "uid", tmp / "users.parquet", tmp / "users_by_raw.parquet")
+        _write_vocab(events, "item", "iid", tmp / "items.parquet", tmp / "items_by_raw.parquet")
+        if "event" in events.columns:
+            types = sorted(events["event"].unique().to_list())
+            codes = events["event"].replace_strict(types, list(range(len(types))))
+            np.save(tmp / "events.npy", codes.to_numpy().astype(np.int16))
+        manifest = _manifest(
+            source, options, report, has_time, events, lengths, num_users, num_items, tmp
+        )
+        manifest["prepare_seconds"] = round(time.perf_counter() - started, 3)
+        if "event" in events.columns:
+            manifest["event_types"] = types
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if notice is not None:
+        for message in report.notices:
+            notice(message)
+    return manifest
+
+
+def with_source_order(chunks: Iterable[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+    """Adds `order` (0-based) and `line` (1-based row) to chunks from a generator."""
+    first = 0
+    for chunk in chunks:
+        order = pl.int_range(first, first + chunk.height, eager=True, dtype=pl.Int64)
+        yield chunk.with_columns(order=order, line=order + 1)
+        first += chunk.height
+
+
+def prepare_file(
+    source: FileSource,
+    out_dir: Path,
+    options: PrepareOptions = PrepareOptions(),
+    *,
+    overwrite: bool = False,
+    on_progress: ProgressCallback | None = None,
+    notice: Notice | None = None,
+) -> dict[str, Any]:
+    _check_out_dir(Path(out_dir), overwrite)  # fail before reading a large file
+    described = source.describe() if source.path.is_file() else {"path": str(source.path)}
+    return prepare(
+        source.chunks(on_progress),
+        described,
+        out_dir,
+        options,
+        overwrite=overwrite,
+        notice=notice,
+    )
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite:
+        raise DatasetError(f"{out_dir}: output directory already exists (pass --overwrite)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"{out_dir}: exists and is not a directory")
+
+
+def _collect(chunks: Iterable[pl.DataFrame], source: dict[str, Any]) -> pl.DataFrame:
+    frames = list(chunks)
+    if not frames:
+        raise DatasetError(f"{source.get('path', 'input')}: no interactions")
+    try:
+        events = pl.concat(frames, how="vertical")
+    except pl.exceptions.SchemaError:
+        # One chunk had only integer ids and another string ids: treat all as strings.
+        frames = [f.with_columns(pl.col("user", "item").cast(pl.String)) for f in frames]
+        events = pl.concat(frames, how="vertical")
+    return events
+
+
+def _apply_duplicate_policy(
+    events: pl.DataFrame, policy: DuplicatePolicy, has_time: bool, report: PrepareReport
+) -> pl.DataFrame:
+    if policy == "keep" or not has_time:
+        return events
+    key = [c for c in ("user", "item", "timestamp", "value", "event") if c in events.columns]
+    duplicated = events.select(pl.struct(key).is_first_distinct().not_()).to_series()
+    count = int(duplicated.sum())
+    if count == 0:
+        return events
+    first = events.filter(duplicated).row(0, named=True)
+    original = events.filter(
+        pl.all_horizontal(pl.col(c) == first[c] for c in key) & ~duplicated
+    ).row(0, named=True)
+    where = f"line {first['line']} repeats line {original['line']}"
+    if policy == "error":
+        raise DatasetError(f"{count} exact duplicate rows; first: {where} (user {first['user']})")
+    report.duplicates_dropped = count
+    report.notices.append(f"dropped {count} exact duplicate rows (first: {where})")
+    return events.filter(~duplicated)
+
+
+def _drop_short_users(events: pl.DataFrame, min_events: int, report: PrepareReport) -> pl.DataFrame:
+    if min_events <= 1:
+        return events
+    counts = events.group_by("user").len()
+    short = counts.filter(pl.col("len") < min_events)
+    if short.height == 0:
+        return events
+    example = events.join(short.head(1), on="user").row(0, named=True)
+    report.short_users_dropped = short.height
+    report.short_user_events_dropped = int(short["len"].sum())
+    report.notices.append(
+        f"dropped {short.height} users with fewer than {min_events} events "
+        f"(e.g. user {example['user']} at line {example['line']}); "
+        "set min_user_events to keep them"
+    )
+    return events.join(short.select("user"), on="user", how="anti", maintain_order="left")
+
+
+def _k_core(
+    events: pl.DataFrame, user_core: int, item_core: int, report: PrepareReport
+) -> pl.DataFrame:
+    if user_core <= 1 and item_core <= 1:
+        return events
+    before = events.height
+    while True:
+        keep = pl.lit(True)
+        if user_core > 1:
+            keep = keep & (pl.len().over("user") >= user_core)
+        if item_core > 1:
+            keep = keep & (pl.len().over("item") >= item_core)
+        filtered = events.filter(keep)
+        if filtered.height == events.height:
+            break
+        events = filtered
+    report.kcore_events_dropped = before - events.height
+    if report.kcore_events_dropped:
+        report.notices.append(
+            f"k-core (users >= {user_core}, items >= {item_core}) removed "
+            f"{report.kcore_events_dropped} events"
+        )
+    return events
+
+
+def _write_vocab(events: pl.DataFrame, raw: str, dense: str, by_id: Path, by_raw: Path) -> None:
+    vocab = events.select(pl.col(dense).alias("id"), pl.col(raw).alias("raw")).unique("id")
+    vocab.sort("id").write_parquet(by_id)
+    vocab.sort("raw").write_parquet(by_raw)
+
+
+def _manifest(
+    source: dict[str, Any],
+    options: PrepareOptions,
+    report: PrepareReport,
+    has_time: bool,
+    events: pl.DataFrame,
+    lengths: np.ndarray,
+    num_users: int,
+    num_items: int,
+    directory: Path,
+) -> dict[str, Any]:
+    timestamps = events["timestamp"]
+    return {
+        "kind": "recloop-dataset",
+        "format_version": DATASET_FORMAT_VERSION,
+        "recloop_version": recloop.__version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": source,
+        "options": asdict(options),
+        "time": "timestamp" if has_time else "source_order",
+        "id_types": {"user": str(events["user"].dtype), "item": str(events["item"].dtype)},
+        "counts": {
+            "users": num_users,
+            "items": num_items,
+            "events": int(events.height),
+            "raw_rows": report.raw_rows,
+            "duplicates_dropped": report.duplicates_dropped,
+            "short_users_dropped": report.short_users_dropped,
+            "short_user_events_dropped": report.short_user_events_dropped,
+            "kcore_events_dropped": report.kcore_events_dropped,
+        },
+        "lengths": {
+            "min": int(lengths.min()),
+            "max": int(lengths.max()),
+            "mean": round(float(lengths.mean()), 4),
+            "median": float(np.median(lengths)),
+        },
+        "time_range": {"min": int(timestamps.min()), "max": int(timestamps.max())},  # type: ignore[arg-type]
+        "files": {
+            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(directory.iterdir())
+            if p.name != MANIFEST
+        },
+    }
+
+
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if not overwrite:
+            raise DatasetError(f"{out_dir}: output directory appeared while preparing")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,17 @@
+"""Domain exceptions. Each message says what is wrong and where (file, line, field)."""
+
+
+class RecloopError(Exception):
+    """Base class for errors that the CLI reports as a one-line message (no traceback)."""
+
+
+class DatasetError(RecloopError):
+    """Bad input data or a dataset directory that cannot be read or written."""
+
+
+class ConfigError(RecloopError):
+    """A configuration key or value that is unknown or invalid."""
+
+
+class RegistryError(RecloopError):
+    """A model version that is unknown, partial or corrupt, or a registry operation refused."""
