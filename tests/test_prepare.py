@@ -70,12 +70,13 @@ def test_dense_ids_sort_and_csr(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "data" / "manifest.json").read_text()) == manifest
 
 
-def test_vocabulary_files_both_ways(tmp_path: Path) -> None:
+def test_vocabulary_table_maps_both_ways(tmp_path: Path) -> None:
     prepare_text(tmp_path, RATINGS)
-    by_id = pl.read_parquet(tmp_path / "data" / "items.parquet")
-    by_raw = pl.read_parquet(tmp_path / "data" / "items_by_raw.parquet")
-    assert by_id.rows() == [(1, 3), (2, 5), (3, 7), (4, 9)]
-    assert sorted(by_raw.rows(), key=lambda r: r[1]) == by_id.rows()
+    table = pl.read_parquet(tmp_path / "data" / "items.parquet")
+    assert table.rows() == [(1, 3), (2, 5), (3, 7), (4, 9)]  # id -> raw, by row
+    assert table["raw"].is_sorted()  # raw -> id, by binary search
+    users = pl.read_parquet(tmp_path / "data" / "users.parquet")
+    assert users.rows() == [(0, 10), (1, 20)]
 
 
 def test_duplicate_policies(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ class Vocabulary:
 
     @cached_property
     def _sorted(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
+        # `recloop prepare` assigns ids in ascending raw order, so this is usually the identity;
+        # sorting keeps lookups right for any vocabulary.
         order = np.argsort(self.raw_by_id, kind="stable")
         return self.raw_by_id[order], order.astype(np.int64) + self.first_id
 

@@ -11,9 +11,8 @@ The dataset directory holds:
     items.npy        int32 [E]       dense item ids, 1-based (0 = padding)
     timestamps.npy   int64 [E]       source timestamps, or source order when there are none
     values.npy       float32 [E]     optional (ratings)
-    users.parquet    id -> raw       vocabulary in dense-id order (row i is dense id i)
-    items.parquet    id -> raw       (row i is dense id i + 1)
-    users_by_raw.parquet, items_by_raw.parquet   the same pairs sorted by raw id: raw -> id
+    users.parquet    (id, raw)       vocabulary: row i is dense id i; raw ids ascend too, so
+    items.parquet    (id, raw)       the table maps id -> raw and (binary search) raw -> id
     manifest.json    source, options, counts, lengths, checksums, recloop version
 """
 
@@ -125,16 +124,22 @@ def prepare(
         # No clock in the source: its order is the time order (SASRec / S3-Rec files).
         events = events.with_columns(timestamp=pl.col("order"))
 
+    # One sort, up front: dense user ids follow raw ids in ascending order, so this is also
+    # the final (user, time, source order) order, and every later step keeps it.
+    events = events.sort(["user", "timestamp", "order"])
     events = _apply_duplicate_policy(events, options.duplicates, has_time, report)
     events = _drop_short_users(events, options.min_user_events, report)
     events = _k_core(events, options.user_core, options.item_core, report)
     if events.height == 0:
         raise DatasetError("no interactions left after filtering (check min_user_events/k-core)")
 
+    # Dense ids in ascending raw-id order. Rows are sorted by user, so a user's id is the
+    # number of user changes before it.
+    user_starts = (pl.col("user") != pl.col("user").shift(1)).fill_null(True)
     events = events.with_columns(
-        uid=(pl.col("user").rank("dense") - 1).cast(pl.Int64),
+        uid=(user_starts.cum_sum() - 1).cast(pl.Int64),
         iid=pl.col("item").rank("dense").cast(pl.Int32),
-    ).sort(["uid", "timestamp", "order"], maintain_order=True)
+    )
     num_users = int(events["uid"].max()) + 1  # type: ignore[arg-type]
     num_items = int(events["iid"].max())  # type: ignore[arg-type]
     lengths = np.bincount(events["uid"].to_numpy(), minlength=num_users)
@@ -153,8 +158,8 @@ def prepare(
             files["values.npy"] = events["value"].to_numpy().astype(np.float32)
         for name, array in files.items():
             np.save(tmp / name, np.ascontiguousarray(array))
-        _write_vocab(events, "user", "uid", tmp / "users.parquet", tmp / "users_by_raw.parquet")
-        _write_vocab(events, "item", "iid", tmp / "items.parquet", tmp / "items_by_raw.parquet")
+        _write_vocab(events["user"], 0, tmp / "users.parquet")
+        _write_vocab(events["item"], 1, tmp / "items.parquet")
         if "event" in events.columns:
             types = sorted(events["event"].unique().to_list())
             codes = events["event"].replace_strict(types, list(range(len(types))))
@@ -232,23 +237,37 @@ def _collect(chunks: Iterable[pl.DataFrame], source: dict[str, Any]) -> pl.DataF
 def _apply_duplicate_policy(
     events: pl.DataFrame, policy: DuplicatePolicy, has_time: bool, report: PrepareReport
 ) -> pl.DataFrame:
+    """`events` is sorted by (user, timestamp, order): exact duplicates share a user and a
+    timestamp, so only rows next to a row with the same (user, timestamp) need the exact check,
+    which keeps this linear and cheap when, as usual, timestamps within a user are distinct."""
     if policy == "keep" or not has_time:
         return events
     key = [c for c in ("user", "item", "timestamp", "value", "event") if c in events.columns]
-    duplicated = events.select(pl.struct(key).is_first_distinct().not_()).to_series()
-    count = int(duplicated.sum())
+    same_time = (pl.col("user") == pl.col("user").shift(1)) & (
+        pl.col("timestamp") == pl.col("timestamp").shift(1)
+    )
+    candidate = events.select(
+        (same_time.fill_null(False) | same_time.shift(-1).fill_null(False)).alias("c")
+    ).to_series()
+    if not candidate.any():
+        return events
+    index = pl.int_range(0, events.height, eager=True).filter(candidate)
+    subset = events.filter(candidate)
+    repeated = subset.select(pl.struct(key).is_first_distinct().not_()).to_series()
+    count = int(repeated.sum())
     if count == 0:
         return events
-    first = events.filter(duplicated).row(0, named=True)
-    original = events.filter(
-        pl.all_horizontal(pl.col(c) == first[c] for c in key) & ~duplicated
+    first = subset.filter(repeated).row(0, named=True)
+    original = subset.filter(
+        pl.all_horizontal(pl.col(c) == first[c] for c in key) & ~repeated
     ).row(0, named=True)
     where = f"line {first['line']} repeats line {original['line']}"
     if policy == "error":
         raise DatasetError(f"{count} exact duplicate rows; first: {where} (user {first['user']})")
     report.duplicates_dropped = count
     report.notices.append(f"dropped {count} exact duplicate rows (first: {where})")
-    return events.filter(~duplicated)
+    drop = pl.Series("drop", [False] * events.height).scatter(index.filter(repeated), True)
+    return events.filter(~drop)
 
 
 def _drop_short_users(events: pl.DataFrame, min_events: int, report: PrepareReport) -> pl.DataFrame:
@@ -294,10 +313,13 @@ def _k_core(
     return events
 
 
-def _write_vocab(events: pl.DataFrame, raw: str, dense: str, by_id: Path, by_raw: Path) -> None:
-    vocab = events.select(pl.col(dense).alias("id"), pl.col(raw).alias("raw")).unique("id")
-    vocab.sort("id").write_parquet(by_id)
-    vocab.sort("raw").write_parquet(by_raw)
+def _write_vocab(raw: pl.Series, first_id: int, path: Path) -> None:
+    """Writes (id, raw) rows. Ids follow raw ids in ascending order, so the one table is sorted
+    both ways: row i holds dense id first_id + i (id -> raw) and raw ids ascend, so a binary
+    search maps raw -> id. `Vocabulary` gives both directions."""
+    unique = raw.unique().sort()
+    ids = pl.int_range(first_id, first_id + len(unique), eager=True, dtype=pl.Int64)
+    pl.DataFrame({"id": ids, "raw": unique}).write_parquet(path)
 
 
 def _manifest(
