@@ -232,6 +232,159 @@ def stats(
     stdout.print(table)
 
 
+@app.command("train")
+def train_command(
+    data: Annotated[Path, typer.Option("--data", help="Dataset directory (recloop prepare).")],
+    registry: Annotated[Path, typer.Option("--registry", help="Model registry directory.")],
+    config: Annotated[Path | None, typer.Option("--config", help="Experiment TOML.")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="section.key=value overrides, e.g. train.lr=3e-3")
+    ] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock training budget.")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Checkpoints, metrics.csv, curves.png (default runs/...).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir exactly.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if any).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
+) -> None:
+    """Train a model, keep the best validation checkpoint, publish it to the registry."""
+    import time as _time
+
+    import torch
+
+    from recloop.config import load_config
+    from recloop.train.trainer import describe_metrics, train
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    extra = list(overrides or [])
+    if max_minutes is not None:
+        extra.append(f"train.max_minutes={max_minutes}")
+    experiment = load_config(config, extra)
+    if resume and run_dir is None:
+        raise ConfigError("--resume needs --run-dir (the run to continue)")
+    if run_dir is None:
+        stamp = _time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{stamp}-{experiment.model['type']}"
+    result = train(
+        experiment,
+        data,
+        run_dir,
+        registry_dir=registry,
+        resume=resume,
+        device=device,
+        command="recloop " + " ".join(sys.argv[1:]),
+    )
+    if result.version is None:
+        return  # a non-zero rank under torchrun: rank 0 reports
+    keys = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
+    stdout.print(
+        f"trained {result.steps} steps ({result.epochs:.1f} epochs, "
+        f"{result.tokens_per_second:,.0f} tokens/s, stopped by {result.stopped_by}); "
+        f"best step {result.best_step}",
+        highlight=False,
+    )
+    stdout.print(f"valid: {describe_metrics(result.best_metrics, keys)}", highlight=False)
+    stdout.print(f"test:  {describe_metrics(result.test_metrics, keys)}", highlight=False)
+    stdout.print(f"run directory: {result.run_dir}", highlight=False)
+    print(result.version)
+
+
+@app.command("eval")
+def eval_command(
+    registry: Annotated[Path, typer.Option("--registry", help="Model registry directory.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset directory.")],
+    version: Annotated[str, typer.Option(help="Version id, latest or production.")] = "latest",
+    protocol: Annotated[str, typer.Option(help="full or sampled100.")] = "full",
+    split: Annotated[str, typer.Option(help="test or valid.")] = "test",
+    max_users: Annotated[
+        int | None, typer.Option(help="Evaluate a random subset of users (sampled100).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for negatives / user subset.")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Evaluate a registry version on a dataset's leave-one-out split."""
+    from recloop.data.dataset import SequenceDataset
+    from recloop.evaluate import EvalConfig, evaluate
+    from recloop.models.io import check_vocabulary, load_model
+    from recloop.registry import Registry
+
+    if protocol not in ("full", "sampled100"):
+        raise ConfigError(f"--protocol must be full or sampled100, got {protocol!r}")
+    if split not in ("test", "valid"):
+        raise ConfigError(f"--split must be test or valid, got {split!r}")
+    dataset = SequenceDataset(data)
+    store = Registry(registry, create=False)
+    resolved = store.resolve(version)
+    check_vocabulary(store, resolved, dataset.manifest["files"]["items.parquet"]["sha256"])
+    model, manifest = load_model(store, resolved)
+    examples = getattr(dataset.leave_one_out(), split)
+    config = EvalConfig(
+        max_length=int(manifest["model"].get("max_length", 50)),
+        protocol=protocol,  # type: ignore[arg-type]
+        max_users=max_users,
+        seed=seed,
+    )
+    metrics = evaluate(model, examples, dataset.sequences, config)
+    result = {"version": resolved, "data": str(data), "split": split, **metrics}
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"{resolved} on {data} ({split}, {protocol})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    stdout.print(table)
+
+
+models_app = typer.Typer(help="List, inspect, promote and roll back model versions.")
+app.add_typer(models_app, name="models")
+RegistryOption = Annotated[Path, typer.Option("--registry", help="Model registry directory.")]
+
+
+@models_app.command("list")
+def models_list(registry: RegistryOption) -> None:
+    """All versions, oldest first, with their key metrics."""
+    from recloop.registry import Registry, format_versions_table
+
+    stdout.print(format_versions_table(Registry(registry, create=False).list()))
+
+
+@models_app.command("show")
+def models_show(
+    registry: RegistryOption,
+    version: Annotated[str, typer.Argument(help="Version id, latest or production.")] = "latest",
+) -> None:
+    """A version's manifest (checksums verified)."""
+    from recloop.registry import Registry
+
+    store = Registry(registry, create=False)
+    resolved = store.resolve(version)
+    store.verify(resolved)
+    print(json.dumps(store.manifest(resolved), indent=2))
+
+
+@models_app.command("promote")
+def models_promote(
+    registry: RegistryOption,
+    version: Annotated[str, typer.Argument(help="Version id or latest.")],
+) -> None:
+    """Make a version the production one (serving follows it)."""
+    from recloop.registry import Registry
+
+    stdout.print(f"production is now {Registry(registry, create=False).promote(version)}")
+
+
+@models_app.command("rollback")
+def models_rollback(registry: RegistryOption) -> None:
+    """Return production to the previously promoted version."""
+    from recloop.registry import Registry
+
+    stdout.print(f"production rolled back to {Registry(registry, create=False).rollback()}")
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path(

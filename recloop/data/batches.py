@@ -295,4 +295,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # Its own generator: creating an iterator draws a worker base seed, which must not
+        # advance the global torch RNG (dropout, negatives), or a resumed run would diverge.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -258,9 +258,9 @@ def _apply_duplicate_policy(
     if count == 0:
         return events
     first = subset.filter(repeated).row(0, named=True)
-    original = subset.filter(
-        pl.all_horizontal(pl.col(c) == first[c] for c in key) & ~repeated
-    ).row(0, named=True)
+    original = subset.filter(pl.all_horizontal(pl.col(c) == first[c] for c in key) & ~repeated).row(
+        0, named=True
+    )
     where = f"line {first['line']} repeats line {original['line']}"
     if policy == "error":
         raise DatasetError(f"{count} exact duplicate rows; first: {where} (user {first['user']})")

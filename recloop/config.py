@@ -1,0 +1,193 @@
+"""Typed experiment configs loaded from TOML, with `section.key=value` overrides.
+
+An unknown section or key, or a value of the wrong type, is a `ConfigError` that names it
+(and the file). Model sections are validated by the model's own config dataclass.
+
+    [model]            # type = "sasrec" | "hstu", then that model's config fields
+    [train]            # TrainConfig
+    [eval]             # evaluation during training (max_length comes from [train])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from recloop.errors import ConfigError
+
+LossName = Literal["full_softmax", "sampled_softmax", "bce"]
+NegativeSampling = Literal["uniform", "in_batch", "mixed"]
+Schedule = Literal["constant", "cosine", "linear"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loss: LossName = "full_softmax"
+    # Sampled softmax only: negatives per step, shared by every position in the batch.
+    num_negatives: int = 256
+    negatives: NegativeSampling = "uniform"
+    batch_size: int = 256  # global batch (windows) over all processes
+    max_length: int = 50
+    # Windows per user kept for training, most recent first (None = all: every prefix once).
+    max_windows_per_user: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    schedule: Schedule = "constant"
+    min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr * min_lr_ratio
+    grad_clip: float | None = 1.0
+    max_epochs: int = 100
+    max_steps: int | None = None
+    max_minutes: float | None = None
+    eval_every_epochs: int = 1
+    eval_every_steps: int | None = None  # overrides eval_every_epochs when set
+    patience: int = 10  # evaluations without improvement before stopping
+    select_metric: str = "NDCG@10"
+    bf16: bool = False
+    compile: bool = False
+    seed: int = 42
+    num_workers: int = 0  # batch building is ~1 ms; worker processes cost more on 2 cores
+    eval_user_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        positive = ("num_negatives", "batch_size", "max_length", "max_epochs", "patience")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip must be > 0 or absent, got {self.grad_clip}")
+        for name in ("max_steps", "max_windows_per_user", "eval_every_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"train.{name} must be >= 1 or absent, got {value}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
+        if self.num_workers < 0:
+            raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: dict[str, Any]  # "type" plus the model config's fields (validated by the model)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = "<defaults>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(self.model), "train": dataclasses.asdict(self.train)}
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        source = str(path)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    unknown = set(raw) - {"model", "train", "meta"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown section [{sorted(unknown)[0]}]")
+    model = dict(raw.get("model", {"type": "sasrec"}))
+    if "type" not in model:
+        raise ConfigError(f"{source}: [model] needs a type (sasrec or hstu)")
+    train = _build(TrainConfig, raw.get("train", {}), "train", source)
+    return ExperimentConfig(model=model, train=train, source=source)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ConfigError(
+            f"override {item!r} must look like section.key=value (e.g. train.lr=3e-3)"
+        )
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word is a string: model.type=hstu
+    raw.setdefault(section, {})[name] = value
+
+
+def _build(cls: type[Any], values: dict[str, Any], section: str, source: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key {section}.{key}; known keys: {', '.join(sorted(known))}"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str, source: str) -> Any:
+    """Checks a TOML value against a dataclass field type (ints are accepted as floats)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {name} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{source}: {name} must be a list of {len(args)}, got {value!r}")
+        return tuple(_coerce(v, a, name, source) for v, a in zip(value, args, strict=True))
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{source}: {name} must be {expected}, got {value!r}")
+
+
+def _check_literals(instance: Any) -> None:
+    hints = typing.get_type_hints(type(instance))
+    for f in fields(instance):
+        hint = hints[f.name]
+        if typing.get_origin(hint) is Literal and getattr(instance, f.name) not in hint.__args__:
+            raise ConfigError(
+                f"train.{f.name} must be one of {list(hint.__args__)}, "
+                f"got {getattr(instance, f.name)!r}"
+            )

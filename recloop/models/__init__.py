@@ -1,0 +1,1 @@
+"""Sequential recommendation models. One model, one file; all share `SequentialEncoder`."""

@@ -1,0 +1,45 @@
+"""The interface every sequential model implements, so training, evaluation, serving and
+distillation share one code path.
+
+Conventions: item ids are 1..num_items, 0 is padding; sequences are LEFT-padded, so the last
+position ([:, -1]) is always the most recent item. Timestamps are int64 seconds (or source
+order) aligned with the item ids; models that do not use time ignore them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class SequentialEncoder(nn.Module):
+    """Base class. Subclasses set `self.config` and `self.item_embedding` and define `forward`."""
+
+    config: Any
+    item_embedding: Any  # recloop.models.embeddings.ItemEmbedding
+
+    def forward(
+        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Causal hidden state at every position: [B, L] ids -> [B, L, D]."""
+        raise NotImplementedError
+
+    def encode(
+        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """User vector from the most recent position: [B, L] -> [B, D]."""
+        return self.forward(input_ids, timestamps)[:, -1, :]
+
+    def score(
+        self, user_vectors: torch.Tensor, item_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits of items for user vectors [..., D].
+
+        item_ids None: every item, [..., num_items + 1] with the padding column at -inf.
+        item_ids [..., N] (same leading dims as user_vectors): [..., N].
+        item_ids [N] (1-D, shared candidates): [..., N].
+        """
+        logits: torch.Tensor = self.item_embedding.logits(user_vectors, item_ids)
+        return logits

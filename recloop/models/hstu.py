@@ -1,0 +1,245 @@
+"""HSTU: Hierarchical Sequential Transduction Units (Zhai et al., ICML 2024, arXiv 2402.17152).
+
+Each block replaces softmax attention + FFN by one gated "pointwise aggregated attention" unit:
+
+    U, V, Q, K = split(SiLU(Linear(LayerNorm(x))))
+    A          = SiLU(Q K^T + rab) / n, masked to real keys at or before the query (no softmax)
+    x          = x + Linear(Dropout(LayerNorm(A V) * U))
+
+where rab is a learned relative attention bias: one weight per relative position (i - j) plus
+one per bucket of log time difference |t_i - t_j|. This follows facebookresearch/
+generative-recommenders (modeling/sequential/hstu.py) for the traditional sequential setting,
+with these choices, all made so that a left-padded window gives the same output whatever its
+padded length:
+
+- n is `max_length`, a constant, as in the reference (which always pads to the maximum length).
+  Dividing by the padded length would make the output depend on the padding.
+- Padding keys are masked explicitly (the reference drops them by storing sequences jagged).
+- Absolute positions are counted from the most recent item (row 0 = most recent).
+- The time difference of query i and key j uses the query's own timestamp t_i. The reference
+  uses the timestamp of the item being predicted (t_{i+1}), which `forward` does not receive.
+  Without timestamps (None) the time bias is zero; the position bias still applies.
+- Output: L2-normalised (the reference's L2NormEmbeddingPostprocessor) when
+  `normalize_embeddings`, which also makes ItemEmbedding score cosine / temperature, as the
+  reference's l2-norm similarity; otherwise a LayerNorm (its LayerNorm postprocessor) and plain
+  dot-product scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recloop.data.sequences import PADDING_ID
+from recloop.errors import ConfigError
+from recloop.models.base import SequentialEncoder
+from recloop.models.embeddings import ItemEmbedding
+
+
+def _require(ok: bool, field: str, value: object, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"hstu config: {field}={value!r} is invalid: {why}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class HSTUConfig:
+    num_items: int  # catalogue size; item ids are 1..num_items, 0 is padding
+    max_length: int = 50  # longest input window; sizes positional tables and the 1/n scale
+    dim: int = 64
+    num_blocks: int = 2
+    num_heads: int = 2
+    attention_dim: int | None = None  # per-head Q/K width; None -> dim // num_heads
+    linear_dim: int | None = None  # per-head U/V width; None -> dim // num_heads
+    dropout: float = 0.2  # on the input embeddings and before each output projection
+    # On the attention weights A. The reference accepts attn_dropout_rate but never applies it,
+    # so 0.0 reproduces it.
+    attention_dropout: float = 0.0
+    use_time_bias: bool = True  # learned bias per log-time-difference bucket
+    num_time_buckets: int = 128  # the reference's value; bucket indexes are clamped to it
+    # bucket = floor(ln(1 + |t_i - t_j|) / time_bucket_width): log-spaced buckets, each about
+    # 1.35x wider than the last with the reference's 0.301. 128 of them cover > 10^16 seconds,
+    # so with second timestamps no difference is clamped.
+    time_bucket_width: float = 0.301
+    # True (reference): user and item vectors are L2-normalised, logits = cosine / temperature.
+    normalize_embeddings: bool = True
+    temperature: float = 0.05  # the reference's softmax temperature for cosine logits
+    layer_norm_eps: float = 1e-6  # the reference's epsilon
+    init_std: float = 0.02  # item table, U/V/Q/K projection and bias tables (the reference)
+
+    def __post_init__(self) -> None:
+        for name in ("num_items", "max_length", "dim", "num_blocks", "num_heads"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, name, value, "must be a positive integer")
+        for name in ("attention_dim", "linear_dim"):
+            value = getattr(self, name)
+            if value is None:
+                _require(
+                    self.dim % self.num_heads == 0,
+                    "num_heads",
+                    self.num_heads,
+                    f"must divide dim={self.dim} when {name} is not given",
+                )
+            else:
+                _require(_is_int(value) and value > 0, name, value, "must be a positive integer")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int | float) and 0.0 <= value < 1.0,
+                name,
+                value,
+                "must be in [0, 1)",
+            )
+        _require(
+            _is_int(self.num_time_buckets) and self.num_time_buckets > 0,
+            "num_time_buckets",
+            self.num_time_buckets,
+            "must be a positive integer",
+        )
+        for name in ("time_bucket_width", "temperature", "layer_norm_eps", "init_std"):
+            value = getattr(self, name)
+            _require(isinstance(value, int | float) and value > 0, name, value, "must be > 0")
+        for name in ("use_time_bias", "normalize_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), name, value, "must be true or false")
+
+    @property
+    def head_qk_dim(self) -> int:
+        return self.attention_dim if self.attention_dim is not None else self.dim // self.num_heads
+
+    @property
+    def head_v_dim(self) -> int:
+        return self.linear_dim if self.linear_dim is not None else self.dim // self.num_heads
+
+
+class HSTUBlock(nn.Module):
+    def __init__(self, config: HSTUConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qk_dim = config.head_qk_dim
+        self.v_dim = config.head_v_dim
+        self.max_length = config.max_length
+        self.eps = config.layer_norm_eps
+        self.dropout = config.dropout
+        self.attention_dropout = config.attention_dropout
+        heads = config.num_heads
+        # One projection to [U, V, Q, K]; no bias, as the reference.
+        self.uvqk = nn.Linear(config.dim, heads * (2 * self.v_dim + 2 * self.qk_dim), bias=False)
+        self.output = nn.Linear(heads * self.v_dim, config.dim)
+        # Relative attention bias, shared by the heads of this block: one weight per distance
+        # i - j in 0..max_length-1 (causal, so negative distances never count) ...
+        self.position_bias = nn.Parameter(torch.empty(config.max_length))
+        # ... and one per time bucket 0..num_time_buckets.
+        self.time_bias = (
+            nn.Parameter(torch.empty(config.num_time_buckets + 1)) if config.use_time_bias else None
+        )
+        nn.init.normal_(self.uvqk.weight, std=config.init_std)
+        nn.init.xavier_uniform_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+        nn.init.normal_(self.position_bias, std=config.init_std)
+        if self.time_bias is not None:
+            nn.init.normal_(self.time_bias, std=config.init_std)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        allowed: torch.Tensor,
+        distance: torch.Tensor,
+        time_buckets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x [B, L, D]; allowed [B, 1, L, L] 0/1 float; distance [L, L] and time_buckets
+        [B, L, L] int64 bias indexes -> [B, L, D]."""
+        batch, length, dim = x.shape
+        heads, qk_dim, v_dim = self.num_heads, self.qk_dim, self.v_dim
+        normed = F.layer_norm(x, (dim,), eps=self.eps)  # [B, L, D]
+        uvqk: torch.Tensor = F.silu(self.uvqk(normed))  # [B, L, H * (2 Dv + 2 Dqk)]
+        u, v, q, k = torch.split(
+            uvqk, [heads * v_dim, heads * v_dim, heads * qk_dim, heads * qk_dim], dim=-1
+        )  # u, v: [B, L, H * Dv]; q, k: [B, L, H * Dqk]
+        q = q.view(batch, length, heads, qk_dim).transpose(1, 2)  # [B, H, L, Dqk]
+        k = k.view(batch, length, heads, qk_dim).transpose(1, 2)  # [B, H, L, Dqk]
+        v = v.view(batch, length, heads, v_dim).transpose(1, 2)  # [B, H, L, Dv]
+
+        bias = self.position_bias[distance]  # [L, L]
+        if time_buckets is not None and self.time_bias is not None:
+            bias = bias + self.time_bias[time_buckets]  # [B, L, L]
+        scores = q @ k.transpose(-1, -2) + bias.unsqueeze(-3)  # [B, H, L, L]
+        weights = F.silu(scores) * (allowed / self.max_length)  # [B, H, L, L], no softmax
+        weights = F.dropout(weights, p=self.attention_dropout, training=self.training)
+        y = (weights @ v).transpose(1, 2).reshape(batch, length, heads * v_dim)  # [B, L, H*Dv]
+        y = u * F.layer_norm(y, (heads * v_dim,), eps=self.eps)  # [B, L, H * Dv]
+        y = F.dropout(y, p=self.dropout, training=self.training)
+        out: torch.Tensor = self.output(y)  # [B, L, D]
+        return x + out
+
+
+class HSTU(SequentialEncoder):
+    def __init__(self, config: HSTUConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.item_embedding = ItemEmbedding(
+            config.num_items,
+            config.dim,
+            normalize=config.normalize_embeddings,
+            temperature=config.temperature,
+            init_std=config.init_std,
+        )
+        # Row p is the position p steps before the most recent item (row 0 = most recent).
+        self.position_embedding = nn.Embedding(config.max_length, config.dim)
+        nn.init.normal_(self.position_embedding.weight, std=math.sqrt(1.0 / config.dim))
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(HSTUBlock(config) for _ in range(config.num_blocks))
+
+    def time_buckets(self, timestamps: torch.Tensor) -> torch.Tensor:
+        """[B, L] int64 timestamps -> [B, L, L] int64 bucket of |t_i - t_j| (query i, key j)."""
+        delta = (timestamps.unsqueeze(-1) - timestamps.unsqueeze(-2)).abs()  # [B, L, L]
+        buckets: torch.Tensor = (
+            torch.log1p(delta.float()) / self.config.time_bucket_width
+        )  # [B, L, L]
+        return buckets.floor().long().clamp(0, self.config.num_time_buckets)
+
+    def forward(
+        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, L] left-padded ids (and optional [B, L] timestamps) -> [B, L, D] causal hidden
+        states: unit vectors (zero at padding) when `normalize_embeddings`."""
+        length = input_ids.shape[1]
+        if length > self.config.max_length:
+            raise ConfigError(
+                f"hstu: input length {length} exceeds max_length={self.config.max_length}"
+            )
+        device = input_ids.device
+        valid = input_ids != PADDING_ID  # [B, L]
+        keep = valid.unsqueeze(-1)  # [B, L, 1]
+
+        positions = torch.arange(length - 1, -1, -1, device=device)  # [L], 0 = most recent
+        x: torch.Tensor = self.item_embedding(input_ids) * math.sqrt(self.config.dim)  # [B, L, D]
+        x = x + self.position_embedding(positions)  # [B, L, D]
+        x = self.embedding_dropout(x) * keep  # padding rows are zero
+
+        index = torch.arange(length, device=device)
+        distance = index.unsqueeze(1) - index.unsqueeze(0)  # [L, L], i - j
+        # Query i reads key j when j <= i and j is a real item; padding queries read nothing.
+        allowed = (distance >= 0) & valid[:, None, None, :]  # [B, 1, L, L]
+        allowed_weights = allowed.to(x.dtype)
+        distance = distance.clamp(min=0)  # future keys are masked; keep their index in range
+        time_buckets = (
+            self.time_buckets(timestamps)
+            if timestamps is not None and self.config.use_time_bias
+            else None
+        )  # [B, L, L] or None
+
+        for block in self.blocks:
+            x = block(x, allowed_weights, distance, time_buckets)  # [B, L, D]
+        if self.config.normalize_embeddings:
+            x = F.normalize(x, dim=-1, eps=self.config.layer_norm_eps)
+        else:
+            x = F.layer_norm(x, (self.config.dim,), eps=self.config.layer_norm_eps)
+        return x * keep  # [B, L, D]

@@ -1,0 +1,244 @@
+"""SASRec: self-attentive sequential recommendation (Kang & McAuley, ICDM 2018).
+
+A causal Transformer over the item sequence: the hidden state at position t is a user vector
+that scores the item at t + 1 against the shared item table. The layout follows
+pmixer/SASRec.pytorch (scaled item embedding + learned positions, embedding dropout, timeline
+mask, causal multi-head self-attention, position-wise FFN, LayerNorm, final LayerNorm) and the
+"SASRec with cross-entropy" practice (Klenitskiy & Vasilev 2023): train it with the full-softmax
+loss in `recloop.train.losses`, not with the paper's one-negative BCE.
+
+Two choices differ from pmixer and make the output independent of how much left padding a
+window has (a history padded to L=10 or to L=20 encodes to the same vector):
+
+- Positions are counted from the most recent item: the last position is 0, the one before 1,
+  and so on. With a fixed window length this is pmixer's left-to-right index with the table
+  rows relabelled; unlike it, it does not depend on the window length.
+- Padding keys are masked out of attention (pmixer masks only the future, so real items
+  attend to padding rows). Every position may also attend to itself, so a padding query row,
+  which with left padding sees nothing but padding, never has an all-masked softmax (NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recloop.data.sequences import PADDING_ID
+from recloop.errors import ConfigError
+from recloop.models.base import SequentialEncoder
+from recloop.models.embeddings import ItemEmbedding
+
+ACTIVATIONS = ("relu", "gelu")
+
+
+def _require(ok: bool, field: str, value: object, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"sasrec config: {field}={value!r} is invalid: {why}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class SASRecConfig:
+    num_items: int  # catalogue size; item ids are 1..num_items, 0 is padding
+    max_length: int = 50  # longest input window; sizes the positional table
+    dim: int = 64
+    num_blocks: int = 2
+    num_heads: int = 1  # the paper uses a single head; dim must divide by it
+    # Embedding, attention-weight and residual dropout; the paper uses 0.2 on dense data
+    # (MovieLens) and 0.5 on sparse data (Amazon).
+    dropout: float = 0.2
+    # FFN hidden width = dim * ffn_multiplier. 1 is the paper / pmixer (a point-wise FFN as
+    # wide as the model); 4 is the usual Transformer width, worth trying when dim is small.
+    ffn_multiplier: int = 1
+    activation: str = "relu"  # "relu" as the paper; "gelu" as most later Transformers
+    # True: LayerNorm before each sub-layer plus a final LayerNorm (pmixer; stable when deep).
+    # False: the original post-norm Transformer (LayerNorm after each residual add).
+    pre_norm: bool = True
+    # True: logits are cosine(user, item) / temperature; False: plain dot product (the paper).
+    normalize_embeddings: bool = False
+    temperature: float = 1.0  # logits are divided by it; 1.0 leaves dot products unchanged
+    layer_norm_eps: float = 1e-8  # pmixer's value
+    init_std: float = 0.02  # std of every weight matrix and embedding table (GPT-2 style)
+
+    def __post_init__(self) -> None:
+        for name in ("num_items", "max_length", "dim", "num_blocks", "num_heads"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value > 0, name, value, "must be a positive integer")
+        _require(
+            self.dim % self.num_heads == 0,
+            "num_heads",
+            self.num_heads,
+            f"must divide dim={self.dim}",
+        )
+        _require(
+            _is_int(self.ffn_multiplier) and self.ffn_multiplier > 0,
+            "ffn_multiplier",
+            self.ffn_multiplier,
+            "must be a positive integer",
+        )
+        _require(
+            isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0,
+            "dropout",
+            self.dropout,
+            "must be in [0, 1)",
+        )
+        _require(
+            self.activation in ACTIVATIONS,
+            "activation",
+            self.activation,
+            f"must be one of {', '.join(ACTIVATIONS)}",
+        )
+        _require(
+            isinstance(self.temperature, int | float) and self.temperature > 0,
+            "temperature",
+            self.temperature,
+            "must be > 0",
+        )
+        _require(
+            isinstance(self.layer_norm_eps, int | float) and self.layer_norm_eps > 0,
+            "layer_norm_eps",
+            self.layer_norm_eps,
+            "must be > 0",
+        )
+        _require(
+            isinstance(self.init_std, int | float) and self.init_std > 0,
+            "init_std",
+            self.init_std,
+            "must be > 0",
+        )
+        for name in ("pre_norm", "normalize_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), name, value, "must be true or false")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        self.proj = nn.Linear(config.dim, config.dim)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """x [B, L, D], allowed [B, 1, L, L] (True = query may attend to key) -> [B, L, D]."""
+        batch, length, dim = x.shape
+        head_dim = dim // self.num_heads
+        q, k, v = self.qkv(x).split(dim, dim=-1)  # 3 x [B, L, D]
+        q = q.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
+        k = k.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
+        v = v.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )  # [B, H, L, Dh]
+        y = y.transpose(1, 2).reshape(batch, length, dim)  # [B, L, D]
+        out: torch.Tensor = self.proj(y)  # [B, L, D]
+        return out
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        hidden = config.dim * config.ffn_multiplier
+        self.up = nn.Linear(config.dim, hidden)
+        self.down = nn.Linear(hidden, config.dim)
+        self.activation = nn.GELU() if config.activation == "gelu" else nn.ReLU()
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(self.activation(self.up(x)))  # [B, L, D * ffn_multiplier]
+        out: torch.Tensor = self.down(h)  # [B, L, D]
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.pre_norm = config.pre_norm
+        self.attention_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.attention = CausalSelfAttention(config)
+        self.ffn_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """x [B, L, D] -> [B, L, D]."""
+        out: torch.Tensor
+        if self.pre_norm:
+            out = x + self.dropout(self.attention(self.attention_norm(x), allowed))
+            out = out + self.dropout(self.ffn(self.ffn_norm(out)))
+        else:
+            out = self.attention_norm(x + self.dropout(self.attention(x, allowed)))
+            out = self.ffn_norm(out + self.dropout(self.ffn(out)))
+        return out
+
+
+class SASRec(SequentialEncoder):
+    def __init__(self, config: SASRecConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.item_embedding = ItemEmbedding(
+            config.num_items,
+            config.dim,
+            normalize=config.normalize_embeddings,
+            temperature=config.temperature,
+            init_std=config.init_std,
+        )
+        # Row p is the position p steps before the most recent item (row 0 = most recent).
+        self.position_embedding = nn.Embedding(config.max_length, config.dim)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_blocks))
+        # Pre-norm leaves the residual stream un-normalised, so it needs a last LayerNorm;
+        # post-norm blocks already end in one.
+        self.final_norm = (
+            nn.LayerNorm(config.dim, eps=config.layer_norm_eps) if config.pre_norm else None
+        )
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+
+    def forward(
+        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, L] left-padded ids -> [B, L, D] causal hidden states (zero at padding).
+
+        `timestamps` is accepted for interface compatibility and ignored: SASRec sees order only.
+        """
+        del timestamps
+        length = input_ids.shape[1]
+        if length > self.config.max_length:
+            raise ConfigError(
+                f"sasrec: input length {length} exceeds max_length={self.config.max_length}"
+            )
+        device = input_ids.device
+        valid = input_ids != PADDING_ID  # [B, L]
+        keep = valid.unsqueeze(-1)  # [B, L, 1]
+
+        positions = torch.arange(length - 1, -1, -1, device=device)  # [L], 0 = most recent
+        x: torch.Tensor = self.item_embedding(input_ids) * math.sqrt(self.config.dim)  # [B, L, D]
+        x = x + self.position_embedding(positions)  # [B, L, D]
+        x = self.embedding_dropout(x) * keep  # timeline mask: padding rows are zero
+
+        # Query t may attend to key s <= t when s is a real item, and always to itself.
+        index = torch.arange(length, device=device)
+        causal = index.unsqueeze(1) >= index.unsqueeze(0)  # [L, L]
+        itself = torch.eye(length, dtype=torch.bool, device=device)  # [L, L]
+        allowed = causal & (valid[:, None, None, :] | itself)  # [B, 1, L, L], all heads
+
+        for block in self.blocks:
+            x = block(x, allowed)  # [B, L, D]
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x * keep  # [B, L, D]

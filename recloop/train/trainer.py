@@ -1,0 +1,458 @@
+"""The training loop: one linear function a reader can follow top to bottom.
+
+Single process:
+    recloop train --config configs/beauty/sasrec.toml --data data/beauty --registry registry
+Data-parallel (gloo on CPU, NCCL on GPU), same arguments, same global batch:
+    torchrun --nproc_per_node=2 -m recloop.cli train --config ... --data ... --registry ...
+
+Every process reads the same dataset and takes its slice of each global batch; the loss is
+summed over a process's tokens and divided by the token count of the whole global batch, so the
+averaged DDP gradient equals the one-process gradient. Only rank 0 writes (metrics, plots,
+checkpoints, the registry version). A run stopped by `--max-minutes` (or killed) resumes
+exactly from its last checkpoint with `--resume RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from recloop.config import ExperimentConfig, TrainConfig
+from recloop.data.batches import TrainingWindows, WindowConfig, make_loader
+from recloop.data.dataset import SequenceDataset
+from recloop.errors import ConfigError
+from recloop.evaluate import EvalConfig, evaluate
+from recloop.models.base import SequentialEncoder
+from recloop.models.factory import build_model, config_to_dict
+from recloop.train import checkpoint
+from recloop.train.distributed import agree, all_reduce_sum, init_distributed
+from recloop.train.losses import next_item_loss
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_step: int
+    best_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    steps: int
+    epochs: float
+    train_seconds: float
+    tokens_per_second: float
+    stopped_by: str
+    version: str | None = None
+    model: SequentialEncoder | None = field(default=None, repr=False)
+
+
+def train(
+    config: ExperimentConfig,
+    data_dir: Path,
+    run_dir: Path,
+    *,
+    registry_dir: Path | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    stop_at_step: int | None = None,
+    command: str | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Trains, keeps the best validation checkpoint, tests it, and publishes it (rank 0)."""
+    cfg = config.train
+    ctx = init_distributed(device)
+    if cfg.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"train.batch_size {cfg.batch_size} must divide by the {ctx.world_size} processes"
+        )
+    torch.manual_seed(cfg.seed)
+
+    # ---- data: leave-one-out split, training windows, this rank's loader
+    dataset = SequenceDataset(data_dir)
+    split = dataset.leave_one_out()
+    windows = TrainingWindows(split.train, WindowConfig(cfg.max_length, cfg.max_windows_per_user))
+    if len(windows) < cfg.batch_size:
+        raise ConfigError(
+            f"train.batch_size {cfg.batch_size} is larger than the {len(windows)} training windows"
+        )
+    loader = make_loader(
+        windows,
+        cfg.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.seed,
+        drop_last=True,  # equal batches on every rank, every step
+        num_workers=cfg.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+    )
+    steps_per_epoch = len(loader)
+    total_steps = cfg.max_steps or cfg.max_epochs * steps_per_epoch
+    eval_every = cfg.eval_every_steps or cfg.eval_every_epochs * steps_per_epoch
+
+    # ---- model and optimizer
+    model_config = {k: v for k, v in config.model.items() if k != "type"}
+    model_config.setdefault("max_length", cfg.max_length)
+    model_config["num_items"] = dataset.num_items
+    model = build_model(str(config.model["type"]), model_config).to(ctx.device)
+    optimizer = _adamw(model, cfg, fused=ctx.device.type == "cuda")
+    forward: torch.nn.Module = model
+    if ctx.distributed:
+        forward = DistributedDataParallel(model)
+    if cfg.compile:
+        forward = torch.compile(forward)  # type: ignore[assignment]
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+
+    # ---- state that a checkpoint carries
+    run_dir = Path(run_dir)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    best_value, best_step, evals_since_best = -math.inf, 0, 0
+    best_metrics: dict[str, float] = {}
+    history: list[dict[str, Any]] = []
+    if resume:
+        found = checkpoint.latest_checkpoint(run_dir)
+        if found is None:
+            raise ConfigError(f"{run_dir}: no checkpoint to resume from")
+        state = checkpoint.load_checkpoint(found, model, optimizer)
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        best_value, best_step = state["best_value"], state["best_step"]
+        evals_since_best, best_metrics = state["evals_since_best"], state["best_metrics"]
+        history = state["history"]
+    best_weights = _load_best(run_dir) if resume and best_step else None
+
+    eval_config = EvalConfig(
+        max_length=cfg.max_length, user_batch_size=cfg.eval_user_batch_size, protocol="full"
+    )
+    tokens_seen, train_seconds, loss_sum, loss_steps = 0, 0.0, 0.0, 0
+    stopped_by = "max_steps" if cfg.max_steps else "max_epochs"
+    started = time.perf_counter()
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    progress = _Progress(total_steps, step, enabled=show_progress and ctx.is_main)
+
+    model.train()
+    stop = False
+    while step < total_steps and not stop:
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        for index, batch in enumerate(loader):
+            if index < batch_in_epoch:  # resuming mid-epoch: same order, skip what was done
+                continue
+            tick = time.perf_counter()
+            input_ids = batch["input_ids"].to(ctx.device, non_blocking=True)  # [B, L]
+            targets = batch["target_ids"].to(ctx.device, non_blocking=True)  # [B, L]
+            timestamps = batch["timestamps"].to(ctx.device, non_blocking=True)  # [B, L]
+            _set_lr(optimizer, cfg, step, total_steps)
+            with autocast:
+                hidden = forward(input_ids, timestamps)  # [B, L, D]
+                loss_total, tokens = next_item_loss(model, hidden, targets, cfg, dataset.num_items)
+            global_tokens = all_reduce_sum(tokens.detach().clone().float(), ctx)
+            # DDP averages gradients over ranks; scaling by world / global tokens makes that
+            # average the mean over every token of the global batch.
+            loss = loss_total * ctx.world_size / global_tokens.clamp_min(1.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            batch_in_epoch = index + 1
+            train_seconds += time.perf_counter() - tick
+            tokens_seen += int(global_tokens.item())
+            loss_sum += float(loss.item())  # rank 0's share, scaled to the global mean
+            loss_steps += 1
+            progress.update(step, loss_sum / loss_steps, tokens_seen / max(train_seconds, 1e-9))
+
+            out_of_time = time.perf_counter() - started > budget
+            if step % eval_every == 0 or step == total_steps or out_of_time:
+                metrics = evaluate(
+                    model,
+                    split.valid,
+                    split.source,
+                    eval_config,
+                    device=ctx.device,
+                    rank=ctx.rank,
+                    world_size=ctx.world_size,
+                )
+                model.train()
+                history.append(
+                    {
+                        "step": step,
+                        "epoch": round(step / steps_per_epoch, 3),
+                        "elapsed_s": round(time.perf_counter() - started, 2),
+                        "train_loss": round(loss_sum / max(loss_steps, 1), 5),
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9)),
+                        **{f"valid/{k}": v for k, v in metrics.items() if isinstance(v, float)},
+                    }
+                )
+                loss_sum, loss_steps = 0.0, 0
+                value = float(metrics[cfg.select_metric])
+                if value > best_value:
+                    best_value, best_step, evals_since_best = value, step, 0
+                    best_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
+                    best_weights = copy.deepcopy(model.state_dict())
+                    if ctx.is_main:
+                        _save_best(run_dir, best_weights)
+                else:
+                    evals_since_best += 1
+                progress.log(
+                    f"step {step}: valid {cfg.select_metric} {value:.4f} "
+                    f"(best {best_value:.4f} at step {best_step})"
+                )
+                if evals_since_best >= cfg.patience:
+                    stopped_by = "early_stopping"
+            if out_of_time and stopped_by != "early_stopping":
+                stopped_by = "max_minutes"
+            if stop_at_step is not None and step >= stop_at_step:
+                stopped_by = "interrupted"
+            finished = stopped_by in ("early_stopping", "max_minutes", "interrupted")
+            stop = agree(finished, ctx)  # every rank must leave the loop at the same step
+            if stop or step >= total_steps:
+                break
+        if batch_in_epoch >= steps_per_epoch:
+            epoch, batch_in_epoch = epoch + 1, 0
+    progress.close()
+
+    if ctx.is_main:
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "best_value": best_value,
+            "best_step": best_step,
+            "evals_since_best": evals_since_best,
+            "best_metrics": best_metrics,
+            "history": history,
+            "config": config.to_dict(),
+        }
+        checkpoint.save_checkpoint(run_dir, model, optimizer, state)
+        _write_history(run_dir, history)
+
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+    test_metrics: dict[str, float] = {}
+    version = None
+    if stopped_by != "interrupted":
+        full = evaluate(
+            model,
+            split.test,
+            split.source,
+            eval_config,
+            device=ctx.device,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+        test_metrics = {k: v for k, v in full.items() if isinstance(v, float)}
+        if ctx.is_main and registry_dir is not None:
+            version = _publish(
+                registry_dir,
+                model,
+                dataset,
+                config,
+                best_metrics,
+                test_metrics,
+                run_dir,
+                training={
+                    "steps": step,
+                    "best_step": best_step,
+                    "epochs": round(step / steps_per_epoch, 3),
+                    "train_seconds": round(train_seconds, 2),
+                    "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9)),
+                    "world_size": ctx.world_size,
+                    "stopped_by": stopped_by,
+                    "command": command or " ".join(sys.argv),
+                },
+            )
+    return TrainResult(
+        run_dir=run_dir,
+        best_step=best_step,
+        best_metrics=best_metrics,
+        test_metrics=test_metrics,
+        steps=step,
+        epochs=step / steps_per_epoch,
+        train_seconds=train_seconds,
+        tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
+        stopped_by=stopped_by,
+        version=version,
+        model=model,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _adamw(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
+    """Weight decay on matrices only, never on biases, norms or the embedding table."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.dim() >= 2 and "embedding" not in name:
+            decay.append(parameter)
+        else:
+            no_decay.append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up, then constant, cosine or linear decay to lr * min_lr_ratio."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    factor = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * factor)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, total: int) -> None:
+    lr = lr_at(cfg, step, total)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _save_best(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".best.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp))
+    tmp.replace(run_dir / "best.safetensors")
+
+
+def _load_best(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    path = run_dir / "best.safetensors"
+    return load_file(str(path)) if path.is_file() else None
+
+
+def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    if not history:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    _plot_history(run_dir / "curves.png", history)
+
+
+def _plot_history(path: Path, history: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(steps, [row["train_loss"] for row in history], marker=".")
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    for metric in ("valid/NDCG@10", "valid/HR@10"):
+        if metric in history[0]:
+            right.plot(steps, [row[metric] for row in history], marker=".", label=metric)
+    right.set_xlabel("step")
+    right.set_ylabel("validation (full ranking)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _publish(
+    registry_dir: Path,
+    model: SequentialEncoder,
+    dataset: SequenceDataset,
+    config: ExperimentConfig,
+    valid_metrics: dict[str, float],
+    test_metrics: dict[str, float],
+    run_dir: Path,
+    training: dict[str, Any],
+) -> str:
+    from recloop.registry import Registry
+
+    extra = {
+        name: run_dir / name for name in ("metrics.csv", "curves.png") if (run_dir / name).is_file()
+    }
+    extra["items.parquet"] = dataset.directory / "items.parquet"
+    return Registry(registry_dir).publish(
+        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+        model=config_to_dict(model),
+        dataset={
+            "checksum": dataset.checksum,
+            "path": str(dataset.directory.resolve()),
+            "counts": dataset.manifest["counts"],
+        },
+        metrics={
+            **{f"valid/{k}": v for k, v in valid_metrics.items()},
+            **{f"test/{k}": v for k, v in test_metrics.items()},
+        },
+        method="train",
+        training={**training, "config": config.to_dict()},
+        extra_files=extra,
+        vocabulary_file="items.parquet",
+    )
+
+
+class _Progress:
+    """A rich progress bar with loss and tokens/s on a terminal; periodic lines otherwise."""
+
+    def __init__(self, total: int, done: int, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        from recloop.progress import stderr
+
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:,.0f} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not stderr.is_terminal,
+        )
+        self.task = self.bar.add_task("train", total=total, completed=done, loss=0.0, rate=0.0)
+        self.bar.start()
+
+    def update(self, step: int, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, rate=rate)
+
+    def log(self, message: str) -> None:
+        if not self.enabled:
+            return
+        from recloop.progress import stderr
+
+        stderr.print(message, highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def describe_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
