@@ -49,6 +49,12 @@ class TrainConfig:
     eval_every_steps: int | None = None  # overrides eval_every_epochs when set
     patience: int = 10  # evaluations without improvement before stopping
     select_metric: str = "NDCG@10"
+    # Drop all-padding columns of each batch (models count positions from the most recent
+    # item, so outputs do not change). Turn off for torch.compile without dynamic shapes.
+    trim_padding: bool = True
+    # Batch windows of similar length together (sorted within runs of 64 batches, then the
+    # batches shuffled), so that trimming removes most padding on short-sequence data.
+    bucket_by_length: bool = True
     bf16: bool = False
     compile: bool = False
     seed: int = 42

@@ -245,12 +245,17 @@ def _encode(
     config: EvalConfig,
     device: torch.device,
 ) -> torch.Tensor:
-    """User vectors [B, D] from the last `max_length` history items (left-padded)."""
-    ids = last_items(source.items, starts, ends, config.max_length).astype(np.int64)  # [B, L]
+    """User vectors [B, D] from the last `max_length` history items (left-padded).
+
+    The batch is only as wide as its longest history: recloop models count positions from the
+    most recent item, so extra all-padding columns would change nothing but the cost.
+    """
+    width = int(max(1, min(config.max_length, int(np.max(ends - starts, initial=1)))))
+    ids = last_items(source.items, starts, ends, width).astype(np.int64)  # [B, W]
     input_ids = torch.from_numpy(ids).to(device)
     timestamps = None
     if config.use_timestamps:
-        ts = last_items(source.timestamps, starts, ends, config.max_length)  # [B, L]
+        ts = last_items(source.timestamps, starts, ends, width)  # [B, W]
         timestamps = torch.from_numpy(ts.astype(np.int64, copy=False)).to(device)
     return model.encode(input_ids, timestamps)
 

@@ -383,3 +383,27 @@ def test_memmap_inputs(tmp_path: Path) -> None:
         last_items(mapped.items, mapped.offsets[:-1], mapped.offsets[1:], 5),
         last_items(seqs.items, seqs.offsets[:-1], seqs.offsets[1:], 5),
     )
+
+
+def test_length_bucketing_keeps_every_window_once_and_groups_lengths() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 51, size=1000)
+    plain = ShardedBatchSampler(1000, 50, seed=3)
+    bucketed = ShardedBatchSampler(1000, 50, seed=3, lengths=lengths, bucket_batches=5)
+    batches = list(bucketed)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    assert spread < 0.5 * np.mean([np.ptp(lengths[b]) for b in plain])
+    bucketed.set_epoch(1)
+    assert list(bucketed) != batches  # still reshuffled every epoch
+    shards = [
+        list(ShardedBatchSampler(1000, 50, seed=3, lengths=lengths, bucket_batches=5, rank=r,
+                                 world_size=2))
+        for r in range(2)
+    ]  # fmt: skip
+    assert [a + b for a, b in zip(*shards, strict=True)] == batches
+
+
+def test_length_bucketing_rejects_wrong_lengths() -> None:
+    with pytest.raises(ConfigError, match="lengths has 3 entries for 4 samples"):
+        ShardedBatchSampler(4, 2, lengths=np.array([1, 2, 3]))

@@ -212,3 +212,30 @@ def test_learning_rate_schedule() -> None:
     assert lr_at(cfg, 9, 110) == pytest.approx(1.0)
     assert lr_at(cfg, 60, 110) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(cfg, 110, 110) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("model_type", ["sasrec", "hstu"])
+def test_trimming_padding_columns_changes_nothing(model_type: str) -> None:
+    from recloop.config import TrainConfig
+    from recloop.data.batches import trim_left_padding
+    from recloop.models.factory import build_model
+    from recloop.train.losses import next_item_loss
+
+    torch.manual_seed(0)
+    model = build_model(model_type, {"num_items": 50, "max_length": 12, "dim": 16}).eval()
+    inputs = torch.zeros(3, 12, dtype=torch.long)
+    inputs[0, 8:] = torch.tensor([4, 5, 6, 7])
+    inputs[1, 10:] = torch.tensor([9, 3])
+    inputs[2, 7:] = torch.tensor([1, 2, 3, 4, 5])
+    targets = torch.roll(inputs, -1, dims=1) * (inputs > 0)
+    times = torch.cumsum(inputs > 0, dim=1) * 100
+    batch = {"input_ids": inputs, "target_ids": targets, "timestamps": times}
+    trimmed = trim_left_padding(batch)
+    assert trimmed["input_ids"].shape == (3, 5)
+    config = TrainConfig()
+    with torch.no_grad():
+        full, n_full = next_item_loss(model, model(inputs, times), targets, config, 50)
+        short_hidden = model(trimmed["input_ids"], trimmed["timestamps"])
+        short, n_short = next_item_loss(model, short_hidden, trimmed["target_ids"], config, 50)
+    assert int(n_full) == int(n_short) == 8  # every real input but the last has a target
+    torch.testing.assert_close(full, short, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ token count of the whole global batch, so data-parallel training matches one pro
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,10 @@ def next_item_loss(
     h = hidden[mask]  # [T, D]
     pos = targets[mask]  # [T]
     if config.loss == "full_softmax":
-        logits = model.score(h)  # [T, I + 1], padding column -inf
-        return F.cross_entropy(logits.float(), pos, reduction="sum"), tokens
+        embedding = model.item_embedding
+        query = embedding.prepare_query(h).float()  # [T, D]
+        table = embedding.output_table()[1:].float()  # [I, D], padding row excluded
+        return chunked_cross_entropy(query, table, pos - 1), tokens
     if config.loss == "bce":
         neg = torch.randint(1, num_items + 1, pos.shape, device=pos.device)  # [T]
         pos_logit = model.score(h, pos.unsqueeze(-1)).squeeze(-1).float()  # [T]
@@ -79,3 +82,49 @@ def _sampled_softmax(
     logits = torch.cat([pos_logit.unsqueeze(-1), neg_logit], dim=-1)  # [T, 1 + N]
     zeros = torch.zeros(pos.shape, dtype=torch.long, device=device)
     return F.cross_entropy(logits, zeros, reduction="sum")
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """sum_t CE(query_t @ table.T, target_t) without materialising [T, I] logits.
+
+    Rows are processed in chunks small enough for the [chunk, I] logits to stay in cache, and
+    the gradients are computed in the same pass (the loss is a scalar, so d loss / d logits is
+    softmax - onehot, known as soon as a chunk's logits are): 3 matmul passes and one exp over
+    the catalogue, instead of a log-softmax forward and backward through memory. Measured on
+    this 2-core CPU for 1,500 tokens x 12,101 items x 64 dims: 87 ms against 196 ms for
+    F.cross_entropy on full logits (the profile that motivated it: bench/train_speed.py).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, query: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        grad_query = torch.empty_like(query)  # [T, D]
+        grad_table = torch.zeros_like(table)  # [I, D]
+        total = torch.zeros((), dtype=query.dtype, device=query.device)
+        with torch.autocast(query.device.type, enabled=False):
+            for start in range(0, len(query), chunk):
+                q = query[start : start + chunk]  # [c, D]
+                t = targets[start : start + chunk]  # [c]
+                logits = q @ table.T  # [c, I]
+                lse = torch.logsumexp(logits, dim=1)  # [c]
+                total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad_query[start : start + chunk] = probs @ table
+                grad_table.addmm_(probs.T, q)
+        ctx.save_for_backward(grad_query, grad_table)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_query, grad_table = ctx.saved_tensors
+        return grad_query * grad_output, grad_table * grad_output, None, None
+
+
+def chunked_cross_entropy(
+    query: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int = 64
+) -> torch.Tensor:
+    """Summed softmax cross-entropy of query [T, D] against every row of table [I, D]."""
+    loss: torch.Tensor = _ChunkedCrossEntropy.apply(query, table, targets, chunk)  # type: ignore[no-untyped-call]
+    return loss

@@ -28,7 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from recloop.config import ExperimentConfig, TrainConfig
-from recloop.data.batches import TrainingWindows, WindowConfig, make_loader
+from recloop.data.batches import TrainingWindows, WindowConfig, make_loader, trim_left_padding
 from recloop.data.dataset import SequenceDataset
 from recloop.errors import ConfigError
 from recloop.evaluate import EvalConfig, evaluate
@@ -92,6 +92,7 @@ def train(
         drop_last=True,  # equal batches on every rank, every step
         num_workers=cfg.num_workers,
         pin_memory=ctx.device.type == "cuda",
+        bucket_by_length=cfg.bucket_by_length,
     )
     steps_per_epoch = len(loader)
     total_steps = cfg.max_steps or cfg.max_epochs * steps_per_epoch
@@ -144,6 +145,8 @@ def train(
             if index < batch_in_epoch:  # resuming mid-epoch: same order, skip what was done
                 continue
             tick = time.perf_counter()
+            if cfg.trim_padding:
+                batch = trim_left_padding(batch)
             input_ids = batch["input_ids"].to(ctx.device, non_blocking=True)  # [B, L]
             targets = batch["target_ids"].to(ctx.device, non_blocking=True)  # [B, L]
             timestamps = batch["timestamps"].to(ctx.device, non_blocking=True)  # [B, L]
