@@ -76,6 +76,7 @@ class RandomModel(SumModel):
         with torch.no_grad():
             torch.manual_seed(seed)
             self.item_embedding.weight.normal_()
+            self.item_embedding.weight[0] = 0.0  # padding adds nothing, as in real models
 
 
 class ConstantModel(SumModel):
