@@ -54,6 +54,40 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
+def generate_worker(args: argparse.Namespace) -> None:
+    """Times the synthetic generator alone (no output kept) in its own process."""
+    from recloop.data.synthetic import SyntheticConfig, generate_events
+
+    config = SyntheticConfig(num_users=args.gen_users, num_items=args.gen_items, seed=0)
+    started = time.perf_counter()
+    events = sum(chunk.height for chunk in generate_events(config))
+    seconds = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"events": events, "seconds": seconds, "peak_rss_mib": round(peak_mib, 1)}))
+
+
+def measure_generator(users: int, items: int) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker-generate",
+        "--gen-users",
+        str(users),
+        "--gen-items",
+        str(items),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "users": users,
+        "items": items,
+        "events": run["events"],
+        "seconds": round(run["seconds"], 3),
+        "events_per_second": round(run["events"] / run["seconds"]),
+        "peak_rss_mib": run["peak_rss_mib"],
+    }
+
+
 def measure(
     input_path: Path, columns: tuple[str, str, str | None], threads: int, repeats: int
 ) -> dict[str, Any]:
@@ -135,9 +169,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--synthetic-users", type=int, default=500_000)
     parser.add_argument("--quick", action="store_true", help="small synthetic log only")
+    parser.add_argument("--worker-generate", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gen-users", type=int, default=1_000_000)
+    parser.add_argument("--gen-items", type=int, default=1_000_000)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.worker_generate:
+        generate_worker(args)
         return
 
     started = time.perf_counter()
@@ -169,9 +209,17 @@ def main() -> None:
             )
     log.unlink()
     tmp.rmdir()
+    gen_users = 20_000 if args.quick else args.gen_users
+    generator = measure_generator(gen_users, 20_000 if args.quick else args.gen_items)
+    print(
+        f"generator: {generator['users']:,} users x {generator['items']:,} items -> "
+        f"{generator['events']:,} events in {generator['seconds']:.2f} s, "
+        f"peak {generator['peak_rss_mib']:.0f} MiB",
+        flush=True,
+    )
     name = "prepare-quick" if args.quick else "prepare"
     config_out = {"repeats": args.repeats, "synthetic": {"num_users": users, "seed": 0}}
-    path = write_result(name, config_out, results, started)
+    path = write_result(name, config_out, {"prepare": results, "generator": generator}, started)
     plot(results, RESULTS / f"{name}.png")
     print(f"wrote {path} and {RESULTS / (name + '.png')}")
 

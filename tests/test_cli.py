@@ -89,7 +89,12 @@ def test_generate_then_prepare_parquet(tmp_path: Path) -> None:
 
 
 def test_demo_runs_the_loop(tmp_path: Path) -> None:
-    done = run("demo", "--workdir", str(tmp_path / "demo"), "--users", "400", "--items", "150")
+    done = run(
+        "demo", "--workdir", str(tmp_path / "demo"), "--users", "400", "--items", "150",
+        "--epochs", "2",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "popularity baseline on validation: HR@10" in done.stdout
+    assert "published v000001" in done.stdout
     assert SequenceDataset(tmp_path / "demo" / "data").num_users == 400
+    assert (tmp_path / "demo" / "registry" / "versions" / "v000001" / "manifest.json").is_file()

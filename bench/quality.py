@@ -1,0 +1,187 @@
+"""Recommendation quality on the public datasets, with the protocols of ../shared/BENCHMARKS.md.
+
+Each experiment prepares its dataset from ../shared/data, trains a frozen config from
+`configs/` under a wall-clock budget with `recloop train` (exactly as a user runs it), then
+evaluates the published version with `recloop eval`: full ranking (history masked and
+unmasked) and, where the paper compares that way, sampled-100. Each experiment writes
+`bench/results/quality-<name>.json`; `--table` prints all of them next to the published numbers.
+
+    .venv/bin/python bench/quality.py --only beauty-sasrec beauty-hstu
+    .venv/bin/python bench/quality.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, RESULTS, SHARED_DATA, write_result
+
+RECLOOP = [sys.executable, "-m", "recloop.cli"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    dataset: str
+    source: str  # path under ../shared/data
+    format: str
+    config: str  # path under configs/
+    minutes: float
+    protocols: tuple[str, ...] = ("full",)
+    prepare_args: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "beauty-sasrec": Experiment(
+        "amazon-beauty", "amazon-beauty-iclrec/Beauty.txt", "s3rec", "beauty/sasrec.toml", 20
+    ),
+    "beauty-hstu": Experiment(
+        "amazon-beauty", "amazon-beauty-iclrec/Beauty.txt", "s3rec", "beauty/hstu.toml", 20
+    ),
+    "video-sasrec": Experiment(
+        "amazon-video",
+        "amazon-video-sasrec/Video.txt",
+        "sasrec",
+        "video/sasrec.toml",
+        15,
+        protocols=("full", "sampled100"),
+        prepare_args=("--min-user-events", "1"),
+    ),
+    "ml100k-sasrec": Experiment("ml-100k", "ml-100k/u.data", "ml100k", "ml100k/sasrec.toml", 5),
+}
+
+# Published numbers from ../shared/BENCHMARKS.md, for the comparison table.
+PUBLISHED: dict[str, list[tuple[str, str, dict[str, float]]]] = {
+    "amazon-beauty": [
+        ("SASRec (S3-Rec all-rank)", "full", {"HR@10": 0.0605, "NDCG@10": 0.0318}),
+        ("ICLRec", "full", {"HR@10": 0.0744, "NDCG@10": 0.0403}),
+        ("BSARec (target)", "full", {"HR@10": 0.1008, "NDCG@10": 0.0611}),
+    ],
+    "amazon-video": [
+        ("SASRec paper (target)", "sampled100", {"HR@10": 0.7410, "NDCG@10": 0.5360}),
+    ],
+}
+
+
+def run(command: list[str], log: Path) -> str:
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(command) + "\n")
+        done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=f, text=True)
+        f.write(done.stdout)
+    if done.returncode != 0:
+        raise SystemExit(f"command failed ({done.returncode}), see {log}: {' '.join(command)}")
+    return done.stdout
+
+
+def run_experiment(name: str, experiment: Experiment, work: Path) -> Path:
+    started = time.perf_counter()
+    source = SHARED_DATA / experiment.source
+    if not source.is_file():
+        raise SystemExit(f"{name}: {source} is absent; cannot run this experiment")
+    log = RESULTS / f"quality-{name}.log"
+    log.unlink(missing_ok=True)
+    data, registry, run_dir = work / "data", work / "registry", work / "run"
+    run(
+        [*RECLOOP, "prepare", "--format", experiment.format, "--input", str(source),
+         "--out", str(data), *experiment.prepare_args],
+        log,
+    )  # fmt: skip
+    train_command = [
+        *RECLOOP, "train", "--config", str(REPO / "configs" / experiment.config),
+        "--data", str(data), "--registry", str(registry), "--run-dir", str(run_dir),
+        "--max-minutes", str(experiment.minutes), *experiment.overrides,
+    ]  # fmt: skip
+    tick = time.perf_counter()
+    version = run(train_command, log).strip().splitlines()[-1]
+    train_wall = time.perf_counter() - tick
+    evaluations = {}
+    for protocol in experiment.protocols:
+        out = run(
+            [*RECLOOP, "eval", "--registry", str(registry), "--version", version,
+             "--data", str(data), "--protocol", protocol, "--json"],
+            log,
+        )  # fmt: skip
+        evaluations[protocol] = json.loads(out)
+    manifest = json.loads(run([*RECLOOP, "models", "show", "--registry", str(registry)], log))
+    curves = run_dir / "curves.png"
+    if curves.is_file():
+        (RESULTS / f"quality-{name}.png").write_bytes(curves.read_bytes())
+    results = {
+        "dataset": experiment.dataset,
+        "model": manifest["model"],
+        "training": manifest["training"],
+        "train_wall_seconds_incl_eval": round(train_wall, 1),
+        "valid": {k: v for k, v in manifest["metrics"].items() if k.startswith("valid/")},
+        "test": evaluations,
+    }
+    config = {
+        "experiment": name,
+        "config_file": f"configs/{experiment.config}",
+        "config_text": (REPO / "configs" / experiment.config).read_text(),
+        "budget_minutes": experiment.minutes,
+        "command": " ".join(train_command[2:]),
+        "split": "leave-one-out (last = test, second-to-last = validation)",
+        "sampled100_users": "all users with >= 3 interactions",
+    }
+    return write_result(f"quality-{name}", config, results, started)
+
+
+def table() -> None:
+    rows = []
+    for path in sorted(RESULTS.glob("quality-*.json")):
+        result = json.loads(path.read_text())
+        name = result["config"]["experiment"]
+        for protocol, metrics in result["results"]["test"].items():
+            rows.append(
+                (
+                    result["results"]["dataset"],
+                    f"recloop {name} ({result['config']['budget_minutes']} min)",
+                    protocol,
+                    metrics,
+                    path.name,
+                )
+            )
+    datasets = sorted({r[0] for r in rows} | set(PUBLISHED))
+    for dataset in datasets:
+        print(f"\n### {dataset}\n")
+        print("| model | protocol | HR@10 | NDCG@10 | HR@20 | NDCG@20 | source |")
+        print("|---|---|---|---|---|---|---|")
+        for label, protocol, metrics in PUBLISHED.get(dataset, []):
+            print(f"| {label} | {protocol} | {_cells(metrics)} | ../shared/BENCHMARKS.md |")
+        for row_dataset, label, protocol, metrics, source in rows:
+            if row_dataset == dataset:
+                print(f"| {label} | {protocol} | {_cells(metrics)} | bench/results/{source} |")
+
+
+def _cells(metrics: dict[str, Any]) -> str:
+    keys = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+    return " | ".join(f"{metrics[k]:.4f}" if k in metrics else "" for k in keys)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", choices=sorted(EXPERIMENTS), default=None)
+    parser.add_argument("--table", action="store_true", help="print the tables and exit")
+    args = parser.parse_args()
+    if args.table:
+        table()
+        return
+    for name in args.only or list(EXPERIMENTS):
+        with tempfile.TemporaryDirectory(prefix=f"recloop-quality-{name}-") as tmp:
+            path = run_experiment(name, EXPERIMENTS[name], Path(tmp))
+        print(f"{name}: wrote {path}", flush=True)
+    table()
+
+
+if __name__ == "__main__":
+    main()
