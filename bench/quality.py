@@ -48,6 +48,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-hstu": Experiment(
         "amazon-beauty", "amazon-beauty-iclrec/Beauty.txt", "s3rec", "beauty/hstu.toml", 20
     ),
+    "beauty-hstu-large": Experiment(
+        "amazon-beauty", "amazon-beauty-iclrec/Beauty.txt", "s3rec", "beauty/hstu-large.toml", 20
+    ),
     "video-sasrec": Experiment(
         "amazon-video",
         "amazon-video-sasrec/Video.txt",

@@ -54,10 +54,18 @@ def dataset_dir(tmp: Path) -> tuple[Path, str]:
 def worker(args: argparse.Namespace) -> None:
     """One configuration in this process (or this torchrun rank): prints a JSON line."""
     import torch
+    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
     from recloop.config import TrainConfig
-    from recloop.data.batches import TrainingWindows, WindowConfig, make_loader, trim_left_padding
+    from recloop.data.batches import (
+        COMPILE_WIDTHS,
+        TrainingWindows,
+        WindowConfig,
+        make_loader,
+        pad_to_width,
+        trim_left_padding,
+    )
     from recloop.data.dataset import SequenceDataset
     from recloop.models.factory import build_model
     from recloop.train.distributed import all_reduce_sum, init_distributed, shutdown
@@ -75,7 +83,7 @@ def worker(args: argparse.Namespace) -> None:
         rank=ctx.rank,
         world_size=ctx.world_size,
         drop_last=True,
-        bucket_by_length=True,
+        bucket_by_length=not args.no_bucketing,
     )
     model_config = {k: v for k, v in MODELS[args.model].items() if k != "type"}
     model = build_model(
@@ -85,24 +93,45 @@ def worker(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     forward: torch.nn.Module = DistributedDataParallel(model) if ctx.distributed else model
     if args.compile:
-        forward = torch.compile(forward, dynamic=True)  # type: ignore[assignment]
+        # One static graph per padded width (compiled during warm-up); without this, dynamo
+        # switches to a dynamic-shape graph after the second width and recompiles later.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        forward = torch.compile(forward)  # type: ignore[assignment]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    widths = (*COMPILE_WIDTHS, cfg.max_length)
     timings: list[tuple[float, int]] = []
     batches = iter(loader)
-    for step in range(args.warmup + args.steps):
-        batch = trim_left_padding(next(batches))
+    # A compiled model gets one warm-up step per padded width, so no compilation is timed.
+    warmup = args.warmup + (len([w for w in widths if w <= cfg.max_length]) if args.compile else 0)
+    for step in range(warmup + args.steps):
+        batch = next(batches)
+        if not args.no_bucketing:
+            batch = trim_left_padding(batch)
+        if args.compile:
+            if step < warmup - args.warmup:  # each width in turn, exactly
+                width = sorted(w for w in widths if w <= cfg.max_length)[step]
+                batch = {k: v[:, -width:] if v.dim() == 2 else v for k, v in batch.items()}
+                batch = pad_to_width(batch, (width,))
+            else:
+                batch = pad_to_width(batch, widths)
         tick = time.perf_counter()
         with autocast:
             hidden = forward(batch["input_ids"], batch["timestamps"])
-            loss_sum, tokens = next_item_loss(
-                model, hidden, batch["target_ids"], cfg, dataset.num_items
-            )
+            if args.reference_loss:  # the textbook path the fused loss replaced
+                mask = batch["target_ids"] > 0
+                logits = model.score(hidden[mask]).float()
+                loss_sum = F.cross_entropy(logits, batch["target_ids"][mask], reduction="sum")
+                tokens = mask.sum()
+            else:
+                loss_sum, tokens = next_item_loss(
+                    model, hidden, batch["target_ids"], cfg, dataset.num_items
+                )
         total = all_reduce_sum(tokens.detach().clone().float(), ctx)
         loss = loss_sum * ctx.world_size / total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step >= args.warmup:
+        if step >= warmup:
             timings.append((time.perf_counter() - tick, int(total.item())))
     seconds = sum(t for t, _ in timings)
     tokens_total = sum(n for _, n in timings)
@@ -135,10 +164,18 @@ def flops_per_token(model: Any, num_items: int) -> float:
 
 
 def run_config(
-    data: Path, model: str, *, compiled: bool, bf16: bool, procs: int, steps: int, warmup: int
+    data: Path,
+    model: str,
+    *,
+    compiled: bool,
+    bf16: bool,
+    procs: int,
+    steps: int,
+    warmup: int,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     args = ["--worker", "--data", str(data), "--model", model, "--steps", str(steps)]
-    args += ["--warmup", str(warmup)]
+    args += ["--warmup", str(warmup), *extra]
     if compiled:
         args.append("--compile")
     if bf16:
@@ -207,6 +244,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-bucketing", action="store_true", help="full-width batches")
+    parser.add_argument("--reference-loss", action="store_true", help="F.cross_entropy")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -214,27 +253,43 @@ def main() -> None:
 
     started = time.perf_counter()
     steps, warmup = (10, 3) if args.quick else (args.steps, args.warmup)
-    matrix = [
-        (model, compiled, bf16, procs)
+    # Eager: every model, fp32/bf16, 1 process/2-process DDP. Compiled: the two base models in
+    # one process (compilation takes a minute per configuration on this CPU).
+    matrix: list[tuple[str, bool, bool, int, tuple[str, ...]]] = [
+        (model, compiled, bf16, procs, ())
         for model in ("sasrec", "hstu", "hstu-large")
         for compiled in (False, True)
         for bf16 in (False, True)
         for procs in (1, 2)
-        if not (args.quick and (compiled or procs == 2 or model == "hstu-large"))
+        if not (compiled and (procs == 2 or model == "hstu-large"))
+        and not (args.quick and (compiled or procs == 2 or model == "hstu-large"))
+    ]
+    # Ablations of what profiling removed: full-width batches, then also the textbook loss.
+    matrix += [
+        ("sasrec", False, False, 1, ("--no-bucketing",)),
+        ("sasrec", False, False, 1, ("--no-bucketing", "--reference-loss")),
     ]
     peak = peak_fp32_flops()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data, data_name = dataset_dir(Path(tmp))
-        for model, compiled, bf16, procs in matrix:
+        for model, compiled, bf16, procs, extra in matrix:
             label = (
                 f"{model} {'compiled' if compiled else 'eager'} {'bf16' if bf16 else 'fp32'} "
-                f"{procs}p"
-            )
+                f"{procs}p {' '.join(extra)}"
+            ).strip()
             result = run_config(
-                data, model, compiled=compiled, bf16=bf16, procs=procs, steps=steps, warmup=warmup
+                data,
+                model,
+                compiled=compiled,
+                bf16=bf16,
+                procs=procs,
+                steps=steps,
+                warmup=warmup,
+                extra=extra,
             )
             row = {"label": label, "model": model, "compiled": compiled, "bf16": bf16}
+            row["ablation"] = list(extra)
             row |= {"processes": procs, **result}
             if "tokens_per_second" in result:
                 row["fraction_of_fp32_peak"] = (

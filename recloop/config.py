@@ -50,7 +50,7 @@ class TrainConfig:
     patience: int = 10  # evaluations without improvement before stopping
     select_metric: str = "NDCG@10"
     # Drop all-padding columns of each batch (models count positions from the most recent
-    # item, so outputs do not change). Turn off for torch.compile without dynamic shapes.
+    # item, so outputs do not change); with `compile`, widths are padded up to a few fixed ones.
     trim_padding: bool = True
     # Batch windows of similar length together (sorted within runs of 64 batches, then the
     # batches shuffled), so that trimming removes most padding on short-sequence data.
@@ -83,6 +83,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1 or absent, got {value}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
+        selectable = {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20, 50)} | {"MRR"}
+        if self.select_metric not in selectable:
+            raise ConfigError(
+                f"train.select_metric must be one of {sorted(selectable)}, "
+                f"got {self.select_metric!r}"
+            )
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
 

@@ -407,3 +407,18 @@ def test_length_bucketing_keeps_every_window_once_and_groups_lengths() -> None:
 def test_length_bucketing_rejects_wrong_lengths() -> None:
     with pytest.raises(ConfigError, match="lengths has 3 entries for 4 samples"):
         ShardedBatchSampler(4, 2, lengths=np.array([1, 2, 3]))
+
+
+def test_pad_to_width_left_pads_to_the_next_allowed_width() -> None:
+    from recloop.data.batches import pad_to_width
+
+    batch = {
+        "input_ids": torch.tensor([[0, 3, 4], [5, 6, 7]]),
+        "target_ids": torch.tensor([[0, 4, 9], [6, 7, 8]]),
+        "user_ids": torch.tensor([1, 2]),
+    }
+    padded = pad_to_width(batch, widths=(2, 5, 8))
+    assert padded["input_ids"].tolist() == [[0, 0, 0, 3, 4], [0, 0, 5, 6, 7]]
+    assert padded["target_ids"].tolist() == [[0, 0, 0, 4, 9], [0, 0, 6, 7, 8]]
+    assert padded["user_ids"].tolist() == [1, 2]
+    assert pad_to_width(batch, widths=(2,)) is batch  # wider than every width: unchanged

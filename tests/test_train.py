@@ -239,3 +239,28 @@ def test_trimming_padding_columns_changes_nothing(model_type: str) -> None:
         short, n_short = next_item_loss(model, short_hidden, trimmed["target_ids"], config, 50)
     assert int(n_full) == int(n_short) == 8  # every real input but the last has a target
     torch.testing.assert_close(full, short, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_refuses_a_dataset_with_another_vocabulary(
+    synthetic_data: Path, tmp_path: Path
+) -> None:
+    from recloop.models.io import check_vocabulary, load_model
+
+    config = config_from_dict({"model": TINY_MODEL, "train": tiny_train(max_steps=2)})
+    train(config, synthetic_data, tmp_path / "run", registry_dir=tmp_path / "reg",
+          show_progress=False)  # fmt: skip
+    other = tmp_path / "other"
+    small = SyntheticConfig(num_users=50, num_items=30, num_topics=4, seed=9)
+    prepare(with_source_order(generate_events(small)), {"kind": "synthetic"}, other)
+    registry = Registry(tmp_path / "reg")
+    items_sha = json.loads((other / "manifest.json").read_text())["files"]["items.parquet"]
+    with pytest.raises(ConfigError, match="vocabulary mismatch: version v000001"):
+        check_vocabulary(registry, "v000001", items_sha["sha256"])
+    model, manifest = load_model(registry, "latest")
+    assert manifest["id"] == "v000001" and not model.training
+    done = subprocess.run(
+        [sys.executable, "-m", "recloop.cli", "eval", "--registry", str(tmp_path / "reg"),
+         "--data", str(other)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "vocabulary mismatch" in done.stderr

@@ -21,6 +21,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recloop.data.sequences import PADDING_ID, Sequences
@@ -280,13 +281,13 @@ class ShardedBatchSampler(Sampler[list[int]]):
         order, sort windows by length, cut batches, then shuffle the batches. Batches then hold
         windows of similar length, so trimming their padding saves most of the work on short-
         sequence data, while every window is still seen once per epoch in a random batch."""
-        assert self.lengths is not None
+        lengths = self.lengths if self.lengths is not None else np.zeros(len(order), np.int64)
         g = self.global_batch_size
         head = order[: full * g].copy()
         span = g * self.bucket_batches
         for start in range(0, len(head), span):  # a few dozen slices per epoch
             chunk = head[start : start + span]
-            head[start : start + span] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            head[start : start + span] = chunk[np.argsort(lengths[chunk], kind="stable")]
         batches = head.reshape(full, g)[rng.permutation(full)]  # [n, g]
         return np.concatenate([batches.reshape(-1), order[full * g :]])
 
@@ -344,3 +345,19 @@ def trim_left_padding(batch: Batch) -> Batch:
     if first == 0:
         return batch
     return {k: v[:, first:] if v.dim() == 2 else v for k, v in batch.items()}
+
+
+COMPILE_WIDTHS = (8, 16, 32, 64, 128, 256, 512)
+
+
+def pad_to_width(batch: Batch, widths: Sequence[int] = COMPILE_WIDTHS) -> Batch:
+    """Left-pads a trimmed batch to the smallest of `widths` that holds it (or keeps it as is
+    if none does), so a compiled model sees a handful of shapes instead of one per width."""
+    width = batch["input_ids"].shape[1]
+    target = next((w for w in sorted(widths) if w >= width), width)
+    if target == width:
+        return batch
+    return {
+        k: F.pad(v, (target - width, 0), value=PADDING_ID) if v.dim() == 2 else v
+        for k, v in batch.items()
+    }

@@ -181,9 +181,8 @@ def _read_lines(
 
 
 def _check_header(path: Path, frame: pl.DataFrame, layout: _LineLayout) -> pl.DataFrame:
-    assert layout.header is not None
     header = (frame["raw"][0] or "").strip()
-    expected = layout.separator.join(layout.header)
+    expected = layout.separator.join(layout.header or ())
     if header != expected:
         raise DatasetError(f"{path}: line 1 is {header!r}, expected the header {expected!r}")
     return frame.slice(1)
@@ -350,8 +349,7 @@ def _read_parquet(
     _check_columns(path, parquet.schema_arrow.names, columns, "the Parquet schema")
     first_row = 0
     for batch in parquet.iter_batches(batch_size=1_000_000, columns=_wanted_columns(columns)):
-        frame = pl.from_arrow(batch)
-        assert isinstance(frame, pl.DataFrame)
+        frame = pl.DataFrame(batch)
         rows = pl.int_range(first_row + 1, first_row + 1 + frame.height, eager=True)
         yield _normalise_table(path, frame.with_columns(__line=rows), columns, first_row, "row")
         first_row += frame.height

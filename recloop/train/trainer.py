@@ -28,8 +28,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from recloop.config import ExperimentConfig, TrainConfig
-from recloop.data.batches import TrainingWindows, WindowConfig, make_loader, trim_left_padding
+from recloop.data.batches import (
+    COMPILE_WIDTHS,
+    TrainingWindows,
+    WindowConfig,
+    make_loader,
+    pad_to_width,
+    trim_left_padding,
+)
 from recloop.data.dataset import SequenceDataset
+from recloop.data.splits import EvalExamples
 from recloop.errors import ConfigError
 from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
@@ -108,6 +116,9 @@ def train(
     if ctx.distributed:
         forward = DistributedDataParallel(model)
     if cfg.compile:
+        # One static graph per padded width (see pad_to_width below); without this, dynamo
+        # switches to a dynamic-shape graph after the second width and recompiles again.
+        torch._dynamo.config.automatic_dynamic_shapes = False
         forward = torch.compile(forward)  # type: ignore[assignment]
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
@@ -131,6 +142,20 @@ def train(
     eval_config = EvalConfig(
         max_length=cfg.max_length, user_batch_size=cfg.eval_user_batch_size, protocol="full"
     )
+
+    def evaluate_on(examples: EvalExamples) -> dict[str, float]:
+        """Full-ranking metrics over every rank's shard, all-reduced (floats only)."""
+        metrics = evaluate(
+            model,
+            examples,
+            split.source,
+            eval_config,
+            device=ctx.device,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+        return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
     tokens_seen, train_seconds, loss_sum, loss_steps = 0, 0.0, 0.0, 0
     stopped_by = "max_steps" if cfg.max_steps else "max_epochs"
     started = time.perf_counter()
@@ -147,6 +172,8 @@ def train(
             tick = time.perf_counter()
             if cfg.trim_padding:
                 batch = trim_left_padding(batch)
+                if cfg.compile:  # a few static shapes: one compilation each, then no more
+                    batch = pad_to_width(batch, widths=(*COMPILE_WIDTHS, cfg.max_length))
             input_ids = batch["input_ids"].to(ctx.device, non_blocking=True)  # [B, L]
             targets = batch["target_ids"].to(ctx.device, non_blocking=True)  # [B, L]
             timestamps = batch["timestamps"].to(ctx.device, non_blocking=True)  # [B, L]
@@ -173,15 +200,7 @@ def train(
 
             out_of_time = time.perf_counter() - started > budget
             if step % eval_every == 0 or step == total_steps or out_of_time:
-                metrics = evaluate(
-                    model,
-                    split.valid,
-                    split.source,
-                    eval_config,
-                    device=ctx.device,
-                    rank=ctx.rank,
-                    world_size=ctx.world_size,
-                )
+                metrics = evaluate_on(split.valid)
                 model.train()
                 history.append(
                     {
@@ -191,14 +210,14 @@ def train(
                         "train_loss": round(loss_sum / max(loss_steps, 1), 5),
                         "lr": optimizer.param_groups[0]["lr"],
                         "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9)),
-                        **{f"valid/{k}": v for k, v in metrics.items() if isinstance(v, float)},
+                        **{f"valid/{k}": v for k, v in metrics.items()},
                     }
                 )
                 loss_sum, loss_steps = 0.0, 0
                 value = float(metrics[cfg.select_metric])
                 if value > best_value:
                     best_value, best_step, evals_since_best = value, step, 0
-                    best_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
+                    best_metrics = metrics
                     best_weights = copy.deepcopy(model.state_dict())
                     if ctx.is_main:
                         _save_best(run_dir, best_weights)
@@ -242,16 +261,7 @@ def train(
     test_metrics: dict[str, float] = {}
     version = None
     if stopped_by != "interrupted":
-        full = evaluate(
-            model,
-            split.test,
-            split.source,
-            eval_config,
-            device=ctx.device,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
-        test_metrics = {k: v for k, v in full.items() if isinstance(v, float)}
+        test_metrics = evaluate_on(split.test)
         if ctx.is_main and registry_dir is not None:
             version = _publish(
                 registry_dir,
