@@ -525,19 +525,28 @@ def format_versions_table(infos: Sequence[VersionInfo]) -> Table:
     table.add_column("method")
     table.add_column("parent")
     table.add_column("model")
-    table.add_column("metrics")
+    table.add_column("metrics", min_width=36, overflow="fold")
     for info in infos:
         table.add_row(
             "[bold green]production[/]" if info.is_production else "",
             info.id,
-            info.created_at.replace("T", " ").removesuffix("+00:00"),
+            info.created_at.replace("T", " ")[:16],  # to the minute, to keep rows narrow
             info.kind,
             info.method,
             info.parent or "-",
             info.model_type,
-            ", ".join(f"{k}={_format_metric(v)}" for k, v in info.metrics.items()) or "-",
+            ", ".join(f"{k}={_format_metric(v)}" for k, v in _headline(info.metrics)) or "-",
         )
     return table
+
+
+HEADLINE_METRICS = ("test/HR@10", "test/NDCG@10", "valid/NDCG@10")
+
+
+def _headline(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The few metrics a version list shows: the headline ones if present, else the first 3."""
+    chosen = [(k, metrics[k]) for k in HEADLINE_METRICS if k in metrics]
+    return chosen or list(metrics.items())[:3]
 
 
 def _format_metric(value: Any) -> str:
