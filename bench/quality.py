@@ -60,6 +60,15 @@ EXPERIMENTS: dict[str, Experiment] = {
         protocols=("full", "sampled100"),
         prepare_args=("--min-user-events", "1"),
     ),
+    "video-sasrec-fast": Experiment(
+        "amazon-video",
+        "amazon-video-sasrec/Video.txt",
+        "sasrec",
+        "video/sasrec-fast.toml",
+        15,
+        protocols=("full", "sampled100"),
+        prepare_args=("--min-user-events", "1"),
+    ),
     "ml100k-sasrec": Experiment("ml-100k", "ml-100k/u.data", "ml100k", "ml100k/sasrec.toml", 5),
 }
 
