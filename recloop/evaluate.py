@@ -377,25 +377,33 @@ def sample_negatives(
     ``SAMPLE_BLOCK`` positions that draws a full [SAMPLE_BLOCK, K] matrix per rejection round.
     """
     users_a = np.asarray(users, dtype=np.int64).reshape(-1)  # [N]
-    n = len(users_a)
-    ids = (
-        np.arange(n, dtype=np.int64)
-        if example_ids is None
-        else np.asarray(example_ids, dtype=np.int64).reshape(-1)
-    )  # [N]
-    if len(ids) != n:
-        raise ValueError(f"example_ids has {len(ids)} rows but users has {n}")
-    out = np.empty((n, num_negatives), dtype=np.int64)
-    blocks = ids // SAMPLE_BLOCK  # [N]
-    order = np.argsort(blocks, kind="stable")
-    uniq, first = np.unique(blocks[order], return_index=True)
-    bounds = [*first.tolist(), n]
-    for j, block in enumerate(uniq.tolist()):
-        rows = order[bounds[j] : bounds[j + 1]]  # [n_b]
+    ids = _example_positions(example_ids, len(users_a), "users")  # [N]
+    out = np.empty((len(users_a), num_negatives), dtype=np.int64)
+    for rows in _block_groups(ids):
+        block = int(ids[rows[0]]) // SAMPLE_BLOCK
         out[rows] = _sample_block(
             source, users_a[rows], ids[rows] % SAMPLE_BLOCK, num_items, num_negatives, seed, block
         )
     return out
+
+
+def _example_positions(example_ids: npt.ArrayLike | None, n: int, what: str) -> IntArray:
+    """Positions of n examples in the full evaluation set (0..n-1 when not given)."""
+    if example_ids is None:
+        return np.arange(n, dtype=np.int64)
+    ids = np.asarray(example_ids, dtype=np.int64).reshape(-1)
+    if len(ids) != n:
+        raise ValueError(f"example_ids has {len(ids)} rows but {what} has {n}")
+    return ids
+
+
+def _block_groups(ids: IntArray) -> list[IntArray]:
+    """Row indices grouped by sampling block (ids // SAMPLE_BLOCK), blocks in ascending order."""
+    blocks = ids // SAMPLE_BLOCK  # [N]
+    order = np.argsort(blocks, kind="stable")
+    _, first = np.unique(blocks[order], return_index=True)
+    bounds = [*first.tolist(), len(ids)]
+    return [order[bounds[j] : bounds[j + 1]] for j in range(len(first))]
 
 
 def _sample_block(
@@ -458,23 +466,11 @@ def ranks_sampled(
     users_all = np.asarray(examples.users, dtype=np.int64)  # [N]
     starts_all = np.asarray(examples.starts, dtype=np.int64)  # [N]
     ends_all = np.asarray(examples.ends, dtype=np.int64)  # [N]
-    n = len(targets_all)
-    ids = (
-        np.arange(n, dtype=np.int64)
-        if example_ids is None
-        else np.asarray(example_ids, dtype=np.int64).reshape(-1)
-    )  # [N]
-    if len(ids) != n:
-        raise ValueError(f"example_ids has {len(ids)} rows but examples has {n}")
-    ranks = np.empty(n, dtype=np.int64)
+    ids = _example_positions(example_ids, len(targets_all), "examples")  # [N]
+    ranks = np.empty(len(targets_all), dtype=np.int64)
     # One sampling pass per block of example positions, then user batches within it.
-    blocks = ids // SAMPLE_BLOCK
-    order = np.argsort(blocks, kind="stable")
-    _, first = np.unique(blocks[order], return_index=True)
-    bounds = [*first.tolist(), n]
     with _inference(model):
-        for j in range(len(bounds) - 1):
-            group = order[bounds[j] : bounds[j + 1]]  # [n_b]
+        for group in _block_groups(ids):  # [n_b]
             negatives = sample_negatives(
                 users_all[group],
                 source,

@@ -113,10 +113,6 @@ def read_chunks(
         yield from _read_lines(path, _LAYOUTS[fmt], block_bytes, on_progress)
 
 
-def file_size(path: Path) -> int:
-    return Path(path).stat().st_size
-
-
 # --------------------------------------------------------------------------- text blocks
 
 

@@ -65,11 +65,6 @@ def agree(flag: bool, context: DistContext) -> bool:
     return bool(value.item())
 
 
-def barrier(context: DistContext) -> None:
-    if context.distributed:
-        dist.barrier()
-
-
 def shutdown(context: DistContext) -> None:
     if context.distributed and dist.is_initialized():
         dist.destroy_process_group()
