@@ -6,9 +6,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-run
 
-.PHONY: setup test demo lint format bench-prepare clean
+.PHONY: setup system-deps test demo lint format bench-prepare bench-serve clean
 
 setup: $(STAMP)
+
+# redis-server and wrk (Debian packages), for the Redis tests and the serving benchmark.
+system-deps:
+	./scripts/ensure-system-deps.sh
 
 # torch==2.13.0 is pinned in requirements.lock and installed in the same pip call as the
 # other pins, so nothing can pull in a different (CUDA) torch build.
@@ -19,7 +23,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: setup
+test: setup system-deps
 	$(PY) -m pytest -q
 
 demo: setup
@@ -36,6 +40,9 @@ format: setup
 
 bench-prepare: setup
 	$(PY) bench/prepare.py
+
+bench-serve: setup system-deps
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -15,3 +15,11 @@ class ConfigError(RecloopError):
 
 class RegistryError(RecloopError):
     """A model version that is unknown, partial or corrupt, or a registry operation refused."""
+
+
+class ServingError(RecloopError):
+    """The serving stack cannot load or run a model version (engine, index, state store)."""
+
+
+class EngineParityError(ServingError):
+    """An inference engine's outputs disagree with the reference torch model: refuse it."""

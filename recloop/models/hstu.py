@@ -219,7 +219,9 @@ class HSTU(SequentialEncoder):
         valid = input_ids != PADDING_ID  # [B, L]
         keep = valid.unsqueeze(-1)  # [B, L, 1]
 
-        positions = torch.arange(length - 1, -1, -1, device=device)  # [L], 0 = most recent
+        # (length - 1) - arange rather than a negative-step arange: the ONNX exporter mis-sizes
+        # the latter under a dynamic length.
+        positions = (length - 1) - torch.arange(length, device=device)  # [L], 0 = most recent
         x: torch.Tensor = self.item_embedding(input_ids) * math.sqrt(self.config.dim)  # [B, L, D]
         x = x + self.position_embedding(positions)  # [B, L, D]
         x = self.embedding_dropout(x) * keep  # padding rows are zero

@@ -1,0 +1,1 @@
+"""Real-time serving: inference engines, item indexes, user state/cache, the HTTP service."""
