@@ -339,6 +339,92 @@ def eval_command(
     stdout.print(table)
 
 
+@app.command("serve")
+def serve_command(
+    registry: Annotated[Path, typer.Option("--registry", help="Model registry directory.")],
+    version: Annotated[
+        str, typer.Option(help="Version to serve: id, latest, production or auto.")
+    ] = "auto",
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(help="redis://... for shared state and cache (default: in-process)."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset for users' history (default: the version's).")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="onnx, torch or torch-compiled.")] = "onnx",
+    index: Annotated[str, typer.Option(help="exact, exact-int8 or ivf.")] = "exact",
+    shards: Annotated[int, typer.Option(help="Item index shards.")] = 1,
+    remote_shards: Annotated[bool, typer.Option(help="Run each shard in its own process.")] = False,
+    min_recall: Annotated[float, typer.Option(help="ivf: recall@10 vs exact to reach.")] = 0.95,
+    max_batch: Annotated[int, typer.Option(help="Requests per micro-batch (1 = off).")] = 32,
+    max_wait_us: Annotated[int, typer.Option(help="Wait for more requests (microseconds).")] = 500,
+    max_queue: Annotated[int, typer.Option(help="Queued requests before 503.")] = 1024,
+    cache: Annotated[bool, typer.Option(help="Result cache per user.")] = True,
+    cache_ttl: Annotated[float, typer.Option(help="Result cache TTL (seconds).")] = 60.0,
+    state_snapshot: Annotated[
+        Path | None, typer.Option(help="In-process state: snapshot file (load/save).")
+    ] = None,
+    follow: Annotated[
+        float | None, typer.Option(help="Poll the registry every N s and hot-swap.")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Inference threads.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or cuda (torch engines).")] = "cpu",
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Keep exported ONNX files here between starts.")
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """Serve recommendations over HTTP (API key for writes: env RECLOOP_API_KEY)."""
+    import logging
+    import os
+
+    from recloop.serve.app import ServiceConfig
+    from recloop.serve.runtime import LoadOptions
+    from recloop.serve.server import run_server
+
+    if engine not in ("onnx", "torch", "torch-compiled"):
+        raise ConfigError(f"--engine must be onnx, torch or torch-compiled, got {engine!r}")
+    if index not in ("exact", "exact-int8", "ivf"):
+        raise ConfigError(f"--index must be exact, exact-int8 or ivf, got {index!r}")
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    if follow is not None and follow <= 0:
+        raise ConfigError(f"--follow must be > 0 seconds, got {follow}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = ServiceConfig(
+        registry=registry,
+        ref=version,
+        load=LoadOptions(
+            engine=engine,  # type: ignore[arg-type]
+            index=index,  # type: ignore[arg-type]
+            shards=shards,
+            remote_shards=remote_shards,
+            max_batch=max(max_batch, 1),
+            threads=threads,
+            device=device,
+            min_recall=min_recall,
+            data=data,
+            cache_dir=cache_dir,
+        ),
+        state_url=redis_url,
+        state_snapshot=state_snapshot,
+        cache=cache,
+        cache_ttl=cache_ttl,
+        max_batch=max_batch,
+        max_wait_us=max_wait_us,
+        max_queue=max_queue,
+        api_key=os.environ.get("RECLOOP_API_KEY") or None,
+        max_body_bytes=max_body_bytes,
+        follow_seconds=follow,
+    )
+    stderr.print(f"recloop serve: http://{host}:{port} (API docs at /docs)")
+    run_server(config, host=host, port=port, log_level=log_level)
+
+
 models_app = typer.Typer(help="List, inspect, promote and roll back model versions.")
 app.add_typer(models_app, name="models")
 RegistryOption = Annotated[Path, typer.Option("--registry", help="Model registry directory.")]
@@ -449,6 +535,65 @@ def demo(
 
     stdout.rule("3. registry: every trained model is a checksummed version")
     models_list(registry)
+
+    stdout.rule("4. serve: HTTP service (ONNX Runtime, micro-batching, exact top-K)")
+    _demo_serve(registry, dataset)
+
+
+def _demo_serve(registry: Path, dataset: Any) -> None:
+    """Starts the real service in a thread and uses it as a client would."""
+    import secrets
+    import statistics
+    import time
+
+    import httpx
+
+    from recloop.serve.app import ServiceConfig
+    from recloop.serve.server import serve_in_thread
+
+    key = secrets.token_hex(16)
+    config = ServiceConfig(registry=registry, api_key=key)
+    with serve_in_thread(config) as url, httpx.Client(base_url=url, timeout=30) as http:
+        model = http.get("/v1/model").json()
+        stdout.print(
+            f"serving {model['version']} at {url}: engine {model['engine']}, index "
+            f"{model['index']}, loaded in {model['loaded_in_seconds']} s (docs at {url}/docs)",
+            highlight=False,
+        )
+        user = str(dataset.users.to_raw([0])[0])
+
+        def show(title: str) -> list[str]:
+            body = http.get(f"/v1/users/{user}/recommendations", params={"k": 5}).json()
+            items = [item["item_id"] for item in body["items"]]
+            stdout.print(f"{title}: {', '.join(items)}  (cached={body['cached']})", highlight=False)
+            return items
+
+        first = show(f"GET /v1/users/{user}/recommendations?k=5")
+        show("same request again")
+        event = {"events": [{"user_id": user, "item_id": first[0]}]}
+        http.post("/v1/events", json=event, headers={"X-API-Key": key}).raise_for_status()
+        stdout.print(f"POST /v1/events: user {user} interacted with item {first[0]}")
+        show("recommendations right after the event")
+        anonymous = http.post("/v1/recommendations", json={"items": first[:3], "k": 5}).json()
+        stdout.print(
+            "POST /v1/recommendations (anonymous sequence): "
+            + ", ".join(item["item_id"] for item in anonymous["items"]),
+            highlight=False,
+        )
+        unknown = http.get("/v1/users/someone-new/recommendations", params={"k": 5}).json()
+        stdout.print(f"unknown user: fallback={unknown['fallback']}", highlight=False)
+        timings = []
+        for i in range(200):
+            started = time.perf_counter()
+            http.get(
+                f"/v1/users/{dataset.users.to_raw([i % dataset.num_users])[0]}/recommendations"
+            )
+            timings.append((time.perf_counter() - started) * 1000)
+        stdout.print(
+            f"200 sequential requests from this process: median {statistics.median(timings):.2f} "
+            "ms each (a demo, not a benchmark: see bench/serve.py)",
+            highlight=False,
+        )
 
 
 def _popularity_hr10(split: Any) -> float:

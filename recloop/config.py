@@ -60,6 +60,9 @@ class TrainConfig:
     seed: int = 42
     num_workers: int = 0  # batch building is ~1 ms; worker processes cost more on 2 cores
     eval_user_batch_size: int = 1024
+    # Evaluate a seeded random subset of this many users (None = all): full ranking over a
+    # million-item catalogue costs O(users x items), so large catalogues evaluate on a sample.
+    eval_max_users: int | None = None
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -77,7 +80,7 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be > 0 or absent, got {self.grad_clip}")
-        for name in ("max_steps", "max_windows_per_user", "eval_every_steps"):
+        for name in ("max_steps", "max_windows_per_user", "eval_every_steps", "eval_max_users"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name} must be >= 1 or absent, got {value}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import math
 import sys
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -140,7 +142,10 @@ def train(
     best_weights = _load_best(run_dir) if resume and best_step else None
 
     eval_config = EvalConfig(
-        max_length=cfg.max_length, user_batch_size=cfg.eval_user_batch_size, protocol="full"
+        max_length=cfg.max_length,
+        user_batch_size=cfg.eval_user_batch_size,
+        protocol="full",
+        max_users=cfg.eval_max_users,
     )
 
     def evaluate_on(examples: EvalExamples) -> dict[str, float]:
@@ -395,10 +400,12 @@ def _publish(
 ) -> str:
     from recloop.registry import Registry
 
-    extra = {
+    extra: dict[str, Path | bytes] = {
         name: run_dir / name for name in ("metrics.csv", "curves.png") if (run_dir / name).is_file()
     }
     extra["items.parquet"] = dataset.directory / "items.parquet"
+    # Interaction counts per item (index = dense id): serving's popularity fallback.
+    extra[ITEM_COUNTS_FILE] = item_counts_npy(dataset)
     return Registry(registry_dir).publish(
         {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
         model=config_to_dict(model),
@@ -416,6 +423,19 @@ def _publish(
         extra_files=extra,
         vocabulary_file="items.parquet",
     )
+
+
+ITEM_COUNTS_FILE = "item_counts.npy"
+
+
+def item_counts_npy(dataset: SequenceDataset) -> bytes:
+    """.npy bytes of int64 counts [num_items + 1] over every event of the dataset."""
+    counts = np.bincount(
+        np.asarray(dataset.sequences.items), minlength=dataset.num_items + 1
+    ).astype(np.int64)
+    buffer = io.BytesIO()
+    np.save(buffer, counts, allow_pickle=False)
+    return buffer.getvalue()
 
 
 class _Progress:

@@ -1,0 +1,163 @@
+"""Micro-batching: many concurrent requests, one batched forward pass and one index search.
+
+Requests wait on the event loop in a bounded queue. One worker task takes what is queued (up to
+``max_batch``), optionally waits ``max_wait`` seconds for more, and runs encode + search for the
+whole batch in a single worker thread, off the event loop (ONNX Runtime, numpy and faiss release
+the GIL, so the HTTP loop keeps accepting requests meanwhile). While one batch computes, the next
+one fills up, so under load batches grow by themselves and an idle service answers a lone
+request without waiting. ``max_batch=1`` turns batching off (one forward per request).
+
+Requests carry the bundle they started on; a batch never mixes bundles, which is what lets a hot
+swap happen with requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from recloop.errors import ServingError
+from recloop.serve.runtime import ModelBundle
+
+T = TypeVar("T")
+
+
+class Overloaded(ServingError):
+    """The request queue is full: answer 503 with Retry-After instead of queueing forever."""
+
+
+@dataclass
+class _Pending:
+    bundle: ModelBundle
+    sequence: npt.NDArray[np.int64]
+    k: int
+    exclude: npt.NDArray[np.int64] | None
+    future: asyncio.Future[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]
+
+
+BatchObserver = Callable[[int, float], None]  # (batch size, seconds of compute)
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        *,
+        max_batch: int = 32,
+        max_wait: float = 0.0005,
+        max_queue: int = 1024,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ServingError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait < 0:
+            raise ServingError(f"max_wait must be >= 0 seconds, got {max_wait}")
+        if max_queue < 1:
+            raise ServingError(f"max_queue must be >= 1, got {max_queue}")
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.max_queue = max_queue
+        self._observer = observer
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._task: asyncio.Task[None] | None = None
+        # One compute thread: engines keep per-bucket buffers and are used by one thread.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recloop-infer")
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._queue is not None:
+            while not self._queue.empty():
+                pending = self._queue.get_nowait()
+                if not pending.future.done():
+                    pending.future.set_exception(ServingError("service is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def submit(
+        self,
+        bundle: ModelBundle,
+        sequence: npt.NDArray[np.int64],
+        k: int,
+        exclude: npt.NDArray[np.int64] | None,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Top-k (ids, scores) for one sequence of dense ids (most recent last)."""
+        if self._queue is None:
+            raise ServingError("the batcher is not running")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Pending(bundle, sequence, k, exclude, future))
+        except asyncio.QueueFull:
+            raise Overloaded(f"request queue is full ({self.max_queue} waiting)") from None
+        result: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] = await future
+        return result
+
+    async def run_in_worker(self, function: Callable[[], T]) -> T:
+        """Runs other index/engine work (similar items) on the compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            self._drain(batch)
+            if len(batch) < self.max_batch and self.max_wait > 0:
+                await asyncio.sleep(self.max_wait)
+                self._drain(batch)
+            for group in _by_bundle(batch):
+                started = loop.time()
+                try:
+                    results = await loop.run_in_executor(self._executor, _compute, group)
+                except Exception as exc:  # report to every waiter; the batcher keeps running
+                    for pending in group:
+                        if not pending.future.done():
+                            pending.future.set_exception(exc)
+                    continue
+                for pending, result in zip(group, results, strict=True):
+                    if not pending.future.done():  # the client may have gone away
+                        pending.future.set_result(result)
+                if self._observer is not None:
+                    self._observer(len(group), loop.time() - started)
+
+    def _drain(self, batch: list[_Pending]) -> None:
+        assert self._queue is not None
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return
+
+
+def _by_bundle(batch: list[_Pending]) -> list[list[_Pending]]:
+    groups: dict[int, list[_Pending]] = {}
+    for pending in batch:
+        groups.setdefault(id(pending.bundle), []).append(pending)
+    return list(groups.values())
+
+
+def _compute(
+    group: list[_Pending],
+) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+    """Worker thread: one encode and one search for a group that shares a bundle."""
+    bundle = group[0].bundle
+    queries = bundle.engine.encode([pending.sequence for pending in group])
+    k_max = max(pending.k for pending in group)
+    exclude = [pending.exclude for pending in group]
+    ids, scores = bundle.index.search(queries, k_max, exclude)
+    return [(ids[row, : p.k].copy(), scores[row, : p.k].copy()) for row, p in enumerate(group)]

@@ -1,0 +1,711 @@
+"""Inference engines: users' item sequences in, query vectors for the item index out.
+
+An engine wraps one model version as ``prepare_query(encode(ids))`` and runs it on fixed-size
+input buffers. Requests vary in batch size and history length, so an engine keeps one
+preallocated bucket per (batch size, window length) pair: batch sizes are powers of two up to
+``max_batch`` (plus ``max_batch`` itself), window lengths powers of two from 8 up to the model's
+``max_length`` (plus ``max_length`` itself). A call picks the smallest bucket that fits, writes
+the sequences right-aligned (left padding, as the models expect) into that bucket's int64 input
+buffer and runs the model into the bucket's float32 output buffer. Nothing is allocated per
+request on the hot path, and the runtime (ONNX Runtime, or torch) sees a handful of shapes only,
+so its shape-dependent caches stay warm.
+
+Engines:
+
+- ``onnx`` (:class:`OnnxEngine`): the model exported with the torch dynamo exporter (dynamic
+  batch and length) and run by ONNX Runtime on CPU, reading and writing our numpy buffers in
+  place through IOBinding. The default for serving.
+- ``torch`` / ``torch-compiled`` (:class:`TorchEngine`): the torch module itself, eager or
+  through ``torch.compile``; also runs on CUDA.
+
+:func:`build_engine` checks every new engine against the torch reference on random sequences
+(:func:`check_parity`) and refuses one that disagrees, so a stale ONNX cache file, a broken
+export or a wrong model never serves.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from recloop.data.sequences import PADDING_ID
+from recloop.errors import EngineParityError, ServingError
+from recloop.models.base import SequentialEncoder
+
+log = logging.getLogger("recloop.serve")
+
+ENGINE_KINDS = ("onnx", "torch", "torch-compiled")
+MIN_LENGTH_BUCKET = 8  # shorter windows save little compute and would add buckets
+MAX_EXPORT_BATCH = 4096  # upper bound of the exported graph's dynamic batch dimension
+# Bump when the exported graph changes for the same weights (wrapper, export options), so that
+# cached files from an older recipe are not reused.
+EXPORT_RECIPE = 1
+# A correct engine agrees with torch to ~1e-6 (observed); a wrong model is off by >1e-2.
+PARITY_ATOL = 1e-4
+PARITY_RTOL = 1e-3
+PARITY_SAMPLES = 96  # random sequences on top of the fixed edge cases
+# Loggers that print noise during export (e.g. "torchvision is not installed").
+_EXPORT_LOGGERS = (
+    "torch.onnx",
+    "torch.export",
+    "torch._dynamo",
+    "torch.fx",
+    "onnxscript",
+    "onnx_ir",
+)
+
+FloatArray = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int64]
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets and the engine base class
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Preallocated input and output buffers for one (batch, length) shape and how to run them.
+
+    ``run`` computes ``out`` from ``ids`` in place. ``direct_output`` says whether the runtime
+    writes into ``out`` itself (ONNX Runtime with IOBinding) or its result is copied there.
+    """
+
+    batch: int
+    length: int
+    ids: IdArray  # [batch, length], left-padded with PADDING_ID
+    out: FloatArray  # [batch, dim]
+    run: Callable[[], None]
+    direct_output: bool = False
+
+
+def power_of_two_buckets(start: int, limit: int) -> tuple[int, ...]:
+    """start, 2*start, 4*start, ... below ``limit``, then ``limit`` itself (sorted, unique).
+
+    ``limit < start`` gives ``(limit,)``: the whole range is one bucket.
+    """
+    sizes = []
+    size = start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    sizes.append(limit)
+    return tuple(sizes)
+
+
+class InferenceEngine(ABC):
+    """Turns item sequences into query vectors on preallocated per-bucket buffers.
+
+    Thread safety: an engine is meant to be used by ONE worker thread at a time (the serving
+    batcher has one compute thread). A lock serialises calls anyway so that two threads can
+    never interleave writes into the same buffer, but the array that :meth:`encode` returns is
+    a view of a bucket buffer and is only valid until the next call: copy it to keep it.
+    """
+
+    name: str  # "onnx" | "torch" | "torch-compiled"
+
+    def __init__(
+        self, *, dim: int, max_length: int, num_items: int, max_batch: int, label: str
+    ) -> None:
+        if not 1 <= max_batch <= MAX_EXPORT_BATCH:
+            raise ServingError(
+                f"{self.name} engine for {label}: max_batch={max_batch} must be in "
+                f"1..{MAX_EXPORT_BATCH}"
+            )
+        self.dim = dim
+        self.max_length = max_length
+        self.num_items = num_items
+        self.max_batch = max_batch
+        self.label = label
+        self.batch_sizes = power_of_two_buckets(1, max_batch)
+        self.lengths = power_of_two_buckets(MIN_LENGTH_BUCKET, max_length)
+        # Created lazily on first use (or all at once by warmup), then reused forever.
+        self.buckets: dict[tuple[int, int], Bucket] = {}
+        self._lock = threading.Lock()
+
+    @abstractmethod
+    def _new_bucket(self, batch: int, length: int) -> Bucket:
+        """Allocates the buffers of one bucket and binds them to the runtime."""
+
+    def encode(self, sequences: Sequence[npt.NDArray[np.integer[Any]]]) -> FloatArray:
+        """[len(sequences), dim] float32 query vectors, one per sequence.
+
+        Each sequence is a 1-D array of dense item ids in 1..num_items, most recent last; only
+        the last ``max_length`` items are used. Up to ``max_batch`` sequences, the result is a
+        view of a bucket's output buffer, valid until the next call; more are encoded in chunks
+        into a new array. Raises ServingError for an empty sequence or an id out of range.
+        """
+        windows = [self._window(row, sequence) for row, sequence in enumerate(sequences)]
+        if not windows:
+            return np.empty((0, self.dim), dtype=np.float32)
+        with self._lock:
+            if len(windows) <= self.max_batch:
+                return self._encode_chunk(windows)
+            result = np.empty((len(windows), self.dim), dtype=np.float32)
+            for start in range(0, len(windows), self.max_batch):
+                chunk = windows[start : start + self.max_batch]
+                result[start : start + len(chunk)] = self._encode_chunk(chunk)
+            return result
+
+    def warmup(self) -> None:
+        """Creates and runs every bucket once, so first requests pay no allocation or
+        runtime-side optimisation (ORT and torch.compile specialise on first sight of a shape)."""
+        with self._lock:
+            for batch in self.batch_sizes:
+                for length in self.lengths:
+                    bucket = self._bucket(batch, length)
+                    bucket.ids[:] = PADDING_ID
+                    bucket.ids[:, -1] = 1  # a real item, so the run is a realistic one
+                    bucket.run()
+
+    def _window(self, row: int, sequence: npt.NDArray[np.integer[Any]]) -> IdArray:
+        """The last max_length ids of one sequence, validated (cheap numpy checks only)."""
+        array = np.asarray(sequence)
+        if array.size == 0:  # before the dtype check: np.asarray([]) is float64
+            raise ServingError(f"{self.name} engine: sequence {row} is empty")
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise ServingError(
+                f"{self.name} engine: sequence {row} must be a 1-D integer array, got "
+                f"shape {array.shape} dtype {array.dtype}"
+            )
+        offset = max(0, array.size - self.max_length)
+        window = array[offset:]
+        bad = (window < 1) | (window > self.num_items)
+        if bad.any():
+            position = int(np.flatnonzero(bad)[0])
+            raise ServingError(
+                f"{self.name} engine: sequence {row}, position {offset + position}: item id "
+                f"{int(window[position])} is outside 1..{self.num_items}"
+            )
+        return window.astype(np.int64, copy=False)
+
+    def _bucket(self, batch: int, length: int) -> Bucket:
+        bucket = self.buckets.get((batch, length))
+        if bucket is None:
+            bucket = self._new_bucket(batch, length)
+            self.buckets[(batch, length)] = bucket
+        return bucket
+
+    def _encode_chunk(self, windows: list[IdArray]) -> FloatArray:
+        rows = len(windows)
+        longest = max(window.size for window in windows)
+        batch = self.batch_sizes[bisect.bisect_left(self.batch_sizes, rows)]
+        length = self.lengths[bisect.bisect_left(self.lengths, longest)]
+        bucket = self._bucket(batch, length)
+        ids = bucket.ids
+        # Rows past `rows` keep stale (valid) ids from earlier calls: they are computed and
+        # dropped, which is cheaper than clearing them. Models encode rows independently.
+        ids[:rows] = PADDING_ID
+        for row, window in enumerate(windows):
+            ids[row, length - window.size :] = window
+        bucket.run()
+        return bucket.out[:rows]
+
+
+def _empty_buffers(batch: int, length: int, dim: int) -> tuple[IdArray, FloatArray]:
+    return np.zeros((batch, length), dtype=np.int64), np.zeros((batch, dim), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The module that engines run
+
+
+class QueryModule(nn.Module):
+    """ids [B, L] -> query vectors [B, D]: the model's user vector as it enters the dot product
+    with the item table (normalised / temperature-scaled when the model is configured so)."""
+
+    def __init__(self, model: SequentialEncoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        query: torch.Tensor = self.model.item_embedding.prepare_query(self.model.encode(ids))
+        return query
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _model_shape(model: SequentialEncoder) -> tuple[int, int, int]:
+    """(dim of the query vectors, max_length, num_items)."""
+    embedding = model.item_embedding
+    return int(embedding.dim), int(model.config.max_length), int(embedding.num_items)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX export and its cache
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silences torch's warnings and log lines during an ONNX export or ``torch.compile``.
+
+    Both are process-global settings, restored on exit; this runs at model load, and hiding
+    another thread's warnings for those seconds is harmless.
+    """
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def export_onnx(model: SequentialEncoder, path: Path) -> Path:
+    """Exports ``prepare_query(encode(ids))`` to an ONNX file at ``path`` and returns it.
+
+    Dynamo exporter; dynamic batch (1..MAX_EXPORT_BATCH) and length (2..max_length; length 1
+    would be specialised by the exporter, so engines never feed less than 2). Weights are stored
+    inside the file (no external data), which limits models to 2 GB.
+    """
+    _, max_length, _ = _model_shape(model)
+    if _model_device(model).type != "cpu":
+        model = copy.deepcopy(model).cpu()  # export traces on CPU; leave the caller's model
+    module = QueryModule(model).eval()
+    # Batch 2, not 1: the exporter specialises dimensions whose example size is 0 or 1.
+    example = torch.ones((2, max(2, min(MIN_LENGTH_BUCKET, max_length))), dtype=torch.int64)
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}
+    if max_length >= 2:
+        dims[1] = torch.export.Dim("length", min=2, max=max_length)
+    else:  # a one-item window: the length is static
+        example = torch.ones((2, 1), dtype=torch.int64)
+    try:
+        with _quiet_torch():
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                dynamic_shapes={"ids": dims},
+                input_names=["ids"],
+                output_names=["query"],
+                verbose=False,
+            )
+            if program is None:  # only the legacy exporter returns None
+                raise ServingError("torch.onnx.export returned no program")
+            program.save(path, external_data=False)
+    except ServingError:
+        raise
+    except Exception as error:  # the exporter raises many types; report them as one
+        raise ServingError(f"ONNX export of {type(model).__name__} failed: {error}") from error
+    return Path(path)
+
+
+def model_fingerprint(model: SequentialEncoder) -> str:
+    """sha256 of the weights, the model config, the torch version and the export recipe."""
+    digest = hashlib.sha256()
+    config = model.config
+    is_instance = dataclasses.is_dataclass(config) and not isinstance(config, type)
+    described = dataclasses.asdict(config) if is_instance else repr(config)
+    header = {
+        "class": type(model).__name__,
+        "config": described,
+        "torch": torch.__version__,
+        "recipe": EXPORT_RECIPE,
+    }
+    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def onnx_cache_path(model: SequentialEncoder, cache_dir: Path) -> Path:
+    """Where the exported file of this exact model lives in ``cache_dir``."""
+    return Path(cache_dir) / f"{type(model).__name__.lower()}-{model_fingerprint(model)[:32]}.onnx"
+
+
+def _cached_export(model: SequentialEncoder, cache_dir: Path) -> Path:
+    """The cached ONNX file for ``model``, exporting it first when absent (atomic write)."""
+    target = onnx_cache_path(model, cache_dir)
+    if target.is_file():
+        log.info("onnx engine: reusing cached export %s", target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Temp file in the same directory + rename: a reader (another worker loading the same
+    # version) sees either no file or a complete one, never a half-written one.
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".export-", suffix=".onnx")
+    os.close(handle)
+    try:
+        export_onnx(model, Path(temporary))
+        os.replace(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX Runtime engine
+
+
+class OnnxEngine(InferenceEngine):
+    """ONNX Runtime on CPU, reading and writing the bucket buffers in place through IOBinding."""
+
+    name = "onnx"
+
+    def __init__(
+        self,
+        source: Path | bytes,
+        *,
+        dim: int,
+        max_length: int,
+        num_items: int,
+        max_batch: int = 64,
+        threads: int = 1,
+        label: str = "model",
+    ) -> None:
+        super().__init__(
+            dim=dim, max_length=max_length, num_items=num_items, max_batch=max_batch, label=label
+        )
+        import onnxruntime as ort
+
+        self._ort = ort
+        options = ort.SessionOptions()
+        # Serving shares 2 cores with the HTTP loop: one intra-op thread by default, no
+        # inter-op parallelism (the graph is a chain), and no spinning threads that would
+        # burn the event loop's core while waiting for work.
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only
+        model_source = str(source) if isinstance(source, Path) else source
+        try:
+            self.session = ort.InferenceSession(
+                model_source, options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # ORT raises its own exception types
+            raise ServingError(
+                f"onnx engine for {label}: cannot load the model: {error}"
+            ) from error
+
+    @classmethod
+    def from_model(
+        cls,
+        model: SequentialEncoder,
+        *,
+        max_batch: int = 64,
+        threads: int = 1,
+        cache_dir: Path | None = None,
+        label: str = "model",
+    ) -> OnnxEngine:
+        """Exports ``model`` (or reuses the export cached in ``cache_dir``) and loads it."""
+        dim, max_length, num_items = _model_shape(model)
+        source: Path | bytes
+        if cache_dir is not None:
+            source = _cached_export(model, cache_dir)
+        else:  # export to a scratch directory and keep only the bytes
+            with tempfile.TemporaryDirectory(prefix="recloop-onnx-") as scratch:
+                source = export_onnx(model, Path(scratch) / "model.onnx").read_bytes()
+        return cls(
+            source,
+            dim=dim,
+            max_length=max_length,
+            num_items=num_items,
+            max_batch=max_batch,
+            threads=threads,
+            label=label,
+        )
+
+    def _new_bucket(self, batch: int, length: int) -> Bucket:
+        ort = self._ort
+        ids, out = _empty_buffers(batch, length, self.dim)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("ids", ort.OrtValue.ortvalue_from_numpy(ids))
+        binding.bind_ortvalue_output("query", ort.OrtValue.ortvalue_from_numpy(out))
+        direct = self._writes_in_place(binding, ids, out)
+        if not direct:
+            # ORT is free to ignore a bound output buffer (e.g. when an output aliases another
+            # tensor); then its result lives in ORT memory and we copy it into ours.
+            log.warning(
+                "onnx engine for %s: ORT does not write into the bound output of bucket "
+                "(%d, %d); copying its results",
+                self.label,
+                batch,
+                length,
+            )
+
+        def run() -> None:
+            self.session.run_with_iobinding(binding)
+            if not direct:
+                out[...] = binding.get_outputs()[0].numpy()
+
+        return Bucket(batch, length, ids, out, run, direct_output=direct)
+
+    def _writes_in_place(self, binding: Any, ids: IdArray, out: FloatArray) -> bool:
+        """Runs the bucket once with NaN in ``out``: did ORT fill our buffer itself?"""
+        ids[:, -1] = 1
+        out.fill(np.nan)
+        self.session.run_with_iobinding(binding)
+        result = binding.get_outputs()[0]
+        same_memory = bool(result.data_ptr() == out.ctypes.data)
+        ids[:] = PADDING_ID
+        return same_memory and bool(np.isfinite(out).all())
+
+
+# --------------------------------------------------------------------------------------------
+# torch engine
+
+
+class TorchEngine(InferenceEngine):
+    """The torch module itself (eager, or ``torch.compile``d), on CPU or CUDA.
+
+    On CPU the module reads the numpy input buffer through a tensor that shares its memory; on
+    CUDA each bucket also has a device input tensor, and host buffers are pinned for the copies.
+    """
+
+    def __init__(
+        self,
+        model: SequentialEncoder,
+        *,
+        max_batch: int = 64,
+        threads: int | None = None,
+        device: str = "cpu",
+        compile: bool = False,
+        label: str = "model",
+    ) -> None:
+        self.name = "torch-compiled" if compile else "torch"
+        dim, max_length, num_items = _model_shape(model)
+        super().__init__(
+            dim=dim, max_length=max_length, num_items=num_items, max_batch=max_batch, label=label
+        )
+        self.device = _torch_device(device, label)
+        if threads is not None:
+            # Process-global: only when asked, since the same process may also train.
+            torch.set_num_threads(threads)
+        module = QueryModule(model).to(self.device).eval()
+        self.module: Callable[[torch.Tensor], torch.Tensor] = module
+        if compile:
+            # dynamic=True: one graph for all buckets instead of one compilation per shape.
+            # Quiet: importing inductor warns about deprecated torch internals.
+            with _quiet_torch():
+                self.module = torch.compile(module, dynamic=True)
+
+    def _new_bucket(self, batch: int, length: int) -> Bucket:
+        on_cuda = self.device.type == "cuda"
+        # Host buffers are torch tensors viewed as numpy (shared memory); pinned for fast
+        # host <-> device copies on CUDA.
+        ids_host = torch.zeros((batch, length), dtype=torch.int64, pin_memory=on_cuda)
+        out_host = torch.zeros((batch, self.dim), dtype=torch.float32, pin_memory=on_cuda)
+        ids_device = torch.zeros((batch, length), dtype=torch.int64, device=self.device)
+        ids_input = ids_device if on_cuda else ids_host
+        module = self.module
+
+        def run() -> None:
+            with torch.inference_mode():
+                if on_cuda:
+                    ids_device.copy_(ids_host, non_blocking=True)
+                out_host.copy_(module(ids_input))  # synchronises with the device on CUDA
+
+        return Bucket(batch, length, ids_host.numpy(), out_host.numpy(), run)
+
+
+def _torch_device(device: str, label: str) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ServingError(f"torch engine for {label}: bad device {device!r}: {error}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ServingError(f"torch engine for {label}: device {device!r} but CUDA is unavailable")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ServingError(f"torch engine for {label}: device {device!r}; use cpu or cuda")
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# Parity check, construction, item table, warmup
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Engine vs torch reference on random sequences.
+
+    max_rel_error is max |engine - reference| / max(|reference|, atol), so elements near zero
+    do not dominate it. passed: every element within atol + rtol * |reference|, all finite.
+    """
+
+    max_abs_error: float
+    max_rel_error: float
+    samples: int
+    passed: bool
+    atol: float = PARITY_ATOL
+    rtol: float = PARITY_RTOL
+
+
+def _parity_batches(engine: InferenceEngine, num_samples: int, seed: int) -> list[list[IdArray]]:
+    """Random batches covering length 1, short, exactly max_length and longer (truncated),
+    and batch sizes 1, odd, and past max_batch (chunked): the edge cases one by one, then
+    ``num_samples`` sequences of random lengths in batches of assorted sizes."""
+    rng = np.random.default_rng(seed)
+    max_length = engine.max_length
+    lengths = [1, 2, min(3, max_length), max_length, max_length + 5]
+
+    def sequence(length: int | None = None) -> IdArray:
+        size = length if length is not None else int(rng.integers(1, max_length + 6))
+        return rng.integers(1, engine.num_items + 1, size=size, dtype=np.int64)
+
+    batches = [[sequence(length)] for length in lengths]  # batch 1, each length alone
+    batches.append([sequence(length) for length in lengths])  # odd, mixed lengths
+    sizes = itertools.cycle((3, engine.max_batch + 3, 1, 7))
+    remaining = num_samples
+    while remaining > 0:
+        size = min(next(sizes), remaining)
+        batches.append([sequence() for _ in range(size)])
+        remaining -= size
+    return batches
+
+
+def _reference(model: SequentialEncoder, batch: list[IdArray]) -> FloatArray:
+    """prepare_query(encode(ids)) in torch fp32, each window left-padded to max_length."""
+    max_length = int(model.config.max_length)
+    padded = np.full((len(batch), max_length), PADDING_ID, dtype=np.int64)
+    for row, sequence in enumerate(batch):
+        window = sequence[-max_length:]
+        padded[row, max_length - window.size :] = window
+    ids = torch.from_numpy(padded).to(_model_device(model))
+    with torch.inference_mode():
+        query = QueryModule(model)(ids).float().cpu().numpy()
+    result: FloatArray = query
+    return result
+
+
+def check_parity(
+    engine: InferenceEngine,
+    model: SequentialEncoder,
+    *,
+    num_samples: int = PARITY_SAMPLES,
+    seed: int = 0,
+    atol: float = PARITY_ATOL,
+    rtol: float = PARITY_RTOL,
+) -> ParityReport:
+    """Compares ``engine`` with the torch reference ``model`` (in eval mode) on random
+    sequences of assorted lengths and batch sizes: a fixed set of edge cases plus
+    ``num_samples`` random ones. Deterministic for a given ``seed``."""
+    was_training = model.training
+    model.eval()
+    try:
+        max_abs = max_rel = 0.0
+        passed = True
+        samples = 0
+        for batch in _parity_batches(engine, num_samples, seed):
+            expected = _reference(model, batch)
+            actual = np.array(engine.encode(batch), dtype=np.float32)  # copy: encode reuses it
+            error = np.abs(actual - expected)
+            scale = np.abs(expected)
+            if not (np.isfinite(actual).all() and np.isfinite(expected).all()):
+                passed, max_abs, max_rel = False, float("inf"), float("inf")
+            else:
+                max_abs = max(max_abs, float(error.max()))
+                max_rel = max(max_rel, float((error / np.maximum(scale, atol)).max()))
+                passed = passed and bool((error <= atol + rtol * scale).all())
+            samples += len(batch)
+    finally:
+        model.train(was_training)
+    return ParityReport(max_abs, max_rel, samples, passed, atol, rtol)
+
+
+def build_engine(
+    model: SequentialEncoder,
+    kind: str = "onnx",
+    *,
+    max_batch: int = 64,
+    threads: int = 1,
+    cache_dir: Path | None = None,
+    device: str = "cpu",
+    check: bool = True,
+    label: str = "model",
+) -> InferenceEngine:
+    """An engine of ``kind`` for ``model``, checked against it unless ``check=False``.
+
+    threads: ONNX Runtime intra-op threads of this engine's session; for torch engines the
+    process-wide ``torch.set_num_threads`` (torch has no per-module setting), so build torch
+    engines only in a serving process. cache_dir: where ONNX exports are cached, keyed by
+    weights and config (None: export every time). device: "cpu", or "cuda" for torch engines.
+    The model is put in eval mode. Raises ServingError for a bad kind/device and
+    EngineParityError when the engine disagrees with the model.
+    """
+    if kind not in ENGINE_KINDS:
+        raise ServingError(
+            f"unknown engine kind {kind!r} for {label}; expected one of {', '.join(ENGINE_KINDS)}"
+        )
+    if threads < 1:
+        raise ServingError(f"{kind} engine for {label}: threads={threads} must be at least 1")
+    model.eval()
+    engine: InferenceEngine
+    if kind == "onnx":
+        if device != "cpu":
+            raise ServingError(
+                f"onnx engine for {label}: runs on CPU only (device {device!r}); "
+                "use kind='torch' for cuda"
+            )
+        engine = OnnxEngine.from_model(
+            model,
+            max_batch=max_batch,
+            threads=threads,
+            cache_dir=cache_dir,
+            label=label,
+        )
+    else:
+        engine = TorchEngine(
+            model,
+            max_batch=max_batch,
+            threads=threads,
+            device=device,
+            compile=kind == "torch-compiled",
+            label=label,
+        )
+    if check:
+        report = check_parity(engine, model)
+        if not report.passed:
+            raise EngineParityError(
+                f"{engine.name} engine for {label} disagrees with the torch model: max abs "
+                f"error {report.max_abs_error:.3g}, max rel error {report.max_rel_error:.3g} "
+                f"over {report.samples} sequences (tolerance atol {report.atol:g} + rtol "
+                f"{report.rtol:g})"
+            )
+        log.info(
+            "%s engine for %s: parity max abs error %.2g", engine.name, label, report.max_abs_error
+        )
+    return engine
+
+
+def item_table(model: SequentialEncoder) -> FloatArray:
+    """The scoring table [num_items + 1, D] as a new float32 C-contiguous array; row 0 is 0."""
+    with torch.no_grad():
+        table = model.item_embedding.output_table().detach().float().cpu()
+    # A copy: without normalisation output_table() is the weight itself, and we zero row 0.
+    result: FloatArray = np.array(table.numpy(), dtype=np.float32, order="C", copy=True)
+    result[PADDING_ID] = 0.0
+    return result
+
+
+def warmup(engine: InferenceEngine) -> None:
+    """Runs every bucket of ``engine`` once (see :meth:`InferenceEngine.warmup`)."""
+    engine.warmup()

@@ -1,0 +1,102 @@
+"""Typed request and response bodies of the HTTP API (they also make the OpenAPI docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Raw ids are strings on the wire (products use numbers, SKUs, UUIDs); numbers are accepted
+# and converted, so clients that send 42 and "42" get the same item.
+RawId = str | int
+MAX_SEQUENCE = 1000  # longest sequence a request may send (the model keeps its last max_length)
+MAX_EVENTS = 1000  # events per POST /v1/events
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float
+
+
+class Recommendations(BaseModel):
+    """Top-k items for a user or an ad-hoc sequence."""
+
+    cached: bool = Field(description="served from the result cache")
+    model_version: str
+    user_id: str | None = None
+    items: list[ScoredItem]
+    fallback: Literal["popularity"] | None = Field(
+        None, description="set when the model could not be used (unknown user, empty sequence)"
+    )
+    unknown_items: list[str] = Field(
+        default_factory=list, description="item ids of the input not in the model's vocabulary"
+    )
+
+
+class SequenceRequest(_Strict):
+    """An anonymous user's recent items, oldest first."""
+
+    items: list[RawId] = Field(max_length=MAX_SEQUENCE)
+    k: int = Field(10, ge=1, le=1000)
+    exclude_seen: bool = True
+
+
+class SimilarItems(BaseModel):
+    model_version: str
+    item_id: str
+    items: list[ScoredItem]
+
+
+class Event(_Strict):
+    user_id: RawId
+    item_id: RawId
+    timestamp: float | None = Field(None, description="seconds since the epoch; default: now")
+    event_type: str = Field("interaction", max_length=64)
+    value: float | None = None
+
+
+class EventBatch(_Strict):
+    events: list[Event] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+class EventsAccepted(BaseModel):
+    accepted: int
+    users: int
+    unknown_items: list[str] = Field(
+        description="items not in the served model's vocabulary (stored; new-item candidates)"
+    )
+
+
+class ReloadRequest(_Strict):
+    version: str | None = Field(None, description="version id, 'latest' or 'production'")
+
+
+class ReloadResult(BaseModel):
+    version: str
+    previous: str | None
+    swapped: bool
+    loaded_in_seconds: float
+
+
+class ModelInfo(BaseModel):
+    version: str
+    model_type: str | None
+    num_items: int
+    max_length: int
+    engine: str
+    index: str
+    created_at: str | None
+    method: str | None
+    parent: str | None
+    metrics: dict[str, float]
+    loaded_in_seconds: float
+    history: bool
+    details: dict[str, object] = Field(default_factory=dict)
+
+
+class Problem(BaseModel):
+    detail: str

@@ -1,0 +1,342 @@
+"""User state and result cache for the recommendation service, behind one async interface.
+
+User state is the bounded recent sequence of raw item ids that arrived at serving time, per raw
+user id, most recent last. The service combines it with the training history itself; a store only
+keeps what was appended. The result cache holds opaque payloads per (user, field) with a TTL;
+appending events for a user drops all of that user's cached results, since they are stale.
+
+Two backends share the :class:`StateStore` interface:
+
+* :class:`MemoryStateStore`: in-process dicts, optionally snapshotted to a JSON-lines file on
+  ``close()`` and reloaded on ``start()`` (one replica, or tests).
+* :class:`recloop.serve.state_redis.RedisStateStore`: shared by several replicas, and resilient:
+  while Redis is away it serves from a local mirror and queues appended events until it is back.
+
+:func:`open_state_store` picks one from a URL and validates the options.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from recloop.errors import ServingError
+
+__all__ = [
+    "LOGGER_NAME",
+    "MemoryStateStore",
+    "StateStore",
+    "open_state_store",
+]
+
+# Both backends log under this name (the Redis one logs its outages and recoveries).
+LOGGER_NAME = "recloop.serve.state"
+
+SNAPSHOT_FORMAT = "recloop-state"
+SNAPSHOT_VERSION = 1
+
+_MEMORY_OPTIONS = frozenset({"max_length", "cache_ttl", "cache_max_entries", "snapshot_path"})
+_REDIS_OPTIONS = frozenset(
+    {
+        "max_length",
+        "cache_ttl",
+        "prefix",
+        "pool_size",
+        "socket_timeout",
+        "connect_timeout",
+        "mirror_max_users",
+        "max_pending",
+        "backoff_initial",
+        "backoff_max",
+    }
+)
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class StateStore(ABC):
+    """Recent raw item ids per raw user id, plus a TTL'd result cache keyed by (user, field)."""
+
+    backend: str  # "memory" | "redis"
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect or load; call once, inside the event loop that will use the store."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections and background tasks (memory: write the snapshot if configured)."""
+
+    @abstractmethod
+    async def get_sequences(self, users: Sequence[str]) -> list[list[str]]:
+        """The recent items of each user, oldest first ([] for an unknown user), in one batch."""
+
+    @abstractmethod
+    async def append_events(self, events: Sequence[tuple[str, str]]) -> None:
+        """Append (user, item) pairs in arrival order, keep the last max_length per user and
+        drop the cached results of those users. Durable in the backend when it returns."""
+
+    @abstractmethod
+    async def get_cached(self, user: str, field: str) -> bytes | None:
+        """A cached payload, or None when absent, expired or the cache is unavailable."""
+
+    @abstractmethod
+    async def set_cached(self, user: str, field: str, payload: bytes) -> None:
+        """Cache a payload for cache_ttl seconds (best effort: may be skipped)."""
+
+    @abstractmethod
+    async def invalidate_all(self) -> None:
+        """Drop every cached result (e.g. after a model swap)."""
+
+    @abstractmethod
+    def status(self) -> dict[str, Any]:
+        """backend, connected, users, cache_entries, reconnects, pending, last_error."""
+
+
+# ---------------------------------------------------------------------------------- validation
+
+
+def check_int(name: str, value: object, *, minimum: int = 1) -> int:
+    """``value`` as an int >= minimum, or a ServingError naming the parameter."""
+    # bool is an int subclass; True as a length is a caller bug, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ServingError(f"state store: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_seconds(name: str, value: object) -> float:
+    """``value`` as a finite number of seconds > 0, or a ServingError naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ServingError(f"state store: {name} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ServingError(f"state store: {name} must be > 0 seconds, got {value!r}")
+    return seconds
+
+
+# ------------------------------------------------------------------------------------- memory
+
+
+class MemoryStateStore(StateStore):
+    """In-process state: deques per user, an LRU-bounded TTL cache, an optional snapshot file.
+
+    Nothing here awaits; the methods are async only to honour the interface. The cache is not
+    snapshotted: after a restart it would be stale or from another model anyway.
+    """
+
+    backend = "memory"
+
+    def __init__(
+        self,
+        max_length: int = 50,
+        cache_ttl: float = 60.0,
+        cache_max_entries: int = 100_000,
+        snapshot_path: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_length = check_int("max_length", max_length)
+        self.cache_ttl = check_seconds("cache_ttl", cache_ttl)
+        self.cache_max_entries = check_int("cache_max_entries", cache_max_entries)
+        self.snapshot_path = Path(snapshot_path) if snapshot_path is not None else None
+        self._clock = clock
+        self._sequences: dict[str, deque[str]] = {}
+        # (user, field) -> (expiry on the clock, payload); insertion/access order = LRU order.
+        self._cache: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
+        # user -> its cached fields, so that an append invalidates a user without a full scan.
+        self._fields: dict[str, set[str]] = {}
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self.snapshot_path is not None and self.snapshot_path.exists():
+            for user, items in read_snapshot(self.snapshot_path):
+                self._sequences[user] = deque(items, maxlen=self.max_length)
+
+    async def close(self) -> None:
+        if self.snapshot_path is not None:
+            write_snapshot(self.snapshot_path, self._sequences.items())
+
+    async def get_sequences(self, users: Sequence[str]) -> list[list[str]]:
+        return [list(self._sequences.get(user, ())) for user in users]
+
+    async def append_events(self, events: Sequence[tuple[str, str]]) -> None:
+        touched: set[str] = set()
+        for user, item in events:
+            sequence = self._sequences.get(user)
+            if sequence is None:
+                sequence = self._sequences[user] = deque(maxlen=self.max_length)
+            sequence.append(item)  # the deque's maxlen drops the oldest
+            touched.add(user)
+        for user in touched:
+            self._invalidate_user(user)
+
+    async def get_cached(self, user: str, field: str) -> bytes | None:
+        key = (user, field)
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        expiry, payload = entry
+        if self._clock() >= expiry:
+            self._drop(key)
+            return None
+        self._cache.move_to_end(key)
+        return payload
+
+    async def set_cached(self, user: str, field: str, payload: bytes) -> None:
+        key = (user, field)
+        self._cache[key] = (self._clock() + self.cache_ttl, payload)
+        self._cache.move_to_end(key)
+        self._fields.setdefault(user, set()).add(field)
+        while len(self._cache) > self.cache_max_entries:
+            oldest = next(iter(self._cache))
+            self._drop(oldest)
+
+    async def invalidate_all(self) -> None:
+        self._cache.clear()
+        self._fields.clear()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "connected": True,
+            "users": len(self._sequences),
+            "cache_entries": len(self._cache),  # may include expired entries not yet read
+            "reconnects": 0,
+            "pending": 0,
+            "last_error": None,
+            "snapshot": str(self.snapshot_path) if self.snapshot_path is not None else None,
+        }
+
+    def _invalidate_user(self, user: str) -> None:
+        for field in self._fields.pop(user, ()):
+            self._cache.pop((user, field), None)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        self._cache.pop(key, None)
+        user, field = key
+        fields = self._fields.get(user)
+        if fields is not None:
+            fields.discard(field)
+            if not fields:
+                del self._fields[user]
+
+
+# ----------------------------------------------------------------------------------- snapshot
+
+
+def write_snapshot(path: Path, sequences: Iterable[tuple[str, Iterable[str]]]) -> None:
+    """Write sequences as JSON lines (a header line, then one user per line), atomically.
+
+    A crash mid-write leaves the previous snapshot intact: we write a temporary file in the same
+    directory (same filesystem, so os.replace is atomic), fsync it, then rename it over.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ServingError(f"{path}: cannot write the state snapshot ({exc})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            header = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION}
+            out.write(json.dumps(header) + "\n")
+            for user, items in sequences:
+                out.write(json.dumps({"user": user, "items": list(items)}) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_name, path)
+    except OSError as exc:
+        Path(temp_name).unlink(missing_ok=True)
+        raise ServingError(f"{path}: cannot write the state snapshot ({exc})") from None
+
+
+def read_snapshot(path: Path) -> list[tuple[str, list[str]]]:
+    """(user, items) pairs of a snapshot; a ServingError naming the file and line if corrupt."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServingError(f"{path}: cannot read the state snapshot ({exc})") from None
+    if not lines:
+        raise ServingError(f"{path}:1: corrupt state snapshot (empty file, no header line)")
+    _check_header(path, lines[0])
+    rows: list[tuple[str, list[str]]] = []
+    for number, line in enumerate(lines[1:], start=2):
+        if line.strip():
+            rows.append(_parse_row(path, number, line))
+    return rows
+
+
+def _check_header(path: Path, line: str) -> None:
+    try:
+        header = json.loads(line)
+    except json.JSONDecodeError:
+        header = None
+    expected = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION}
+    if header != expected:
+        raise ServingError(
+            f"{path}:1: corrupt state snapshot (expected the header {json.dumps(expected)})"
+        )
+
+
+def _parse_row(path: Path, number: int, line: str) -> tuple[str, list[str]]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ServingError(f"{path}:{number}: corrupt state snapshot ({exc.msg})") from None
+    user = row.get("user") if isinstance(row, dict) else None
+    items = row.get("items") if isinstance(row, dict) else None
+    if (
+        not isinstance(user, str)
+        or not isinstance(items, list)
+        or not all(isinstance(item, str) for item in items)
+    ):
+        raise ServingError(
+            f"{path}:{number}: corrupt state snapshot (expected "
+            '{"user": string, "items": [strings]})'
+        )
+    return user, items
+
+
+# -------------------------------------------------------------------------------------- factory
+
+
+def open_state_store(url: str | None, **options: Any) -> StateStore:
+    """A store for ``url``: None or "memory" -> in-process; "redis://..." -> Redis.
+
+    ``options`` are the backend's constructor keywords. ``snapshot_path`` only applies to the
+    memory backend; None is accepted (and ignored) for Redis so callers can pass it always.
+    """
+    if url is None or url == "memory":
+        _check_options("memory", options, _MEMORY_OPTIONS)
+        return MemoryStateStore(**options)
+    if not isinstance(url, str) or not url.startswith(_REDIS_SCHEMES):
+        raise ServingError(
+            f"state store url {url!r}: expected 'memory' or a redis://, rediss:// or unix:// URL"
+        )
+    if options.pop("snapshot_path", None) is not None:
+        raise ServingError(
+            "state store: snapshot_path only applies to the memory backend (Redis persists itself)"
+        )
+    _check_options("redis", options, _REDIS_OPTIONS)
+    # Imported here: state_redis imports this module (for StateStore), and the memory backend
+    # should not need the Redis client at all.
+    from recloop.serve.state_redis import RedisStateStore
+
+    return RedisStateStore(url, **options)
+
+
+def _check_options(backend: str, options: dict[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ServingError(
+            f"state store ({backend}): unknown option(s) {', '.join(unknown)}; "
+            f"expected some of {', '.join(sorted(allowed))}"
+        )
