@@ -382,6 +382,11 @@ def serve_command(
     import logging
     import os
 
+    # Before numpy/faiss/torch load: their BLAS and OpenMP pools default to one thread per
+    # core and spin while idle, which on 2 cores takes a whole core from the event loop. The
+    # service computes on one inference thread (--threads), so the pools get that many.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, str(threads))
     from recloop.serve.app import ServiceConfig
     from recloop.serve.runtime import LoadOptions
     from recloop.serve.server import run_server

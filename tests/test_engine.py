@@ -175,10 +175,17 @@ def test_buckets_are_preallocated_and_reused(engine: InferenceEngine, model: Any
     # stale ids left of them (the used rows are cleared before writing).
     first = engine.encode(sequences([MAX_LENGTH, MAX_LENGTH + 4, MAX_LENGTH], seed=6))
     assert np.shares_memory(first, out)
-    batch = sequences([2, 10, 1], seed=7)
+    batch = sequences([9, 11, 10], seed=7)
     second = engine.encode(batch)
     assert np.shares_memory(second, out) and second.shape == (3, 16)
     np.testing.assert_allclose(second, reference(model, batch), atol=1e-5, rtol=1e-4)
+
+    # A batch that spans length buckets runs once per bucket, into a preallocated result.
+    mixed = sequences([2, MAX_LENGTH + 3, 1, 10], seed=8)
+    third = engine.encode(mixed)
+    assert not np.shares_memory(third, out) and third.shape == (4, 16)
+    np.testing.assert_allclose(third, reference(model, mixed), atol=1e-5, rtol=1e-4)
+    assert np.shares_memory(third, engine.encode(mixed))  # the same preallocated result
 
     # Same buffers, no new buckets.
     assert engine.buckets[(4, MAX_LENGTH)] is bucket

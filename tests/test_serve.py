@@ -14,8 +14,9 @@ import torch
 from recloop.data.dataset import SequenceDataset
 from recloop.models.io import load_model
 from recloop.registry import Registry
-from recloop.serve.app import ServiceConfig
+from recloop.serve.app import ServiceConfig, _fast_arguments
 from recloop.serve.runtime import LoadOptions
+from recloop.serve.schemas import Recommendations
 from tests.serving import make_dataset, running_service, train_version
 
 API_KEY = "test-key"
@@ -287,3 +288,41 @@ def test_a_bad_event_batch_stores_nothing(client: httpx.Client) -> None:
     assert response.status_code == 422 and "item_id" in response.json()["detail"]
     body = client.get("/v1/users/fresh-user/recommendations").json()
     assert body["fallback"] == "popularity"
+
+
+# ---------------------------------------------------------------------------- fast path
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"", (10, True)),
+        (b"k=7", (7, True)),
+        (b"k=1000&exclude_seen=false", (1000, False)),
+        (b"exclude_seen=No&other=1", (10, False)),
+        (b"k=0", None),  # every invalid or unusual form goes to FastAPI, which explains it
+        (b"k=1001", None),
+        (b"k=-3", None),
+        (b"k=ten", None),
+        (b"k=5&k=6", None),
+        (b"exclude_seen=maybe", None),
+    ],
+)
+def test_fast_path_accepts_only_plainly_valid_queries(
+    query: bytes, expected: tuple[int, bool] | None
+) -> None:
+    assert _fast_arguments(query) == expected
+
+
+def test_fast_path_and_fastapi_answer_alike(trained: dict[str, Any], client: httpx.Client) -> None:
+    user, _, _ = known_user(trained)
+    fast = client.get(f"/v1/users/{user}/recommendations?k=6&exclude_seen=false")
+    # A repeated parameter is not plainly valid: FastAPI's route answers (last value wins).
+    slow = client.get(f"/v1/users/{user}/recommendations?k=6&k=6&exclude_seen=false")
+    assert fast.status_code == slow.status_code == 200
+    assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
+    assert Recommendations.model_validate_json(fast.content).items == (
+        Recommendations.model_validate_json(slow.content).items
+    )
+    metrics = client.get("/metrics").text
+    assert 'route="/v1/users/{user_id}/recommendations",status="200"' in metrics

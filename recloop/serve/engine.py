@@ -140,6 +140,8 @@ class InferenceEngine(ABC):
         self.lengths = power_of_two_buckets(MIN_LENGTH_BUCKET, max_length)
         # Created lazily on first use (or all at once by warmup), then reused forever.
         self.buckets: dict[tuple[int, int], Bucket] = {}
+        # Preallocated output for batches split across length buckets (_encode_by_length).
+        self._result = np.zeros((max_batch, dim), dtype=np.float32)
         self._lock = threading.Lock()
 
     @abstractmethod
@@ -159,12 +161,27 @@ class InferenceEngine(ABC):
             return np.empty((0, self.dim), dtype=np.float32)
         with self._lock:
             if len(windows) <= self.max_batch:
-                return self._encode_chunk(windows)
+                return self._encode_by_length(windows)
             result = np.empty((len(windows), self.dim), dtype=np.float32)
             for start in range(0, len(windows), self.max_batch):
                 chunk = windows[start : start + self.max_batch]
-                result[start : start + len(chunk)] = self._encode_chunk(chunk)
+                result[start : start + len(chunk)] = self._encode_by_length(chunk)
             return result
+
+    def _encode_by_length(self, windows: list[IdArray]) -> FloatArray:
+        """One run per length bucket present. Cost grows with batch x length, and real
+        histories are mostly short with a long tail: one long sequence would otherwise make
+        the whole batch pay for max_length (e.g. 15 x 8 + 1 x 50 instead of 16 x 50)."""
+        groups: dict[int, list[int]] = {}
+        for row, window in enumerate(windows):
+            length = self.lengths[bisect.bisect_left(self.lengths, window.size)]
+            groups.setdefault(length, []).append(row)
+        if len(groups) == 1:
+            return self._encode_chunk(windows)
+        result = self._result[: len(windows)]
+        for rows in groups.values():
+            result[rows] = self._encode_chunk([windows[row] for row in rows])
+        return result
 
     def warmup(self) -> None:
         """Creates and runs every bucket once, so first requests pay no allocation or

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 RawId = str | int
 MAX_SEQUENCE = 1000  # longest sequence a request may send (the model keeps its last max_length)
 MAX_EVENTS = 1000  # events per POST /v1/events
+MAX_K = 1000  # largest k a request may ask for
 
 
 class _Strict(BaseModel):
@@ -41,7 +42,7 @@ class SequenceRequest(_Strict):
     """An anonymous user's recent items, oldest first."""
 
     items: list[RawId] = Field(max_length=MAX_SEQUENCE)
-    k: int = Field(10, ge=1, le=1000)
+    k: int = Field(10, ge=1, le=MAX_K)
     exclude_seen: bool = True
 
 
