@@ -316,8 +316,42 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def table(path: Path) -> str:
+    """Markdown table of a serve.json (what the README shows), medians of the runs."""
+    data = json.loads(path.read_text())
+    lines = [
+        f"From `{path.relative_to(REPO)}` (commit {data['commit'][:12]}, {data['date']}; "
+        f"wrk {data['config']['connections']} connections, {data['config']['runs']} runs of "
+        f"{data['config']['duration_s']} s, median run shown).",
+        "",
+        "| catalogue | index | variant | req/s | p50 ms | p99 ms | p99.9 ms | errors "
+        "| cache hits | of /healthz |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for catalogue, out in data["results"].items():
+        model = out.get("model", {})
+        index = f"{model.get('index')} ({model.get('num_items', 0):,} items)"
+        health = out.get("healthz", {}).get("median")
+        if health:
+            lines.append(
+                f"| {catalogue} | | /healthz (ceiling) | {health['requests_per_s']:,.0f} "
+                f"| {health['p50_ms']:.2f} | {health['p99_ms']:.2f} | {health['p999_ms']:.2f} "
+                f"| {health['errors']} | | |"
+            )
+        for variant, value in out["variants"].items():
+            m = value["median"]
+            hits = "" if m.get("cache_hit_ratio") is None else f"{m['cache_hit_ratio']:.2f}"
+            lines.append(
+                f"| {catalogue} | {index} | {variant} | {m['requests_per_s']:,.0f} "
+                f"| {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['p999_ms']:.2f} | {m['errors']} "
+                f"| {hits} | {m.get('fraction_of_healthz', '')} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", action="store_true", help="print the table of serve.json")
     parser.add_argument("--only", nargs="*", choices=sorted(CATALOGUES), default=sorted(CATALOGUES))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
@@ -325,6 +359,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18080)
     parser.add_argument("--retrain", action="store_true", help="rebuild the models from scratch")
     args = parser.parse_args()
+    if args.table:
+        print(table(RESULTS / "serve.json"))
+        return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: run `make system-deps`")
     started = time.perf_counter()

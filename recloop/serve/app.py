@@ -472,6 +472,10 @@ class FastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
+            if scope["path"] == "/healthz":  # liveness: the HTTP stack's own ceiling
+                await _send_json(send, 200, _HEALTHY)
+                self.service.metrics.observe_request("/healthz", 200, 0.0)
+                return
             match = _USER_RECS.match(scope["path"])
             arguments = _fast_arguments(scope["query_string"]) if match else None
             if match and arguments is not None and self.service.holder.current is not None:
@@ -490,14 +494,21 @@ class FastPath:
         except Exception:  # logged, answered 500; the process keeps serving
             log.exception("GET %s failed", _USER_RECS_ROUTE)
             status, body = 500, b'{"detail":"internal error"}'
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        if status == 503:
-            headers.append((b"retry-after", b"1"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, status, body)
         self.service.metrics.observe_request(
             _USER_RECS_ROUTE, status, time.perf_counter() - started
         )
+
+
+_HEALTHY = b'{"status":"ok"}'
+
+
+async def _send_json(send: Send, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _fast_arguments(query_string: bytes) -> tuple[int, bool] | None:
@@ -572,18 +583,7 @@ class _TooLarge(Exception):
 
 
 async def _plain(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await _send_json(send, status, _dumps({"detail": detail}))
 
 
 class RequestMetrics:

@@ -92,6 +92,10 @@ class UserHistory:
         user = self.user_index(user_id)
         if user is None:
             return np.zeros(0, dtype=np.int64)
+        return self.user_items(user)
+
+    def user_items(self, user: int) -> npt.NDArray[np.int64]:
+        """The training sequence of dense user `user`, in model ids."""
         rows = self._items[self._offsets[user] : self._offsets[user + 1]]
         mapped = self._to_model[rows]
         return mapped[mapped > 0]

@@ -42,7 +42,9 @@ KINDS = ("exact", "exact-int8", "ivf")
 KIND_OPTIONS: dict[str, frozenset[str]] = {
     "exact": frozenset({"block_rows"}),
     "exact-int8": frozenset({"block_rows", "rerank"}),
-    "ivf": frozenset({"nlist", "nprobe", "min_recall", "threads", "train_threads", "seed"}),
+    "ivf": frozenset(
+        {"nlist", "nprobe", "min_recall", "tune_queries", "threads", "train_threads", "seed"}
+    ),
 }
 # Exact search scores at most this many floats at once (16 MiB): bounded memory for any batch.
 SCORE_BUDGET = 1 << 22
@@ -529,8 +531,9 @@ def _positive_int(name: str, value: Any, upper: int | None = None) -> int:
 class IVFIndex(ItemIndex):
     """faiss ``IndexIVFFlat`` (inner product) over items 1..N; approximate, tunable recall.
 
-    ``min_recall`` tunes ``nprobe`` at build time: perturbed table rows serve as queries, their
-    exact top-10 as truth, and nprobe doubles until recall@10 >= min_recall (or nprobe == nlist).
+    ``min_recall`` tunes ``nprobe`` at build time: ``tune_queries`` (real user vectors; perturbed
+    table rows when absent) with their exact top-10 as truth, and nprobe doubles until
+    recall@10 >= min_recall (or nprobe == nlist).
     ``recall`` and ``nprobe`` record the outcome. faiss uses ``threads`` OpenMP threads for
     searches (default 1: serving shares its cores) and ``train_threads`` for k-means and adding
     the items at build time (default: all cores from PARALLEL_BUILD_ITEMS items, else
@@ -549,6 +552,7 @@ class IVFIndex(ItemIndex):
         nlist: int | None = None,
         nprobe: int | None = None,
         min_recall: float | None = None,
+        tune_queries: npt.ArrayLike | None = None,
         threads: int = 1,
         train_threads: int | None = None,
         seed: int = 0,

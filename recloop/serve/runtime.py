@@ -124,6 +124,8 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
     index_options: dict[str, Any] = {}
     if options.index == "ivf":
         index_options["min_recall"] = options.min_recall
+        if not options.remote_shards:  # remote shards take JSON options only
+            index_options["tune_queries"] = _sample_queries(engine, history, num_items)
     index = build_index(
         table,
         kind=options.index,
@@ -135,6 +137,9 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
     recall = getattr(index, "recall", None)
     if recall is not None:
         details["index_recall_at_10"] = round(float(recall), 4)
+    nprobe = getattr(index, "nprobe", None)
+    if nprobe is not None:
+        details["index_nprobe"] = int(nprobe)
     popular = _popular_items(registry, version, manifest, history, num_items)
     return ModelBundle(
         version=version,
@@ -147,6 +152,28 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
         max_length=int(model.config.max_length),
         load_seconds=time.perf_counter() - started,
         details=details,
+    )
+
+
+def _sample_queries(
+    engine: InferenceEngine, history: UserHistory | None, num_items: int, count: int = 256
+) -> npt.NDArray[np.float32]:
+    """Query vectors like the ones serving will see, to tune an ANN index's recall: encoded
+    histories of random known users, or random item sequences when there is no history."""
+    rng = np.random.default_rng(0)
+    sequences: list[npt.NDArray[np.int64]] = []
+    if history is not None and history.dataset.num_users:
+        for user in rng.choice(history.dataset.num_users, size=count * 2).tolist():
+            items = history.user_items(user)
+            if len(items):
+                sequences.append(items)
+            if len(sequences) == count:
+                break
+    while len(sequences) < count:
+        length = int(rng.integers(1, engine.max_length + 1))
+        sequences.append(rng.integers(1, num_items + 1, size=length, dtype=np.int64))
+    return np.concatenate(
+        [engine.encode(sequences[i : i + 64]).copy() for i in range(0, count, 64)]
     )
 
 
