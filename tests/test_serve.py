@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from recloop.registry import Registry
 from recloop.serve.app import ServiceConfig, _fast_arguments
 from recloop.serve.runtime import LoadOptions
 from recloop.serve.schemas import Recommendations
+from tests.redis_server import running_redis
 from tests.serving import make_dataset, running_service, train_version
 
 API_KEY = "test-key"
@@ -326,3 +328,31 @@ def test_fast_path_and_fastapi_answer_alike(trained: dict[str, Any], client: htt
     )
     metrics = client.get("/metrics").text
     assert 'route="/v1/users/{user_id}/recommendations",status="200"' in metrics
+
+
+# ---------------------------------------------------------------------------- Redis backend
+
+
+def test_redis_backend_shares_state_and_survives_an_outage(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    user, _, _ = known_user(trained)
+    with running_redis(tmp_path / "redis") as redis_server:
+        config = config_for(trained, state_url=redis_server.url)
+        with running_service(config) as first, running_service(config) as second:
+            # An event posted to one replica changes what the other one recommends.
+            before = httpx.get(f"{second}/v1/users/{user}/recommendations", params={"k": 5})
+            top = before.json()["items"][0]["item_id"]
+            event = {"events": [{"user_id": user, "item_id": top}]}
+            posted = httpx.post(f"{first}/v1/events", json=event, headers={"X-API-Key": API_KEY})
+            assert posted.status_code == 200
+            after = httpx.get(f"{second}/v1/users/{user}/recommendations", params={"k": 5}).json()
+            assert after["cached"] is False
+            assert top not in [item["item_id"] for item in after["items"]]
+
+            redis_server.stop()  # Redis goes away mid-run: answers continue, state as last known
+            during = httpx.get(f"{second}/v1/users/{user}/recommendations", params={"k": 5})
+            assert during.status_code == 200
+            assert top not in [item["item_id"] for item in during.json()["items"]]
+            ready = httpx.get(f"{second}/readyz").json()
+            assert ready["ready"] is True and ready["state"]["connected"] is False

@@ -18,7 +18,7 @@ import logging
 import re
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
@@ -36,6 +36,14 @@ from recloop.errors import EngineParityError, RecloopError, RegistryError, Servi
 from recloop.registry import Registry
 from recloop.serve.batcher import MicroBatcher, Overloaded
 from recloop.serve.metrics import ServiceMetrics
+from recloop.serve.middleware import (
+    BodySizeLimit,
+    Receive,
+    RequestMetrics,
+    Scope,
+    Send,
+    send_json,
+)
 from recloop.serve.runtime import LoadOptions, ModelBundle, ModelHolder
 from recloop.serve.schemas import (
     MAX_K,
@@ -52,12 +60,6 @@ from recloop.serve.schemas import (
 from recloop.serve.state import StateStore, open_state_store
 
 log = logging.getLogger("recloop.serve")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 @dataclass
@@ -473,7 +475,7 @@ class FastPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
             if scope["path"] == "/healthz":  # liveness: the HTTP stack's own ceiling
-                await _send_json(send, 200, _HEALTHY)
+                await send_json(send, 200, _HEALTHY)
                 self.service.metrics.observe_request("/healthz", 200, 0.0)
                 return
             match = _USER_RECS.match(scope["path"])
@@ -494,21 +496,13 @@ class FastPath:
         except Exception:  # logged, answered 500; the process keeps serving
             log.exception("GET %s failed", _USER_RECS_ROUTE)
             status, body = 500, b'{"detail":"internal error"}'
-        await _send_json(send, status, body)
+        await send_json(send, status, body)
         self.service.metrics.observe_request(
             _USER_RECS_ROUTE, status, time.perf_counter() - started
         )
 
 
 _HEALTHY = b'{"status":"ok"}'
-
-
-async def _send_json(send: Send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    if status == 503:
-        headers.append((b"retry-after", b"1"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _fast_arguments(query_string: bytes) -> tuple[int, bool] | None:
@@ -531,86 +525,3 @@ def _fast_arguments(query_string: bytes) -> tuple[int, bool] | None:
                 return None
             exclude = parsed
     return k, exclude
-
-
-class BodySizeLimit:
-    """413 for bodies over the limit, by Content-Length or while streaming (chunked)."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.limit
-                except ValueError:
-                    await _plain(send, 400, "bad Content-Length header")
-                    return
-                if too_big:
-                    await _plain(send, 413, f"request body over {self.limit} bytes")
-                    return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge()
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _plain(send, 413, f"request body over {self.limit} bytes")
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _plain(send: Send, status: int, detail: str) -> None:
-    await _send_json(send, status, _dumps({"detail": detail}))
-
-
-class RequestMetrics:
-    """Latency histogram per route template and status (pure ASGI: cheap per request)."""
-
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            # The router stores the matched route in the (shared) scope: label by its template
-            # so /v1/users/{user_id}/... is one series, not one per user.
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(path, status, time.perf_counter() - started)
