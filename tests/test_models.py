@@ -131,6 +131,20 @@ def test_left_padding_invariance(make_model: MakeModel) -> None:
         )
 
 
+@pytest.mark.parametrize("with_time", [False, True])
+def test_encode_is_the_last_position_of_forward(make_model: MakeModel, with_time: bool) -> None:
+    # encode computes the last block for the most recent position only; it must equal the full
+    # forward pass there, with and without timestamps (HSTU's time bias).
+    model = make_model(num_blocks=3).eval()
+    ids, times = left_padded([20, 1, 7, 0, 13], 20, seed=3)
+    stamps = times if with_time else None
+    with torch.no_grad():
+        full = model(ids, stamps)[:, -1]
+        fast = model.encode(ids, stamps)
+    assert fast.shape == full.shape == (5, DIM)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+
+
 def test_input_longer_than_max_length_is_a_config_error(make_model: MakeModel) -> None:
     model = make_model()
     ids, _ = left_padded([21], 21)

@@ -153,9 +153,11 @@ class HSTUBlock(nn.Module):
         allowed: torch.Tensor,
         distance: torch.Tensor,
         time_buckets: torch.Tensor | None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """x [B, L, D]; allowed [B, 1, L, L] 0/1 float; distance [L, L] and time_buckets
-        [B, L, L] int64 bias indexes -> [B, L, D]."""
+        [B, L, L] int64 bias indexes -> [B, L, D]. With `last_only`, only the last position
+        queries (keys and values from all): -> [B, 1, D]."""
         batch, length, dim = x.shape
         heads, qk_dim, v_dim = self.num_heads, self.qk_dim, self.v_dim
         normed = F.layer_norm(x, (dim,), eps=self.eps)  # [B, L, D]
@@ -163,21 +165,27 @@ class HSTUBlock(nn.Module):
         u, v, q, k = torch.split(
             uvqk, [heads * v_dim, heads * v_dim, heads * qk_dim, heads * qk_dim], dim=-1
         )  # u, v: [B, L, H * Dv]; q, k: [B, L, H * Dqk]
-        q = q.view(batch, length, heads, qk_dim).transpose(1, 2)  # [B, H, L, Dqk]
+        residual = x
+        if last_only:
+            u, q, residual = u[:, -1:], q[:, -1:], x[:, -1:]
+            allowed, distance = allowed[:, :, -1:], distance[-1:]
+            time_buckets = time_buckets[:, -1:] if time_buckets is not None else None
+        queries = q.shape[1]
+        q = q.view(batch, queries, heads, qk_dim).transpose(1, 2)  # [B, H, Lq, Dqk]
         k = k.view(batch, length, heads, qk_dim).transpose(1, 2)  # [B, H, L, Dqk]
         v = v.view(batch, length, heads, v_dim).transpose(1, 2)  # [B, H, L, Dv]
 
-        bias = self.position_bias[distance]  # [L, L]
+        bias = self.position_bias[distance]  # [Lq, L]
         if time_buckets is not None and self.time_bias is not None:
-            bias = bias + self.time_bias[time_buckets]  # [B, L, L]
-        scores = q @ k.transpose(-1, -2) + bias.unsqueeze(-3)  # [B, H, L, L]
-        weights = F.silu(scores) * (allowed / self.max_length)  # [B, H, L, L], no softmax
+            bias = bias + self.time_bias[time_buckets]  # [B, Lq, L]
+        scores = q @ k.transpose(-1, -2) + bias.unsqueeze(-3)  # [B, H, Lq, L]
+        weights = F.silu(scores) * (allowed / self.max_length)  # [B, H, Lq, L], no softmax
         weights = F.dropout(weights, p=self.attention_dropout, training=self.training)
-        y = (weights @ v).transpose(1, 2).reshape(batch, length, heads * v_dim)  # [B, L, H*Dv]
-        y = u * F.layer_norm(y, (heads * v_dim,), eps=self.eps)  # [B, L, H * Dv]
+        y = (weights @ v).transpose(1, 2).reshape(batch, queries, heads * v_dim)  # [B, Lq, H*Dv]
+        y = u * F.layer_norm(y, (heads * v_dim,), eps=self.eps)  # [B, Lq, H * Dv]
         y = F.dropout(y, p=self.dropout, training=self.training)
-        out: torch.Tensor = self.output(y)  # [B, L, D]
-        return x + out
+        out: torch.Tensor = self.output(y)  # [B, Lq, D]
+        return residual + out
 
 
 class HSTU(SequentialEncoder):
@@ -210,6 +218,33 @@ class HSTU(SequentialEncoder):
     ) -> torch.Tensor:
         """[B, L] left-padded ids (and optional [B, L] timestamps) -> [B, L, D] causal hidden
         states: unit vectors (zero at padding) when `normalize_embeddings`."""
+        x, keep, allowed_weights, distance, time_buckets = self._embed(input_ids, timestamps)
+        for block in self.blocks:
+            x = block(x, allowed_weights, distance, time_buckets)  # [B, L, D]
+        return self._finish(x) * keep  # [B, L, D]
+
+    def encode(
+        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, L] -> [B, D], equal to forward(...)[:, -1]: the last block computes only the
+        most recent position (serving and evaluation need nothing else)."""
+        x, keep, allowed_weights, distance, time_buckets = self._embed(input_ids, timestamps)
+        for block in self.blocks[:-1]:
+            x = block(x, allowed_weights, distance, time_buckets)  # [B, L, D]
+        x = self.blocks[-1](x, allowed_weights, distance, time_buckets, last_only=True)
+        user: torch.Tensor = (self._finish(x) * keep[:, -1:])[:, 0]  # [B, D]
+        return user
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.normalize_embeddings:
+            return F.normalize(x, dim=-1, eps=self.config.layer_norm_eps)
+        return F.layer_norm(x, (self.config.dim,), eps=self.config.layer_norm_eps)
+
+    def _embed(
+        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(x [B, L, D], keep [B, L, 1], allowed weights [B, 1, L, L], distance [L, L],
+        time buckets [B, L, L] or None): the inputs of the blocks."""
         length = input_ids.shape[1]
         if length > self.config.max_length:
             raise ConfigError(
@@ -238,10 +273,4 @@ class HSTU(SequentialEncoder):
             else None
         )  # [B, L, L] or None
 
-        for block in self.blocks:
-            x = block(x, allowed_weights, distance, time_buckets)  # [B, L, D]
-        if self.config.normalize_embeddings:
-            x = F.normalize(x, dim=-1, eps=self.config.layer_norm_eps)
-        else:
-            x = F.layer_norm(x, (self.config.dim,), eps=self.config.layer_norm_eps)
-        return x * keep  # [B, L, D]
+        return x, keep, allowed_weights, distance, time_buckets

@@ -126,19 +126,25 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.dim, 3 * config.dim)
         self.proj = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D], allowed [B, 1, L, L] (True = query may attend to key) -> [B, L, D]."""
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """x [B, L, D], allowed [B, 1, L, L] (True = query may attend to key) -> [B, L, D];
+        with `last_only`, only the last position queries: -> [B, 1, D]."""
         batch, length, dim = x.shape
         head_dim = dim // self.num_heads
         q, k, v = self.qkv(x).split(dim, dim=-1)  # 3 x [B, L, D]
-        q = q.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
+        if last_only:
+            q, allowed = q[:, -1:], allowed[:, :, -1:]  # [B, 1, D], [B, 1, 1, L]
+        queries = q.shape[1]
+        q = q.view(batch, queries, self.num_heads, head_dim).transpose(1, 2)  # [B, H, Lq, Dh]
         k = k.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
         v = v.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )  # [B, H, L, Dh]
-        y = y.transpose(1, 2).reshape(batch, length, dim)  # [B, L, D]
-        out: torch.Tensor = self.proj(y)  # [B, L, D]
+        )  # [B, H, Lq, Dh]
+        y = y.transpose(1, 2).reshape(batch, queries, dim)  # [B, Lq, D]
+        out: torch.Tensor = self.proj(y)  # [B, Lq, D]
         return out
 
 
@@ -167,14 +173,19 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D] -> [B, L, D]."""
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """x [B, L, D] -> [B, L, D]; with `last_only`, the last position only: [B, 1, D]."""
+        residual = x[:, -1:] if last_only else x
         out: torch.Tensor
         if self.pre_norm:
-            out = x + self.dropout(self.attention(self.attention_norm(x), allowed))
+            attended = self.attention(self.attention_norm(x), allowed, last_only)
+            out = residual + self.dropout(attended)
             out = out + self.dropout(self.ffn(self.ffn_norm(out)))
         else:
-            out = self.attention_norm(x + self.dropout(self.attention(x, allowed)))
+            attended = self.attention(x, allowed, last_only)
+            out = self.attention_norm(residual + self.dropout(attended))
             out = self.ffn_norm(out + self.dropout(self.ffn(out)))
         return out
 
@@ -217,6 +228,31 @@ class SASRec(SequentialEncoder):
         `timestamps` is accepted for interface compatibility and ignored: SASRec sees order only.
         """
         del timestamps
+        x, allowed, keep = self._embed(input_ids)
+        for block in self.blocks:
+            x = block(x, allowed)  # [B, L, D]
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x * keep  # [B, L, D]
+
+    def encode(
+        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, L] -> [B, D], equal to forward(...)[:, -1]: the last block computes only the
+        most recent position (keys and values still come from every position), which saves
+        its attention, projection and FFN for L - 1 positions (serving and evaluation)."""
+        del timestamps
+        x, allowed, keep = self._embed(input_ids)
+        for block in self.blocks[:-1]:
+            x = block(x, allowed)  # [B, L, D]
+        x = self.blocks[-1](x, allowed, last_only=True)  # [B, 1, D]
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        user: torch.Tensor = (x * keep[:, -1:])[:, 0]  # [B, D]
+        return user
+
+    def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x [B, L, D] input embeddings, allowed [B, 1, L, L] attention mask, keep [B, L, 1])."""
         length = input_ids.shape[1]
         if length > self.config.max_length:
             raise ConfigError(
@@ -238,9 +274,4 @@ class SASRec(SequentialEncoder):
         causal = index.unsqueeze(1) >= index.unsqueeze(0)  # [L, L]
         itself = torch.eye(length, dtype=torch.bool, device=device)  # [L, L]
         allowed = causal & (valid[:, None, None, :] | itself)  # [B, 1, L, L], all heads
-
-        for block in self.blocks:
-            x = block(x, allowed)  # [B, L, D]
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return x * keep  # [B, L, D]
+        return x, allowed, keep

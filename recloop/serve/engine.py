@@ -30,10 +30,12 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import inspect
 import itertools
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import warnings
@@ -334,7 +336,8 @@ def export_onnx(model: SequentialEncoder, path: Path) -> Path:
 
 
 def model_fingerprint(model: SequentialEncoder) -> str:
-    """sha256 of the weights, the model config, the torch version and the export recipe."""
+    """sha256 of the weights, the model config, the model's source code, the torch version and
+    the export recipe: a cached export is reused only for exactly the same computation."""
     digest = hashlib.sha256()
     config = model.config
     is_instance = dataclasses.is_dataclass(config) and not isinstance(config, type)
@@ -344,6 +347,10 @@ def model_fingerprint(model: SequentialEncoder) -> str:
         "config": described,
         "torch": torch.__version__,
         "recipe": EXPORT_RECIPE,
+        # The graph is traced from the code: a changed forward/encode must not reuse a file.
+        "source": hashlib.sha256(
+            inspect.getsource(sys.modules[type(model).__module__]).encode()
+        ).hexdigest(),
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
