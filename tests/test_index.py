@@ -15,13 +15,12 @@ from recloop.errors import ServingError
 from recloop.serve.index import (
     ExactIndex,
     ItemIndex,
-    IVFIndex,
     ShardedIndex,
     build_index,
     measure_recall,
-    probe_queries,
     split_table,
 )
+from recloop.serve.index_ivf import IVFIndex, probe_queries
 from recloop.serve.index_remote import (
     RemoteShard,
     decode,
@@ -208,6 +207,18 @@ def test_ivf_meets_min_recall_and_tunes_nprobe(table: Table) -> None:
     assert strict.nprobe > loose.nprobe and strict.nprobe <= strict.nlist
     assert 1 < strict.nlist <= NUM_ITEMS // 39
     assert IVFIndex(table).recall is None  # measured only when asked for
+
+
+def test_ivf_tunes_recall_on_the_queries_it_is_given(table: Table) -> None:
+    # Serving passes encoded user histories: the recall promised is measured on them.
+    rng = np.random.default_rng(5)
+    hard = rng.standard_normal((64, DIM)).astype(np.float32)  # unlike any cluster centre
+    index = IVFIndex(table, min_recall=0.9, tune_queries=hard)
+    exact = ExactIndex(table)
+    assert index.recall is not None and index.recall >= 0.9
+    assert index.measure_recall(exact, hard) == pytest.approx(index.recall)
+    easy = IVFIndex(table, min_recall=0.9)  # perturbed rows: easier, fewer lists suffice
+    assert easy.nprobe <= index.nprobe
 
 
 def test_ivf_tiny_table_is_one_list_and_exact() -> None:
