@@ -98,3 +98,19 @@ def test_demo_runs_the_loop(tmp_path: Path) -> None:
     assert "published v000001" in done.stdout
     assert SequenceDataset(tmp_path / "demo" / "data").num_users == 400
     assert (tmp_path / "demo" / "registry" / "versions" / "v000001" / "manifest.json").is_file()
+
+
+def test_serve_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
+    cases = [
+        (["--registry", str(tmp_path / "nowhere")], "not a model registry"),
+        (["--registry", str(tmp_path)], "has no versions yet"),
+        (["--registry", str(tmp_path), "--version", "v000007"], "unknown version v000007"),
+        (["--registry", str(tmp_path), "--engine", "tensorrt"], "--engine must be"),
+        (["--registry", str(tmp_path), "--index", "hnsw"], "--index must be"),
+        (["--registry", str(tmp_path), "--port", "70000"], "--port must be"),
+    ]
+    (tmp_path / "versions").mkdir()
+    for args, message in cases:
+        done = run("serve", *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr and "Traceback" not in done.stderr

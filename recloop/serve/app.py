@@ -95,6 +95,7 @@ class Service:
         self.config = config
         self.registry = Registry(config.registry, create=False)
         ref = default_ref(self.registry) if config.ref == "auto" else config.ref
+        self.registry.resolve(ref)  # fail before binding a port: no such version, no versions
         self.holder = ModelHolder(self.registry, config.load, ref)
         self.metrics = ServiceMetrics()
         max_batch, max_wait = config.batching()

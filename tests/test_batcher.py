@@ -1,0 +1,135 @@
+"""The micro-batcher: batches form under load, results go to the right request, bundles are
+never mixed in one batch, and a full queue refuses work instead of growing latency."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from recloop.errors import ServingError
+from recloop.serve.batcher import MicroBatcher, Overloaded
+from recloop.serve.runtime import ModelBundle
+
+
+class FakeEngine:
+    """Query vector = [last item, bundle tag]: lets a test see which bundle computed what."""
+
+    def __init__(self, tag: float, gate: threading.Event | None = None) -> None:
+        self.tag = tag
+        self.gate = gate
+        self.batches: list[int] = []
+
+    def encode(self, sequences: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
+        if self.gate is not None:
+            self.gate.wait(timeout=10)
+        self.batches.append(len(sequences))
+        return np.array([[float(s[-1]), self.tag] for s in sequences], dtype=np.float32)
+
+
+class FakeIndex:
+    """Top-k = the query's first component repeated k times, scores = the tag."""
+
+    def search(
+        self, queries: npt.NDArray[np.float32], k: int, exclude: Any
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        ids = np.repeat(queries[:, :1].astype(np.int64), k, axis=1)
+        scores = np.repeat(queries[:, 1:2], k, axis=1)
+        return ids, scores
+
+
+def bundle(engine: FakeEngine) -> ModelBundle:
+    fake: Any = type("FakeBundle", (), {"engine": engine, "index": FakeIndex()})()
+    return cast(ModelBundle, fake)
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
+    async def scenario() -> tuple[list[Any], list[int]]:
+        gate = threading.Event()
+        engine = FakeEngine(tag=1.0, gate=gate)
+        target = bundle(engine)
+        batcher = MicroBatcher(max_batch=8, max_wait=0.0)
+        batcher.start()
+        calls = [
+            batcher.submit(target, np.array([5, item], dtype=np.int64), 3, None)
+            for item in range(1, 21)
+        ]
+        tasks = [asyncio.ensure_future(call) for call in calls]
+        await asyncio.sleep(0.05)  # all 20 are queued while the first batch waits on the gate
+        gate.set()
+        results = await asyncio.gather(*tasks)
+        await batcher.stop()
+        return results, engine.batches
+
+    results, batches = run(scenario())
+    for item, (ids, scores) in enumerate(results, start=1):
+        assert ids.tolist() == [item] * 3 and scores.tolist() == [1.0] * 3
+    assert sum(batches) == 20 and max(batches) == 8 and len(batches) <= 4
+
+
+def test_a_batch_never_mixes_bundles() -> None:
+    async def scenario() -> list[Any]:
+        gate = threading.Event()
+        old, new = FakeEngine(tag=1.0, gate=gate), FakeEngine(tag=2.0)
+        batcher = MicroBatcher(max_batch=16, max_wait=0.0)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(bundle(old), np.array([1]), 1, None))
+        await asyncio.sleep(0.02)  # the worker holds `first`; the rest queue together
+        rest = [
+            asyncio.ensure_future(
+                batcher.submit(bundle(old if i % 2 else new), np.array([i]), 1, None)
+            )
+            for i in range(2, 8)
+        ]
+        gate.set()
+        results = await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return results
+
+    results = run(scenario())
+    tags = [float(scores[0]) for _, scores in results]
+    assert tags == [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0]  # each answered by its own bundle
+
+
+def test_a_full_queue_refuses_with_overloaded() -> None:
+    async def scenario() -> tuple[int, int]:
+        gate = threading.Event()
+        target = bundle(FakeEngine(tag=1.0, gate=gate))
+        batcher = MicroBatcher(max_batch=1, max_wait=0.0, max_queue=3)
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit(target, np.array([1]), 1, None))
+        await asyncio.sleep(0.02)  # the worker is now blocked on the gate with `busy`
+        waiting = [
+            asyncio.ensure_future(batcher.submit(target, np.array([2]), 1, None)) for _ in range(3)
+        ]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="queue is full"):
+            await batcher.submit(target, np.array([3]), 1, None)
+        gate.set()
+        done = await asyncio.gather(busy, *waiting)
+        await batcher.stop()
+        return len(done), batcher.depth
+
+    answered, depth = run(scenario())
+    assert answered == 4 and depth == 0  # the queued ones were all answered afterwards
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_batch": 0}, "max_batch must be >= 1"),
+        ({"max_wait": -1.0}, "max_wait must be >= 0"),
+        ({"max_queue": 0}, "max_queue must be >= 1"),
+    ],
+)
+def test_bad_batcher_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ServingError, match=message):
+        MicroBatcher(**options)
