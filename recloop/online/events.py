@@ -433,14 +433,15 @@ def _committed(conn: sqlite3.Connection, consumer: str) -> int:
     return 0 if row is None else int(row[0])
 
 
-def check_commit(consumer: str, offset: int, *, current: int, last: int) -> None:
-    """Refuse a commit that moves ``consumer`` backwards or past the end (``last``) of the log."""
-    if offset < current:
+def check_commit(consumer: str, offset: int, *, current: int | None, last: int | None) -> None:
+    """Refuse a commit that moves ``consumer`` back from ``current`` or past ``last``, the end
+    of the log (None: that side is not checked here)."""
+    if current is not None and offset < current:
         raise EventLogError(
             f"consumer {consumer!r}: cannot commit offset {offset}, behind its committed offset "
             f"{current}; committed offsets only move forward"
         )
-    if offset > last:
+    if last is not None and offset > last:
         raise EventLogError(
             f"consumer {consumer!r}: cannot commit offset {offset}, past the last offset "
             f"{last} of the log"
