@@ -376,6 +376,10 @@ def serve_command(
         Path | None, typer.Option(help="Keep exported ONNX files here between starts.")
     ] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
+    event_log: Annotated[
+        str | None,
+        typer.Option(help="Durable log of POST /v1/events: a path (SQLite) or redis://..."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve recommendations over HTTP (API key for writes: env RECLOOP_API_KEY)."""
@@ -425,9 +429,43 @@ def serve_command(
         api_key=os.environ.get("RECLOOP_API_KEY") or None,
         max_body_bytes=max_body_bytes,
         follow_seconds=follow,
+        event_log=event_log,
     )
     stderr.print(f"recloop serve: http://{host}:{port} (API docs at /docs)")
     run_server(config, host=host, port=port, log_level=log_level)
+
+
+@app.command("ingest")
+def ingest_command(
+    file: Annotated[Path, typer.Argument(help="Events: JSON lines or CSV with a header.")],
+    event_log: Annotated[
+        str, typer.Option(help="The event log: a path (SQLite) or redis://...")
+    ] = "events.sqlite",
+    batch_size: Annotated[int, typer.Option(help="Events per durable append.")] = 10_000,
+) -> None:
+    """Append a file of events (user_id, item_id[, timestamp, event_type, value]) to the log."""
+    from recloop.online.events import open_event_log, read_events_file
+
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such events file")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    appended, first, last = 0, None, None
+    with open_event_log(event_log) as log:
+        # Batch by batch: a bad line stops the run with file:line, and the batches before it
+        # stay appended (their ids were printed as they were made durable).
+        for batch in read_events_file(file, batch_size=batch_size):
+            ids = log.append(batch)
+            appended += len(ids)
+            first = first or ids[0]
+            last = ids[-1]
+            stderr.print(f"appended {appended:,} events (last id {last})", highlight=False)
+        total = log.count()
+    stdout.print(
+        f"{appended:,} events from {file} appended to {event_log} (ids {first}..{last}); "
+        f"the log holds {total:,}",
+        highlight=False,
+    )
 
 
 models_app = typer.Typer(help="List, inspect, promote and roll back model versions.")

@@ -114,3 +114,19 @@ def test_serve_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
         done = run("serve", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ingest_appends_a_file_and_names_a_bad_line(tmp_path: Path) -> None:
+    good = tmp_path / "events.jsonl"
+    good.write_text(
+        '{"user_id": "a", "item_id": "1", "timestamp": 1700000000}\n'
+        '{"user_id": "b", "item_id": "2"}\n'
+    )
+    log = tmp_path / "events.sqlite"
+    done = run("ingest", str(good), "--event-log", str(log))
+    assert done.returncode == 0, done.stderr
+    assert "2 events" in done.stdout and "the log holds 2" in done.stdout
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id\nc,3\nd\n")
+    done = run("ingest", str(bad), "--event-log", str(log))
+    assert done.returncode == 2 and "bad.csv:3" in done.stderr

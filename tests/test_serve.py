@@ -356,3 +356,29 @@ def test_redis_backend_shares_state_and_survives_an_outage(
             assert top not in [item["item_id"] for item in during.json()["items"]]
             ready = httpx.get(f"{second}/readyz").json()
             assert ready["ready"] is True and ready["state"]["connected"] is False
+
+
+def test_events_are_durable_in_the_event_log_before_they_are_acknowledged(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    from recloop.online.events import open_event_log
+
+    path = tmp_path / "events.sqlite"
+    headers = {"X-API-Key": API_KEY}
+    with running_service(config_for(trained, event_log=str(path))) as url:
+        events = [
+            {"user_id": "u1", "item_id": "3", "timestamp": 1_700_000_000.5},
+            {"user_id": 7, "item_id": 4, "event_type": "purchase", "value": 2.0},
+        ]
+        body = httpx.post(f"{url}/v1/events", json={"events": events}, headers=headers).json()
+        assert body["accepted"] == 2 and body["event_ids"] == ["1", "2"]
+        bad = [{"user_id": "", "item_id": "3"}]  # an empty id: refused, nothing stored
+        refused = httpx.post(f"{url}/v1/events", json={"events": bad}, headers=headers)
+        assert refused.status_code == 422 and "user_id" in refused.json()["detail"]
+    with open_event_log(path) as log:
+        logged = log.read(after=0, limit=10)
+    assert [(e.event.user_id, e.event.item_id, e.event.event_type) for e in logged] == [
+        ("u1", "3", "interaction"),
+        ("7", "4", "purchase"),
+    ]
+    assert logged[0].event.timestamp == 1_700_000_000.5 and logged[1].event.value == 2.0

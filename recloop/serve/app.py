@@ -19,11 +19,12 @@ import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -59,6 +60,9 @@ from recloop.serve.schemas import (
 )
 from recloop.serve.state import StateStore, open_state_store
 
+if TYPE_CHECKING:
+    from recloop.online.events import EventLog
+
 log = logging.getLogger("recloop.serve")
 
 
@@ -70,6 +74,7 @@ class ServiceConfig:
     state_url: str | None = None  # None: in-process; "redis://..." for Redis
     state_snapshot: Path | None = None
     state_max_length: int = 200  # recent events kept per user (models read their last L)
+    event_log: str | None = None  # durable log of POST /v1/events: a path, sqlite:// or redis://
     cache: bool = True
     cache_ttl: float = 60.0
     max_batch: int = 32
@@ -111,6 +116,12 @@ class Service:
             cache_ttl=config.cache_ttl,
             snapshot_path=config.state_snapshot,
         )
+        self.event_log: EventLog | None = None
+        if config.event_log is not None:
+            from recloop.online.events import open_event_log
+
+            self.event_log = open_event_log(config.event_log)
+        self._log_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recloop-log")
         self._background: set[asyncio.Task[Any]] = set()
         self._follow_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
@@ -133,6 +144,9 @@ class Service:
             task.cancel()
         await self.batcher.stop()
         await self.state.close()
+        self._log_executor.shutdown(wait=True)
+        if self.event_log is not None:
+            self.event_log.close()
         if self.holder.current is not None:
             self.holder.current.close()
 
@@ -175,6 +189,39 @@ class Service:
                 await self.reload(target)
             except RecloopError as exc:  # keep serving the old version; say why once per try
                 log.error("follow: not swapping to %s: %s", target, exc)
+
+    async def log_events(self, batch: EventBatch) -> list[str]:
+        """Validates the batch (422) and appends it to the durable event log, if the service
+        has one (503 when the log fails: nothing stored); returns the event ids."""
+        from recloop.online.events import Event, EventLogError, validate_events
+
+        now = time.time()
+        events = [
+            Event(
+                user_id=str(e.user_id),
+                item_id=str(e.item_id),
+                timestamp=e.timestamp if e.timestamp is not None else now,
+                event_type=e.event_type,
+                value=e.value,
+            )
+            for e in batch.events
+        ]
+        try:
+            validate_events(events)  # the client's problem (empty id, non-finite value): 422
+        except EventLogError as exc:
+            raise HTTPException(422, str(exc)) from None
+        event_log = self.event_log
+        if event_log is None:
+            return []
+        try:
+            # SQLite fsyncs on commit: off the event loop, on one writer thread.
+            return await asyncio.get_running_loop().run_in_executor(
+                self._log_executor, event_log.append, events
+            )
+        except EventLogError as exc:
+            log.error("event log append failed: %s", exc)
+            detail = f"event log unavailable, nothing was stored: {exc}"
+            raise HTTPException(503, detail, {"Retry-After": "1"}) from None
 
     def spawn(self, coroutine: Awaitable[Any]) -> None:
         """Fire-and-forget work (cache writes) that must not delay the response."""
@@ -410,12 +457,16 @@ def create_app(config: ServiceConfig) -> FastPath:
         require_key(x_api_key)
         bundle = service.bundle
         pairs = [(str(event.user_id), str(event.item_id)) for event in batch.events]
+        # Durable first (the online learner reads the log), then the user state: an
+        # acknowledged event is never lost, and a failed append changes nothing.
+        event_ids = await service.log_events(batch)
         await service.state.append_events(pairs)
         service.metrics.events.inc(len(pairs))
         _, unknown = bundle.catalog.to_dense([item for _, item in pairs])
         return EventsAccepted(
             accepted=len(pairs),
             users=len({user for user, _ in pairs}),
+            event_ids=event_ids,
             unknown_items=sorted(set(unknown)),
         )
 

@@ -67,6 +67,10 @@ class EventBatch(_Strict):
 class EventsAccepted(BaseModel):
     accepted: int
     users: int
+    event_ids: list[str] = Field(
+        default_factory=list,
+        description="ids in the durable event log, in order (empty when the service has none)",
+    )
     unknown_items: list[str] = Field(
         description="items not in the served model's vocabulary (stored; new-item candidates)"
     )
