@@ -23,30 +23,36 @@ Manifest (``manifest.json``, strict JSON)::
     format_version  1
     id              "v000007" (always equal to the directory name)
     created_at      ISO 8601, UTC
-    kind            "full" (implemented) | "delta" (planned, see below)
-    method          how it was made: "train", "int8", "distill", "online", ...
-    parent          version id it was derived from, or null
+    kind            "full" | "delta" (see below)
+    method          how it was made: "train", "int8", "distill", "online", "compact", ...
+    parent          version id it was derived from, or null (always set for a delta)
     model           {"type": str, "config": {...}, ...}  as given by the publisher
     dataset         {"path", "manifest_sha256", "counts"} (see dataset_reference) or null
     vocabulary      {"file": "items.parquet", "items": int | null} or null
     metrics         {name: number | ...}
     training        free dict: step, wall time, command line, ...
-    tensors         {name: {"dtype": "float32", "shape": [..]}}  contents of weights.safetensors
+    tensors         {name: {"dtype": "float32", "shape": [..]}}  the version's FULL tensors (for a
+                    delta: after applying it, so readers know final shapes without applying)
     files           {name: {"bytes": int, "sha256": hex}} for every file except manifest.json
     recloop_version the package version that wrote it
 
-Planned delta versions (not implemented; ``publish`` only writes ``kind="full"``):
-``kind="delta"`` with ``parent`` required, plus
+Delta versions (``publish_delta``): ``kind="delta"``, ``parent`` required, plus::
 
     base            id of the full version at the root of the delta chain
     chain_depth     number of deltas between ``base`` and this version (1 = direct child)
     delta           {tensor name: {"mode": "replace"} | {"mode": "rows", "rows": "<name>.rows",
-                     "num_rows": int}}; weights.safetensors then holds only the changed tensors,
-                     and for "rows" the new rows plus an int64 tensor ``<name>.rows`` of indices
+                     "num_rows": int, "shape": [final shape]}}; weights.safetensors then holds
+                    only the changed tensors, and for "rows" the new rows plus an int64 tensor
+                    ``<name>.rows`` of their indices (rows past the parent's row count grow the
+                    tensor, contiguously)
     removed         [tensor names dropped relative to the parent]
 
-``load_tensors`` on a delta will load ``base`` and apply each delta in order, verifying every
-version in the chain.
+A delta inherits the parent's ``model`` (unless given), ``dataset`` and vocabulary; the inherited
+vocabulary file is hard-linked into the delta's directory (copied where links are impossible), so
+every version still lists and checksums every file it uses and versions stay self-contained.
+``load_tensors`` on a delta loads ``base`` and applies each delta in order, verifying every version
+in the chain; ``compact`` turns a chain back into one full version. Versions are never deleted
+(``gc`` only removes ``.tmp-*`` leftovers), so a chain's versions are always there.
 
 JSON policy: manifests are strict JSON. NaN and +-inf are *rejected* at publish time with a
 :class:`RegistryError` naming the field (e.g. ``metrics.loss``) rather than silently stored as
@@ -68,7 +74,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,7 +83,8 @@ from typing import Any
 import numpy as np
 import torch
 from rich.table import Table
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from recloop import __version__
 from recloop.errors import RegistryError
@@ -86,6 +93,7 @@ __all__ = [
     "MANIFEST",
     "WEIGHTS",
     "Registry",
+    "RowUpdate",
     "VersionInfo",
     "dataset_reference",
     "format_versions_table",
@@ -108,6 +116,12 @@ _RESERVED_NAMES = frozenset({MANIFEST, WEIGHTS})
 # Each failed rename means another publisher just won a number; this many in a row is not a race.
 _MAX_ATTEMPTS = 1000
 _BLOCK = 1 << 20
+# A delta stores the indices of a "rows" update of tensor NAME as tensor NAME + ROWS_SUFFIX.
+ROWS_SUFFIX = ".rows"
+_COMPLEX = (torch.complex32, torch.complex64, torch.complex128)
+
+# (id, manifest) of the versions a version is built from, base first, the version itself last.
+_Chain = list[tuple[str, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,20 @@ class VersionInfo:
     model_type: str
     metrics: dict[str, Any]
     is_production: bool
+    chain_depth: int = 0  # deltas between this version and its base; 0 for a full version
+
+
+@dataclass(frozen=True)
+class RowUpdate:
+    """New contents for some rows of a tensor, for :meth:`Registry.publish_delta` ("rows").
+
+    `rows` (integer [N], unique, >= 0; stored as int64) index dim 0 of the tensor, `values`
+    [N, *trailing dims] (the tensor's dtype) are their new contents. Rows at or past the parent's
+    row count grow the tensor: they must then cover ``parent_rows .. max(rows)`` without holes.
+    """
+
+    rows: torch.Tensor
+    values: torch.Tensor
 
 
 class Registry:
@@ -154,49 +182,139 @@ class Registry:
         extra = dict(extra_files or {})
         # Validate everything cheap before touching the disk, so bad arguments leave no trace.
         _check_tensors(tensors)
-        for name in extra:
-            _check_file_name(name)
-        if vocabulary_file is not None and vocabulary_file not in extra:
-            raise RegistryError(
-                f"vocabulary_file {vocabulary_file!r} is not one of the extra files "
-                f"({', '.join(sorted(extra)) or 'none given'})"
-            )
-        if not isinstance(method, str) or not method:
-            raise RegistryError(f"method must be a non-empty string, got {method!r}")
-        model_json = _jsonable(dict(model), "model")
-        if not isinstance(model_json.get("type"), str) or not model_json["type"]:
-            raise RegistryError("model must have a non-empty string 'type' (e.g. 'sasrec')")
-        parent_id = self.resolve(parent) if parent is not None else None
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "id": None,  # set for each rename attempt, see _install
-            "created_at": _now(),
-            "kind": "full",
-            "method": method,
-            "parent": parent_id,
-            "model": model_json,
-            "dataset": _jsonable(dict(dataset), "dataset") if dataset is not None else None,
-            "vocabulary": None,
-            "metrics": _jsonable(dict(metrics or {}), "metrics"),
-            "training": _jsonable(dict(training or {}), "training"),
-            "tensors": {
-                name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-                for name, t in tensors.items()
-            },
-            "files": {},
-            "recloop_version": __version__,
-        }
+        _check_extra_files(extra, vocabulary_file)
+        _check_method(method)
+        manifest = _new_manifest(
+            kind="full",
+            method=method,
+            parent=self.resolve(parent) if parent is not None else None,
+            model=_model_json(model),
+            dataset=_jsonable(dict(dataset), "dataset") if dataset is not None else None,
+            metrics=_jsonable(dict(metrics or {}), "metrics"),
+            training=_jsonable(dict(training or {}), "training"),
+            tensors={name: _tensor_meta(t) for name, t in tensors.items()},
+        )
 
-        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.root))
-        try:
+        def fill(tmp: Path) -> dict[str, dict[str, Any]]:
             self._write_weights(tensors, tmp / WEIGHTS)
-            for name, source in extra.items():
-                _write_extra(name, source, tmp / name)
+            _write_extras(extra, tmp)
             if vocabulary_file is not None:
                 manifest["vocabulary"] = _vocabulary(tmp / vocabulary_file, manifest["dataset"])
+            return {}
+
+        return self._write_version(manifest, fill)
+
+    def publish_delta(
+        self,
+        parent: str,
+        changes: Mapping[str, torch.Tensor | RowUpdate],
+        *,
+        removed: Sequence[str] = (),
+        metrics: Mapping[str, Any] | None = None,
+        method: str = "online",
+        training: Mapping[str, Any] | None = None,
+        extra_files: Mapping[str, Path | bytes] | None = None,
+        vocabulary_file: str | None = None,
+        model: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Writes a delta version on top of `parent` (full or delta) and returns its id.
+
+        `changes` maps tensor names to a whole new tensor ("replace": same dtype as the parent's,
+        any shape; the only way to add a tensor) or a :class:`RowUpdate` ("rows"). `removed`
+        names parent tensors to drop. `model` defaults to the parent's: pass the updated config
+        when new items grow the item table. The vocabulary is the parent's (hard-linked) unless
+        `vocabulary_file` names one of `extra_files`; a new one may not have fewer items, since
+        the dense ids of existing items cannot change. Everything is validated against the
+        parent's manifest before anything is written: a bad delta leaves no trace.
+        """
+        extra = dict(extra_files or {})
+        _check_extra_files(extra, vocabulary_file)
+        _check_method(method)
+        parent_id = self.resolve(parent)
+        parent_manifest = self._read_manifest(parent_id)
+        base, depth = _chain_position(parent_id, parent_manifest)
+        plan = _plan_delta(parent_manifest.get("tensors") or {}, changes, removed)
+        inherited = parent_manifest.get("vocabulary") if vocabulary_file is None else None
+        if inherited is not None and inherited.get("file") in extra:
+            raise RegistryError(
+                f"extra file {inherited['file']!r} would shadow the vocabulary inherited from "
+                f"{parent_id}; pass vocabulary_file={inherited['file']!r} to replace it"
+            )
+        manifest = _new_manifest(
+            kind="delta",
+            method=method,
+            parent=parent_id,
+            lineage={"base": base, "chain_depth": depth},
+            model=_model_json(model if model is not None else parent_manifest["model"]),
+            dataset=parent_manifest.get("dataset"),
+            metrics=_jsonable(dict(metrics or {}), "metrics"),
+            training=_jsonable(dict(training or {}), "training"),
+            tensors=plan.tensors,
+        )
+        manifest["delta"] = plan.delta
+        manifest["removed"] = plan.removed
+
+        def fill(tmp: Path) -> dict[str, dict[str, Any]]:
+            self._write_weights(plan.stored, tmp / WEIGHTS)
+            _write_extras(extra, tmp)
+            if vocabulary_file is not None:
+                # No dataset-count check: online learning grows the vocabulary past the dataset.
+                manifest["vocabulary"] = _vocabulary(tmp / vocabulary_file, None)
+                _check_vocabulary_growth(manifest["vocabulary"], parent_manifest.get("vocabulary"))
+                return {}
+            if inherited is None:
+                return {}
+            manifest["vocabulary"] = dict(inherited)
+            name = str(inherited["file"])
+            return {name: self._link_file(parent_id, parent_manifest, name, tmp)}
+
+        return self._write_version(manifest, fill)
+
+    def compact(self, ref: str) -> str:
+        """Publishes the tensors of `ref` (typically a delta chain) as one new full version.
+
+        The new version has method "compact", parent `ref`, and the model, dataset, vocabulary,
+        metrics, training and extra files of `ref` (files hard-linked, not rewritten); deltas
+        published on top of it start a fresh, short chain. Returns its id.
+        """
+        version_id = self.resolve(ref)
+        source = self._read_manifest(version_id)
+        tensors = self.load_tensors(version_id)  # verifies every version of the chain
+        manifest = _new_manifest(
+            kind="full",
+            method="compact",
+            parent=version_id,
+            model=source["model"],
+            dataset=source.get("dataset"),
+            metrics=source.get("metrics") or {},
+            training=source.get("training") or {},
+            tensors={name: _tensor_meta(t) for name, t in tensors.items()},
+        )
+        manifest["vocabulary"] = source.get("vocabulary")
+
+        def fill(tmp: Path) -> dict[str, dict[str, Any]]:
+            self._write_weights(tensors, tmp / WEIGHTS)
+            return {
+                name: self._link_file(version_id, source, name, tmp)
+                for name in source["files"]
+                if name != WEIGHTS
+            }
+
+        return self._write_version(manifest, fill)
+
+    def _write_version(
+        self, manifest: dict[str, Any], fill: Callable[[Path], dict[str, dict[str, Any]]]
+    ) -> str:
+        """Creates a temp dir, lets `fill` write the version's files into it, checksums them and
+        installs it. `fill` returns the file entries it already knows (linked files), which are
+        not hashed again: those bytes were hashed when their first version was published.
+        """
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.root))
+        try:
+            known = fill(tmp)
             manifest["files"] = {
-                path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+                path.name: known.get(path.name)
+                or {"bytes": path.stat().st_size, "sha256": _sha256(path)}
                 for path in sorted(tmp.iterdir())
             }
             return self._install(tmp, manifest)
@@ -204,6 +322,27 @@ class Registry:
             # Includes KeyboardInterrupt: nothing half-written may survive a failed publish.
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _link_file(
+        self, version_id: str, manifest: Mapping[str, Any], name: str, tmp: Path
+    ) -> dict[str, Any]:
+        """Shares file `name` of an existing version with the version being built in `tmp`.
+
+        A hard link costs nothing however big the file (deltas come every few seconds), and is
+        safe because versions are immutable. Returns the file's manifest entry.
+        """
+        meta = manifest["files"].get(name)
+        source = self._versions / version_id / name
+        if not isinstance(meta, dict):
+            raise RegistryError(f"version {version_id}: {MANIFEST} does not list file {name}")
+        if not source.is_file():
+            raise RegistryError(f"version {version_id} is partial: file {name} is missing")
+        try:
+            os.link(source, tmp / name)
+        except OSError:  # e.g. a filesystem without hard links
+            shutil.copyfile(source, tmp / name)
+            _fsync_file(tmp / name)
+        return dict(meta)
 
     @staticmethod
     def _write_weights(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -267,6 +406,7 @@ class Registry:
                     model_type=str((m.get("model") or {}).get("type", "")),
                     metrics=dict(m.get("metrics") or {}),
                     is_production=version_id == production,
+                    chain_depth=_chain_depth(m),
                 )
             )
         return infos
@@ -295,32 +435,125 @@ class Registry:
     def load_tensors(
         self, ref: str, *, verify: bool = True, device: str = "cpu"
     ) -> dict[str, torch.Tensor]:
-        """The tensors of `ref`; with `verify` every file is checked against the manifest first."""
-        version_id = self.resolve(ref)
-        manifest = self._read_manifest(version_id)
-        if manifest.get("kind") != "full":
-            raise RegistryError(
-                f"version {version_id} is kind {manifest.get('kind')!r}; "
-                "this recloop version can only load 'full' versions"
-            )
+        """The full tensors of `ref`; with `verify` every file is checked against its manifest
+        first (for a delta: every file of every version in its chain, base included).
+        """
+        chain = self._chain(self.resolve(ref))
         if verify:
-            self._verify(version_id, manifest)
-        path = self._versions / version_id / WEIGHTS
-        if not path.is_file():
-            raise RegistryError(f"version {version_id} is partial: {WEIGHTS} is missing")
-        try:
-            return load_file(path, device=device)
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise RegistryError(f"version {version_id}: cannot read {WEIGHTS}: {exc}") from exc
+            for version_id, manifest in chain:
+                self._verify(version_id, manifest)
+        tensors = self._materialise(chain)
+        if torch.device(device).type == "cpu":
+            return tensors
+        return {name: t.to(device) for name, t in tensors.items()}
 
     def verify(self, ref: str) -> None:
         """Raises RegistryError unless every file listed in the manifest has its sha256.
 
+        For a delta, every version of its chain is verified: it cannot be loaded without them.
         Files present in the directory but absent from the manifest are not checked: nothing in
         recloop reads a file the manifest does not list.
         """
-        version_id = self.resolve(ref)
-        self._verify(version_id, self._read_manifest(version_id))
+        for version_id, manifest in self._chain(self.resolve(ref)):
+            self._verify(version_id, manifest)
+
+    def _chain(self, version_id: str) -> _Chain:
+        """(id, manifest) of `version_id` and the versions it is built on, base first."""
+        chain = [(version_id, self._read_manifest(version_id))]
+        while chain[-1][1].get("kind") == "delta":
+            child_id, child = chain[-1]
+            parent_id = child.get("parent")
+            # Parents always have lower numbers (they existed first); checking it also makes a
+            # cycle in hand-edited manifests impossible.
+            if not isinstance(parent_id, str) or _number(parent_id) >= _number(child_id):
+                raise RegistryError(f"version {child_id}: delta has invalid parent {parent_id!r}")
+            if not (self._versions / parent_id).is_dir():
+                raise RegistryError(f"version {child_id}: its parent {parent_id} is missing")
+            chain.append((parent_id, self._read_manifest(parent_id)))
+        base_id, base = chain[-1]
+        if base.get("kind") != "full":
+            raise RegistryError(
+                f"version {base_id} is kind {base.get('kind')!r}; "
+                "this recloop version can only load 'full' and 'delta' versions"
+            )
+        chain.reverse()
+        for depth, (delta_id, delta) in enumerate(chain[1:], start=1):
+            if delta.get("base") != base_id or delta.get("chain_depth") != depth:
+                raise RegistryError(
+                    f"version {delta_id}: manifest says base {delta.get('base')!r} at depth "
+                    f"{delta.get('chain_depth')!r}, but its chain is base {base_id} "
+                    f"at depth {depth}"
+                )
+        return chain
+
+    def _materialise(
+        self, chain: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> dict[str, torch.Tensor]:
+        """The full tensors at the end of `chain` (base first).
+
+        Each tensor is read once, from the version that last wrote it whole (the base or a
+        "replace"), allocated once at its final size, then patched in place by the later row
+        updates: one copy of a big table however long the chain, and no work for the updates
+        a later "replace" overwrote.
+        """
+        final = chain[-1][1]["tensors"]
+        origin = _origins(chain, final)
+        tensors: dict[str, torch.Tensor] = {}
+        filled: dict[str, int] = {}  # rows written so far: growth must be contiguous
+        for index, (version_id, manifest) in enumerate(chain):
+            whole = [name for name, at in origin.items() if at == index]
+            patches = [
+                (name, spec)
+                for name, spec in (manifest.get("delta") or {}).items()
+                if spec["mode"] == "rows" and name in origin and origin[name] < index
+            ]
+            if not whole and not patches:
+                continue
+            with self._open_weights(version_id) as read:
+                for name in whole:
+                    stored = read(name)
+                    tensors[name] = _grown(stored, final[name]["shape"], version_id, name)
+                    filled[name] = stored.shape[0] if stored.ndim else 0
+                for name, spec in patches:
+                    filled[name] = _patch_rows(
+                        tensors[name],
+                        read(name),
+                        read(spec["rows"]),
+                        filled[name],
+                        version_id,
+                        name,
+                    )
+        for name, tensor in tensors.items():
+            if tensor.ndim and filled[name] != tensor.shape[0]:
+                raise RegistryError(
+                    f"version {chain[-1][0]}: rows {filled[name]}..{tensor.shape[0] - 1} of tensor "
+                    f"{name!r} are never written by its chain"
+                )
+        return {name: tensors[name] for name in final}
+
+    @contextlib.contextmanager
+    def _open_weights(self, version_id: str) -> Iterator[Callable[[str], torch.Tensor]]:
+        """A reader of single tensors from a version's weights file (errors name the version)."""
+        path = self._versions / version_id / WEIGHTS
+        if not path.is_file():
+            raise RegistryError(f"version {version_id} is partial: {WEIGHTS} is missing")
+        try:
+            handle = safe_open(path, framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise RegistryError(f"version {version_id}: cannot read {WEIGHTS}: {exc}") from exc
+
+        def read(name: str) -> torch.Tensor:
+            try:
+                # A fresh copy, not a view of the file: patching it in place is safe.
+                tensor: torch.Tensor = handle.get_tensor(name)  # type: ignore[no-untyped-call]
+            except Exception as exc:
+                raise RegistryError(
+                    f"version {version_id}: cannot read tensor {name!r} from {WEIGHTS}: {exc}"
+                ) from exc
+            return tensor
+
+        with handle:
+            yield read
 
     def _verify(self, version_id: str, manifest: dict[str, Any]) -> None:
         files = manifest["files"]
@@ -401,8 +634,8 @@ class Registry:
     def promote(self, ref: str) -> str:
         """Points production at `ref` (after verifying it) and returns its id."""
         version_id = self.resolve(ref)
-        # Never point serving at something it would refuse to load.
-        self._verify(version_id, self._read_manifest(version_id))
+        # Never point serving at something it would refuse to load (for a delta: its whole chain).
+        self.verify(version_id)
         with self._aliases_lock():
             aliases = self._read_aliases()
             if aliases.get("production") == version_id:
@@ -425,7 +658,7 @@ class Registry:
                     f"({'no version was ever promoted' if not history else 'only one promotion'})"
                 )
             current, previous = history[-1]["version"], history[-2]["version"]
-            self._verify(previous, self._read_manifest(self.resolve(previous)))
+            self.verify(self.resolve(previous))
             history.pop()
             aliases["production"] = previous
             aliases["log"].append(
@@ -531,7 +764,7 @@ def format_versions_table(infos: Sequence[VersionInfo]) -> Table:
             "[bold green]production[/]" if info.is_production else "",
             info.id,
             info.created_at.replace("T", " ")[:16],  # to the minute, to keep rows narrow
-            info.kind,
+            f"{info.kind} (depth {info.chain_depth})" if info.chain_depth else info.kind,
             info.method,
             info.parent or "-",
             info.model_type,
@@ -549,6 +782,11 @@ def _headline(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return chosen or list(metrics.items())[:3]
 
 
+def _chain_depth(manifest: Mapping[str, Any]) -> int:
+    depth = manifest.get("chain_depth")
+    return depth if isinstance(depth, int) else 0
+
+
 def _format_metric(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -557,6 +795,295 @@ def _format_metric(value: Any) -> str:
 
 def _format_id(number: int) -> str:
     return f"v{number:06d}"
+
+
+def _number(version_id: str) -> int:
+    match = _ID_RE.match(version_id)
+    if not match:
+        raise RegistryError(f"{version_id!r} is not a version id")
+    return int(match.group(1))
+
+
+def _new_manifest(
+    *,
+    kind: str,
+    method: str,
+    parent: str | None,
+    model: Any,
+    dataset: Any,
+    metrics: Any,
+    training: Any,
+    tensors: dict[str, dict[str, Any]],
+    lineage: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A manifest with every key in its documented order; ``files`` is filled in last."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "id": None,  # set for each rename attempt, see _install
+        "created_at": _now(),
+        "kind": kind,
+        "method": method,
+        "parent": parent,
+        **(lineage or {}),
+        "model": model,
+        "dataset": dataset,
+        "vocabulary": None,
+        "metrics": metrics,
+        "training": training,
+        "tensors": tensors,
+        "files": {},
+        "recloop_version": __version__,
+    }
+
+
+def _model_json(model: Mapping[str, Any]) -> Any:
+    model_json = _jsonable(dict(model), "model")
+    if not isinstance(model_json.get("type"), str) or not model_json["type"]:
+        raise RegistryError("model must have a non-empty string 'type' (e.g. 'sasrec')")
+    return model_json
+
+
+def _check_method(method: str) -> None:
+    if not isinstance(method, str) or not method:
+        raise RegistryError(f"method must be a non-empty string, got {method!r}")
+
+
+def _tensor_meta(tensor: torch.Tensor) -> dict[str, Any]:
+    return {"dtype": _dtype_name(tensor), "shape": list(tensor.shape)}
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------- deltas
+
+
+@dataclass(frozen=True)
+class _DeltaPlan:
+    """A validated delta: what its weights file stores and what its manifest says."""
+
+    stored: dict[str, torch.Tensor]
+    delta: dict[str, dict[str, Any]]
+    tensors: dict[str, dict[str, Any]]
+    removed: list[str]
+
+
+def _chain_position(parent_id: str, parent: Mapping[str, Any]) -> tuple[str, int]:
+    """(base, chain_depth) of a delta published on top of `parent`."""
+    kind = parent.get("kind")
+    if kind == "full":
+        return parent_id, 1
+    if kind == "delta":
+        return str(parent["base"]), int(parent["chain_depth"]) + 1
+    raise RegistryError(f"version {parent_id} is kind {kind!r}; deltas apply to full or delta")
+
+
+def _plan_delta(
+    parent: Mapping[str, Mapping[str, Any]],
+    changes: Mapping[str, torch.Tensor | RowUpdate],
+    removed: Sequence[str],
+) -> _DeltaPlan:
+    """Validates a delta against the parent's tensor table (names, dtypes, shapes) and plans it."""
+    if isinstance(removed, str):  # a lone name would otherwise be read letter by letter
+        raise RegistryError("removed must be a sequence of tensor names, not a string")
+    dropped = sorted(set(removed))
+    for name in dropped:
+        if name not in parent:
+            raise RegistryError(f"cannot remove tensor {name!r}: the parent has no such tensor")
+        if name in changes:
+            raise RegistryError(f"tensor {name!r} is both changed and removed")
+    if not changes and not dropped:
+        raise RegistryError("a delta needs at least one changed or removed tensor")
+    stored: dict[str, torch.Tensor] = {}
+    delta: dict[str, dict[str, Any]] = {}
+    tensors = {name: dict(meta) for name, meta in parent.items() if name not in dropped}
+    for name, change in changes.items():
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"tensor names must be non-empty strings, got {name!r}")
+        if isinstance(change, RowUpdate):
+            rows, shape = _check_row_update(name, change, parent.get(name))
+            index_name = name + ROWS_SUFFIX
+            if index_name in changes:
+                raise RegistryError(
+                    f"tensor {name!r} gets row updates, whose indices are stored as "
+                    f"{index_name!r}, but this delta also changes a tensor named {index_name!r}"
+                )
+            stored[name], stored[index_name] = change.values, rows
+            delta[name] = {
+                "mode": "rows",
+                "rows": index_name,
+                "num_rows": len(rows),
+                "shape": shape,
+            }
+            tensors[name] = {"dtype": _dtype_name(change.values), "shape": shape}
+        elif isinstance(change, torch.Tensor):
+            _check_replacement(name, change, parent.get(name))
+            stored[name] = change
+            delta[name] = {"mode": "replace"}
+            tensors[name] = _tensor_meta(change)
+        else:
+            raise RegistryError(
+                f"change of tensor {name!r} is a {type(change).__name__}, "
+                "not a torch.Tensor or RowUpdate"
+            )
+    if not tensors:
+        raise RegistryError("this delta would leave the version with no tensors")
+    return _DeltaPlan(stored=stored, delta=delta, tensors=tensors, removed=dropped)
+
+
+def _check_replacement(name: str, tensor: torch.Tensor, parent: Mapping[str, Any] | None) -> None:
+    if tensor.layout != torch.strided:
+        raise RegistryError(f"tensor {name!r} is {tensor.layout}; only dense tensors are saved")
+    # A delta fine-tunes: a new dtype means a new model, which is a full publish.
+    if parent is not None and _dtype_name(tensor) != parent["dtype"]:
+        raise RegistryError(
+            f"tensor {name!r} is {_dtype_name(tensor)} but {parent['dtype']} in the parent"
+        )
+
+
+def _check_row_update(
+    name: str, update: RowUpdate, parent: Mapping[str, Any] | None
+) -> tuple[torch.Tensor, list[int]]:
+    """(rows as CPU int64, final shape) of a valid row update; RegistryError otherwise."""
+    rows, values = update.rows, update.values
+    if parent is None:
+        raise RegistryError(
+            f"tensor {name!r} is not in the parent: a new tensor is given whole "
+            "(a plain tensor, mode 'replace'), not as a RowUpdate"
+        )
+    shape = [int(n) for n in parent["shape"]]
+    if not isinstance(rows, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise RegistryError(f"row update of {name!r}: rows and values must be torch.Tensors")
+    if rows.ndim != 1 or rows.dtype.is_floating_point or rows.dtype in (torch.bool, *_COMPLEX):
+        raise RegistryError(
+            f"row update of {name!r}: rows must be a 1-d integer tensor, "
+            f"got {rows.dtype} {list(rows.shape)}"
+        )
+    if not shape:
+        raise RegistryError(f"tensor {name!r} is a scalar; replace it instead of updating rows")
+    if values.layout != torch.strided:
+        raise RegistryError(f"row update of {name!r}: values are {values.layout}, not dense")
+    if _dtype_name(values) != parent["dtype"]:
+        raise RegistryError(
+            f"row update of {name!r}: values are {_dtype_name(values)} "
+            f"but the tensor is {parent['dtype']}"
+        )
+    if list(values.shape) != [len(rows), *shape[1:]]:
+        raise RegistryError(
+            f"row update of {name!r}: values have shape {list(values.shape)}, expected "
+            f"{[len(rows), *shape[1:]]} ({len(rows)} rows of the tensor's trailing dims)"
+        )
+    rows = rows.detach().to("cpu", torch.int64)
+    shape[0] += _grown_rows(name, rows, shape[0])
+    return rows, shape
+
+
+def _grown_rows(name: str, rows: torch.Tensor, parent_rows: int) -> int:
+    """How many rows `rows` adds past `parent_rows`; RegistryError unless they are unique,
+    >= 0 and grow the tensor without holes (a hole would be a row nobody ever wrote)."""
+    if len(rows) == 0:
+        return 0
+    # numpy, not torch.sort: torch's multi-threaded sort is ~50x slower on a busy machine.
+    ordered = np.sort(rows.numpy())
+    if ordered[0] < 0:
+        raise RegistryError(f"row update of {name!r}: negative row {int(ordered[0])}")
+    repeated = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if len(repeated):
+        row = int(ordered[repeated[0]])
+        raise RegistryError(f"row update of {name!r}: row {row} is given more than once")
+    new = ordered[np.searchsorted(ordered, parent_rows) :]
+    holes = np.flatnonzero(new != np.arange(parent_rows, parent_rows + len(new)))
+    if len(holes):
+        # Sorted and unique: the first mismatch is the first row that is skipped.
+        missing = parent_rows + int(holes[0])
+        raise RegistryError(
+            f"row update of {name!r} grows the tensor from {parent_rows} to {int(new[-1]) + 1} "
+            f"rows but row {missing} is missing: new rows must be contiguous"
+        )
+    return len(new)
+
+
+def _check_vocabulary_growth(new: Mapping[str, Any], parent: Mapping[str, Any] | None) -> None:
+    before, after = (parent or {}).get("items"), new.get("items")
+    # items.parquet row i is dense item i + 1: a vocabulary can only be appended to.
+    if isinstance(before, int) and isinstance(after, int) and after < before:
+        raise RegistryError(
+            f"vocabulary file {new['file']} has {after} items but the parent's has {before}: "
+            "a delta's vocabulary may only grow"
+        )
+
+
+def _origins(
+    chain: Sequence[tuple[str, Mapping[str, Any]]], final: Mapping[str, Any]
+) -> dict[str, int]:
+    """For each final tensor, the index in `chain` of the version that last wrote it whole."""
+    origin = dict.fromkeys(final, 0)
+    for index, (version_id, manifest) in enumerate(chain[1:], start=1):
+        delta = manifest.get("delta")
+        if not isinstance(delta, dict):
+            raise RegistryError(f"version {version_id}: delta manifest has no 'delta' table")
+        for name, spec in delta.items():
+            mode = spec.get("mode") if isinstance(spec, dict) else None
+            if mode not in ("replace", "rows"):
+                raise RegistryError(
+                    f"version {version_id}: unknown delta mode {mode!r} for tensor {name!r}"
+                )
+            if mode == "replace" and name in origin:
+                origin[name] = index
+    return origin
+
+
+def _grown(stored: torch.Tensor, shape: Sequence[int], version_id: str, name: str) -> torch.Tensor:
+    """`stored`, or a copy of it at the larger final `shape` (new rows filled by later deltas)."""
+    if list(stored.shape) == list(shape):
+        return stored
+    if stored.ndim == 0 or list(stored.shape[1:]) != list(shape[1:]) or stored.shape[0] > shape[0]:
+        raise RegistryError(
+            f"version {version_id}: tensor {name!r} has shape {list(stored.shape)}, which cannot "
+            f"grow to its final shape {list(shape)}"
+        )
+    grown = stored.new_empty(list(shape))
+    grown[: stored.shape[0]] = stored
+    return grown
+
+
+def _patch_rows(
+    target: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    filled: int,
+    version_id: str,
+    name: str,
+) -> int:
+    """Writes `values` into rows `rows` of `target` in place; returns the new number of written
+    rows. Checked so a bad file cannot index out of range or leave unwritten rows behind."""
+    fits = (
+        rows.dtype == torch.int64
+        and rows.ndim == 1
+        and values.dtype == target.dtype
+        and list(values.shape) == [len(rows), *target.shape[1:]]
+    )
+    if not fits:
+        raise RegistryError(
+            f"version {version_id}: row update of {name!r} (rows {rows.dtype} "
+            f"{list(rows.shape)}, values {values.dtype} {list(values.shape)}) does not fit the "
+            f"tensor ({target.dtype} {list(target.shape)})"
+        )
+    if len(rows) == 0:
+        return filled
+    # Rows are unique (checked at publish), so in-range new rows are exactly filled..top.
+    # numpy for the reductions: torch's threaded ones are slow for this size on a busy machine.
+    index = rows.numpy()
+    grown = filled + int(np.count_nonzero(index >= filled))
+    if int(index.min()) < 0 or int(index.max()) >= grown or grown > target.shape[0]:
+        raise RegistryError(
+            f"version {version_id}: row update of {name!r} writes rows outside 0..{grown - 1} "
+            f"or past the tensor's {target.shape[0]} rows"
+        )
+    target.index_copy_(0, rows, values)
+    return grown
 
 
 def _now() -> str:
@@ -582,6 +1109,21 @@ def _check_file_name(name: str) -> None:
         )
     if name in _RESERVED_NAMES:
         raise RegistryError(f"extra file name {name!r} is reserved by the registry")
+
+
+def _check_extra_files(extra: Mapping[str, Path | bytes], vocabulary_file: str | None) -> None:
+    for name in extra:
+        _check_file_name(name)
+    if vocabulary_file is not None and vocabulary_file not in extra:
+        raise RegistryError(
+            f"vocabulary_file {vocabulary_file!r} is not one of the extra files "
+            f"({', '.join(sorted(extra)) or 'none given'})"
+        )
+
+
+def _write_extras(extra: Mapping[str, Path | bytes], directory: Path) -> None:
+    for name, source in extra.items():
+        _write_extra(name, source, directory / name)
 
 
 def _write_extra(name: str, source: Path | bytes, target: Path) -> None:
