@@ -394,13 +394,22 @@ def table(path: Path) -> str:
                 f"| {health['errors']} | | |"
             )
         for variant, value in out["variants"].items():
-            m = value["median"]
-            hits = "" if m.get("cache_hit_ratio") is None else f"{m['cache_hit_ratio']:.2f}"
-            lines.append(
-                f"| {catalogue} | {index} | {variant} | {m['requests_per_s']:,.0f} "
-                f"| {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['p999_ms']:.2f} | {m['errors']} "
-                f"| {hits} | {m.get('fraction_of_healthz', '')} |"
-            )
+            rows = [(variant + " (saturation)", value["median"])]
+            if "at_target" in value:
+                target = value["at_target"]
+                label = (
+                    f"{variant} at {target['target_rate']:,}/s offered "
+                    f"(p99 target {target['target_p99_ms']} ms: "
+                    f"{'met' if target['met'] else 'missed'})"
+                )
+                rows.append((label, target["median"]))
+            for label, m in rows:
+                hits = "" if m.get("cache_hit_ratio") is None else f"{m['cache_hit_ratio']:.2f}"
+                lines.append(
+                    f"| {catalogue} | {index} | {label} | {m['requests_per_s']:,.0f} "
+                    f"| {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['p999_ms']:.2f} "
+                    f"| {m['errors']} | {hits} | {m.get('fraction_of_healthz', '')} |"
+                )
     return "\n".join(lines)
 
 
