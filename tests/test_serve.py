@@ -113,7 +113,7 @@ def test_cache_hit_then_invalidated_by_events(
         headers={"X-API-Key": API_KEY},
     )
     assert posted.status_code == 200, posted.text
-    assert posted.json() == {"accepted": 1, "users": 1, "unknown_items": []}
+    assert posted.json() == {"accepted": 1, "users": 1, "event_ids": [], "unknown_items": []}
     third = client.get(f"/v1/users/{user}/recommendations", params={"k": 5}).json()
     # The event reached the user's state at once: not cached, and the item is now "seen".
     assert third["cached"] is False
