@@ -382,3 +382,44 @@ def test_events_are_durable_in_the_event_log_before_they_are_acknowledged(
         ("7", "4", "purchase"),
     ]
     assert logged[0].event.timestamp == 1_700_000_000.5 and logged[1].event.value == 2.0
+
+
+def test_a_delta_version_hot_swaps_in_and_changes_the_answers(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    import shutil
+
+    from recloop.registry import RowUpdate
+
+    # A private copy of the registry: the delta must not leak into the other tests' registry.
+    registry_dir = tmp_path / "registry"
+    shutil.copytree(trained["registry"], registry_dir)
+    registry = Registry(registry_dir)
+    user, dense, _ = known_user(trained)
+    with running_service(config_for(trained, registry=registry_dir, cache=False)) as url:
+        before = httpx.get(f"{url}/v1/users/{user}/recommendations", params={"k": 3}).json()
+        # The delta moves item 7's embedding onto the user's query direction: it must rank 1st.
+        model, _ = load_model(registry, trained["v1"])
+        length = int(model.config.max_length)
+        window = torch.zeros(1, length, dtype=torch.int64)
+        window[0, length - len(dense[-length:]) :] = torch.tensor(dense[-length:])
+        with torch.no_grad():
+            query = model.encode(window)[0]
+        table = model.item_embedding.weight.detach()
+        shown = {item["item_id"] for item in before["items"]}
+        raw = SequenceDataset(trained["data"]).items
+        target = next(
+            i for i in range(1, 120) if i not in set(dense) and str(raw.to_raw([i])[0]) not in shown
+        )
+        row = (query / query.norm() * table.norm(dim=1).max() * 3).unsqueeze(0)
+        delta = registry.publish_delta(
+            trained["v1"],
+            {"item_embedding.weight": RowUpdate(torch.tensor([target]), row.to(table.dtype))},
+        )
+        swapped = httpx.post(
+            f"{url}/v1/admin/reload", json={"version": delta}, headers={"X-API-Key": API_KEY}
+        ).json()
+        assert swapped["version"] == delta and swapped["swapped"] is True
+        after = httpx.get(f"{url}/v1/users/{user}/recommendations", params={"k": 3}).json()
+    assert after["model_version"] == delta
+    assert after["items"][0]["item_id"] == str(raw.to_raw([target])[0])  # was not in the top 3
