@@ -19,6 +19,7 @@ from recloop.errors import RegistryError
 from recloop.models.factory import build_model, config_to_dict
 from recloop.models.io import check_vocabulary, load_model
 from recloop.registry import WEIGHTS, Registry, RowUpdate, format_versions_table
+from tests.test_registry import flip_byte, visible_state
 
 MODEL = {"type": "sasrec", "config": {"dim": 16, "num_items": 2000}}
 Tensors = dict[str, torch.Tensor]
@@ -73,16 +74,6 @@ def assert_bitwise_equal(
         assert torch.equal(got.flatten().view(torch.uint8), tensor.flatten().view(torch.uint8)), (
             name
         )
-
-
-def flip_byte(path: Path, offset: int = -1) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def visible_state(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != ".aliases.lock")
 
 
 def stored_names(reg: Registry, version: str) -> set[str]:
