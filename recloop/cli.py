@@ -468,6 +468,74 @@ def ingest_command(
     )
 
 
+@app.command("online")
+def online_command(
+    registry: Annotated[Path, typer.Option("--registry", help="Model registry directory.")],
+    event_log: Annotated[
+        str, typer.Option(help="The event log: a path (SQLite) or redis://...")
+    ] = "events.sqlite",
+    start: Annotated[
+        str, typer.Option("--from", help="Version to fine-tune (resumes this learner's own).")
+    ] = "latest",
+    config: Annotated[Path | None, typer.Option(help="TOML file with an [online] section.")] = None,
+    run_dir: Annotated[
+        Path, typer.Option(help="Learner state, prequential.csv and its plot.")
+    ] = Path("runs/online"),
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset for history and replay (default: the model's).")
+    ] = None,
+    attributes: Annotated[
+        Path | None, typer.Option(help="JSON item -> attribute list, to initialise new items.")
+    ] = None,
+    follow: Annotated[bool, typer.Option(help="Keep consuming new events until stopped.")] = False,
+    max_events: Annotated[int | None, typer.Option(help="Stop after this many events.")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="online.key=value overrides.")
+    ] = None,
+) -> None:
+    """Fine-tune the model on new events and publish delta versions (test-then-train)."""
+    import logging
+
+    import torch
+
+    from recloop.online.events import open_event_log
+    from recloop.online.learner import OnlineLearner, load_online_config
+    from recloop.registry import Registry
+
+    if max_events is not None and max_events < 1:
+        raise ConfigError(f"--max-events must be >= 1, got {max_events}")
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_online_config(config, overrides or [])
+    with open_event_log(event_log) as log:
+        learner = OnlineLearner(
+            Registry(registry, create=False),
+            log,
+            settings,
+            run_dir,
+            start=start,
+            data=data,
+            attributes=attributes,
+        )
+        stderr.print(
+            f"learning from {event_log} after offset {learner.offset} on {learner.version}",
+            highlight=False,
+        )
+        summary = learner.run(follow=follow, max_events=max_events, show_progress=True)
+    totals = summary.totals
+    stdout.print(
+        f"{summary.events:,} events in {summary.seconds:.1f}s, offset {summary.offset}, "
+        f"{len(summary.published)} version(s) published, newest {summary.version}; "
+        f"{summary.admitted} new item(s); prequential HR@10 online "
+        f"{totals['online_HR@10']:.4f} vs frozen {totals['frozen_HR@10']:.4f} "
+        f"over {totals['scored']:,} events (plot: {run_dir / 'prequential.png'})",
+        highlight=False,
+    )
+
+
 models_app = typer.Typer(help="List, inspect, promote and roll back model versions.")
 app.add_typer(models_app, name="models")
 RegistryOption = Annotated[Path, typer.Option("--registry", help="Model registry directory.")]
@@ -527,11 +595,15 @@ def demo(
     from recloop.data.threads import configure_threads
 
     configure_threads(None)
+    import shutil
+
     from recloop.data.dataset import SequenceDataset
     from recloop.data.prepare import PrepareOptions
     from recloop.data.splits import leave_one_out
 
     workdir.mkdir(parents=True, exist_ok=True)
+    for stale in ("registry", "online"):  # a re-run tells the same story from version 1
+        shutil.rmtree(workdir / stale, ignore_errors=True)
     data_dir = workdir / "data"
     stdout.rule("1. prepare: synthetic interaction log -> dataset")
     config = _synthetic_config(None, users=users, items=items, seed=0)
@@ -580,11 +652,13 @@ def demo(
     models_list(registry)
 
     stdout.rule("4. serve: HTTP service (ONNX Runtime, micro-batching, exact top-K)")
-    _demo_serve(registry, dataset)
+    shifted = _synthetic_config(None, users=users, items=items, seed=1)
+    _demo_serve(registry, dataset, workdir, shifted)
 
 
-def _demo_serve(registry: Path, dataset: Any) -> None:
-    """Starts the real service in a thread and uses it as a client would."""
+def _demo_serve(registry: Path, dataset: Any, workdir: Path, shifted: Any) -> None:
+    """Starts the real service in a thread and uses it as a client would; then the online
+    loop: events through the API into the durable log, the learner, and the hot swap."""
     import secrets
     import statistics
     import time
@@ -595,7 +669,11 @@ def _demo_serve(registry: Path, dataset: Any) -> None:
     from recloop.serve.server import serve_in_thread
 
     key = secrets.token_hex(16)
-    config = ServiceConfig(registry=registry, api_key=key)
+    events_path = workdir / "events.sqlite"
+    events_path.unlink(missing_ok=True)
+    config = ServiceConfig(
+        registry=registry, api_key=key, event_log=str(events_path), follow_seconds=0.5
+    )
     with serve_in_thread(config) as url, httpx.Client(base_url=url, timeout=30) as http:
         model = http.get("/v1/model").json()
         stdout.print(
@@ -637,6 +715,63 @@ def _demo_serve(registry: Path, dataset: Any) -> None:
             "ms each (a demo, not a benchmark: see bench/serve.py)",
             highlight=False,
         )
+        stdout.rule("5. online: events -> log -> learner -> delta version -> hot swap")
+        _demo_online(http, key, registry, events_path, workdir / "online", shifted)
+
+
+def _demo_online(
+    http: Any, key: str, registry: Path, events_path: Path, run_dir: Path, shifted: Any
+) -> None:
+    import time
+
+    import polars as pl
+
+    from recloop.data.synthetic import generate_events
+    from recloop.online.events import open_event_log
+    from recloop.online.learner import OnlineConfig, OnlineLearner
+    from recloop.registry import Registry
+
+    # A shifted stream: the generator with another seed has other item-to-item successors,
+    # which the trained model has never seen; the online learner has to pick them up.
+    frame = pl.concat(list(generate_events(shifted)))
+    frame = frame.filter(pl.col("user") < 1000).sort("timestamp")
+    events = [
+        {"user_id": str(u), "item_id": str(i), "timestamp": float(t)}
+        for u, i, t in frame.select("user", "item", "timestamp").iter_rows()
+    ]
+    popular = events[0]["item_id"]
+    for n in range(3):  # a brand-new item, right after a known one, for three users
+        user = f"new-user-{n}"
+        events += [{"user_id": user, "item_id": popular}, {"user_id": user, "item_id": "new-1"}]
+    for start in range(0, len(events), 1000):
+        batch = {"events": events[start : start + 1000]}
+        http.post("/v1/events", json=batch, headers={"X-API-Key": key}).raise_for_status()
+    stdout.print(f"POST /v1/events: {len(events):,} events appended durably to {events_path}")
+    config = OnlineConfig(publish_every_events=10_000, publish_every_seconds=0)
+    with open_event_log(str(events_path)) as log:
+        learner = OnlineLearner(Registry(registry), log, config, run_dir)
+        summary = learner.run(show_progress=True)
+    totals = summary.totals
+    stdout.print(
+        f"learned {summary.events:,} events in {summary.seconds:.1f}s; published "
+        f"{', '.join(summary.published)} (deltas); {summary.admitted} new item admitted\n"
+        f"prequential HR@10 (each event scored before it is learned): online "
+        f"{totals['online_HR@10']:.4f} vs frozen {totals['frozen_HR@10']:.4f} "
+        f"(plot: {run_dir / 'prequential.png'})",
+        highlight=False,
+    )
+    deadline = time.monotonic() + 120
+    model = http.get("/v1/model").json()
+    while model["version"] != summary.version and time.monotonic() < deadline:
+        time.sleep(0.25)
+        model = http.get("/v1/model").json()
+    stdout.print(f"the service (following the registry) now serves {model['version']}")
+    similar = http.get("/v1/items/new-1/similar", params={"k": 5})
+    if similar.status_code == 200:
+        items = ", ".join(item["item_id"] for item in similar.json()["items"])
+        stdout.print(f"GET /v1/items/new-1/similar?k=5 (the new item is served): {items}")
+    else:
+        stdout.print(f"GET /v1/items/new-1/similar: {similar.status_code} {similar.text}")
 
 
 def _popularity_hr10(split: Any) -> float:

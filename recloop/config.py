@@ -119,7 +119,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Experi
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         source = str(path)
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return config_from_dict(raw, source)
 
 
@@ -130,11 +130,11 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentC
     model = dict(raw.get("model", {"type": "sasrec"}))
     if "type" not in model:
         raise ConfigError(f"{source}: [model] needs a type (sasrec or hstu)")
-    train = _build(TrainConfig, raw.get("train", {}), "train", source)
+    train = build_section(TrainConfig, raw.get("train", {}), "train", source)
     return ExperimentConfig(model=model, train=train, source=source)
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
@@ -148,7 +148,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     raw.setdefault(section, {})[name] = value
 
 
-def _build(cls: type[Any], values: dict[str, Any], section: str, source: str) -> Any:
+def build_section(cls: type[Any], values: dict[str, Any], section: str, source: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}

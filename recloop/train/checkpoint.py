@@ -38,9 +38,9 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
-    tensors, groups = _flatten_optimizer(optimizer)
+    tensors, groups = flatten_optimizer(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    save_file(_rng_state(), str(tmp / "rng.safetensors"))
+    save_file(rng_state(), str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
@@ -72,8 +72,8 @@ def load_checkpoint(
             f"{path}: checkpoint does not fit this model "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state)
-    _restore_rng(load_file(str(path / "rng.safetensors")))
+    restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state)
+    restore_rng(load_file(str(path / "rng.safetensors")))
     return state
 
 
@@ -81,7 +81,7 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def _flatten_optimizer(
+def flatten_optimizer(
     optimizer: torch.optim.Optimizer,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     packed = optimizer.state_dict()
@@ -97,7 +97,7 @@ def _flatten_optimizer(
     return tensors, groups
 
 
-def _restore_optimizer(
+def restore_optimizer(
     optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], state: dict[str, Any]
 ) -> None:
     per_param: dict[int, dict[str, torch.Tensor]] = {}
@@ -110,14 +110,14 @@ def _restore_optimizer(
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def rng_state() -> dict[str, torch.Tensor]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
     return tensors
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     if "torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["torch_cuda"])

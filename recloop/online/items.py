@@ -1,0 +1,144 @@
+"""New items in the online loop: the growing vocabulary, admission, and first embeddings.
+
+An item id the model does not know is counted; after `admit_after` occurrences it joins the
+vocabulary with the next dense id (existing ids never change, so deltas and serving caches stay
+valid) and its embedding row is initialised from what is known about it: the mean of the items
+it co-occurred with (the users' recent items when it appeared), or of the known items that share
+its attributes when an attribute file is given. Training then refines the row like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from recloop.errors import ConfigError
+
+MAX_CONTEXT = 64  # co-occurring item ids kept per pending item (a bounded, recent sample)
+
+
+class OnlineVocabulary:
+    """Raw item ids <-> dense ids 1..num_items, growing at the end."""
+
+    def __init__(self, raw_ids: Sequence[object], raw_dtype: pl.DataType) -> None:
+        self._raw = [str(raw) for raw in raw_ids]
+        self._dense = {raw: i for i, raw in enumerate(self._raw, start=1)}
+        self._raw_dtype = raw_dtype
+
+    @classmethod
+    def from_parquet(cls, path: Path) -> OnlineVocabulary:
+        table = pl.read_parquet(path)
+        if "raw" not in table.columns:
+            raise ConfigError(f"{path}: item vocabulary needs a raw column")
+        return cls(table["raw"].to_list(), table.schema["raw"])
+
+    @property
+    def num_items(self) -> int:
+        return len(self._raw)
+
+    def dense(self, raw: str) -> int:
+        """The dense id of `raw`, 0 when it is not in the vocabulary."""
+        return self._dense.get(raw, 0)
+
+    def raw(self, dense: int) -> str:
+        return self._raw[dense - 1]
+
+    def add(self, raw: str) -> int:
+        if raw in self._dense:
+            raise ConfigError(f"item {raw!r} is already in the vocabulary")
+        self._raw.append(raw)
+        self._dense[raw] = len(self._raw)
+        return len(self._raw)
+
+    def parquet_bytes(self) -> bytes:
+        """(id, raw) rows as parquet. Raw ids keep their column type while every raw id still
+        parses as it (integer catalogues stay integer); otherwise the column becomes text."""
+        raw: pl.Series = pl.Series("raw", self._raw, dtype=pl.Utf8)
+        if self._raw_dtype != pl.Utf8:
+            # A new raw id that is not of the old type keeps the column as text.
+            with contextlib.suppress(pl.exceptions.InvalidOperationError):
+                raw = raw.cast(self._raw_dtype, strict=True)
+        ids = pl.Series("id", range(1, len(self._raw) + 1), dtype=pl.Int64)
+        buffer = io.BytesIO()
+        pl.DataFrame([ids, raw]).write_parquet(buffer)
+        return buffer.getvalue()
+
+
+@dataclass
+class PendingItems:
+    """Occurrences of items not yet in the vocabulary, with the items they co-occurred with."""
+
+    admit_after: int
+    counts: Counter[str] = field(default_factory=Counter)
+    contexts: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    def observe(self, raw: str, context: Sequence[int]) -> bool:
+        """Counts one occurrence; True when `raw` has now occurred `admit_after` times."""
+        self.counts[raw] += 1
+        kept = self.contexts[raw]
+        kept.extend(int(i) for i in context)
+        del kept[:-MAX_CONTEXT]
+        return self.counts[raw] >= self.admit_after
+
+    def admit(self, raw: str) -> list[int]:
+        """Forgets `raw` and returns its co-occurring dense ids."""
+        self.counts.pop(raw, None)
+        return self.contexts.pop(raw, [])
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+
+class ItemAttributes:
+    """Raw item id -> attribute ids, from a JSON object like S3-Rec's item2attributes.json."""
+
+    def __init__(self, attributes: dict[str, frozenset[str]]) -> None:
+        self.attributes = attributes
+        self._items_by_attribute: dict[str, list[str]] = defaultdict(list)
+        for raw, values in attributes.items():
+            for value in values:
+                self._items_by_attribute[value].append(raw)
+
+    @classmethod
+    def from_json(cls, path: Path) -> ItemAttributes:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read item attributes ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: item attributes must be a JSON object item -> list")
+        attributes: dict[str, frozenset[str]] = {}
+        for raw, values in data.items():
+            if not isinstance(values, list):
+                raise ConfigError(f"{path}: attributes of item {raw!r} must be a list")
+            attributes[str(raw)] = frozenset(str(v) for v in values)
+        return cls(attributes)
+
+    def neighbours(self, raw: str, vocabulary: OnlineVocabulary, limit: int = 50) -> list[int]:
+        """Dense ids of known items sharing the most attributes with `raw` (most first)."""
+        wanted = self.attributes.get(raw)
+        if not wanted:
+            return []
+        overlap: Counter[int] = Counter()
+        for value in wanted:
+            for other in self._items_by_attribute[value]:
+                dense = vocabulary.dense(other)
+                if dense and other != raw:
+                    overlap[dense] += 1
+        return [dense for dense, _ in overlap.most_common(limit)]
+
+
+def initial_row(table: torch.Tensor, neighbours: Sequence[int]) -> torch.Tensor:
+    """[D]: the mean row of `neighbours` (dense ids), or of the whole table when none is known
+    (an uninformed but in-distribution start)."""
+    ids = [i for i in neighbours if 0 < i < len(table)]
+    rows = table[torch.tensor(ids, dtype=torch.long)] if ids else table[1:]
+    return rows.mean(dim=0)

@@ -1,0 +1,196 @@
+"""Test-then-train metrics: every event is scored by the models before anything learns from it.
+
+For each event with a non-empty history, the user's sequence before the event is encoded and
+the event's item ranked over the whole catalogue (history items masked, as in the offline
+full-ranking protocol). Both the online model and the frozen starting model are scored on the
+same events, so the two HR@10 curves are directly comparable. An event whose item a model does
+not know (a new item, before admission or for the frozen model at all) is a miss for it: that
+is what a user of the product would see.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from recloop.data.sequences import PADDING_ID
+from recloop.models.base import SequentialEncoder
+
+K = 10
+CSV_NAME = "prequential.csv"
+PLOT_NAME = "prequential.png"
+
+
+@dataclass
+class PrequentialTotals:
+    """Running sums since the learner's origin version (stored in every published manifest)."""
+
+    events: int = 0  # events applied (read from the log and learned from)
+    scored: int = 0  # events with a history, scored by both models
+    hits_online: int = 0
+    hits_frozen: int = 0
+    ndcg_online: float = 0.0
+    ndcg_frozen: float = 0.0
+
+    def add(self, other: PrequentialTotals) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def summary(self) -> dict[str, float | int]:
+        scored = max(self.scored, 1)
+        return {
+            "events": self.events,
+            "scored": self.scored,
+            f"online_HR@{K}": self.hits_online / scored,
+            f"frozen_HR@{K}": self.hits_frozen / scored,
+            f"online_NDCG@{K}": self.ndcg_online / scored,
+            f"frozen_NDCG@{K}": self.ndcg_frozen / scored,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> PrequentialTotals:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+
+@torch.no_grad()
+def rank_targets(
+    model: SequentialEncoder,
+    prefixes: Sequence[Sequence[int]],
+    targets: Sequence[int],
+    *,
+    exclude_seen: bool = True,
+    chunk: int = 256,
+) -> npt.NDArray[np.int64]:
+    """0-based rank of each target among all items (a huge rank for items the model lacks)."""
+    num_items = int(model.item_embedding.num_items)
+    length = int(model.config.max_length)
+    ranks = np.full(len(targets), np.iinfo(np.int64).max, dtype=np.int64)
+    for start in range(0, len(targets), chunk):
+        rows = range(start, min(start + chunk, len(targets)))
+        ids = torch.zeros((len(rows), length), dtype=torch.long)  # [B, L], left-padded
+        for row, index in enumerate(rows):
+            known = [i for i in prefixes[index] if i <= num_items][-length:]
+            if known:
+                ids[row, length - len(known) :] = torch.tensor(known)
+        logits = model.score(model.encode(ids))  # [B, I + 1]
+        if exclude_seen:
+            logits.scatter_(1, ids, float("-inf"))  # history items (and padding) masked
+        logits[:, PADDING_ID] = float("-inf")
+        for row, index in enumerate(rows):
+            target = targets[index]
+            has_history = bool((ids[row] != PADDING_ID).any())
+            if 0 < target <= num_items and has_history:
+                score = logits[row, target]
+                if torch.isfinite(score):
+                    ranks[index] = int((logits[row] > score).sum())
+    return ranks
+
+
+def totals_from_ranks(
+    online: npt.NDArray[np.int64], frozen: npt.NDArray[np.int64], events: int
+) -> PrequentialTotals:
+    def ndcg(ranks: npt.NDArray[np.int64]) -> float:
+        hit = ranks[ranks < K]
+        return float(sum(1.0 / math.log2(r + 2) for r in hit.tolist()))
+
+    return PrequentialTotals(
+        events=events,
+        scored=len(online),
+        hits_online=int((online < K).sum()),
+        hits_frozen=int((frozen < K).sum()),
+        ndcg_online=ndcg(online),
+        ndcg_frozen=ndcg(frozen),
+    )
+
+
+class PrequentialLog:
+    """One CSV row per micro-batch (offset, counts, cumulative HR@10), in the run directory.
+
+    After a restart the rows past the resumed offset are dropped: those events are learned again
+    from the published version, and each must be counted once.
+    """
+
+    columns = ("offset", "events", "scored", "hits_online", "hits_frozen", "cum_online_hr",
+               "cum_frozen_hr")  # fmt: skip
+
+    def __init__(self, run_dir: Path, resume_offset: int) -> None:
+        self.path = run_dir / CSV_NAME
+        rows = self.read()
+        kept = [row for row in rows if int(row["offset"]) <= resume_offset]
+        if len(kept) != len(rows) or not self.path.exists():
+            self._rewrite(kept)
+
+    def read(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with self.path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+    def append(self, offset: int, batch: PrequentialTotals, total: PrequentialTotals) -> None:
+        scored = max(total.scored, 1)
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow(
+                [offset, batch.events, batch.scored, batch.hits_online, batch.hits_frozen,
+                 f"{total.hits_online / scored:.6f}", f"{total.hits_frozen / scored:.6f}"]
+            )  # fmt: skip
+
+    def plot(self, window: int = 2000) -> Path | None:
+        """HR@10 over the stream (sliding window of scored events, and cumulative)."""
+        rows = self.read()
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        scored = np.array([int(r["scored"]) for r in rows], dtype=np.float64)
+        events = np.cumsum([int(r["events"]) for r in rows])
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for name, color in (("online", "tab:blue"), ("frozen", "tab:gray")):
+            hits = np.array([int(r[f"hits_{name}"]) for r in rows], dtype=np.float64)
+            ax.plot(events, _sliding(hits, scored, window), color=color,
+                    label=f"{name}, last {window} scored events")  # fmt: skip
+            ax.plot(events, np.cumsum(hits) / np.maximum(np.cumsum(scored), 1), color=color,
+                    linestyle="--", label=f"{name}, cumulative")  # fmt: skip
+        ax.set_xlabel("events streamed")
+        ax.set_ylabel(f"prequential HR@{K}")
+        ax.set_title("Online learner vs frozen starting model (test-then-train)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = self.path.with_name(PLOT_NAME)
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out
+
+
+def _sliding(
+    hits: npt.NDArray[np.float64], scored: npt.NDArray[np.float64], window: int
+) -> npt.NDArray[np.float64]:
+    """Hit rate over roughly the last `window` scored events at each row."""
+    cum_hits, cum_scored = np.cumsum(hits), np.cumsum(scored)
+    start = np.searchsorted(cum_scored, cum_scored - window, side="right")
+    base_hits = np.where(start > 0, cum_hits[np.maximum(start - 1, 0)], 0.0)
+    base_scored = np.where(start > 0, cum_scored[np.maximum(start - 1, 0)], 0.0)
+    return (cum_hits - base_hits) / np.maximum(cum_scored - base_scored, 1)

@@ -1,0 +1,371 @@
+"""The online learner: test-then-train, new-item admission, deltas, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from safetensors import safe_open
+
+from recloop.errors import ConfigError
+from recloop.models.io import load_model
+from recloop.online.events import Event, SqliteEventLog
+from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
+from recloop.online.learner import (
+    CRASH_ENV,
+    OnlineConfig,
+    OnlineLearner,
+    OnlineState,
+    load_online_config,
+)
+from recloop.online.optim import LazyAdam, grow_rows
+from recloop.online.prequential import CSV_NAME, PLOT_NAME
+from recloop.registry import WEIGHTS, Registry
+from tests.serving import make_dataset, train_version
+
+NUM_ITEMS = 120
+FAST = OnlineConfig(batch_events=64, publish_every_events=256, publish_every_seconds=0)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """(dataset dir, registry dir, version): a tiny SASRec trained on synthetic data."""
+    root = tmp_path_factory.mktemp("online-base")
+    data = make_dataset(root / "data", num_items=NUM_ITEMS)
+    version = train_version(data, root / "registry", root / "run", seed=0)
+    return data, root / "registry", version
+
+
+@pytest.fixture
+def registry(base: tuple[Path, Path, str], tmp_path: Path) -> Registry:
+    """A private copy of the base registry, so each test publishes on its own."""
+    shutil.copytree(base[1], tmp_path / "registry")
+    return Registry(tmp_path / "registry")
+
+
+def successor(item: int) -> int:
+    """A fixed item -> item rule the base model never saw: the pattern online learning finds."""
+    return (item * 7) % NUM_ITEMS + 1
+
+
+def pattern_events(pairs: int, seed: int = 0) -> list[Event]:
+    rng = random.Random(seed)
+    events = []
+    for i in range(pairs):
+        user, item = str(rng.randrange(300)), rng.randrange(1, NUM_ITEMS + 1)
+        events.append(Event(user, str(item), 1e9 + 2 * i))
+        events.append(Event(user, str(successor(item)), 1e9 + 2 * i + 1))
+    return events
+
+
+def event_log(path: Path, events: list[Event]) -> SqliteEventLog:
+    log = SqliteEventLog(path)
+    log.append(events)
+    return log
+
+
+def state_of(registry: Registry, version: str) -> OnlineState:
+    state = OnlineState.from_manifest(registry.manifest(version))
+    assert state is not None
+    return state
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def test_lazy_adam_moves_only_rows_with_gradients() -> None:
+    table = torch.nn.Parameter(torch.randn(10, 4))
+    before = table.detach().clone()
+    optimizer = LazyAdam([table], lr=0.1)
+    for _ in range(3):  # later steps: only row 2 has a gradient, rows 5 and 7 must not drift
+        optimizer.zero_grad()
+        loss = table[2].sum() + (table[[5, 7]].sum() if _ == 0 else 0)
+        loss.backward()
+        optimizer.step()
+    moved = (table.detach() != before).any(dim=1).nonzero().squeeze(1).tolist()
+    assert moved == [2, 5, 7]
+    after_first = table.detach().clone()
+    optimizer.zero_grad()
+    table[2].sum().backward()
+    optimizer.step()
+    assert torch.equal(table.detach()[[5, 7]], after_first[[5, 7]])  # no momentum drift
+
+
+def test_grow_rows_keeps_optimizer_state() -> None:
+    table = torch.nn.Parameter(torch.randn(5, 3))
+    optimizer = LazyAdam([table], lr=0.1)
+    table.sum().backward()
+    optimizer.step()
+    grown = grow_rows(table, torch.ones(2, 3), optimizer)
+    assert grown.shape == (7, 3) and torch.equal(grown.detach()[5:], torch.ones(2, 3))
+    state = optimizer.state[grown]
+    assert state["exp_avg"].shape == (7, 3) and torch.all(state["exp_avg"][5:] == 0)
+    assert optimizer.param_groups[0]["params"][0] is grown
+
+
+def test_vocabulary_grows_and_keeps_integer_raw_ids(tmp_path: Path) -> None:
+    pl.DataFrame({"id": [1, 2], "raw": [10, 20]}).write_parquet(tmp_path / "items.parquet")
+    vocabulary = OnlineVocabulary.from_parquet(tmp_path / "items.parquet")
+    assert vocabulary.dense("20") == 2 and vocabulary.dense("30") == 0
+    assert vocabulary.add("30") == 3
+    table = pl.read_parquet(vocabulary.parquet_bytes())
+    assert table["raw"].dtype == pl.Int64 and table["raw"].to_list() == [10, 20, 30]
+    vocabulary.add("sku-x")  # not an integer: the column becomes text, nothing is lost
+    table = pl.read_parquet(vocabulary.parquet_bytes())
+    assert table["raw"].to_list() == ["10", "20", "30", "sku-x"]
+    assert table["id"].to_list() == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="already in the vocabulary"):
+        vocabulary.add("20")
+
+
+def test_pending_items_admit_after_n_occurrences_with_context() -> None:
+    pending = PendingItems(admit_after=3)
+    assert not pending.observe("new", [1, 2])
+    assert not pending.observe("new", [3])
+    assert pending.observe("new", [4])
+    assert pending.admit("new") == [1, 2, 3, 4] and len(pending) == 0
+
+
+def test_initial_row_is_the_mean_of_neighbours() -> None:
+    table = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    assert torch.equal(initial_row(table, [1, 3]), (table[1] + table[3]) / 2)
+    assert torch.equal(initial_row(table, []), table[1:].mean(0))  # nothing known: catalogue mean
+
+
+def test_attributes_rank_neighbours_by_shared_attributes(tmp_path: Path) -> None:
+    path = tmp_path / "attributes.json"
+    path.write_text(json.dumps({"1": [1, 2], "2": [2], "3": [9], "new": [1, 2]}))
+    vocabulary = OnlineVocabulary(["1", "2", "3"], pl.Utf8)
+    assert ItemAttributes.from_json(path).neighbours("new", vocabulary) == [1, 2]
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        ItemAttributes.from_json(path)
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "online.toml"
+    path.write_text("[online]\nbatch_event = 3\n")
+    with pytest.raises(ConfigError, match=r"online\.batch_event"):
+        load_online_config(path)
+    with pytest.raises(ConfigError, match=r"online\.admit_after must be >= 1"):
+        load_online_config(None, ["online.admit_after=0"])
+    with pytest.raises(ConfigError, match=r"online\.lr must be"):
+        load_online_config(None, ["online.lr=fast"])
+    assert load_online_config(None, ["online.lr=1e-3"]).lr == 1e-3
+
+
+# ----------------------------------------------------------------------------- the learner
+
+
+def test_online_learning_beats_the_frozen_model_on_a_new_pattern(
+    registry: Registry, tmp_path: Path
+) -> None:
+    log = event_log(tmp_path / "events.db", pattern_events(1500))
+    config = OnlineConfig(
+        batch_events=64, publish_every_events=1000, publish_every_seconds=0, lr=3e-3,
+        embedding_lr=1e-2, steps_per_batch=2, replay_windows=32,
+    )  # fmt: skip
+    learner = OnlineLearner(registry, log, config, tmp_path / "run")
+    summary = learner.run()
+    assert summary.events == 3000 and summary.offset == 3000
+    totals = summary.totals
+    assert totals["scored"] == 3000 and totals["events"] == 3000
+    # The second event of each pair follows a rule the base model never saw; test-then-train
+    # lets the online model learn it while the frozen model keeps missing.
+    assert totals["online_HR@10"] > totals["frozen_HR@10"] + 0.05
+    rows = pl.read_csv(tmp_path / "run" / CSV_NAME)
+    assert rows["events"].sum() == 3000 and rows["offset"].is_unique().all()
+    assert (tmp_path / "run" / PLOT_NAME).stat().st_size > 0
+    # What was published is exactly the model in memory (the delta chain loads bitwise).
+    model, manifest = load_model(registry, summary.version)
+    for name, tensor in learner.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert manifest["kind"] == "delta" and manifest["method"] == "online"
+    assert log.committed(config.consumer) == 3000
+
+
+def test_deltas_hold_only_rows_that_moved(registry: Registry, tmp_path: Path) -> None:
+    events = pattern_events(20)
+    log = event_log(tmp_path / "events.db", events)
+    config = OnlineConfig(
+        batch_events=40, publish_every_events=40, publish_every_seconds=0, replay_windows=0,
+        num_negatives=8, train_dense=False,
+    )  # fmt: skip
+    learner = OnlineLearner(registry, log, config, tmp_path / "run")
+    base_table = learner.model.item_embedding.weight.detach().clone()
+    version = learner.run().published[0]
+    delta = registry.manifest(version)["delta"]
+    assert set(delta) == {"item_embedding.weight"}  # dense weights frozen: not in the delta
+    with safe_open(registry.path(version) / WEIGHTS, framework="pt") as stored:
+        rows = len(stored.get_tensor(delta["item_embedding.weight"]["rows"]))
+    table = registry.load_tensors(version)["item_embedding.weight"]
+    assert rows == len(torch.nonzero((table != base_table).any(dim=1)))  # exactly what moved
+    touched = {int(e.item_id) for e in events}
+    # Positives (every event's item and history) plus 8 negatives: far from the whole table.
+    assert len(touched) <= rows < NUM_ITEMS
+
+
+def test_new_item_joins_after_admit_after_occurrences(registry: Registry, tmp_path: Path) -> None:
+    base_items = Registry(registry.root).manifest("latest")["model"]["num_items"]
+    events = pattern_events(50)
+    # "sku-new" follows item 5 for three new users; admit_after=2: the second occurrence admits it.
+    for i, user in enumerate(("new-1", "new-2", "new-3")):
+        events += [Event(user, "5", 2e9 + 2 * i), Event(user, "sku-new", 2e9 + 2 * i + 1)]
+    events.append(Event("4", "sku-once", 3e9))  # seen once: stays pending
+    log = event_log(tmp_path / "events.db", events)
+    config = OnlineConfig(
+        batch_events=500, publish_every_events=500, publish_every_seconds=0, admit_after=2,
+        steps_per_batch=1, embedding_lr=1e-9, lr=1e-9,
+    )  # fmt: skip
+    learner = OnlineLearner(registry, log, config, tmp_path / "run")
+    row_of_5 = learner.model.item_embedding.weight.detach()[5].clone()
+    summary = learner.run()
+    assert summary.admitted == 1
+    new_id = base_items + 1
+    assert learner.vocabulary.dense("sku-new") == new_id
+    assert learner.vocabulary.dense("sku-once") == 0 and learner.pending.counts["sku-once"] == 1
+    # Initialised from its co-occurring items (only item 5 for both users before admission); the
+    # tiny learning rate leaves it there, so the published row is that mean.
+    model, manifest = load_model(registry, summary.version)
+    assert model.item_embedding.num_items == new_id and manifest["model"]["num_items"] == new_id
+    assert torch.allclose(model.item_embedding.weight.detach()[new_id], row_of_5, atol=1e-5)
+    vocabulary = pl.read_parquet(registry.file(summary.version, "items.parquet"))
+    assert vocabulary["raw"].cast(pl.Utf8).to_list()[-1] == "sku-new"
+    admitted_at = len(events) - 3  # the offset of its second occurrence
+    assert state_of(registry, summary.version).admitted == {"sku-new": admitted_at}
+    # The first occurrence came before admission: only the second and third are in sequences.
+    assert learner.sequences["new-1"] == [5] and learner.sequences["new-2"] == [5, new_id]
+    counts = np.load(registry.file(summary.version, "item_counts.npy"))
+    assert counts.shape == (new_id + 1,) and counts[new_id] == 2
+
+
+def test_restart_replays_state_and_continues_from_the_published_offset(
+    registry: Registry, tmp_path: Path
+) -> None:
+    events = pattern_events(200)
+    events += [Event("1", "sku-new", 2e9), Event("2", "sku-new", 2e9 + 1)]
+    events += pattern_events(100, seed=1)
+    log = event_log(tmp_path / "events.db", events)
+    first = OnlineLearner(registry, log, FAST, tmp_path / "run")
+    first.run(max_events=500)
+    assert first.offset == 500 and state_of(registry, first.version).offset == 500
+    second = OnlineLearner(registry, log, FAST, tmp_path / "run")
+    assert second.version == first.version and second.offset == 500
+    # User sequences, the grown vocabulary and pending items are rebuilt from the log.
+    assert second.sequences == {u: s for u, s in first.sequences.items() if u in second.sequences}
+    assert second.vocabulary.dense("sku-new") == first.vocabulary.dense("sku-new") > 0
+    summary = second.run()
+    assert summary.offset == len(events) and summary.events == len(events) - 500
+    assert state_of(registry, summary.version).totals.events == len(events)
+
+
+def test_starting_from_another_version_does_not_resume_this_learner(
+    registry: Registry, tmp_path: Path
+) -> None:
+    log = event_log(tmp_path / "events.db", pattern_events(100))
+    learner = OnlineLearner(registry, log, FAST, tmp_path / "run")
+    learner.run()
+    other = OnlineConfig(consumer="other", publish_every_seconds=0)
+    fresh = OnlineLearner(registry, log, other, tmp_path / "run-other", start="v000001")
+    assert fresh.version == "v000001" and fresh.offset == 0
+
+
+def test_compaction_starts_a_fresh_chain(registry: Registry, tmp_path: Path) -> None:
+    log = event_log(tmp_path / "events.db", pattern_events(300))
+    config = OnlineConfig(
+        batch_events=50, publish_every_events=50, publish_every_seconds=0, compact_every=3
+    )
+    summary = OnlineLearner(registry, log, config, tmp_path / "run").run()
+    kinds = [(info.kind, info.method) for info in registry.list()][1:]
+    assert kinds[:4] == [("delta", "online")] * 3 + [("full", "compact")]
+    assert max(info.chain_depth for info in registry.list()) == 3
+    assert state_of(registry, summary.version).offset == 600  # compaction keeps the offset
+
+
+def test_production_follows_the_learner_when_it_pointed_at_its_parent(
+    registry: Registry, tmp_path: Path
+) -> None:
+    registry.promote("v000001")
+    log = event_log(tmp_path / "events.db", pattern_events(100))
+    summary = OnlineLearner(registry, log, FAST, tmp_path / "run").run()
+    assert registry.production() == summary.version
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+
+def learner_command(registry: Path, events: Path, run_dir: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "recloop.cli", "online", "--registry", str(registry),
+        "--event-log", str(events), "--run-dir", str(run_dir), "--threads", "1",
+        "online.batch_events=64", "online.publish_every_events=256",
+        "online.publish_every_seconds=0", "online.admit_after=2",
+    ]  # fmt: skip
+
+
+def run_learner(command: list[str], crash_at: str | None = None) -> int:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env.pop(CRASH_ENV, None)
+    if crash_at:
+        env[CRASH_ENV] = crash_at
+    return subprocess.run(command, env=env, capture_output=True, timeout=120).returncode
+
+
+def test_kill_9_at_any_point_loses_nothing_and_applies_nothing_twice(
+    base: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    events = pattern_events(500)
+    events += [Event(str(u), "sku-new", 2e9 + u) for u in range(3)]
+    events += pattern_events(200, seed=1)
+    runs = {}
+    for name in ("reference", "crashed"):
+        shutil.copytree(base[1], tmp_path / name / "registry")
+        event_log(tmp_path / name / "events.db", events).close()
+        runs[name] = learner_command(
+            tmp_path / name / "registry", tmp_path / name / "events.db", tmp_path / name / "run"
+        )
+    assert run_learner(runs["reference"]) == 0
+
+    # Crash between every pair of steps that matter, then once more at a random moment.
+    for point in ("batch:3", "state-saved:1", "published:1", "committed:1", "batch:9"):
+        assert run_learner(runs["crashed"], point) == -signal.SIGKILL, point
+    quiet = subprocess.DEVNULL
+    process = subprocess.Popen(runs["crashed"], stdout=quiet, stderr=quiet)
+    time.sleep(random.Random(7).uniform(2.0, 4.0))
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert run_learner(runs["crashed"]) == 0
+
+    reference, crashed = (
+        Registry(tmp_path / "reference/registry"),
+        Registry(tmp_path / "crashed/registry"),
+    )
+    ref_versions = [(i.id, i.kind) for i in reference.list()]
+    assert [(i.id, i.kind) for i in crashed.list()] == ref_versions  # no duplicate publish
+    final = ref_versions[-1][0]
+    ref_state, crash_state = state_of(reference, final), state_of(crashed, final)
+    assert crash_state.offset == ref_state.offset == len(events)
+    assert crash_state.totals == ref_state.totals and crash_state.totals.events == len(events)
+    assert crash_state.admitted == ref_state.admitted and "sku-new" in crash_state.admitted
+    # Optimizer and RNG state travel with each publish: the crashed run took the same steps.
+    ref_tensors, crash_tensors = reference.load_tensors(final), crashed.load_tensors(final)
+    for name, tensor in ref_tensors.items():
+        assert torch.equal(crash_tensors[name], tensor), name
+    for info in crashed.list():
+        crashed.verify(info.id)  # every version complete and checksummed
+    rows = pl.read_csv(tmp_path / "crashed/run" / CSV_NAME)
+    assert rows.equals(pl.read_csv(tmp_path / "reference/run" / CSV_NAME))
+    assert rows["events"].sum() == len(events)
+    log = SqliteEventLog(tmp_path / "crashed/events.db")
+    assert log.committed("online-learner") == len(events)
