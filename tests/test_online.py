@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from recloop.errors import ConfigError
 from recloop.models.io import load_model
 from recloop.online.events import Event, SqliteEventLog
+from recloop.online.events_redis import RedisStreamEventLog
 from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
 from recloop.online.learner import (
     CRASH_ENV,
@@ -32,6 +34,7 @@ from recloop.online.learner import (
 from recloop.online.optim import LazyAdam, grow_rows
 from recloop.online.prequential import CSV_NAME, PLOT_NAME
 from recloop.registry import WEIGHTS, Registry
+from tests.redis_server import running_redis
 from tests.serving import make_dataset, train_version
 
 NUM_ITEMS = 120
@@ -79,6 +82,12 @@ def state_of(registry: Registry, version: str) -> OnlineState:
     state = OnlineState.from_manifest(registry.manifest(version))
     assert state is not None
     return state
+
+
+def published_offset(registry: Registry) -> int:
+    """The event offset covered by the newest version (0 before the learner published)."""
+    state = OnlineState.from_manifest(registry.manifest("latest"))
+    return state.offset if state is not None else 0
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -200,7 +209,7 @@ def test_deltas_hold_only_rows_that_moved(registry: Registry, tmp_path: Path) ->
     log = event_log(tmp_path / "events.db", events)
     config = OnlineConfig(
         batch_events=40, publish_every_events=40, publish_every_seconds=0, replay_windows=0,
-        num_negatives=8, train_dense=False,
+        loss="sampled_softmax", num_negatives=8, train_dense=False,
     )  # fmt: skip
     learner = OnlineLearner(registry, log, config, tmp_path / "run")
     base_table = learner.model.item_embedding.weight.detach().clone()
@@ -300,6 +309,47 @@ def test_production_follows_the_learner_when_it_pointed_at_its_parent(
     log = event_log(tmp_path / "events.db", pattern_events(100))
     summary = OnlineLearner(registry, log, FAST, tmp_path / "run").run()
     assert registry.production() == summary.version
+
+
+def test_follow_mode_publishes_new_events_on_the_time_trigger(
+    registry: Registry, tmp_path: Path
+) -> None:
+    log = event_log(tmp_path / "events.db", pattern_events(50))
+    config = OnlineConfig(
+        batch_events=64, publish_every_events=10_000, publish_every_seconds=0.2, poll_seconds=0.02
+    )
+    learner = OnlineLearner(registry, log, config, tmp_path / "run")
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: learner.run(follow=True, stop=stop))
+    worker.start()
+    try:
+        writer = SqliteEventLog(tmp_path / "events.db")  # another connection, as serving has
+        writer.append(pattern_events(25, seed=3))
+        deadline = time.monotonic() + 60
+        while published_offset(registry) < 150:
+            assert time.monotonic() < deadline, "the learner did not publish the new events"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert log.committed(config.consumer) == 150
+
+
+def test_learner_consumes_a_redis_stream(registry: Registry, tmp_path: Path) -> None:
+    with (
+        running_redis(tmp_path / "redis") as server,
+        RedisStreamEventLog(server.url, stream="online:events") as log,
+    ):
+        log.append(pattern_events(150))
+        learner = OnlineLearner(registry, log, FAST, tmp_path / "run")
+        summary = learner.run()
+        assert summary.events == 300 and summary.offset == log.last_offset()
+        assert log.committed(FAST.consumer) == summary.offset
+        assert state_of(registry, summary.version).offset == summary.offset
+        # A restart over the stream resumes at the published offset: nothing to do.
+        again = OnlineLearner(registry, log, FAST, tmp_path / "run")
+        assert again.offset == summary.offset and again.run().events == 0
 
 
 # ----------------------------------------------------------------------------- kill -9

@@ -74,6 +74,8 @@ _crash_counts: dict[str, int] = {}
 TABLE = "item_embedding.weight"
 ITEM_COUNTS_FILE = "item_counts.npy"
 VOCABULARY_FILE = "items.parquet"
+PLOT_EVERY_SECONDS = 60.0  # RUN/prequential.png is redrawn at most this often, and at the end
+TOKENS_PER_CHUNK = 8192  # padded positions per forward pass of a training step
 CONTEXT_ITEMS = 10  # a user's most recent items taken as a new item's co-occurrence context
 
 
@@ -88,9 +90,12 @@ class OnlineConfig:
     lr: float = 5e-4  # AdamW, dense weights (small: the model is already trained)
     embedding_lr: float = 1e-3  # lazy Adam, item rows
     train_dense: bool = True  # False: only item rows learn (smaller deltas)
-    loss: LossName = "sampled_softmax"
-    num_negatives: int = 256
-    negatives: NegativeSampling = "uniform"
+    # "auto": the loss (and negatives) the starting model was trained with, from its manifest;
+    # fine-tuning a full-softmax model with sampled softmax shifts its scores (measured on the
+    # Beauty replay: below the frozen model), so the objective stays what it was.
+    loss: LossName | Literal["auto"] = "auto"
+    num_negatives: int | None = None  # sampled softmax; None: the starting model's (or 256)
+    negatives: NegativeSampling | Literal["auto"] = "auto"
     grad_clip: float | None = 1.0
     admit_after: int = 2  # occurrences before an unseen item joins the vocabulary
     new_item_init: Literal["cooccurrence", "attributes"] = "cooccurrence"
@@ -104,7 +109,9 @@ class OnlineConfig:
     poll_seconds: float = 0.2  # --follow: wait between empty reads
 
     def __post_init__(self) -> None:
-        positive = ("batch_events", "steps_per_batch", "num_negatives", "admit_after")
+        if self.num_negatives is not None and self.num_negatives < 1:
+            raise ConfigError(f"online.num_negatives must be >= 1, got {self.num_negatives}")
+        positive = ("batch_events", "steps_per_batch", "admit_after")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"online.{name} must be >= 1, got {getattr(self, name)}")
@@ -255,12 +262,7 @@ class OnlineLearner:
         self.pending = PendingItems(config.admit_after)
         self.sequences: dict[str, list[int]] = {}
         self._base = _BaseHistory.open(data, registry.manifest(self.state.origin), self.vocabulary)
-        self._loss_config = TrainConfig(
-            loss=config.loss,
-            num_negatives=config.num_negatives,
-            negatives=config.negatives,
-            max_length=self.max_length,
-        )
+        self._loss_config = _loss_config(config, registry.manifest(self.state.origin))
         self._rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
         self._build_optimizers()
@@ -269,6 +271,7 @@ class OnlineLearner:
         self.prequential = PrequentialLog(self.run_dir, self.offset)
         self._unpublished_events = 0
         self._last_publish = time.monotonic()
+        self._last_plot = time.monotonic()
 
     # ------------------------------------------------------------------ set-up
 
@@ -435,24 +438,23 @@ class OnlineLearner:
         return [self.sequences[touched[int(i)]] for i in picks]
 
     def _train_step(self, sequences: Sequence[Sequence[int]]) -> None:
-        usable = [s[-(self.max_length + 1) :] for s in sequences if len(s) >= 2]
+        """One optimizer step on every prefix of `sequences` (their last max_length + 1 items).
+
+        Windows are sorted by length and run in chunks, each padded only to its own longest:
+        a batch of mostly short histories then costs its real tokens, not B x max_length.
+        """
+        usable = sorted((s[-(self.max_length + 1) :] for s in sequences if len(s) >= 2), key=len)
         if not usable:
             return
-        width = max(len(s) for s in usable) - 1
-        inputs = torch.zeros((len(usable), width), dtype=torch.long)  # [B, W], left-padded
-        targets = torch.zeros((len(usable), width), dtype=torch.long)  # [B, W]
-        for row, sequence in enumerate(usable):
-            n = len(sequence) - 1
-            inputs[row, width - n :] = torch.tensor(sequence[:-1])
-            targets[row, width - n :] = torch.tensor(sequence[1:])
-        self.model.train()
-        hidden = self.model(inputs)  # [B, W, D]
-        num_items = self.vocabulary.num_items
-        loss_sum, tokens = next_item_loss(self.model, hidden, targets, self._loss_config, num_items)
-        loss = loss_sum / tokens.clamp_min(1)
+        total_tokens = sum(len(s) - 1 for s in usable)
         self.dense_optimizer.zero_grad(set_to_none=True)
         self.row_optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        self.model.train()
+        num_items = self.vocabulary.num_items
+        for inputs, targets in _padded_chunks(usable, TOKENS_PER_CHUNK):  # [B, W] each
+            hidden = self.model(inputs)  # [B, W, D]
+            loss_sum, _ = next_item_loss(self.model, hidden, targets, self._loss_config, num_items)
+            (loss_sum / total_tokens).backward()  # type: ignore[no-untyped-call]
         if self.config.grad_clip is not None:
             params = [p for p in self.model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
@@ -474,9 +476,10 @@ class OnlineLearner:
         every = self.config.publish_every_seconds
         return every > 0 and time.monotonic() - self._last_publish >= every
 
-    def publish(self) -> str | None:
-        """Publishes what changed since the last version (None when nothing did)."""
-        if self._unpublished_events == 0:
+    def publish(self, *, force: bool = False) -> str | None:
+        """Publishes what changed since the last version (None when no event was applied since;
+        `force`: publish the model's changes anyway, e.g. rows edited by an operator)."""
+        if self._unpublished_events == 0 and not force:
             return None
         started = time.perf_counter()
         changes = self._changes()
@@ -523,7 +526,9 @@ class OnlineLearner:
         if self.config.compact_every and self.state.deltas >= self.config.compact_every:
             self._compact()
         self._prune_learner_states(self.offset)
-        self.prequential.plot()
+        if time.monotonic() - self._last_plot > PLOT_EVERY_SECONDS:
+            self.prequential.plot()  # ~0.5 s of matplotlib: not at every publish
+            self._last_plot = time.monotonic()
         return version
 
     def _changes(self) -> dict[str, torch.Tensor | RowUpdate]:
@@ -599,6 +604,7 @@ class OnlineLearner:
                 if self.due():
                     published.append(self.publish())
             published.append(self.publish())
+        self.prequential.plot()
         done = [v for v in published if v is not None]
         return RunSummary(
             version=self.version,
@@ -609,6 +615,28 @@ class OnlineLearner:
             totals=self.state.totals.summary(),
             seconds=time.perf_counter() - started,
         )
+
+
+def _padded_chunks(
+    windows: Sequence[Sequence[int]], max_tokens: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) [B, W] left-padded chunks of length-sorted `windows`, each chunk at
+    most `max_tokens` padded positions (and at least one window)."""
+    start = 0
+    while start < len(windows):
+        end = start + 1
+        while end < len(windows) and (end + 1 - start) * (len(windows[end]) - 1) <= max_tokens:
+            end += 1
+        chunk = windows[start:end]
+        width = len(chunk[-1]) - 1  # the longest: windows are sorted by length
+        inputs = torch.zeros((len(chunk), width), dtype=torch.long)
+        targets = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, window in enumerate(chunk):
+            n = len(window) - 1
+            inputs[row, width - n :] = torch.tensor(window[:-1])
+            targets[row, width - n :] = torch.tensor(window[1:])
+        yield inputs, targets
+        start = end
 
 
 class _BaseHistory:
@@ -648,6 +676,16 @@ class _BaseHistory:
         rows = self._items[self._offsets[index] : self._offsets[index + 1]]
         mapped = self._mapping[rows]
         return [int(i) for i in mapped[mapped > 0]]
+
+
+def _loss_config(config: OnlineConfig, origin: dict[str, Any]) -> TrainConfig:
+    """The training loss settings: the config's, with "auto" filled from how the origin
+    version was trained (sampled softmax with 256 uniform negatives when it does not say)."""
+    trained = ((origin.get("training") or {}).get("config") or {}).get("train") or {}
+    loss = config.loss if config.loss != "auto" else trained.get("loss", "sampled_softmax")
+    negatives = config.negatives if config.negatives != "auto" else trained.get("negatives")
+    count = config.num_negatives or trained.get("num_negatives") or 256
+    return TrainConfig(loss=loss, negatives=negatives or "uniform", num_negatives=int(count))
 
 
 def _vocabulary_file(manifest: dict[str, Any]) -> str:

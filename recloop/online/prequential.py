@@ -71,27 +71,31 @@ def rank_targets(
     targets: Sequence[int],
     *,
     exclude_seen: bool = True,
-    chunk: int = 256,
+    max_logits: int = 1 << 24,
 ) -> npt.NDArray[np.int64]:
-    """0-based rank of each target among all items (a huge rank for items the model lacks)."""
+    """0-based rank of each target among all items (a huge rank for items the model lacks).
+    Users go in chunks of at most `max_logits` scores (64 MiB), whatever the catalogue size."""
     num_items = int(model.item_embedding.num_items)
     length = int(model.config.max_length)
+    # Chunks of users with similar history lengths, so each pads only to its own longest.
+    chunk = max(1, min(128, max_logits // (num_items + 1)))
+    kept = [[i for i in prefix if i <= num_items][-length:] for prefix in prefixes]
+    order = sorted(range(len(kept)), key=lambda index: len(kept[index]))  # similar lengths
     ranks = np.full(len(targets), np.iinfo(np.int64).max, dtype=np.int64)
-    for start in range(0, len(targets), chunk):
-        rows = range(start, min(start + chunk, len(targets)))
-        ids = torch.zeros((len(rows), length), dtype=torch.long)  # [B, L], left-padded
+    for start in range(0, len(order), chunk):
+        rows = order[start : start + chunk]
+        width = max(1, len(kept[rows[-1]]))  # the longest of the chunk: no wider padding
+        ids = torch.zeros((len(rows), width), dtype=torch.long)  # [B, W], left-padded
         for row, index in enumerate(rows):
-            known = [i for i in prefixes[index] if i <= num_items][-length:]
-            if known:
-                ids[row, length - len(known) :] = torch.tensor(known)
+            if kept[index]:
+                ids[row, width - len(kept[index]) :] = torch.tensor(kept[index])
         logits = model.score(model.encode(ids))  # [B, I + 1]
         if exclude_seen:
             logits.scatter_(1, ids, float("-inf"))  # history items (and padding) masked
         logits[:, PADDING_ID] = float("-inf")
         for row, index in enumerate(rows):
             target = targets[index]
-            has_history = bool((ids[row] != PADDING_ID).any())
-            if 0 < target <= num_items and has_history:
+            if 0 < target <= num_items and kept[index]:
                 score = logits[row, target]
                 if torch.isfinite(score):
                     ranks[index] = int((logits[row] > score).sum())
