@@ -447,6 +447,38 @@ class Registry:
             return tensors
         return {name: t.to(device) for name, t in tensors.items()}
 
+    def read_delta(self, ref: str) -> tuple[dict[str, torch.Tensor | RowUpdate], Sequence[str]]:
+        """(changes, removed) that delta version `ref` itself stores, as given to
+        :meth:`publish_delta`: whole tensors for "replace", :class:`RowUpdate` for "rows".
+
+        Only the delta's weights file is read and checked against its sha256, not its chain:
+        for a reader that already holds the parent's tensors (a server applying deltas).
+        """
+        version_id = self.resolve(ref)
+        manifest = self._read_manifest(version_id)
+        delta = manifest.get("delta")
+        if manifest.get("kind") != "delta" or not isinstance(delta, dict):
+            raise RegistryError(
+                f"version {version_id} is kind {manifest.get('kind')!r}, not a delta"
+            )
+        meta = manifest["files"].get(WEIGHTS)
+        if not isinstance(meta, dict):
+            raise RegistryError(f"version {version_id}: manifest does not list {WEIGHTS}")
+        self._verify_file(version_id, WEIGHTS, meta)
+        changes: dict[str, torch.Tensor | RowUpdate] = {}
+        with self._open_weights(version_id) as read:
+            for name, spec in delta.items():
+                mode = spec.get("mode") if isinstance(spec, dict) else None
+                if mode == "rows":
+                    changes[name] = RowUpdate(rows=read(spec["rows"]), values=read(name))
+                elif mode == "replace":
+                    changes[name] = read(name)
+                else:
+                    raise RegistryError(
+                        f"version {version_id}: unknown delta mode {mode!r} for tensor {name!r}"
+                    )
+        return changes, [str(name) for name in manifest.get("removed") or []]
+
     def verify(self, ref: str) -> None:
         """Raises RegistryError unless every file listed in the manifest has its sha256.
 

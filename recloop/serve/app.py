@@ -158,7 +158,9 @@ class Service:
         return bundle
 
     async def reload(self, ref: str | None) -> tuple[ModelBundle, str | None]:
-        """Loads off the event loop (export, index build, parity check), then swaps."""
+        """Loads off the event loop, then swaps: a delta of the served version is applied to it
+        (milliseconds to a second), anything else loaded in full (export, index build, parity
+        check: seconds). See ModelHolder.load."""
         async with self._reload_lock:
             old = self.holder.current
             loop = asyncio.get_running_loop()
@@ -166,9 +168,13 @@ class Service:
             if old is not None and bundle is not old:
                 self.metrics.model_swaps.inc()
                 # Results cached under the old version are simply never asked for again (the
-                # version is in the cache field); the old bundle is closed once in-flight
-                # requests have had time to finish on it.
-                loop.call_later(self.config.swap_grace_seconds, old.close)
+                # version is in the cache field, and every delta is a new version). An old
+                # bundle with shard processes is closed once in-flight requests have had time
+                # to finish on it; any other is freed when the last of them drops it, rather
+                # than kept, with its copy of the item table, for the grace period (deltas
+                # come every few seconds).
+                if old.needs_close:
+                    loop.call_later(self.config.swap_grace_seconds, old.close)
             self.metrics.set_model(bundle.version)
             # A loaded bundle is millions of long-lived objects (vocabulary dicts, graphs); a
             # full garbage collection that walks them stalls every request for tens of ms.

@@ -8,6 +8,7 @@ training time comes from the prepared dataset (memory-mapped, nothing loaded per
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,31 +22,69 @@ from recloop.errors import DatasetError, ServingError
 
 
 class ItemCatalog:
-    """A model version's item vocabulary: raw id strings <-> dense ids (1..num_items)."""
+    """A model version's item vocabulary: raw id strings <-> dense ids (1..num_items).
 
-    def __init__(self, raw_by_id: npt.NDArray[Any]) -> None:
+    Immutable: :meth:`extended` returns a new catalogue for a vocabulary that grew.
+    """
+
+    def __init__(self, raw_by_id: npt.NDArray[Any], series: pl.Series | None = None) -> None:
+        """``raw_by_id``: raw id of dense id 1, 2, ...; ``series``: the same as read from the
+        vocabulary file, kept to compare a newer file with it (see :meth:`extended`)."""
         self.vocabulary = Vocabulary(raw_by_id=raw_by_id, first_id=1)
+        self._series = series
         # Plain dicts: a request looks up a few dozen ids, where a dict probe (~50 ns) beats a
         # vectorised binary search's call overhead (~10 us) by far. ~100 bytes per item.
-        self._raw_strings = [str(raw) for raw in raw_by_id.tolist()]
-        self._dense_by_raw = {raw: i for i, raw in enumerate(self._raw_strings, start=1)}
+        strings = [str(raw) for raw in raw_by_id.tolist()]
+        self._dense_by_raw = {raw: i for i, raw in enumerate(strings, start=1)}
+        # An object array, not a list: the cyclic GC does not walk it (a dict of str -> int is
+        # not tracked either), where a list of 1M strings costs ~40 ms in every full collection.
+        self._raw_strings: npt.NDArray[np.object_] = np.array(strings, dtype=object)
 
     @classmethod
     def from_parquet(cls, path: Path) -> ItemCatalog:
-        try:
-            table = pl.read_parquet(path)
-        except Exception as exc:  # polars raises several types for unreadable files
-            raise ServingError(f"{path}: cannot read the item vocabulary ({exc})") from None
-        if "raw" not in table.columns or "id" not in table.columns:
-            raise ServingError(f"{path}: item vocabulary needs columns id and raw")
-        ids = table["id"].to_numpy()
-        if len(ids) and not np.array_equal(ids, np.arange(1, len(ids) + 1)):
-            raise ServingError(f"{path}: item ids are not 1..{len(ids)} in order")
-        return cls(table["raw"].to_numpy())
+        raw = _read_raw_ids(path)
+        return cls(raw.to_numpy(), raw)
+
+    def extended(self, path: Path) -> ItemCatalog:
+        """The catalogue of a newer vocabulary file that appends items to this one (online
+        learning): this catalogue's lookups are copied and only the new items are added, which
+        is several times faster than building from scratch (1M items: 0.3 s vs 1.3 s); this
+        catalogue is not changed. Raises ServingError when the file does not start with this
+        catalogue's items in order (existing items renumbered: build a new catalogue).
+        """
+        raw = _read_raw_ids(path)
+        known = self.num_items
+        ours = self._series if self._series is not None else pl.Series(self.vocabulary.raw_by_id)
+        head, same_type = raw.head(known), raw.dtype == ours.dtype
+        if not same_type:  # e.g. integer raw ids turned text by a new id that is not a number
+            head, ours = head.cast(pl.Utf8), ours.cast(pl.Utf8)
+        if len(raw) < known or not head.equals(ours):
+            raise ServingError(
+                f"{path}: the vocabulary does not start with the {known} items of the current "
+                "one in order; the items were renumbered"
+            )
+        added = raw.slice(known).to_numpy()
+        strings = [str(item) for item in added.tolist()]
+        catalog = copy.copy(self)
+        catalog.vocabulary = Vocabulary(
+            raw_by_id=np.concatenate([self.vocabulary.raw_by_id, added])
+            if same_type
+            else raw.to_numpy(),  # one type, as a catalogue read from this file has
+            first_id=1,
+        )
+        catalog._series = raw
+        catalog._raw_strings = np.concatenate([self._raw_strings, np.array(strings, dtype=object)])
+        catalog._dense_by_raw = self._dense_by_raw.copy()
+        catalog._dense_by_raw.update({raw: known + i for i, raw in enumerate(strings, start=1)})
+        return catalog
 
     @property
     def num_items(self) -> int:
         return len(self._raw_strings)
+
+    def dense_id(self, raw_id: str) -> int:
+        """The dense id of one raw id, 0 when it is not in the catalogue."""
+        return self._dense_by_raw.get(raw_id, 0)
 
     def to_dense(self, raw_ids: Sequence[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
         """(dense ids of the known raw ids, in order; the unknown raw ids, in order)."""
@@ -57,8 +96,22 @@ class ItemCatalog:
         return np.array([i for i in dense if i], dtype=np.int64), unknown
 
     def to_raw(self, ids: npt.NDArray[np.int64]) -> list[str]:
-        strings = self._raw_strings
-        return [strings[i - 1] for i in ids.tolist()]
+        strings: list[str] = self._raw_strings[np.asarray(ids, dtype=np.int64) - 1].tolist()
+        return strings
+
+
+def _read_raw_ids(path: Path) -> pl.Series:
+    """The ``raw`` column of a vocabulary file, checked: ids are 1..n in order."""
+    try:
+        table = pl.read_parquet(path)
+    except Exception as exc:  # polars raises several types for unreadable files
+        raise ServingError(f"{path}: cannot read the item vocabulary ({exc})") from None
+    if "raw" not in table.columns or "id" not in table.columns:
+        raise ServingError(f"{path}: item vocabulary needs columns id and raw")
+    ids = table["id"].to_numpy()
+    if len(ids) and not np.array_equal(ids, np.arange(1, len(ids) + 1)):
+        raise ServingError(f"{path}: item ids are not 1..{len(ids)} in order")
+    return table["raw"]
 
 
 class UserHistory:
@@ -73,9 +126,10 @@ class UserHistory:
         self._offsets = np.array(dataset.sequences.offsets, dtype=np.int64)
         self._items = np.asarray(dataset.sequences.items).view(np.ndarray)
         # dataset dense id -> model dense id (0 where the model does not know the item).
-        raw_items = dataset.items.raw_by_id
-        mapping = catalog.vocabulary.to_dense(raw_items, missing=0)
-        self._to_model = np.concatenate([[0], mapping]).astype(np.int64)
+        # By string: an online-grown vocabulary may hold text ids beside the dataset's integers.
+        lookup = catalog.dense_id
+        mapping = [lookup(str(raw)) for raw in dataset.items.raw_by_id.tolist()]
+        self._to_model = np.array([0, *mapping], dtype=np.int64)
 
     @classmethod
     def open(cls, directory: Path, catalog: ItemCatalog) -> UserHistory:

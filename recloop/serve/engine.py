@@ -40,7 +40,7 @@ import tempfile
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +61,22 @@ MIN_LENGTH_BUCKET = 8  # shorter windows save little compute and would add bucke
 MAX_EXPORT_BATCH = 4096  # upper bound of the exported graph's dynamic batch dimension
 # Bump when the exported graph changes for the same weights (wrapper, export options), so that
 # cached files from an older recipe are not reused.
-EXPORT_RECIPE = 1
+# 2: weights keep their state-dict names (substitutable), the item table is an input.
+EXPORT_RECIPE = 2
+TABLE_KEY = "item_embedding.weight"  # the item table's state-dict key, in every model
+TABLE_INPUT = "item_table"  # the exported graph's input that takes the item table
+_WEIGHT_PREFIX = "model."  # QueryModule holds the model as `model`: its weights' names in a graph
+_WEIGHTS_METADATA = "recloop.weights"  # ONNX metadata: JSON {state-dict key: initializer name}
 # A correct engine agrees with torch to ~1e-6 (observed); a wrong model is off by >1e-2.
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-3
 PARITY_SAMPLES = 96  # random sequences on top of the fixed edge cases
+# An engine that reuses a checked graph with new weights (engine_with_weights) only needs to
+# show that the weights reached it: one batch of random sequences (a wrong or stale dense
+# tensor is off everywhere), plus sequences of the changed item rows (a stale table is off
+# there only). The edge cases test the graph and the engine code, checked at the full load.
+REWEIGHT_PARITY_SAMPLES = 32
+FOCUS_SAMPLES = 8
 # Loggers that print noise during export (e.g. "torchvision is not installed").
 _EXPORT_LOGGERS = (
     "torch.onnx",
@@ -149,6 +160,15 @@ class InferenceEngine(ABC):
     @abstractmethod
     def _new_bucket(self, batch: int, length: int) -> Bucket:
         """Allocates the buffers of one bucket and binds them to the runtime."""
+
+    def with_weights(
+        self, model: SequentialEncoder, changed: Collection[str], *, label: str
+    ) -> InferenceEngine:
+        """A new engine of this kind and settings for ``model``: the same architecture as this
+        engine's model, with the state-dict entries ``changed`` different (the item table may
+        have grown). This engine is left as it is. Not parity-checked: see
+        :func:`engine_with_weights`. ServingError when the engine cannot (build a new one)."""
+        raise ServingError(f"{self.name} engine for {label}: cannot take new weights")
 
     def encode(self, sequences: Sequence[npt.NDArray[np.integer[Any]]]) -> FloatArray:
         """[len(sequences), dim] float32 query vectors, one per sequence.
@@ -300,8 +320,12 @@ def export_onnx(model: SequentialEncoder, path: Path) -> Path:
     """Exports ``prepare_query(encode(ids))`` to an ONNX file at ``path`` and returns it.
 
     Dynamo exporter; dynamic batch (1..MAX_EXPORT_BATCH) and length (2..max_length; length 1
-    would be specialised by the exporter, so engines never feed less than 2). Weights are stored
-    inside the file (no external data), which limits models to 2 GB.
+    would be specialised by the exporter, so engines never feed less than 2). The item table is
+    not stored: it is the graph input ``item_table`` [rows, D] with a dynamic row count, so a
+    catalogue that grows (online deltas) runs on the same graph and the file stays small. The
+    other weights are stored inside the file (no external data, so at most 2 GB) under their
+    state-dict names (see :func:`_keep_weight_names`), listed in the ``recloop.weights``
+    metadata, so that an engine for new weights substitutes them instead of exporting again.
     """
     _, max_length, _ = _model_shape(model)
     if _model_device(model).type != "cpu":
@@ -324,15 +348,49 @@ def export_onnx(model: SequentialEncoder, path: Path) -> Path:
                 input_names=["ids"],
                 output_names=["query"],
                 verbose=False,
+                optimize=False,  # _keep_weight_names optimises, without folding the weights
             )
             if program is None:  # only the legacy exporter returns None
                 raise ServingError("torch.onnx.export returned no program")
+            _keep_weight_names(program, list(model.state_dict()))
             program.save(path, external_data=False)
     except ServingError:
         raise
     except Exception as error:  # the exporter raises many types; report them as one
         raise ServingError(f"ONNX export of {type(model).__name__} failed: {error}") from error
     return Path(path)
+
+
+def _keep_weight_names(program: Any, keys: list[str]) -> None:
+    """Optimises the exported graph with every weight left as a named initializer, and turns
+    the item table into the dynamic graph input ``item_table``.
+
+    The exporter's optimiser would fold weights into new anonymous constants (a Linear's
+    ``W`` becomes ``val_24 = W^T``) and merge equal ones, after which no initializer can be
+    swapped for a new version's tensor. Listing the weights as graph inputs during the pass
+    makes them non-constant to it; ONNX Runtime folds the same transposes itself when it
+    loads the file, so the served graph runs as fast (measured: the same per-batch time).
+    """
+    import onnx_ir as ir  # the exporter's IR library; needed only here
+
+    graph = program.model.graph
+    names = {_WEIGHT_PREFIX + key: key for key in keys}
+    weights = [value for name, value in graph.initializers.items() if name in names]
+    graph.inputs.extend(weights)
+    program.optimize()
+    graph = program.model.graph
+    for value in weights:
+        graph.inputs.remove(value)
+    table = graph.initializers.get(_WEIGHT_PREFIX + TABLE_KEY)
+    if table is None:
+        raise ServingError(f"the exported graph has no {TABLE_KEY} initializer to feed")
+    graph.initializers.pop(table.name)
+    table.const_value = None
+    table.name = TABLE_INPUT
+    table.shape = ir.Shape(["rows", int(table.shape[1])])  # [num_items + 1, D], rows dynamic
+    graph.inputs.append(table)
+    kept = {names[name]: name for name in graph.initializers if name in names}
+    program.model.metadata_props[_WEIGHTS_METADATA] = json.dumps(kept, sort_keys=True)
 
 
 def model_fingerprint(model: SequentialEncoder) -> str:
@@ -390,7 +448,13 @@ def _cached_export(model: SequentialEncoder, cache_dir: Path) -> Path:
 
 
 class OnnxEngine(InferenceEngine):
-    """ONNX Runtime on CPU, reading and writing the bucket buffers in place through IOBinding."""
+    """ONNX Runtime on CPU, reading and writing the bucket buffers in place through IOBinding.
+
+    The item table is fed to the graph as an input (bound once per bucket, zero-copy from the
+    model's own tensor); the other weights live in the graph under their state-dict names, so
+    :meth:`with_weights` makes an engine for a version that differs only in weights, or in the
+    number of items, without a new export.
+    """
 
     name = "onnx"
 
@@ -398,37 +462,62 @@ class OnnxEngine(InferenceEngine):
         self,
         source: Path | bytes,
         *,
+        table: npt.NDArray[Any],
         dim: int,
         max_length: int,
         num_items: int,
         max_batch: int = 64,
         threads: int = 1,
         label: str = "model",
+        session: Any = None,
     ) -> None:
+        """``table``: the model's ``item_embedding.weight`` (kept, not copied): float32
+        [num_items + 1, dim], or the codes of a compressed table (recloop.compress).
+        ``session``: an ONNX Runtime session of ``source`` to share instead of creating one
+        (ORT sessions run concurrently; the engines' bindings are their own).
+        """
         super().__init__(
             dim=dim, max_length=max_length, num_items=num_items, max_batch=max_batch, label=label
         )
         import onnxruntime as ort
 
         self._ort = ort
+        self.threads = threads
+        self.source = source.read_bytes() if isinstance(source, Path) else source
+        if table.ndim != 2:
+            raise ServingError(
+                f"onnx engine for {label}: the item table must be 2-D, got {list(table.shape)}"
+            )
+        self.table = np.ascontiguousarray(table)
+        self.session = session if session is not None else self._new_session(label)
+        # A shared session has run every bucket shape already: warmup only binds buckets, and
+        # whether ORT writes a shape's output in place is known (see with_weights).
+        self._warm_session = session is not None
+        self._known_direct: dict[tuple[int, int], bool] = {}
+        self.weight_names = self._weight_names()
+        self._table_value = ort.OrtValue.ortvalue_from_numpy(self.table)
+
+    def _new_session(self, label: str) -> Any:
+        ort = self._ort
         options = ort.SessionOptions()
         # Serving shares 2 cores with the HTTP loop: one intra-op thread by default, no
         # inter-op parallelism (the graph is a chain), and no spinning threads that would
         # burn the event loop's core while waiting for work.
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
-        model_source = str(source) if isinstance(source, Path) else source
         try:
-            self.session = ort.InferenceSession(
-                model_source, options, providers=["CPUExecutionProvider"]
-            )
+            return ort.InferenceSession(self.source, options, providers=["CPUExecutionProvider"])
         except Exception as error:  # ORT raises its own exception types
             raise ServingError(
                 f"onnx engine for {label}: cannot load the model: {error}"
             ) from error
+
+    def _weight_names(self) -> dict[str, str]:
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        return _parse_weight_names(metadata.get(_WEIGHTS_METADATA), self.label)
 
     @classmethod
     def from_model(
@@ -450,6 +539,7 @@ class OnnxEngine(InferenceEngine):
                 source = export_onnx(model, Path(scratch) / "model.onnx").read_bytes()
         return cls(
             source,
+            table=_table_array(model, label),
             dim=dim,
             max_length=max_length,
             num_items=num_items,
@@ -458,13 +548,64 @@ class OnnxEngine(InferenceEngine):
             label=label,
         )
 
+    def with_weights(
+        self, model: SequentialEncoder, changed: Collection[str], *, label: str
+    ) -> OnnxEngine:
+        """An engine on the same graph for ``model``, whose state dict differs from this
+        engine's model in the entries ``changed`` only (the item table may have more rows).
+
+        Only the item table changed: the session is shared (nothing to load). Otherwise a new
+        session on this graph with the stored weights rewritten by name (not ORT's
+        ``add_initializer``: ORT folds a Linear's transposed weight before applying those, so
+        the old one would stay). Raises ServingError when a changed weight is not stored
+        under its name (then a new export is the only way).
+        """
+        dense = sorted(set(changed) - {TABLE_KEY})
+        missing = [key for key in dense if key not in self.weight_names]
+        if missing:
+            raise ServingError(
+                f"onnx engine for {label}: weights {missing[:3]} are not stored under their "
+                "names in the exported graph; they cannot be substituted"
+            )
+        dim, max_length, num_items = _model_shape(model)
+        engine = OnnxEngine(
+            _with_initializers(self.source, model, self.weight_names, label)
+            if dense
+            else self.source,
+            table=_table_array(model, label),
+            dim=dim,
+            max_length=max_length,
+            num_items=num_items,
+            max_batch=self.max_batch,
+            threads=self.threads,
+            label=label,
+            session=None if dense else self.session,
+        )
+        if not dense:
+            engine._known_direct = {key: b.direct_output for key, b in self.buckets.items()}
+        return engine
+
+    def warmup(self) -> None:
+        """As :meth:`InferenceEngine.warmup`; on a shared, warm session it only creates the
+        buckets (bindings; no runs): 28 runs of a 12k-item SASRec took ~0.1 s per delta."""
+        if not self._warm_session:
+            super().warmup()
+            return
+        with self._lock:
+            for batch in self.batch_sizes:
+                for length in self.lengths:
+                    self._bucket(batch, length)
+
     def _new_bucket(self, batch: int, length: int) -> Bucket:
         ort = self._ort
         ids, out = _empty_buffers(batch, length, self.dim)
         binding = self.session.io_binding()
         binding.bind_ortvalue_input("ids", ort.OrtValue.ortvalue_from_numpy(ids))
+        binding.bind_ortvalue_input(TABLE_INPUT, self._table_value)
         binding.bind_ortvalue_output("query", ort.OrtValue.ortvalue_from_numpy(out))
-        direct = self._writes_in_place(binding, ids, out)
+        direct = self._known_direct.get((batch, length))
+        if direct is None:
+            direct = self._writes_in_place(binding, ids, out)
         if not direct:
             # ORT is free to ignore a bound output buffer (e.g. when an output aliases another
             # tensor); then its result lives in ORT memory and we copy it into ours.
@@ -476,8 +617,11 @@ class OnnxEngine(InferenceEngine):
                 length,
             )
 
+        session = self.session  # not `self`: a bucket that refers back to its engine would be
+        # a reference cycle, which only the cyclic GC frees (never, once gc.freeze()-d)
+
         def run() -> None:
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             if not direct:
                 out[...] = binding.get_outputs()[0].numpy()
 
@@ -492,6 +636,56 @@ class OnnxEngine(InferenceEngine):
         same_memory = bool(result.data_ptr() == out.ctypes.data)
         ids[:] = PADDING_ID
         return same_memory and bool(np.isfinite(out).all())
+
+
+def _parse_weight_names(text: str | None, label: str) -> dict[str, str]:
+    if text is None:
+        raise ServingError(
+            f"onnx engine for {label}: the model has no {_WEIGHTS_METADATA} metadata; it was "
+            f"not exported by this recloop version (export recipe {EXPORT_RECIPE})"
+        )
+    names = json.loads(text)
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise ServingError(f"onnx engine for {label}: malformed {_WEIGHTS_METADATA} metadata")
+    return {str(key): value for key, value in names.items()}
+
+
+def _with_initializers(
+    source: bytes, model: SequentialEncoder, names: Mapping[str, str], label: str
+) -> bytes:
+    """``source`` (an ONNX file) with every stored weight replaced by ``model``'s: the file an
+    export of ``model`` would give, in milliseconds (the item table is not in the file)."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(source)
+    keys = {name: key for key, name in names.items()}
+    state = model.state_dict()
+    for initializer in proto.graph.initializer:
+        key = keys.get(initializer.name)
+        if key is None:
+            continue
+        try:
+            array = state[key].detach().cpu().numpy()
+        except TypeError as error:  # e.g. bfloat16, which numpy has no type for
+            raise ServingError(
+                f"onnx engine for {label}: weight {key} ({state[key].dtype}) cannot be "
+                f"stored: {error}"
+            ) from None
+        initializer.CopyFrom(numpy_helper.from_array(array, initializer.name))
+    data: bytes = proto.SerializeToString()
+    return data
+
+
+def _table_array(model: SequentialEncoder, label: str) -> npt.NDArray[Any]:
+    """The model's item table as fed to the graph: its own memory, not a copy (CPU models)."""
+    weight = model.item_embedding.weight.detach().cpu()
+    try:
+        return np.ascontiguousarray(weight.numpy())
+    except TypeError as error:  # e.g. bfloat16, which numpy has no type for
+        raise ServingError(
+            f"onnx engine for {label}: the item table ({weight.dtype}) cannot be fed: {error}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,6 +744,18 @@ class TorchEngine(InferenceEngine):
 
         return Bucket(batch, length, ids_host.numpy(), out_host.numpy(), run)
 
+    def with_weights(
+        self, model: SequentialEncoder, changed: Collection[str], *, label: str
+    ) -> TorchEngine:
+        """The new model in a new engine (the torch module is the model: nothing to reuse)."""
+        return TorchEngine(
+            model,
+            max_batch=self.max_batch,
+            device=str(self.device),
+            compile=self.name == "torch-compiled",
+            label=label,
+        )
+
 
 def _torch_device(device: str, label: str) -> torch.device:
     try:
@@ -583,18 +789,33 @@ class ParityReport:
     rtol: float = PARITY_RTOL
 
 
-def _parity_batches(engine: InferenceEngine, num_samples: int, seed: int) -> list[list[IdArray]]:
+def _parity_batches(
+    engine: InferenceEngine,
+    num_samples: int,
+    seed: int,
+    edge_cases: bool = True,
+    focus: IdArray | None = None,
+) -> list[list[IdArray]]:
     """Random batches covering length 1, short, exactly max_length and longer (truncated),
     and batch sizes 1, odd, and past max_batch (chunked): the edge cases one by one, then
-    ``num_samples`` sequences of random lengths in batches of assorted sizes."""
+    ``num_samples`` sequences of random lengths in batches of assorted sizes. Without
+    ``edge_cases``: the random sequences only, in one batch, plus (``focus``) sequences of
+    the given items only."""
     rng = np.random.default_rng(seed)
     max_length = engine.max_length
     lengths = [1, 2, min(3, max_length), max_length, max_length + 5]
 
-    def sequence(length: int | None = None) -> IdArray:
+    def sequence(length: int | None = None, items: IdArray | None = None) -> IdArray:
         size = length if length is not None else int(rng.integers(1, max_length + 6))
+        if items is not None:
+            return rng.choice(items, size=size).astype(np.int64)
         return rng.integers(1, engine.num_items + 1, size=size, dtype=np.int64)
 
+    if not edge_cases:
+        batch = [sequence() for _ in range(num_samples)]
+        if focus is not None and len(focus):
+            batch += [sequence(items=focus) for _ in range(FOCUS_SAMPLES)]
+        return [batch]
     batches = [[sequence(length)] for length in lengths]  # batch 1, each length alone
     batches.append([sequence(length) for length in lengths])  # odd, mixed lengths
     sizes = itertools.cycle((3, engine.max_batch + 3, 1, 7))
@@ -606,7 +827,7 @@ def _parity_batches(engine: InferenceEngine, num_samples: int, seed: int) -> lis
     return batches
 
 
-def _reference(model: SequentialEncoder, batch: list[IdArray]) -> FloatArray:
+def reference_queries(model: SequentialEncoder, batch: Sequence[IdArray]) -> FloatArray:
     """prepare_query(encode(ids)) in torch fp32, each window left-padded to max_length."""
     max_length = int(model.config.max_length)
     padded = np.full((len(batch), max_length), PADDING_ID, dtype=np.int64)
@@ -614,10 +835,25 @@ def _reference(model: SequentialEncoder, batch: list[IdArray]) -> FloatArray:
         window = sequence[-max_length:]
         padded[row, max_length - window.size :] = window
     ids = torch.from_numpy(padded).to(_model_device(model))
-    with torch.inference_mode():
+    with torch.inference_mode(), _one_torch_thread():
         query = QueryModule(model)(ids).float().cpu().numpy()
     result: FloatArray = query
     return result
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread while inside. The reference runs beside serving (parity check
+    of a new version, on the loader thread): on 2 shared cores, a second OpenMP thread made a
+    64 x 50 batch 20x slower (0.23 s vs 0.011 s), and stole the serving thread's core. With
+    OpenMP the setting is per thread once a thread has run torch, so serving threads keep theirs.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def check_parity(
@@ -628,18 +864,22 @@ def check_parity(
     seed: int = 0,
     atol: float = PARITY_ATOL,
     rtol: float = PARITY_RTOL,
+    edge_cases: bool = True,
+    focus: IdArray | None = None,
 ) -> ParityReport:
     """Compares ``engine`` with the torch reference ``model`` (in eval mode) on random
     sequences of assorted lengths and batch sizes: a fixed set of edge cases plus
-    ``num_samples`` random ones. Deterministic for a given ``seed``."""
+    ``num_samples`` random ones. Deterministic for a given ``seed``. ``edge_cases=False``:
+    the random ones only, in one batch, plus sequences of the ``focus`` items (those whose
+    rows changed) — for an engine whose graph and code passed the full check already."""
     was_training = model.training
     model.eval()
     try:
         max_abs = max_rel = 0.0
         passed = True
         samples = 0
-        for batch in _parity_batches(engine, num_samples, seed):
-            expected = _reference(model, batch)
+        for batch in _parity_batches(engine, num_samples, seed, edge_cases, focus):
+            expected = reference_queries(model, batch)
             actual = np.array(engine.encode(batch), dtype=np.float32)  # copy: encode reuses it
             error = np.abs(actual - expected)
             scale = np.abs(expected)
@@ -706,18 +946,57 @@ def build_engine(
             label=label,
         )
     if check:
-        report = check_parity(engine, model)
-        if not report.passed:
-            raise EngineParityError(
-                f"{engine.name} engine for {label} disagrees with the torch model: max abs "
-                f"error {report.max_abs_error:.3g}, max rel error {report.max_rel_error:.3g} "
-                f"over {report.samples} sequences (tolerance atol {report.atol:g} + rtol "
-                f"{report.rtol:g})"
-            )
-        log.info(
-            "%s engine for %s: parity max abs error %.2g", engine.name, label, report.max_abs_error
-        )
+        require_parity(engine, model, label)
     return engine
+
+
+def engine_with_weights(
+    engine: InferenceEngine,
+    model: SequentialEncoder,
+    changed: Collection[str],
+    *,
+    rows: IdArray | None = None,
+    check: bool = True,
+    label: str = "model",
+) -> InferenceEngine:
+    """An engine like ``engine`` for ``model``, a model of the same architecture whose state
+    dict differs in the entries ``changed`` (the item table may have grown): no ONNX export,
+    the ONNX graph is reused with the new weights. Checked against ``model`` like
+    :func:`build_engine` unless ``check=False``, on sequences that include the item ``rows``
+    that changed, if given. Raises ServingError when the engine cannot take the new weights
+    (then build a new one) and EngineParityError when it disagrees.
+    """
+    model.eval()
+    new = engine.with_weights(model, changed, label=label)
+    if check:
+        try:
+            report = check_parity(
+                new, model, num_samples=REWEIGHT_PARITY_SAMPLES, edge_cases=False, focus=rows
+            )
+        except ServingError as error:  # it took the weights but cannot run: as bad as wrong
+            raise EngineParityError(
+                f"{new.name} engine for {label} fails on the parity check: {error}"
+            ) from None
+        _raise_unless_passed(report, new, label)
+    return new
+
+
+def require_parity(engine: InferenceEngine, model: SequentialEncoder, label: str) -> None:
+    """Raises EngineParityError unless ``engine`` agrees with ``model`` (see check_parity)."""
+    _raise_unless_passed(check_parity(engine, model), engine, label)
+
+
+def _raise_unless_passed(report: ParityReport, engine: InferenceEngine, label: str) -> None:
+    if not report.passed:
+        raise EngineParityError(
+            f"{engine.name} engine for {label} disagrees with the torch model: max abs "
+            f"error {report.max_abs_error:.3g}, max rel error {report.max_rel_error:.3g} "
+            f"over {report.samples} sequences (tolerance atol {report.atol:g} + rtol "
+            f"{report.rtol:g})"
+        )
+    log.info(
+        "%s engine for %s: parity max abs error %.2g", engine.name, label, report.max_abs_error
+    )
 
 
 def item_table(model: SequentialEncoder) -> FloatArray:
@@ -727,6 +1006,15 @@ def item_table(model: SequentialEncoder) -> FloatArray:
     # A copy: without normalisation output_table() is the weight itself, and we zero row 0.
     result: FloatArray = np.array(table.numpy(), dtype=np.float32, order="C", copy=True)
     result[PADDING_ID] = 0.0
+    return result
+
+
+def item_vectors(model: SequentialEncoder, ids: IdArray) -> FloatArray:
+    """Rows ``ids`` of :func:`item_table` [len(ids), D], computed for those rows only."""
+    weight = model.item_embedding.weight
+    with torch.no_grad():
+        rows = model.item_embedding.output_vectors(torch.from_numpy(ids).to(weight.device))
+    result: FloatArray = np.array(rows.float().cpu().numpy(), dtype=np.float32, order="C")
     return result
 
 

@@ -17,6 +17,7 @@ ranges searched concurrently, possibly in other processes: ``recloop.serve.index
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 from abc import ABC, abstractmethod
@@ -94,6 +95,23 @@ class ItemIndex(ABC):
         if len(checked_ids):
             self._add(checked_ids, checked)
 
+    def updated(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> ItemIndex:
+        """A new index: this one with :meth:`add` applied (copy-on-write). This index is left
+        exactly as it is, so searches running on it meanwhile see no change; with nothing to
+        change, this index itself. Raises ServingError for an index that cannot be copied
+        (remote shards): build a new one instead.
+        """
+        checked_ids, checked = check_add(ids, vectors, self.num_items, self.dim)
+        if not len(checked_ids):
+            return self
+        return self._updated(checked_ids, checked)
+
+    def drift(self) -> float:
+        """The fraction of items added or moved since the index was trained (0 for indexes
+        that are not trained). An IVF index assigns them to centroids trained without them, so
+        its recall can degrade as this grows; rebuild it past a threshold."""
+        return 0.0
+
     @abstractmethod
     def memory_bytes(self) -> int:
         """Bytes this index holds for its items (see each implementation for what counts)."""
@@ -114,6 +132,10 @@ class ItemIndex(ABC):
     @abstractmethod
     def _add(self, ids: IdArray, vectors: FloatArray) -> None:
         """ids unique; those > num_items are exactly num_items+1..num_items+m."""
+
+    def _updated(self, ids: IdArray, vectors: FloatArray) -> ItemIndex:
+        """As ``_add``, into a copy of this index (non-empty ids)."""
+        raise ServingError(f"a {self.kind} index cannot be updated copy-on-write; build a new one")
 
 
 # --------------------------------------------------------------------------- validation
@@ -338,12 +360,17 @@ def measure_recall(
 class _Rows:
     """An array with spare capacity, so appending items is amortised O(1) instead of a copy."""
 
-    def __init__(self, initial: npt.NDArray[Any]) -> None:
-        self.data = np.array(initial, copy=True, order="C")
+    def __init__(self, initial: npt.NDArray[Any], spare: int = 0) -> None:
+        self.data = np.empty((len(initial) + spare, *initial.shape[1:]), dtype=initial.dtype)
+        self.data[: len(initial)] = initial
         self.size = len(initial)
 
     def view(self) -> npt.NDArray[Any]:
         return self.data[: self.size]
+
+    def copy(self, spare: int = 0) -> _Rows:
+        """A copy with room for ``spare`` more rows (one allocation for a copy that grows)."""
+        return _Rows(self.view(), spare)
 
     def append(self, rows: npt.NDArray[Any]) -> None:
         needed = self.size + len(rows)
@@ -489,6 +516,17 @@ class ExactIndex(ItemIndex):
                 self._scales.append(scales[~old][order])
             self.num_items += int((~old).sum())
 
+    def _updated(self, ids: IdArray, vectors: FloatArray) -> ExactIndex:
+        spare = int((ids > self.num_items).sum())
+        with self._write_lock:  # a consistent snapshot of the storage
+            clone = copy.copy(self)  # the settings; the storage is replaced below
+            clone._write_lock = threading.Lock()
+            clone._floats = self._floats.copy(spare) if self._floats is not None else None
+            clone._codes = self._codes.copy(spare) if self._codes is not None else None
+            clone._scales = self._scales.copy(spare) if self._scales is not None else None
+        clone._add(ids, vectors)
+        return clone
+
 
 def positive_int(name: str, value: Any, upper: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -629,6 +667,19 @@ class ShardedIndex(ItemIndex):
             mask = owner == s
             self.shards[s].add(ids[mask] - self.offsets[s], vectors[mask])
         self.num_items = self.offsets[-1] + self.shards[-1].num_items
+
+    def _updated(self, ids: IdArray, vectors: FloatArray) -> ShardedIndex:
+        owner = np.where(ids > self.num_items, len(self.shards) - 1, self._owner(ids))
+        shards = []
+        for s, shard in enumerate(self.shards):
+            mask = owner == s
+            shards.append(shard.updated(ids[mask] - self.offsets[s], vectors[mask]))
+        # Unchanged shards are shared: local ones close as a no-op, so closing either
+        # sharded index leaves them working for the other (remote shards cannot update).
+        return ShardedIndex(shards)
+
+    def drift(self) -> float:
+        return max(shard.drift() for shard in self.shards)
 
     def memory_bytes(self) -> int:
         """The sum over shards (remote shards report their own process's index)."""

@@ -7,10 +7,12 @@ loads only when an IVF index is built.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import threading
 from collections.abc import Iterator
+from typing import cast
 
 import faiss
 import numpy as np
@@ -72,6 +74,10 @@ class IVFIndex(ItemIndex):
 
     Exclusions over-fetch ``k + max(len(exclude[b]))`` candidates and filter them, which is
     exact for the probed lists and needs no per-row faiss selector (one batched call).
+
+    ``updated`` (copy-on-write, for a new model version) clones the faiss index and moves
+    changed vectors / adds new ones to their nearest existing centroid, on ``train_threads``
+    threads; :meth:`drift` says how much of the catalogue was placed so since the k-means.
     """
 
     kind = "ivf"
@@ -111,6 +117,8 @@ class IVFIndex(ItemIndex):
         if train_threads is None:
             big = self.num_items >= PARALLEL_BUILD_ITEMS
             train_threads = max(self.threads, os.cpu_count() or 1) if big else self.threads
+        self.train_threads = positive_int("train_threads", train_threads)
+        self.moved = 0  # items added or updated since the centroids were trained
         self._lock = threading.Lock()  # faiss may not search while the lists are modified
         self._quantizer = faiss.IndexFlatIP(self.dim)
         self._index = faiss.IndexIVFFlat(
@@ -118,7 +126,7 @@ class IVFIndex(ItemIndex):
         )
         # A hashtable direct map makes reconstruct (vectors) and remove_ids (updates) work.
         self._index.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
-        with omp_threads(positive_int("train_threads", train_threads)):
+        with omp_threads(self.train_threads):
             self._train(checked[1:], seed)
             self._index.add_with_ids(checked[1:], np.arange(1, self.num_items + 1))
         if min_recall is not None:
@@ -199,6 +207,26 @@ class IVFIndex(ItemIndex):
                 self._index.remove_ids(old)  # type: ignore[arg-type]
             self._index.add_with_ids(vectors, ids)
             self.num_items = int(ids.max(initial=self.num_items))
+            self.moved += len(ids)
+
+    def _updated(self, ids: IdArray, vectors: FloatArray) -> IVFIndex:
+        clone = copy.copy(self)  # the settings; the faiss index is replaced below
+        clone._lock = threading.Lock()
+        with self._lock:  # the clone owns copies of the lists, the direct map and the quantizer
+            clone._index = cast(faiss.IndexIVFFlat, faiss.clone_index(self._index))
+        clone._quantizer = cast(faiss.IndexFlatIP, faiss.downcast_index(clone._index.quantizer))
+        # Off the request path (a model load): the assignment to centroids may use every core.
+        with omp_threads(self.train_threads):
+            old = ids[ids <= self.num_items]
+            if len(old):  # remove, then re-add: an updated row may belong to another list
+                clone._index.remove_ids(old)  # type: ignore[arg-type]
+            clone._index.add_with_ids(vectors, ids)
+        clone.num_items = int(ids.max(initial=self.num_items))
+        clone.moved = self.moved + len(ids)
+        return clone
+
+    def drift(self) -> float:
+        return self.moved / max(1, self.num_items)
 
 
 def probe_queries(table: FloatArray, seed: int, count: int = RECALL_QUERIES) -> FloatArray:
