@@ -195,6 +195,8 @@ class Service:
                 await self.reload(target)
             except RecloopError as exc:  # keep serving the old version; say why once per try
                 log.error("follow: not swapping to %s: %s", target, exc)
+            except Exception:  # a bug must not end following for the life of the process
+                log.exception("follow: unexpected error loading %s; still serving the old", target)
 
     async def log_events(self, batch: EventBatch) -> list[str]:
         """Validates the batch (422) and appends it to the durable event log, if the service
