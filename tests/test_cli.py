@@ -98,6 +98,26 @@ def test_demo_runs_the_loop(tmp_path: Path) -> None:
     assert "published v000001" in done.stdout
     assert SequenceDataset(tmp_path / "demo" / "data").num_users == 400
     assert (tmp_path / "demo" / "registry" / "versions" / "v000001" / "manifest.json").is_file()
+    # Step 5: events through the API, the learner publishes deltas, the service follows them.
+    assert "1 new item admitted" in done.stdout
+    newest = sorted(p.name for p in (tmp_path / "demo" / "registry" / "versions").iterdir())[-1]
+    assert newest != "v000001" and f"now serves {newest}" in done.stdout
+    assert "(the new item is served)" in done.stdout
+
+
+def test_online_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
+    cases = [
+        (["--registry", str(tmp_path / "nowhere")], "not a model registry"),
+        (["--registry", str(tmp_path), "online.batch_event=3"], "unknown key online.batch_event"),
+        (["--registry", str(tmp_path), "train.lr=3"], "must look like online.key=value"),
+        (["--registry", str(tmp_path), "--max-events", "0"], "--max-events must be >= 1"),
+        (["--registry", str(tmp_path)], "has no versions yet"),
+    ]
+    (tmp_path / "versions").mkdir()
+    for args, message in cases:
+        done = run("online", "--event-log", str(tmp_path / "events.db"), *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr and "Traceback" not in done.stderr
 
 
 def test_serve_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
