@@ -259,6 +259,24 @@ def test_new_item_joins_after_admit_after_occurrences(registry: Registry, tmp_pa
     assert counts.shape == (new_id + 1,) and counts[new_id] == 2
 
 
+def test_new_item_row_from_attributes(registry: Registry, tmp_path: Path) -> None:
+    attributes = tmp_path / "attributes.json"
+    attributes.write_text(json.dumps({"7": ["brand-a"], "9": ["brand-a", "red"], "sku": ["red"]}))
+    events = [Event(f"new-{n}", "sku", 2e9 + n) for n in range(2)]
+    log = event_log(tmp_path / "events.db", events)
+    config = OnlineConfig(
+        publish_every_seconds=0, new_item_init="attributes", lr=1e-9, embedding_lr=1e-9
+    )
+    learner = OnlineLearner(registry, log, config, tmp_path / "run", attributes=attributes)
+    expected = learner.model.item_embedding.weight.detach()[9].clone()  # shares "red"
+    summary = learner.run()
+    model, _ = load_model(registry, summary.version)
+    new_id = learner.vocabulary.dense("sku")
+    assert torch.allclose(model.item_embedding.weight.detach()[new_id], expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="needs --attributes"):
+        OnlineLearner(registry, log, config, tmp_path / "run")
+
+
 def test_restart_replays_state_and_continues_from_the_published_offset(
     registry: Registry, tmp_path: Path
 ) -> None:
