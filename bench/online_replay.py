@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,22 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, RESULTS, SHARED_DATA, write_result
+from bench.serve import run
 
 RECLOOP = [sys.executable, "-m", "recloop.cli"]
 WORK = REPO / "runs" / "bench-online-replay"
 SOURCE = SHARED_DATA / "amazon-beauty-iclrec" / "Beauty.txt"
 PAST_FRACTION = 0.8
-
-
-def run(command: list[str], log: Path) -> str:
-    with open(log, "a") as out:
-        out.write("$ " + " ".join(command) + "\n")
-        out.flush()
-        done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=out, text=True)
-        out.write(done.stdout)
-    if done.returncode != 0:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}; see {log}")
-    return done.stdout
 
 
 def split_stream(source: Path, past: Path, stream: Path) -> dict[str, int]:

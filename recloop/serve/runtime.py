@@ -156,16 +156,7 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
     num_items = int(model.item_embedding.num_items)
     _check_catalog(version, catalog, num_items)
     history = _open_history(manifest, catalog, options.data)
-    engine = build_engine(
-        model,
-        kind=options.engine,
-        max_batch=options.max_batch,
-        threads=options.threads,
-        cache_dir=options.cache_dir,
-        device=options.device,
-        label=version,
-    )
-    warmup(engine)
+    engine = _new_engine(model, options, version)
     index = _build_index(item_table(model), options, engine.encode, history, engine.max_length)
     popular = _popular_items(registry, version, manifest, history, num_items)
     return ModelBundle(
@@ -412,15 +403,22 @@ def _next_engine(
         raise  # the new weights disagree with themselves: refuse the version
     except ServingError as exc:
         log.warning("delta %s: building a new engine (%s)", target, exc)
-        engine = build_engine(
-            model,
-            kind=options.engine,
-            max_batch=options.max_batch,
-            threads=options.threads,
-            cache_dir=options.cache_dir,
-            device=options.device,
-            label=target,
-        )
+        return _new_engine(model, options, target)
+    warmup(engine)
+    return engine
+
+
+def _new_engine(model: SequentialEncoder, options: LoadOptions, label: str) -> InferenceEngine:
+    """An engine built (exported, parity-checked) from scratch for `model`, warmed up."""
+    engine = build_engine(
+        model,
+        kind=options.engine,
+        max_batch=options.max_batch,
+        threads=options.threads,
+        cache_dir=options.cache_dir,
+        device=options.device,
+        label=label,
+    )
     warmup(engine)
     return engine
 
