@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recloop.compress.cli import register as register_compress_commands
 from recloop.errors import ConfigError, RecloopError
 
 app = typer.Typer(
@@ -536,6 +537,8 @@ def online_command(
     )
 
 
+register_compress_commands(app)  # recloop compress, recloop export
+
 models_app = typer.Typer(help="List, inspect, promote and roll back model versions.")
 app.add_typer(models_app, name="models")
 RegistryOption = Annotated[Path, typer.Option("--registry", help="Model registry directory.")]
@@ -655,6 +658,9 @@ def demo(
     shifted = _synthetic_config(None, users=users, items=items, seed=1)
     _demo_serve(registry, dataset, workdir, shifted)
 
+    stdout.rule("6. compress: int8 version of the trained model, loaded as serving loads it")
+    _demo_compress(registry, data_dir, str(result.version))
+
 
 def _demo_serve(registry: Path, dataset: Any, workdir: Path, shifted: Any) -> None:
     """Starts the real service in a thread and uses it as a client would; then the online
@@ -772,6 +778,34 @@ def _demo_online(
         stdout.print(f"GET /v1/items/new-1/similar?k=5 (the new item is served): {items}")
     else:
         stdout.print(f"GET /v1/items/new-1/similar: {similar.status_code} {similar.text}")
+
+
+def _demo_compress(registry: Path, data_dir: Path, version: str) -> None:
+    from recloop.compress.pipeline import CompressOptions, compress_version
+    from recloop.registry import Registry
+    from recloop.serve.runtime import LoadOptions, load_bundle
+
+    store = Registry(registry)
+    options = CompressOptions("int8", data=data_dir, show_progress=False, command="recloop demo")
+    result = compress_version(store, version, options)
+    metrics = result.metrics
+    stdout.print(
+        f"int8 of {version} published as {result.version}: weights "
+        f"{metrics['compression/size_ratio']:.0%} of fp32; test NDCG@10 "
+        f"{metrics['test/NDCG@10']:.4f} ({metrics['compression/relative_test_NDCG@10']:.1%} of "
+        f"fp32); top-10 overlap with fp32 {metrics['parity/top10_overlap']:.3f}",
+        highlight=False,
+    )
+    # What `recloop serve --version` does: export, parity check against torch, index.
+    bundle = load_bundle(store, result.version, LoadOptions())
+    try:
+        stdout.print(
+            f"{result.version} loads for serving: {bundle.engine.name} engine, parity checked; "
+            f"also: recloop compress --method prune-structured|distill, recloop export",
+            highlight=False,
+        )
+    finally:
+        bundle.close()
 
 
 def _popularity_hr10(split: Any) -> float:

@@ -106,17 +106,22 @@ class ExperimentConfig:
         return {"model": dict(self.model), "train": dataclasses.asdict(self.train)}
 
 
+def read_toml(path: Path | str) -> dict[str, Any]:
+    """The tables of a TOML config file; a missing file or bad TOML is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
 def load_config(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        raw = read_toml(path)
         source = str(path)
     for item in overrides or []:
         apply_override(raw, item)

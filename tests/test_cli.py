@@ -15,9 +15,11 @@ from recloop.data.dataset import SequenceDataset
 RECLOOP = [sys.executable, "-m", "recloop.cli"]
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*RECLOOP, *args], capture_output=True, text=True, cwd=cwd, timeout=120, check=False
+        [*RECLOOP, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, check=False
     )
 
 
@@ -91,7 +93,7 @@ def test_generate_then_prepare_parquet(tmp_path: Path) -> None:
 def test_demo_runs_the_loop(tmp_path: Path) -> None:
     done = run(
         "demo", "--workdir", str(tmp_path / "demo"), "--users", "400", "--items", "150",
-        "--epochs", "2",
+        "--epochs", "2", timeout=400,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "popularity baseline on validation: HR@10" in done.stdout
@@ -100,9 +102,17 @@ def test_demo_runs_the_loop(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "registry" / "versions" / "v000001" / "manifest.json").is_file()
     # Step 5: events through the API, the learner publishes deltas, the service follows them.
     assert "1 new item admitted" in done.stdout
-    newest = sorted(p.name for p in (tmp_path / "demo" / "registry" / "versions").iterdir())[-1]
-    assert newest != "v000001" and f"now serves {newest}" in done.stdout
+    published = sorted(p.name for p in (tmp_path / "demo" / "registry" / "versions").iterdir())
+    online_newest, int8 = published[-2:]
+    assert online_newest != "v000001" and f"now serves {online_newest}" in done.stdout
     assert "(the new item is served)" in done.stdout
+    # Step 6: an int8 version of v000001 that serving loads.
+    assert f"int8 of v000001 published as {int8}" in done.stdout
+    assert f"{int8} loads for serving: onnx engine, parity checked" in done.stdout
+    manifest = json.loads(
+        (tmp_path / "demo" / "registry" / "versions" / int8 / "manifest.json").read_text()
+    )
+    assert manifest["parent"] == "v000001" and manifest["method"] == "int8"
 
 
 def test_online_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ def build_model(model_type: str, config: dict[str, Any]) -> SequentialEncoder:
         )
     config_cls, model_cls = MODEL_TYPES[model_type]
     values = dict(config)
+    # Compressed versions (recloop.compress) add the modules they swapped as "compression".
+    compression = values.pop("compression", None)
     stated = values.pop("type", model_type)
     if stated != model_type:
         raise ConfigError(f"model config says type={stated!r} but {model_type!r} was requested")
@@ -42,12 +44,21 @@ def build_model(model_type: str, config: dict[str, Any]) -> SequentialEncoder:
         model_config = config_cls(**values)
     except TypeError as error:  # a required field (num_items) is missing
         raise ConfigError(f"{model_type} config: {error}") from None
-    return model_cls(model_config)
+    model: SequentialEncoder = model_cls(model_config)
+    if compression is not None:
+        from recloop.compress.modules import apply_compression
+
+        apply_compression(model, compression)
+    return model
 
 
 def config_to_dict(model: SequentialEncoder) -> dict[str, Any]:
     """{"type": ..., **config fields}: JSON-serialisable, the input of `build_model`."""
     for name, (_, model_cls) in MODEL_TYPES.items():
         if type(model) is model_cls:
-            return {"type": name, **dataclasses.asdict(model.config)}
+            result = {"type": name, **dataclasses.asdict(model.config)}
+            compression = getattr(model, "compression", None)
+            if compression is not None and not compression.is_identity:
+                result["compression"] = compression.to_dict()
+            return result
     raise ConfigError(f"model class {type(model).__name__} is not in MODEL_TYPES")

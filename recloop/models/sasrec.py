@@ -119,31 +119,39 @@ class SASRecConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: SASRecConfig) -> None:
+    """Causal multi-head self-attention. `head_dim` defaults to dim // num_heads; structured
+    pruning (recloop.compress) builds narrower ones, with num_heads * head_dim < dim."""
+
+    def __init__(
+        self, dim: int, num_heads: int, dropout: float, head_dim: int | None = None
+    ) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.dropout = config.dropout
-        self.qkv = nn.Linear(config.dim, 3 * config.dim)
-        self.proj = nn.Linear(config.dim, config.dim)
+        self.num_heads = num_heads
+        self.head_dim = head_dim if head_dim is not None else dim // num_heads
+        self.dropout = dropout
+        inner = num_heads * self.head_dim
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.proj = nn.Linear(inner, dim)
 
     def forward(
         self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False
     ) -> torch.Tensor:
         """x [B, L, D], allowed [B, 1, L, L] (True = query may attend to key) -> [B, L, D];
         with `last_only`, only the last position queries: -> [B, 1, D]."""
-        batch, length, dim = x.shape
-        head_dim = dim // self.num_heads
-        q, k, v = self.qkv(x).split(dim, dim=-1)  # 3 x [B, L, D]
+        batch, length, _ = x.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        inner = heads * head_dim
+        q, k, v = self.qkv(x).split(inner, dim=-1)  # 3 x [B, L, H * Dh]
         if last_only:
-            q, allowed = q[:, -1:], allowed[:, :, -1:]  # [B, 1, D], [B, 1, 1, L]
+            q, allowed = q[:, -1:], allowed[:, :, -1:]  # [B, 1, H * Dh], [B, 1, 1, L]
         queries = q.shape[1]
-        q = q.view(batch, queries, self.num_heads, head_dim).transpose(1, 2)  # [B, H, Lq, Dh]
-        k = k.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
-        v = v.view(batch, length, self.num_heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
+        q = q.view(batch, queries, heads, head_dim).transpose(1, 2)  # [B, H, Lq, Dh]
+        k = k.view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
+        v = v.view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
         )  # [B, H, Lq, Dh]
-        y = y.transpose(1, 2).reshape(batch, queries, dim)  # [B, Lq, D]
+        y = y.transpose(1, 2).reshape(batch, queries, inner)  # [B, Lq, H * Dh]
         out: torch.Tensor = self.proj(y)  # [B, Lq, D]
         return out
 
@@ -168,7 +176,7 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm = config.pre_norm
         self.attention_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
-        self.attention = CausalSelfAttention(config)
+        self.attention = CausalSelfAttention(config.dim, config.num_heads, config.dropout)
         self.ffn_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)

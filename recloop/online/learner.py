@@ -34,7 +34,6 @@ import shutil
 import signal
 import threading
 import time
-import tomllib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -45,7 +44,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from recloop.config import LossName, NegativeSampling, TrainConfig, apply_override, build_section
+from recloop.config import (
+    LossName,
+    NegativeSampling,
+    TrainConfig,
+    apply_override,
+    build_section,
+    read_toml,
+)
 from recloop.data.dataset import SequenceDataset
 from recloop.data.sequences import PADDING_ID
 from recloop.errors import ConfigError, RegistryError
@@ -140,12 +146,7 @@ def load_online_config(path: Path | None, overrides: Sequence[str] = ()) -> Onli
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        raw = read_toml(path)
         source = str(path)
     for item in overrides:
         if not item.strip().startswith("online."):
@@ -241,6 +242,13 @@ class OnlineLearner:
 
         self.version = find_resume_version(registry, start, config.consumer)
         manifest = registry.manifest(self.version)
+        if (manifest.get("model") or {}).get("compression"):
+            # Quantized codes cannot take gradient steps, and pruned tables cannot grow rows.
+            raise ConfigError(
+                f"version {self.version} is compressed (method {manifest.get('method')!r}); "
+                f"the online learner needs a plain float model: start it from "
+                f"{manifest.get('parent')} and compress what it publishes"
+            )
         resumed = OnlineState.from_manifest(manifest)
         if resumed is not None and resumed.consumer == config.consumer:
             self.state = resumed

@@ -297,13 +297,13 @@ def _model_shape(model: SequentialEncoder) -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def _quiet_torch() -> Iterator[None]:
+def quiet_export(extra_loggers: tuple[str, ...] = ()) -> Iterator[None]:
     """Silences torch's warnings and log lines during an ONNX export or ``torch.compile``.
 
     Both are process-global settings, restored on exit; this runs at model load, and hiding
     another thread's warnings for those seconds is harmless.
     """
-    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    loggers = [logging.getLogger(name) for name in (*_EXPORT_LOGGERS, *extra_loggers)]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -339,7 +339,7 @@ def export_onnx(model: SequentialEncoder, path: Path) -> Path:
     else:  # a one-item window: the length is static
         example = torch.ones((2, 1), dtype=torch.int64)
     try:
-        with _quiet_torch():
+        with quiet_export():
             program = torch.onnx.export(
                 module,
                 (example,),
@@ -723,7 +723,7 @@ class TorchEngine(InferenceEngine):
         if compile:
             # dynamic=True: one graph for all buckets instead of one compilation per shape.
             # Quiet: importing inductor warns about deprecated torch internals.
-            with _quiet_torch():
+            with quiet_export():
                 self.module = torch.compile(module, dynamic=True)
 
     def _new_bucket(self, batch: int, length: int) -> Bucket:

@@ -441,7 +441,7 @@ def item_counts_npy(dataset: SequenceDataset) -> bytes:
 class _Progress:
     """A rich progress bar with loss and tokens/s on a terminal; periodic lines otherwise."""
 
-    def __init__(self, total: int, done: int, *, enabled: bool) -> None:
+    def __init__(self, total: int, done: int, *, enabled: bool, label: str = "train") -> None:
         self.enabled = enabled
         self.bar: Any = None
         if not enabled:
@@ -458,7 +458,7 @@ class _Progress:
         from recloop.progress import stderr
 
         self.bar = Progress(
-            TextColumn("[bold]train"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:,.0f} tok/s"),
@@ -468,7 +468,7 @@ class _Progress:
             console=stderr,
             disable=not stderr.is_terminal,
         )
-        self.task = self.bar.add_task("train", total=total, completed=done, loss=0.0, rate=0.0)
+        self.task = self.bar.add_task(label, total=total, completed=done, loss=0.0, rate=0.0)
         self.bar.start()
 
     def update(self, step: int, loss: float, rate: float) -> None:

@@ -1,0 +1,198 @@
+"""The short training loop of compression: fine-tuning after pruning, and distillation.
+
+It is the trainer's loop (:mod:`recloop.train.trainer`) for a model that already exists, with
+the trainer's own pieces: the same training windows and loader, the same losses
+(:func:`recloop.train.losses.next_item_loss` unless a distillation loss is given), the same
+AdamW groups and learning-rate schedule, the same full-ranking validation to keep the best
+weights and stop early. Single process; no checkpoints (a fine-tune is minutes).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from recloop.config import TrainConfig
+from recloop.data.batches import TrainingWindows, WindowConfig, make_loader, trim_left_padding
+from recloop.data.dataset import SequenceDataset
+from recloop.data.splits import EvalExamples, Split
+from recloop.evaluate import EvalConfig, evaluate
+from recloop.models.base import SequentialEncoder
+from recloop.progress import stderr
+from recloop.train.losses import next_item_loss
+from recloop.train.trainer import _adamw, _Progress, _set_lr
+
+Batch = dict[str, torch.Tensor]
+# (model, hidden [B, L, D], batch) -> (loss summed over tokens, token count)
+LossFn = Callable[[SequentialEncoder, torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class FitResult:
+    steps: int
+    epochs: float
+    seconds: float
+    best_step: int  # 0: no evaluation beat the starting weights (they are kept)
+    best_metrics: dict[str, float]
+    stopped_by: str  # max_steps | max_epochs | max_minutes | early_stopping
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate_split(
+    model: SequentialEncoder,
+    examples: EvalExamples,
+    split: Split,
+    max_length: int,
+    *,
+    user_batch_size: int = 1024,
+    max_users: int | None = None,
+) -> dict[str, float]:
+    """Full-ranking metrics (history masked, as the trainer reports them), floats only."""
+    config = EvalConfig(max_length=max_length, user_batch_size=user_batch_size, max_users=max_users)
+    metrics = evaluate(model, examples, split.source, config)
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def fit(
+    model: SequentialEncoder,
+    dataset: SequenceDataset,
+    cfg: TrainConfig,
+    *,
+    loss: LossFn | None = None,
+    after_step: Callable[[], None] | None = None,
+    evaluate_start: bool = False,
+    description: str = "fine-tune",
+    show_progress: bool = True,
+) -> FitResult:
+    """Trains `model` in place on the dataset's leave-one-out training windows and leaves it
+    with its best validation weights (in eval mode).
+
+    `loss` replaces the next-item loss of ``cfg.loss``; `after_step` runs after every optimizer
+    step (magnitude pruning re-applies its masks there). With `evaluate_start` the starting
+    weights are evaluated first and kept if nothing beats them.
+    """
+    torch.manual_seed(cfg.seed)
+    split = dataset.leave_one_out()
+    windows = TrainingWindows(split.train, WindowConfig(cfg.max_length, cfg.max_windows_per_user))
+    loader = make_loader(
+        windows,
+        min(cfg.batch_size, len(windows)),
+        seed=cfg.seed,
+        drop_last=True,
+        bucket_by_length=cfg.bucket_by_length,
+    )
+    steps_per_epoch = len(loader)
+    total_steps = cfg.max_steps or cfg.max_epochs * steps_per_epoch
+    eval_every = cfg.eval_every_steps or cfg.eval_every_epochs * steps_per_epoch
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    optimizer = _adamw(model, cfg, fused=False)
+
+    def next_item(m: SequentialEncoder, hidden: torch.Tensor, batch: Batch) -> tuple[Any, Any]:
+        return next_item_loss(m, hidden, batch["target_ids"], cfg, dataset.num_items)
+
+    step_loss = loss or next_item
+
+    def validate() -> dict[str, float]:
+        return evaluate_split(
+            model,
+            split.valid,
+            split,
+            cfg.max_length,
+            user_batch_size=cfg.eval_user_batch_size,
+            max_users=cfg.eval_max_users,
+        )
+
+    def say(message: str) -> None:
+        if show_progress:
+            stderr.print(f"{description}: {message}", highlight=False)
+
+    best_value, best_step, since_best = -math.inf, 0, 0
+    best_metrics: dict[str, float] = {}
+    best_weights: dict[str, torch.Tensor] | None = None
+    if evaluate_start:
+        best_metrics = validate()
+        best_value = best_metrics[cfg.select_metric]
+        best_weights = copy.deepcopy(model.state_dict())
+        say(f"start: valid {cfg.select_metric} {best_value:.4f}")
+    history: list[dict[str, Any]] = []
+    if evaluate_start:
+        history.append({"step": 0, **{f"valid/{k}": v for k, v in best_metrics.items()}})
+    step, epoch, loss_sum, loss_steps = 0, 0, 0.0, 0
+    stopped_by = "max_steps" if cfg.max_steps else "max_epochs"
+    started = time.perf_counter()
+    bar = _Progress(total_steps, 0, enabled=show_progress, label=description)
+    tokens_seen = 0
+    model.train()
+    while step < total_steps:
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        for batch in loader:
+            batch = trim_left_padding(batch) if cfg.trim_padding else batch
+            _set_lr(optimizer, cfg, step, total_steps)
+            hidden = model(batch["input_ids"], batch["timestamps"])  # [B, L, D]
+            loss_total, tokens = step_loss(model, hidden, batch)
+            mean_loss = loss_total / tokens.clamp_min(1)
+            optimizer.zero_grad(set_to_none=True)
+            mean_loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            step += 1
+            loss_sum += float(mean_loss.detach())
+            loss_steps += 1
+            tokens_seen += int(tokens)
+            elapsed = time.perf_counter() - started
+            bar.update(step, loss_sum / loss_steps, tokens_seen / max(elapsed, 1e-9))
+            out_of_time = time.perf_counter() - started > budget
+            if step % eval_every == 0 or step == total_steps or out_of_time:
+                metrics = validate()
+                model.train()
+                value = metrics[cfg.select_metric]
+                history.append(
+                    {
+                        "step": step,
+                        "epoch": round(step / steps_per_epoch, 3),
+                        "elapsed_s": round(time.perf_counter() - started, 2),
+                        "train_loss": round(loss_sum / max(loss_steps, 1), 5),
+                        **{f"valid/{k}": v for k, v in metrics.items()},
+                    }
+                )
+                loss_sum, loss_steps = 0.0, 0
+                if value > best_value:
+                    best_value, best_step, since_best = value, step, 0
+                    best_metrics, best_weights = metrics, copy.deepcopy(model.state_dict())
+                else:
+                    since_best += 1
+                say(
+                    f"step {step}: valid {cfg.select_metric} {value:.4f} "
+                    f"(best {best_value:.4f} at step {best_step})"
+                )
+                if since_best >= cfg.patience:
+                    stopped_by = "early_stopping"
+            if out_of_time and stopped_by != "early_stopping":
+                stopped_by = "max_minutes"
+            if stopped_by in ("early_stopping", "max_minutes") or step >= total_steps:
+                break
+        epoch += 1
+        if stopped_by in ("early_stopping", "max_minutes"):
+            break
+    bar.close()
+    if best_weights is not None:
+        model.load_state_dict(best_weights)
+    model.eval()
+    return FitResult(
+        steps=step,
+        epochs=step / max(steps_per_epoch, 1),
+        seconds=time.perf_counter() - started,
+        best_step=best_step,
+        best_metrics=best_metrics,
+        stopped_by=stopped_by,
+        history=history,
+    )

@@ -1,0 +1,326 @@
+"""`recloop compress`: one registry version in, one compressed registry version out.
+
+    recloop compress --registry R --version v000001 --method int8
+    recloop compress --registry R --version v000001 --method prune-structured --sparsity 0.5
+    recloop compress --registry R --version v000001 --method distill \
+        --config configs/beauty/student.toml distill.alpha=0.5
+
+Everything that can be checked is checked before any work: the version exists, the method
+suits it (a quantized version cannot be quantized again, pruned or fine-tuned), the sparsity
+is in (0, 1), the dataset matches the version's vocabulary, the student config is valid. A
+refused request writes nothing. The new version's manifest records ``parent`` and ``method``,
+the model config with its ``compression`` entry, the dataset and vocabulary of the parent, and
+metrics: validation and test full-ranking metrics when the dataset is available, the weights
+file size against the parent's, and for quantization the parity with the parent (top-10
+overlap, score errors); for pruning the sparsity reached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save as safetensors_bytes
+
+from recloop.compress.distill import (
+    DistillConfig,
+    build_student,
+    distill,
+    inherit_teacher_weights,
+)
+from recloop.compress.finetune import FitResult, evaluate_split, fit
+from recloop.compress.modules import CompressionSpec, count_dense_parameters
+from recloop.compress.prune import (
+    apply_masks,
+    check_sparsity,
+    dead_items,
+    prune_magnitude,
+    prune_structured,
+)
+from recloop.compress.quantize import quantize_model, sample_histories, score_parity
+from recloop.config import TrainConfig
+from recloop.data.dataset import SequenceDataset
+from recloop.errors import ConfigError
+from recloop.models.base import SequentialEncoder
+from recloop.models.factory import MODEL_TYPES, config_to_dict
+from recloop.models.io import check_vocabulary, load_model
+from recloop.registry import WEIGHTS, Registry
+
+METHODS = ("int8", "int4", "prune-magnitude", "prune-structured", "distill")
+PRUNING = ("prune-magnitude", "prune-structured")
+ITEM_COUNTS_FILE = "item_counts.npy"
+# A fine-tune after pruning is short: a few epochs from the pruned weights, smaller steps.
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "lr": 5e-4,
+    "warmup_steps": 20,
+    "max_epochs": 3,
+    "patience": 2,
+}
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    method: str
+    sparsity: float | None = None  # prune-*: fraction of the dense weights removed, in (0, 1)
+    dense_bits: int = 8  # int8 / int4: Linear weights int8 (8) or left float (32)
+    data: Path | None = None  # dataset for fine-tuning and metrics (default: the version's)
+    # Training of the fine-tune / the student ([train] table; defaults per method).
+    train: dict[str, Any] = field(default_factory=dict)
+    student: dict[str, Any] | None = None  # distill: the student's [model] table (type + fields)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune_dead_items: bool = True  # prune-structured: drop table rows of items never trained on
+    evaluate: bool = True  # full-ranking valid/test metrics (needs the dataset)
+    show_progress: bool = True
+    command: str | None = None
+
+
+@dataclass
+class CompressResult:
+    version: str
+    parent: str
+    method: str
+    metrics: dict[str, float]
+    model: SequentialEncoder = field(repr=False)
+    fit: FitResult | None = field(default=None, repr=False)
+
+
+def compress_version(registry: Registry, ref: str, options: CompressOptions) -> CompressResult:
+    """Compresses version `ref` with `options.method` and publishes the result."""
+    plan = _validate(registry, ref, options)
+    parent_id, manifest, dataset = plan.parent, plan.manifest, plan.dataset
+    model, _ = load_model(registry, parent_id)
+    metrics: dict[str, float] = {}
+    result_fit: FitResult | None = None
+    training: dict[str, Any] = {"method": options.method}
+    method = options.method
+
+    if method in ("int8", "int4"):
+        compressed = quantize_model(
+            model, embedding_bits=8 if method == "int8" else 4, linear_bits=options.dense_bits
+        )
+        histories = sample_histories(
+            dataset, num_items=_num_items(model), max_length=_max_length(model)
+        )
+        metrics.update(score_parity(model, compressed, histories).as_metrics())
+        training["dense_bits"] = options.dense_bits
+    elif method in PRUNING:
+        dataset, sparsity = _checked(dataset), check_sparsity(options.sparsity)
+        before = count_dense_parameters(model)[0]
+        if method == "prune-magnitude":
+            compressed, masks = prune_magnitude(model, sparsity)
+            result_fit = fit(
+                compressed,
+                dataset,
+                plan.train,
+                after_step=lambda: apply_masks(compressed, masks),
+                evaluate_start=True,
+                description=method,
+                show_progress=options.show_progress,
+            )
+        else:
+            dead = dead_items(dataset) if options.prune_dead_items else None
+            compressed = prune_structured(model, sparsity, dead=dead)
+            if dead is not None:
+                metrics["compression/dead_items_pruned"] = float(dead[1:].sum())
+            result_fit = fit(
+                compressed,
+                dataset,
+                plan.train,
+                evaluate_start=True,
+                description=method,
+                show_progress=options.show_progress,
+            )
+        after = count_dense_parameters(compressed)[0]
+        metrics["compression/target_sparsity"] = sparsity
+        metrics["compression/dense_sparsity"] = 1.0 - after / max(before, 1)
+        metrics["compression/dense_parameters"] = float(after)
+        training["sparsity"] = sparsity
+    else:  # distill
+        compressed = build_student(model, options.student or {})
+        if options.distill.init == "teacher":
+            inherit_teacher_weights(model, compressed)
+        result_fit = distill(
+            model,
+            compressed,
+            _checked(dataset),
+            plan.train,
+            options.distill,
+            show_progress=options.show_progress,
+        )
+        training["distill"] = dataclasses.asdict(options.distill)
+        training["student"] = dict(options.student or {})
+    compressed = compressed.cpu().eval()
+
+    if result_fit is not None:
+        training.update(_fit_summary(result_fit))
+        training["train_config"] = dataclasses.asdict(plan.train)
+    if dataset is not None and options.evaluate:
+        split = dataset.leave_one_out()
+        length = _max_length(compressed)
+        for name, examples in (("valid", split.valid), ("test", split.test)):
+            values = evaluate_split(compressed, examples, split, length)
+            metrics.update({f"{name}/{k}": v for k, v in values.items()})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in compressed.state_dict().items()}
+    weights_bytes = len(safetensors_bytes(tensors, metadata={"format": "pt"}))
+    parent_bytes = int(manifest["files"][WEIGHTS]["bytes"])
+    metrics["compression/weights_bytes"] = float(weights_bytes)
+    metrics["compression/parent_weights_bytes"] = float(parent_bytes)
+    metrics["compression/size_ratio"] = weights_bytes / parent_bytes
+    parent_ndcg = (manifest.get("metrics") or {}).get("test/NDCG@10")
+    if isinstance(parent_ndcg, int | float) and parent_ndcg > 0 and "test/NDCG@10" in metrics:
+        metrics["compression/relative_test_NDCG@10"] = metrics["test/NDCG@10"] / parent_ndcg
+    training["command"] = options.command or " ".join(sys.argv)
+
+    version = registry.publish(
+        tensors,
+        model=config_to_dict(compressed),
+        dataset=manifest.get("dataset"),
+        metrics=metrics,
+        parent=parent_id,
+        method=method,
+        training=training,
+        extra_files=_inherited_files(registry, parent_id, manifest),
+        vocabulary_file=(manifest.get("vocabulary") or {}).get("file"),
+    )
+    return CompressResult(version, parent_id, method, metrics, compressed, result_fit)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class _Plan:
+    parent: str
+    manifest: dict[str, Any]
+    dataset: SequenceDataset | None
+    train: TrainConfig
+
+
+def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
+    """Every check that does not need the weights; raises before anything is written."""
+    method = options.method
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r} is not one of: {', '.join(METHODS)}")
+    if method in PRUNING:
+        if options.sparsity is None:
+            raise ConfigError(f"--method {method} needs --sparsity, a fraction in (0, 1)")
+        check_sparsity(options.sparsity)
+    elif options.sparsity is not None:
+        raise ConfigError(f"--sparsity applies to pruning methods, not to {method}")
+    if options.dense_bits not in (8, 32):
+        raise ConfigError(f"--dense-bits must be 8 or 32, got {options.dense_bits}")
+    if method == "distill" and not options.student:
+        raise ConfigError("--method distill needs a student: a [model] table in --config")
+    if method != "distill" and options.student:
+        raise ConfigError(f"a [model] (student) table applies to --method distill, not {method}")
+
+    parent = registry.resolve(ref)
+    manifest = registry.manifest(parent)
+    model_json = manifest.get("model") or {}
+    model_type = model_json.get("type")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(
+            f"version {parent} is a {model_type!r} model; compression supports "
+            f"{', '.join(MODEL_TYPES)}"
+        )
+    spec = CompressionSpec.from_dict(model_json.get("compression") or {})
+    if spec.is_quantized and method != "distill":
+        raise ConfigError(
+            f"--method {method} does not apply to version {parent}: it is quantized already "
+            f"(embedding {spec.embedding_bits} bits, dense {spec.linear_bits} bits, "
+            f"method {manifest.get('method')!r}); compress its float parent "
+            f"{manifest.get('parent')} instead"
+        )
+
+    needs_data = method in PRUNING or method == "distill"
+    dataset = open_dataset(registry, parent, manifest, options.data, required=needs_data)
+    train_values: dict[str, Any] = {"max_length": int(model_json.get("max_length", 50))}
+    if method in PRUNING:
+        train_values.update(FINETUNE_DEFAULTS)
+    train_values.update(options.train)
+    try:
+        train = TrainConfig(**train_values)
+    except TypeError as error:
+        raise ConfigError(f"[train]: {error}") from None
+    if train.max_length != int(model_json.get("max_length", 50)):
+        raise ConfigError(
+            f"train.max_length={train.max_length} differs from the version's window length "
+            f"{model_json.get('max_length')}"
+        )
+    if method == "distill" and options.student is not None:
+        student_type = options.student.get("type")
+        if student_type not in MODEL_TYPES:
+            raise ConfigError(
+                f"student model.type {student_type!r} is not one of {', '.join(MODEL_TYPES)}"
+            )
+        # Builds (tiny cost) to validate every field now rather than after loading the teacher.
+        probe = dict(options.student)
+        probe.pop("type")
+        probe.update(num_items=1, max_length=train.max_length)
+        from recloop.models.factory import build_model
+
+        build_model(str(student_type), probe)
+    return _Plan(parent, manifest, dataset, train)
+
+
+def open_dataset(
+    registry: Registry,
+    parent: str,
+    manifest: dict[str, Any],
+    data: Path | None,
+    *,
+    required: bool,
+) -> SequenceDataset | None:
+    """The dataset given, else the version's own if its directory still exists."""
+    if data is None:
+        recorded = (manifest.get("dataset") or {}).get("path")
+        if recorded and Path(recorded, "manifest.json").is_file():
+            data = Path(recorded)
+    if data is None:
+        if required:
+            raise ConfigError(
+                f"version {parent}'s dataset directory is not available; pass --data DIR"
+            )
+        return None
+    dataset = SequenceDataset(Path(data))
+    check_vocabulary(registry, parent, dataset.manifest["files"]["items.parquet"]["sha256"])
+    return dataset
+
+
+def _inherited_files(
+    registry: Registry, parent: str, manifest: dict[str, Any]
+) -> dict[str, Path | bytes]:
+    files: dict[str, Path | bytes] = {}
+    vocabulary = (manifest.get("vocabulary") or {}).get("file")
+    for name in (vocabulary, ITEM_COUNTS_FILE):
+        if name and name in manifest["files"]:
+            files[name] = registry.file(parent, name)
+    return files
+
+
+def _checked(dataset: SequenceDataset | None) -> SequenceDataset:
+    if dataset is None:  # _validate requires one for these methods
+        raise ConfigError("this method needs a dataset: pass --data DIR")
+    return dataset
+
+
+def _fit_summary(result: FitResult) -> dict[str, Any]:
+    return {
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "epochs": round(result.epochs, 3),
+        "train_seconds": round(result.seconds, 2),
+        "stopped_by": result.stopped_by,
+        "history": result.history,
+    }
+
+
+def _num_items(model: SequentialEncoder) -> int:
+    return int(model.item_embedding.num_items)
+
+
+def _max_length(model: SequentialEncoder) -> int:
+    return int(model.config.max_length)
