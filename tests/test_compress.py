@@ -244,6 +244,12 @@ def test_student_starts_from_the_teachers_table_and_first_block(trained: dict[st
         assert key in copied
         assert torch.equal(tensor, theirs[key]), key  # blocks.0 <- teacher blocks.0
     assert teacher_blocks(4, 2) == [0, 2] and teacher_blocks(4, 1) == [0]
+    wider = build_student(teacher, {**TEACHER, "num_blocks": 1, "linear_dim": 16})
+    own = {k: v.clone() for k, v in wider.state_dict().items()}
+    copied = inherit_teacher_weights(teacher, wider)
+    assert "item_embedding.weight" in copied and "blocks.0.uvqk.weight" not in copied
+    assert torch.equal(wider.state_dict()["blocks.0.uvqk.weight"], own["blocks.0.uvqk.weight"])
+    assert torch.equal(wider.item_embedding.weight, teacher.item_embedding.weight)
     with pytest.raises(ConfigError, match=r"distill\.init must be one of scratch, teacher"):
         DistillConfig(init="pretrained")
 

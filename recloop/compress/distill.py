@@ -42,7 +42,8 @@ class DistillConfig:
     chunk: int = 64  # positions per chunk of [chunk, items] logits
     # "scratch": the student starts from random weights. "teacher": it starts from the teacher's
     # item table, positions and evenly spaced blocks (DistilBERT's initialisation; needs the
-    # teacher's model type and widths), then learns the soft targets.
+    # teacher's model type and dim; block tensors of other shapes keep their own
+    # initialisation), then learns the soft targets.
     init: str = "scratch"
 
     def __post_init__(self) -> None:
@@ -191,9 +192,11 @@ def teacher_blocks(teacher_blocks: int, student_blocks: int) -> list[int]:
 
 def inherit_teacher_weights(teacher: SequentialEncoder, student: SequentialEncoder) -> list[str]:
     """Copies into `student` the teacher's weights: every tensor outside the blocks (item table,
-    positions), and for student block j the teacher block ``teacher_blocks(...)[j]``. Returns
-    the student keys copied. Raises ConfigError, leaving the student unchanged, when the models
-    differ in type or in a tensor's shape."""
+    positions), which must have the teacher's shapes, and for student block j the tensors of
+    teacher block ``teacher_blocks(...)[j]`` whose shapes match (a wider or narrower student
+    block keeps its own initialisation where they differ). Returns the student keys copied.
+    Raises ConfigError, leaving the student unchanged, when the models differ in type or outside
+    the blocks."""
     if type(teacher) is not type(student):
         raise ConfigError(
             f"distill.init = 'teacher' needs a student of the teacher's type "
@@ -208,17 +211,19 @@ def inherit_teacher_weights(teacher: SequentialEncoder, student: SequentialEncod
     mapping: dict[str, str] = {}
     for key, tensor in ours.items():
         parts = key.split(".")
-        if parts[0] == "blocks":
+        in_block = parts[0] == "blocks"
+        if in_block:
             parts[1] = str(source[int(parts[1])])
         name = ".".join(parts)
-        if name not in theirs or theirs[name].shape != tensor.shape:
+        if name in theirs and theirs[name].shape == tensor.shape:
+            mapping[key] = name
+        elif not in_block:
             shape = None if name not in theirs else tuple(theirs[name].shape)
             raise ConfigError(
                 f"distill.init = 'teacher': the student's {key} {tuple(tensor.shape)} has no "
-                f"teacher counterpart ({name}: {shape}); give the student the teacher's dim "
-                "and heads, or use distill.init = 'scratch'"
+                f"teacher counterpart ({name}: {shape}); give the student the teacher's dim, "
+                "or use distill.init = 'scratch'"
             )
-        mapping[key] = name
     with torch.no_grad():
         for key, name in mapping.items():
             ours[key].copy_(theirs[name])
