@@ -17,6 +17,7 @@ from recloop.serve.index import (
     ItemIndex,
     ShardedIndex,
     build_index,
+    exact_search,
     measure_recall,
     split_table,
 )
@@ -175,6 +176,13 @@ def test_exact_equals_brute_force() -> None:
         ids, scores = ExactIndex(table, block_rows=block_rows).search(queries, 25, exclude)
         assert np.array_equal(ids, truth_ids), block_rows
         np.testing.assert_allclose(scores, truth_scores, rtol=1e-5, atol=1e-5)
+    # Read-only inputs (a memory-mapped table, a frozen query buffer) score the same: torch
+    # cannot wrap them, so the scorer copies instead of failing.
+    table.flags.writeable = False
+    queries.flags.writeable = False
+    ids, scores = exact_search(table, queries, 25, exclude)
+    assert np.array_equal(ids, truth_ids)
+    np.testing.assert_allclose(scores, truth_scores, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_rerank_recall_and_memory(table: Table, queries: Table) -> None:

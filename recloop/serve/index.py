@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from recloop.errors import ServingError
 
@@ -248,6 +249,20 @@ def flatten_exclude(exclude: list[IdArray]) -> tuple[IdArray, IdArray]:
 # --------------------------------------------------------------------------- top-k helpers
 
 
+def _torch_view(array: npt.NDArray[Any]) -> torch.Tensor:
+    """A tensor sharing the array's memory (a copy only for read-only arrays, which torch
+    refuses to wrap)."""
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def scores_against(queries: FloatArray, rows: FloatArray) -> FloatArray:
+    """queries [B, d] · rows [n, d]ᵀ as a fresh float32 [B, n] array.
+
+    torch's GEMM, not numpy's: on the serving path (one BLAS thread) OpenBLAS took 3x longer
+    than torch on this transposed product (Beauty, B=16, n=12,101: 1.3 ms vs 0.4 ms)."""
+    return (_torch_view(queries) @ _torch_view(rows).T).numpy()
+
+
 def _top_k(ids: IdArray, scores: FloatArray, k: int) -> tuple[IdArray, FloatArray]:
     """The k best columns of each row, in no particular order (argpartition, O(n))."""
     n = scores.shape[1]
@@ -319,8 +334,9 @@ def _block_top_k(scores: FloatArray, start: int, k: int) -> tuple[IdArray, Float
     if n <= k:
         columns = np.arange(start, start + n, dtype=np.int64)
         return np.broadcast_to(columns, scores.shape).copy(), scores
-    part = np.argpartition(scores, n - k, axis=1)[:, n - k :]
-    return part + start, np.take_along_axis(scores, part, axis=1)
+    # torch.topk, not np.argpartition: 4x faster on a [16, 12,101] block with one thread.
+    top = torch.topk(torch.from_numpy(scores), k, dim=1, sorted=False)
+    return top.indices.numpy() + start, top.values.numpy()
 
 
 def exact_search(
@@ -330,7 +346,7 @@ def exact_search(
     num_items = len(table) - 1
 
     def score(q: FloatArray, start: int, stop: int) -> FloatArray:
-        return q @ table[start:stop].T
+        return scores_against(q, table[start:stop])
 
     lists = exclude if exclude is not None else [_EMPTY_IDS] * len(queries)
     rows = max(1024, SCORE_BUDGET // max(1, len(queries)))
@@ -459,7 +475,7 @@ class ExactIndex(ItemIndex):
             table: FloatArray = self._floats.data
 
             def score(q: FloatArray, start: int, stop: int) -> FloatArray:
-                return q @ table[start:stop].T
+                return scores_against(q, table[start:stop])
 
             return score
         assert self._scales is not None
@@ -469,7 +485,7 @@ class ExactIndex(ItemIndex):
         def score_int8(q: FloatArray, start: int, stop: int) -> FloatArray:
             # (q · codes) * scale == q · (codes * scale), with the cheaper [B, n] multiply.
             block = codes[start:stop].astype(np.float32)
-            return (q @ block.T) * scales[start:stop]
+            return scores_against(q, block) * scales[start:stop]
 
         return score_int8
 
