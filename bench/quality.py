@@ -69,6 +69,24 @@ EXPERIMENTS: dict[str, Experiment] = {
         protocols=("full", "sampled100"),
         prepare_args=("--min-user-events", "1"),
     ),
+    "video-sasrec-bce": Experiment(
+        "amazon-video",
+        "amazon-video-sasrec/Video.txt",
+        "sasrec",
+        "video/sasrec-bce.toml",
+        15,
+        protocols=("full", "sampled100"),
+        prepare_args=("--min-user-events", "1"),
+    ),
+    "video-sasrec-sampled": Experiment(
+        "amazon-video",
+        "amazon-video-sasrec/Video.txt",
+        "sasrec",
+        "video/sasrec-sampled.toml",
+        15,
+        protocols=("full", "sampled100"),
+        prepare_args=("--min-user-events", "1"),
+    ),
     "ml100k-sasrec": Experiment("ml-100k", "ml-100k/u.data", "ml100k", "ml100k/sasrec.toml", 5),
 }
 
