@@ -41,52 +41,32 @@ class Experiment:
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
+def beauty(config: str) -> Experiment:
+    """Amazon Beauty (S3-Rec format), full ranking, 20-minute budget."""
+    return Experiment("amazon-beauty", "amazon-beauty-iclrec/Beauty.txt", "s3rec", config, 20)
+
+
+def video(config: str) -> Experiment:
+    """Amazon Video Games (SASRec format), full ranking and the paper's sampled-100, 15 minutes."""
+    return Experiment(
+        "amazon-video",
+        "amazon-video-sasrec/Video.txt",
+        "sasrec",
+        config,
+        15,
+        protocols=("full", "sampled100"),
+        prepare_args=("--min-user-events", "1"),
+    )
+
+
 EXPERIMENTS: dict[str, Experiment] = {
-    "beauty-sasrec": Experiment(
-        "amazon-beauty", "amazon-beauty-iclrec/Beauty.txt", "s3rec", "beauty/sasrec.toml", 20
-    ),
-    "beauty-hstu": Experiment(
-        "amazon-beauty", "amazon-beauty-iclrec/Beauty.txt", "s3rec", "beauty/hstu.toml", 20
-    ),
-    "beauty-hstu-large": Experiment(
-        "amazon-beauty", "amazon-beauty-iclrec/Beauty.txt", "s3rec", "beauty/hstu-large.toml", 20
-    ),
-    "video-sasrec": Experiment(
-        "amazon-video",
-        "amazon-video-sasrec/Video.txt",
-        "sasrec",
-        "video/sasrec.toml",
-        15,
-        protocols=("full", "sampled100"),
-        prepare_args=("--min-user-events", "1"),
-    ),
-    "video-sasrec-fast": Experiment(
-        "amazon-video",
-        "amazon-video-sasrec/Video.txt",
-        "sasrec",
-        "video/sasrec-fast.toml",
-        15,
-        protocols=("full", "sampled100"),
-        prepare_args=("--min-user-events", "1"),
-    ),
-    "video-sasrec-bce": Experiment(
-        "amazon-video",
-        "amazon-video-sasrec/Video.txt",
-        "sasrec",
-        "video/sasrec-bce.toml",
-        15,
-        protocols=("full", "sampled100"),
-        prepare_args=("--min-user-events", "1"),
-    ),
-    "video-sasrec-sampled": Experiment(
-        "amazon-video",
-        "amazon-video-sasrec/Video.txt",
-        "sasrec",
-        "video/sasrec-sampled.toml",
-        15,
-        protocols=("full", "sampled100"),
-        prepare_args=("--min-user-events", "1"),
-    ),
+    "beauty-sasrec": beauty("beauty/sasrec.toml"),
+    "beauty-hstu": beauty("beauty/hstu.toml"),
+    "beauty-hstu-large": beauty("beauty/hstu-large.toml"),
+    "video-sasrec": video("video/sasrec.toml"),
+    "video-sasrec-fast": video("video/sasrec-fast.toml"),
+    "video-sasrec-bce": video("video/sasrec-bce.toml"),
+    "video-sasrec-sampled": video("video/sasrec-sampled.toml"),
     "ml100k-sasrec": Experiment("ml-100k", "ml-100k/u.data", "ml100k", "ml100k/sasrec.toml", 5),
 }
 
