@@ -255,7 +255,7 @@ def train_command(
     import torch
 
     from recloop.config import load_config
-    from recloop.train.trainer import describe_metrics, train
+    from recloop.train.trainer import describe_metrics, train, validation_metric_prefix
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -286,7 +286,9 @@ def train_command(
         f"best step {result.best_step}",
         highlight=False,
     )
-    stdout.print(f"valid: {describe_metrics(result.best_metrics, keys)}", highlight=False)
+    prefix = validation_metric_prefix(experiment.train)  # "sampled100/" names its protocol
+    valid_keys = tuple(prefix + key for key in keys)
+    stdout.print(f"valid: {describe_metrics(result.best_metrics, valid_keys)}", highlight=False)
     stdout.print(f"test:  {describe_metrics(result.test_metrics, keys)}", highlight=False)
     stdout.print(f"run directory: {result.run_dir}", highlight=False)
     print(result.version)

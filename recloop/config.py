@@ -23,6 +23,7 @@ from recloop.errors import ConfigError
 LossName = Literal["full_softmax", "sampled_softmax", "bce"]
 NegativeSampling = Literal["uniform", "in_batch", "mixed"]
 Schedule = Literal["constant", "cosine", "linear"]
+ValidationProtocol = Literal["full", "sampled100"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class TrainConfig:
     eval_every_steps: int | None = None  # overrides eval_every_epochs when set
     patience: int = 10  # evaluations without improvement before stopping
     select_metric: str = "NDCG@10"
+    # Protocol of the validation metrics that select the checkpoint and stop early: "full"
+    # ranking (the default), or "sampled100" when the number a run is judged by is the SASRec
+    # paper's sampled protocol. The test metrics a run publishes are full ranking either way.
+    eval_protocol: ValidationProtocol = "full"
     # Drop all-padding columns of each batch (models count positions from the most recent
     # item, so outputs do not change); with `compile`, widths are padded up to a few fixed ones.
     trim_padding: bool = True

@@ -14,10 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from recloop.config import ConfigError, config_from_dict, load_config
+from recloop.data.dataset import SequenceDataset
 from recloop.data.prepare import prepare, with_source_order
 from recloop.data.synthetic import SyntheticConfig, generate_events
+from recloop.evaluate import EvalConfig, evaluate, sample_negatives
 from recloop.registry import Registry
-from recloop.train.trainer import lr_at, train
+from recloop.train.trainer import VALID_NEGATIVES_SEED, lr_at, train
 
 TINY_MODEL = {"type": "sasrec", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0}
 
@@ -69,6 +71,37 @@ def test_learns_sequential_structure_and_publishes(synthetic_data: Path, tmp_pat
     lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("step,epoch,elapsed_s,train_loss,lr,tokens_per_s,valid/")
     assert len(lines) == 1 + 3  # header + evaluations at steps 20, 40, 60
+
+
+def test_sampled100_validation_selects_on_its_own_negatives(
+    synthetic_data: Path, tmp_path: Path
+) -> None:
+    config = config_from_dict(
+        {"model": TINY_MODEL, "train": tiny_train(eval_protocol="sampled100")}
+    )
+    result = train(
+        config, synthetic_data, tmp_path / "run", registry_dir=tmp_path / "reg", show_progress=False
+    )
+    # Validation metrics are named for their protocol; the published test is full ranking.
+    assert "sampled100/NDCG@10" in result.best_metrics
+    assert "NDCG@10" not in result.best_metrics
+    assert "HR@10" in result.test_metrics and "sampled100/HR@10" not in result.test_metrics
+    manifest = Registry(tmp_path / "reg").manifest("v000001")
+    assert "valid/sampled100/NDCG@10" in manifest["metrics"]
+    assert "test/HR@10" in manifest["metrics"]
+    assert "valid/sampled100/NDCG@10" in (tmp_path / "run" / "metrics.csv").read_text()
+
+    # The selected checkpoint's numbers are the sampled-100 protocol, seeded apart from the
+    # test's negatives (seed 0 in `recloop eval`) so that selection never sees those.
+    split = SequenceDataset(synthetic_data).leave_one_out()
+    assert result.model is not None
+    eval_config = EvalConfig(max_length=20, protocol="sampled100", seed=VALID_NEGATIVES_SEED)
+    again = evaluate(result.model, split.valid, split.source, eval_config)
+    assert again["NDCG@10"] == pytest.approx(result.best_metrics["sampled100/NDCG@10"])
+    num_items = SequenceDataset(synthetic_data).num_items
+    valid_negatives = sample_negatives(split.valid.users, split.source, num_items, seed=1)
+    test_negatives = sample_negatives(split.test.users, split.source, num_items, seed=0)
+    assert (valid_negatives != test_negatives).mean() > 0.9
 
 
 def test_resume_reaches_the_same_parameters(synthetic_data: Path, tmp_path: Path) -> None:
@@ -144,11 +177,15 @@ def test_cli_train_eval_and_models(synthetic_data: Path, tmp_path: Path) -> None
     run = [sys.executable, "-m", "recloop.cli"]
     done = subprocess.run(
         [*run, "train", "--config", str(config), "--data", str(synthetic_data),
-         "--registry", str(registry), "--run-dir", str(tmp_path / "run"), "train.max_steps=4"],
+         "--registry", str(registry), "--run-dir", str(tmp_path / "run"), "train.max_steps=4",
+         "train.eval_protocol=sampled100"],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "v000001"
+    # Validation under the sampled protocol is reported under its own names; test is full.
+    assert "valid: sampled100/HR@10 " in done.stdout
+    assert "test:  HR@10 " in done.stdout
     evaluated = subprocess.run(
         [*run, "eval", "--registry", str(registry), "--data", str(synthetic_data),
          "--protocol", "sampled100", "--json"],
@@ -186,6 +223,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         config_from_dict({"model": {"type": "sasrec"}, "train": {"loss": "hinge"}})
     with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         load_config(None, ["lr=3"])
+    with pytest.raises(ConfigError, match=r"train\.eval_protocol must be one of"):
+        config_from_dict({"model": {"type": "sasrec"}, "train": {"eval_protocol": "sampled"}})
     with pytest.raises(ConfigError, match=r"train\.batch_size must be >= 1"):
         config_from_dict({"model": {"type": "sasrec"}, "train": {"batch_size": 0}})
 

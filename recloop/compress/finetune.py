@@ -26,7 +26,13 @@ from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
 from recloop.progress import stderr
 from recloop.train.losses import next_item_loss
-from recloop.train.trainer import _adamw, _Progress, _set_lr
+from recloop.train.trainer import (
+    _adamw,
+    _Progress,
+    _set_lr,
+    validation_eval_config,
+    validation_metric_prefix,
+)
 
 Batch = dict[str, torch.Tensor]
 # (model, hidden [B, L, D], batch) -> (loss summed over tokens, token count)
@@ -98,15 +104,14 @@ def fit(
 
     step_loss = loss or next_item
 
+    prefix = validation_metric_prefix(cfg)
+    select_key = prefix + cfg.select_metric
+    valid_config = validation_eval_config(cfg)
+
     def validate() -> dict[str, float]:
-        return evaluate_split(
-            model,
-            split.valid,
-            split,
-            cfg.max_length,
-            user_batch_size=cfg.eval_user_batch_size,
-            max_users=cfg.eval_max_users,
-        )
+        """The trainer's validation: same protocol, seed and metric names."""
+        metrics = evaluate(model, split.valid, split.source, valid_config)
+        return {prefix + k: v for k, v in metrics.items() if isinstance(v, float)}
 
     def say(message: str) -> None:
         if show_progress:
@@ -117,9 +122,9 @@ def fit(
     best_weights: dict[str, torch.Tensor] | None = None
     if evaluate_start:
         best_metrics = validate()
-        best_value = best_metrics[cfg.select_metric]
+        best_value = best_metrics[select_key]
         best_weights = copy.deepcopy(model.state_dict())
-        say(f"start: valid {cfg.select_metric} {best_value:.4f}")
+        say(f"start: valid {select_key} {best_value:.4f}")
     history: list[dict[str, Any]] = []
     if evaluate_start:
         history.append({"step": 0, **{f"valid/{k}": v for k, v in best_metrics.items()}})
@@ -154,7 +159,7 @@ def fit(
             if step % eval_every == 0 or step == total_steps or out_of_time:
                 metrics = validate()
                 model.train()
-                value = metrics[cfg.select_metric]
+                value = metrics[select_key]
                 history.append(
                     {
                         "step": step,
@@ -171,7 +176,7 @@ def fit(
                 else:
                     since_best += 1
                 say(
-                    f"step {step}: valid {cfg.select_metric} {value:.4f} "
+                    f"step {step}: valid {select_key} {value:.4f} "
                     f"(best {best_value:.4f} at step {best_step})"
                 )
                 if since_best >= cfg.patience:

@@ -141,15 +141,17 @@ def train(
         history = state["history"]
     best_weights = _load_best(run_dir) if resume and best_step else None
 
-    eval_config = EvalConfig(
+    test_config = EvalConfig(
         max_length=cfg.max_length,
         user_batch_size=cfg.eval_user_batch_size,
         protocol="full",
         max_users=cfg.eval_max_users,
     )
+    valid_config = validation_eval_config(cfg)
+    select_key = validation_metric_prefix(cfg) + cfg.select_metric
 
-    def evaluate_on(examples: EvalExamples) -> dict[str, float]:
-        """Full-ranking metrics over every rank's shard, all-reduced (floats only)."""
+    def evaluate_on(examples: EvalExamples, eval_config: EvalConfig) -> dict[str, float]:
+        """Metrics over every rank's shard, all-reduced (floats only)."""
         metrics = evaluate(
             model,
             examples,
@@ -160,6 +162,10 @@ def train(
             world_size=ctx.world_size,
         )
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+    def validate() -> dict[str, float]:
+        prefix = validation_metric_prefix(cfg)
+        return {prefix + k: v for k, v in evaluate_on(split.valid, valid_config).items()}
 
     tokens_seen, train_seconds, loss_sum, loss_steps = 0, 0.0, 0.0, 0
     stopped_by = "max_steps" if cfg.max_steps else "max_epochs"
@@ -205,7 +211,7 @@ def train(
 
             out_of_time = time.perf_counter() - started > budget
             if step % eval_every == 0 or step == total_steps or out_of_time:
-                metrics = evaluate_on(split.valid)
+                metrics = validate()
                 model.train()
                 history.append(
                     {
@@ -219,7 +225,7 @@ def train(
                     }
                 )
                 loss_sum, loss_steps = 0.0, 0
-                value = float(metrics[cfg.select_metric])
+                value = float(metrics[select_key])
                 if value > best_value:
                     best_value, best_step, evals_since_best = value, step, 0
                     best_metrics = metrics
@@ -229,7 +235,7 @@ def train(
                 else:
                     evals_since_best += 1
                 progress.log(
-                    f"step {step}: valid {cfg.select_metric} {value:.4f} "
+                    f"step {step}: valid {select_key} {value:.4f} "
                     f"(best {best_value:.4f} at step {best_step})"
                 )
                 if evals_since_best >= cfg.patience:
@@ -266,7 +272,7 @@ def train(
     test_metrics: dict[str, float] = {}
     version = None
     if stopped_by != "interrupted":
-        test_metrics = evaluate_on(split.test)
+        test_metrics = evaluate_on(split.test, test_config)
         if ctx.is_main and registry_dir is not None:
             version = _publish(
                 registry_dir,
@@ -303,6 +309,29 @@ def train(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+# Seeds the validation split's sampled negatives. `recloop eval` draws the test split's with
+# seed 0, keyed by the same example positions: a different seed keeps checkpoint selection from
+# ever seeing the negatives that the test ranks against.
+VALID_NEGATIVES_SEED = 1
+
+
+def validation_eval_config(cfg: TrainConfig) -> EvalConfig:
+    """How a run scores its validation split (full ranking, or sampled-100 if configured)."""
+    sampled = cfg.eval_protocol == "sampled100"
+    return EvalConfig(
+        max_length=cfg.max_length,
+        user_batch_size=cfg.eval_user_batch_size,
+        protocol=cfg.eval_protocol,
+        max_users=cfg.eval_max_users,
+        seed=VALID_NEGATIVES_SEED if sampled else 0,
+    )
+
+
+def validation_metric_prefix(cfg: TrainConfig) -> str:
+    """'' for full ranking; 'sampled100/' so sampled metrics never pass for full-ranking ones."""
+    return "" if cfg.eval_protocol == "full" else f"{cfg.eval_protocol}/"
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
@@ -377,11 +406,13 @@ def _plot_history(path: Path, history: list[dict[str, Any]]) -> None:
     left.plot(steps, [row["train_loss"] for row in history], marker=".")
     left.set_xlabel("step")
     left.set_ylabel("training loss")
-    for metric in ("valid/NDCG@10", "valid/HR@10"):
+    sampled = "valid/sampled100/NDCG@10" in history[0]
+    prefix = "valid/sampled100/" if sampled else "valid/"
+    for metric in (f"{prefix}NDCG@10", f"{prefix}HR@10"):
         if metric in history[0]:
             right.plot(steps, [row[metric] for row in history], marker=".", label=metric)
     right.set_xlabel("step")
-    right.set_ylabel("validation (full ranking)")
+    right.set_ylabel("validation (sampled-100)" if sampled else "validation (full ranking)")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
