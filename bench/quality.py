@@ -68,6 +68,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "video-sasrec-bce": video("video/sasrec-bce.toml"),
     "video-sasrec-sampled": video("video/sasrec-sampled.toml"),
     "video-sasrec-bf16": video("video/sasrec-bf16.toml"),
+    "video-sasrec-wide": video("video/sasrec-wide.toml"),
     "ml100k-sasrec": Experiment("ml-100k", "ml-100k/u.data", "ml100k", "ml100k/sasrec.toml", 5),
 }
 
