@@ -63,6 +63,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-sasrec": beauty("beauty/sasrec.toml"),
     "beauty-hstu": beauty("beauty/hstu.toml"),
     "beauty-hstu-large": beauty("beauty/hstu-large.toml"),
+    "beauty-hstu-large-cosine": beauty("beauty/hstu-large-cosine.toml"),
     "video-sasrec": video("video/sasrec.toml"),
     "video-sasrec-fast": video("video/sasrec-fast.toml"),
     "video-sasrec-bce": video("video/sasrec-bce.toml"),
