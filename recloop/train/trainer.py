@@ -148,7 +148,8 @@ def train(
         max_users=cfg.eval_max_users,
     )
     valid_config = validation_eval_config(cfg)
-    select_key = validation_metric_prefix(cfg) + cfg.select_metric
+    valid_prefix = validation_metric_prefix(cfg)
+    select_key = valid_prefix + cfg.select_metric
 
     def evaluate_on(examples: EvalExamples, eval_config: EvalConfig) -> dict[str, float]:
         """Metrics over every rank's shard, all-reduced (floats only)."""
@@ -164,8 +165,7 @@ def train(
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
     def validate() -> dict[str, float]:
-        prefix = validation_metric_prefix(cfg)
-        return {prefix + k: v for k, v in evaluate_on(split.valid, valid_config).items()}
+        return {valid_prefix + k: v for k, v in evaluate_on(split.valid, valid_config).items()}
 
     tokens_seen, train_seconds, loss_sum, loss_steps = 0, 0.0, 0.0, 0
     stopped_by = "max_steps" if cfg.max_steps else "max_epochs"
