@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from recloop.config import ExperimentConfig, TrainConfig
+from recloop.config import ExperimentConfig, TrainConfig, ValidationProtocol
 from recloop.data.batches import (
     COMPILE_WIDTHS,
     TrainingWindows,
@@ -141,12 +141,7 @@ def train(
         history = state["history"]
     best_weights = _load_best(run_dir) if resume and best_step else None
 
-    test_config = EvalConfig(
-        max_length=cfg.max_length,
-        user_batch_size=cfg.eval_user_batch_size,
-        protocol="full",
-        max_users=cfg.eval_max_users,
-    )
+    test_config = _eval_config(cfg, "full")  # published test metrics: full ranking always
     valid_config = validation_eval_config(cfg)
     valid_prefix = validation_metric_prefix(cfg)
     select_key = valid_prefix + cfg.select_metric
@@ -319,13 +314,18 @@ VALID_NEGATIVES_SEED = 1
 
 def validation_eval_config(cfg: TrainConfig) -> EvalConfig:
     """How a run scores its validation split (full ranking, or sampled-100 if configured)."""
-    sampled = cfg.eval_protocol == "sampled100"
+    return _eval_config(cfg, cfg.eval_protocol)
+
+
+def _eval_config(cfg: TrainConfig, protocol: ValidationProtocol) -> EvalConfig:
+    """Evaluation during training under `protocol`; only sampled negatives use their own seed
+    (seed 0 keeps the full protocol's `eval_max_users` subset as it always was)."""
     return EvalConfig(
         max_length=cfg.max_length,
         user_batch_size=cfg.eval_user_batch_size,
-        protocol=cfg.eval_protocol,
+        protocol=protocol,
         max_users=cfg.eval_max_users,
-        seed=VALID_NEGATIVES_SEED if sampled else 0,
+        seed=VALID_NEGATIVES_SEED if protocol == "sampled100" else 0,
     )
 
 
