@@ -40,6 +40,9 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": model,
         "cores": os.cpu_count(),
+        # Set when a run was limited to fewer threads than cores (e.g. two runs sharing the
+        # machine with OMP_NUM_THREADS=1 each); None means the default, one per core.
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "memory_gib": round(memory_gib, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),

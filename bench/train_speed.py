@@ -124,7 +124,7 @@ def worker(args: argparse.Namespace) -> None:
                 tokens = mask.sum()
             else:
                 loss_sum, tokens = next_item_loss(
-                    model, hidden, batch["target_ids"], cfg, dataset.num_items
+                    model, hidden, batch["target_ids"], cfg, dataset.num_items, batch["input_ids"]
                 )
         total = all_reduce_sum(tokens.detach().clone().float(), ctx)
         loss = loss_sum * ctx.world_size / total

@@ -31,6 +31,15 @@ class TrainConfig:
     loss: LossName = "full_softmax"
     # Sampled softmax only: negatives per step, shared by every position in the batch.
     num_negatives: int = 256
+    # Full softmax only: leave the items already in a position's window out of its softmax,
+    # as full-ranking evaluation masks a user's history (a repeat of the target stays in).
+    # Without it every step pushes the user vector away from items it has just consumed,
+    # which are the ones most like the target.
+    mask_history: bool = False
+    # Full softmax only: add this weight x a pairwise (BPR) loss of each position's target
+    # against `num_negatives` items drawn uniformly (shared by the batch), i.e. a push on the
+    # targets that rank below random items: what the sampled-100 protocol measures. 0 = off.
+    bpr_weight: float = 0.0
     negatives: NegativeSampling = "uniform"
     batch_size: int = 256  # global batch (windows) over all processes
     max_length: int = 50
@@ -96,6 +105,16 @@ class TrainConfig:
             raise ConfigError(
                 f"train.select_metric must be one of {sorted(selectable)}, "
                 f"got {self.select_metric!r}"
+            )
+        if self.bpr_weight < 0:
+            raise ConfigError(f"train.bpr_weight must be >= 0, got {self.bpr_weight}")
+        if self.bpr_weight and self.loss != "full_softmax":
+            raise ConfigError(
+                f"train.bpr_weight needs train.loss = 'full_softmax', got {self.loss!r}"
+            )
+        if self.mask_history and self.loss != "full_softmax":
+            raise ConfigError(
+                f"train.mask_history needs train.loss = 'full_softmax', got {self.loss!r}"
             )
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")

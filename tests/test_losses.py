@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from recloop.config import TrainConfig
+from recloop.errors import ConfigError
 from recloop.models.factory import build_model
 from recloop.train.losses import chunked_cross_entropy, next_item_loss
 
@@ -70,3 +71,71 @@ def test_sampled_softmax_masks_accidental_hits_and_bce_is_finite() -> None:
         loss.backward()
     loss, _ = next_item_loss(model, model(inputs), targets, TrainConfig(loss="bce"), 3)
     assert torch.isfinite(loss) and loss > 0
+
+
+def test_history_masking_leaves_each_prefix_out_of_its_softmax() -> None:
+    torch.manual_seed(0)
+    num_items = 12
+    model = build_model("sasrec", {"num_items": num_items, "max_length": 5, "dim": 8})
+    # Row 0: left padding, then a repeat (item 3 is the target at position 3 and was seen at
+    # position 1), which must stay in the softmax. Row 1: a full window.
+    inputs = torch.tensor([[0, 3, 5, 7, 3], [2, 4, 6, 8, 10]])
+    targets = torch.tensor([[0, 5, 7, 3, 9], [4, 6, 8, 10, 1]])
+    config = TrainConfig(mask_history=True)
+    hidden = model(inputs)
+    loss, tokens = next_item_loss(model, hidden, targets, config, num_items, inputs)
+
+    logits = model.score(hidden).float()  # [B, L, 1 + I], column 0 = padding
+    expected = torch.zeros(())
+    for b in range(2):
+        for t in range(5):
+            if targets[b, t] == 0:
+                continue
+            row = logits[b, t, 1:].clone()
+            for item in inputs[b, : t + 1].tolist():
+                if item and item != targets[b, t]:
+                    row[item - 1] = float("-inf")
+            expected = expected + torch.logsumexp(row, 0) - row[targets[b, t] - 1]
+    assert int(tokens) == 9
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    unmasked, _ = next_item_loss(model, hidden, targets, TrainConfig(), num_items, inputs)
+    assert loss < unmasked  # fewer competitors in every row that had a history
+
+    # The fused gradients (computed inside the loss) match autograd through the reference.
+    table = model.item_embedding.weight
+    got = torch.autograd.grad(loss, [hidden, table], retain_graph=True)
+    want = torch.autograd.grad(expected, [hidden, table])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_history_masking_needs_the_inputs_and_the_full_softmax() -> None:
+    model = build_model("sasrec", {"num_items": 5, "max_length": 3, "dim": 8})
+    inputs = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="input items"):
+        next_item_loss(model, model(inputs), inputs, TrainConfig(mask_history=True), 5)
+    with pytest.raises(ConfigError, match="mask_history"):
+        TrainConfig(mask_history=True, loss="bce")
+
+
+def test_bpr_term_adds_the_pairwise_loss_against_uniform_negatives() -> None:
+    model = build_model("sasrec", {"num_items": 20, "max_length": 4, "dim": 8})
+    inputs = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    targets = torch.tensor([[0, 2, 3, 4], [5, 6, 7, 8]])
+    hidden = model(inputs)
+    plain, _ = next_item_loss(model, hidden, targets, TrainConfig(), 20)
+    config = TrainConfig(bpr_weight=0.5, num_negatives=6)
+    torch.manual_seed(3)
+    mixed, tokens = next_item_loss(model, hidden, targets, config, 20)
+    torch.manual_seed(3)  # the same negatives, drawn the same way
+    neg = torch.randint(1, 21, (6,))
+    mask = targets > 0
+    h, pos = hidden[mask], targets[mask]
+    pairs = F.softplus(model.score(h, neg) - model.score(h, pos.unsqueeze(-1)))
+    pairs = pairs.masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), 0.0)
+    torch.testing.assert_close(mixed, plain + 0.5 * pairs.mean(dim=1).sum())
+    assert int(tokens) == 7
+    with pytest.raises(ConfigError, match="bpr_weight"):
+        TrainConfig(bpr_weight=0.5, loss="sampled_softmax")
+    with pytest.raises(ConfigError, match="bpr_weight"):
+        TrainConfig(bpr_weight=-1.0)

@@ -104,6 +104,25 @@ def test_sampled100_validation_selects_on_its_own_negatives(
     assert (valid_negatives != test_negatives).mean() > 0.9
 
 
+def test_history_masking_and_the_bpr_term_train_end_to_end(
+    synthetic_data: Path, tmp_path: Path
+) -> None:
+    from recloop.online.learner import OnlineConfig, _loss_config
+
+    overrides = tiny_train(max_steps=60, eval_every_steps=20, mask_history=True, bpr_weight=0.5)
+    config = config_from_dict({"model": TINY_MODEL, "train": overrides})
+    result = train(
+        config, synthetic_data, tmp_path / "run", registry_dir=tmp_path / "reg", show_progress=False
+    )
+    assert result.best_metrics["HR@10"] > 0.3  # learns as well as the plain full softmax
+    manifest = Registry(tmp_path / "reg").manifest("v000001")
+    trained = manifest["training"]["config"]["train"]
+    assert trained["mask_history"] is True and trained["bpr_weight"] == 0.5
+    # The online learner fine-tunes with the loss the version was trained with.
+    assert _loss_config(OnlineConfig(loss="auto"), manifest).mask_history is True
+    assert _loss_config(OnlineConfig(loss="bce"), manifest).mask_history is False
+
+
 def test_resume_reaches_the_same_parameters(synthetic_data: Path, tmp_path: Path) -> None:
     config = config_from_dict(
         {"model": {**TINY_MODEL, "dropout": 0.3}, "train": tiny_train(loss="sampled_softmax")}

@@ -100,7 +100,8 @@ def fit(
     optimizer = _adamw(model, cfg, fused=False)
 
     def next_item(m: SequentialEncoder, hidden: torch.Tensor, batch: Batch) -> tuple[Any, Any]:
-        return next_item_loss(m, hidden, batch["target_ids"], cfg, dataset.num_items)
+        targets = batch["target_ids"]
+        return next_item_loss(m, hidden, targets, cfg, dataset.num_items, batch["input_ids"])
 
     step_loss = loss or next_item
 

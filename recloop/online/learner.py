@@ -461,7 +461,9 @@ class OnlineLearner:
         num_items = self.vocabulary.num_items
         for inputs, targets in _padded_chunks(usable, TOKENS_PER_CHUNK):  # [B, W] each
             hidden = self.model(inputs)  # [B, W, D]
-            loss_sum, _ = next_item_loss(self.model, hidden, targets, self._loss_config, num_items)
+            loss_sum, _ = next_item_loss(
+                self.model, hidden, targets, self._loss_config, num_items, inputs=inputs
+            )
             (loss_sum / total_tokens).backward()  # type: ignore[no-untyped-call]
         if self.config.grad_clip is not None:
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -688,12 +690,19 @@ class _BaseHistory:
 
 def _loss_config(config: OnlineConfig, origin: dict[str, Any]) -> TrainConfig:
     """The training loss settings: the config's, with "auto" filled from how the origin
-    version was trained (sampled softmax with 256 uniform negatives when it does not say)."""
+    version was trained (sampled softmax with 256 uniform negatives when it does not say).
+    History masking follows the origin's training whenever the loss is the full softmax."""
     trained = ((origin.get("training") or {}).get("config") or {}).get("train") or {}
     loss = config.loss if config.loss != "auto" else trained.get("loss", "sampled_softmax")
     negatives = config.negatives if config.negatives != "auto" else trained.get("negatives")
     count = config.num_negatives or trained.get("num_negatives") or 256
-    return TrainConfig(loss=loss, negatives=negatives or "uniform", num_negatives=int(count))
+    mask_history = loss == "full_softmax" and bool(trained.get("mask_history", False))
+    return TrainConfig(
+        loss=loss,
+        negatives=negatives or "uniform",
+        num_negatives=int(count),
+        mask_history=mask_history,
+    )
 
 
 def _vocabulary_file(manifest: dict[str, Any]) -> str:

@@ -8,6 +8,9 @@ token count of the whole global batch, so data-parallel training matches one pro
   own targets (in-batch, popularity-distributed), with the log-q correction (Yi et al. 2019)
   so the sampled loss estimates the full softmax; negatives equal to the positive are masked.
 - BCE: the SASRec paper's loss, one uniformly drawn negative per position.
+
+The full softmax can leave each position's own history out of its softmax (``mask_history``)
+and add a pairwise term against uniformly drawn items (``bpr_weight``).
 """
 
 from __future__ import annotations
@@ -28,8 +31,12 @@ def next_item_loss(
     targets: torch.Tensor,
     config: TrainConfig,
     num_items: int,
+    inputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [B, L, D], targets [B, L] (0 = no target) -> (loss sum, token count)."""
+    """hidden [B, L, D], targets [B, L] (0 = no target) -> (loss sum, token count).
+
+    ``inputs`` [B, L] are the windows' input items; ``config.mask_history`` needs them.
+    """
     mask = targets > 0  # [B, L]
     tokens = mask.sum()
     h = hidden[mask]  # [T, D]
@@ -39,7 +46,17 @@ def next_item_loss(
         query = embedding.prepare_query(h).float()  # [T, D]
         table = embedding.output_table()[1:].float()  # [I, D], padding row excluded
         matmul_dtype = torch.bfloat16 if config.bf16 else None
-        return chunked_cross_entropy(query, table, pos - 1, matmul_dtype=matmul_dtype), tokens
+        exclude = None
+        if config.mask_history:
+            if inputs is None:
+                raise ValueError("train.mask_history needs the input items (inputs=)")
+            exclude = history_exclusions(inputs, targets)[mask] - 1  # [T, L], -1 = none
+        loss = chunked_cross_entropy(
+            query, table, pos - 1, matmul_dtype=matmul_dtype, exclude=exclude
+        )
+        if config.bpr_weight:
+            loss = loss + config.bpr_weight * _uniform_bpr(model, h, pos, config, num_items)
+        return loss, tokens
     if config.loss == "bce":
         neg = torch.randint(1, num_items + 1, pos.shape, device=pos.device)  # [T]
         pos_logit = model.score(h, pos.unsqueeze(-1)).squeeze(-1).float()  # [T]
@@ -47,6 +64,35 @@ def next_item_loss(
         loss = F.softplus(-pos_logit) + F.softplus(neg_logit)
         return loss.sum(), tokens
     return _sampled_softmax(model, h, pos, config, num_items), tokens
+
+
+def _uniform_bpr(
+    model: SequentialEncoder,
+    h: torch.Tensor,
+    pos: torch.Tensor,
+    config: TrainConfig,
+    num_items: int,
+) -> torch.Tensor:
+    """Summed over positions: mean over uniform negatives of softplus(neg - pos logit)."""
+    neg = torch.randint(1, num_items + 1, (config.num_negatives,), device=pos.device)  # [N]
+    pos_logit = model.score(h, pos.unsqueeze(-1)).float()  # [T, 1]
+    neg_logit = model.score(h, neg).float()  # [T, N]
+    pairs = F.softplus(neg_logit - pos_logit)
+    pairs = pairs.masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), 0.0)  # an accidental hit
+    return pairs.mean(dim=1).sum()
+
+
+def history_exclusions(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B, L, L] item ids each position leaves out of its softmax (0 = nothing).
+
+    Position t excludes the inputs at positions <= t, its prefix within the window, except
+    an item equal to its own target (a repeat purchase is still a right answer).
+    """
+    width = inputs.shape[1]
+    seen = inputs.unsqueeze(1).expand(-1, width, -1)  # [B, t, s] = inputs[b, s]
+    causal = torch.ones(width, width, dtype=torch.bool, device=inputs.device).tril()  # s <= t
+    keep = causal & (seen != targets.unsqueeze(-1))
+    return torch.where(keep, seen, torch.zeros_like(seen))
 
 
 def _sampled_softmax(
@@ -110,6 +156,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         chunk: int,
         matmul_dtype: torch.dtype | None,
+        exclude: torch.Tensor | None,
     ) -> torch.Tensor:
         dtype = matmul_dtype or query.dtype
         grad_query = torch.empty_like(query)  # [T, D]
@@ -122,6 +169,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 t = targets[start : start + chunk]  # [c]
                 rows = torch.arange(len(t), device=t.device)
                 logits = (q @ table_m.T).to(query.dtype)  # [c, I]
+                if exclude is not None:
+                    _mask_logits(logits, exclude[start : start + chunk])
                 target_logit = logits[rows, t]  # [c]
                 row_max = logits.amax(dim=1, keepdim=True)  # [c, 1]
                 probs = logits.sub_(row_max).exp_()  # unnormalised, in place
@@ -142,7 +191,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_query, grad_table = ctx.saved_tensors
-        return grad_query * grad_output, grad_table * grad_output, None, None, None
+        return grad_query * grad_output, grad_table * grad_output, None, None, None, None
+
+
+def _mask_logits(logits: torch.Tensor, exclude: torch.Tensor) -> None:
+    """Sets logits[r, exclude[r, j]] to -inf in place, skipping entries of -1.
+
+    A scatter with "amin" of -inf (mask) or +inf (skip, the min leaves the logit as it is)
+    handles the ragged rows in one call; masked items get zero probability and gradient.
+    """
+    valid = exclude >= 0
+    index = exclude.clamp_min(0)
+    values = torch.where(valid, float("-inf"), float("inf")).to(logits.dtype)
+    logits.scatter_reduce_(1, index, values, reduce="amin")
 
 
 def chunked_cross_entropy(
@@ -151,8 +212,12 @@ def chunked_cross_entropy(
     targets: torch.Tensor,
     chunk: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed softmax cross-entropy of query [T, D] against every row of table [I, D].
+
+    ``exclude`` [T, E] lists rows of the table to leave out of each query's softmax (-1 =
+    none); a query's target must not be among them.
 
     ``matmul_dtype`` (e.g. torch.bfloat16) sets the matmul operands' precision only; the
     softmax, the loss and the gradients' accumulation stay in the inputs' dtype. ``chunk``
@@ -160,5 +225,7 @@ def chunked_cross_entropy(
     """
     if chunk is None:
         chunk = 64 if matmul_dtype in (None, query.dtype) else 128
-    loss: torch.Tensor = _ChunkedCrossEntropy.apply(query, table, targets, chunk, matmul_dtype)  # type: ignore[no-untyped-call]
+    loss: torch.Tensor = _ChunkedCrossEntropy.apply(  # type: ignore[no-untyped-call]
+        query, table, targets, chunk, matmul_dtype, exclude
+    )
     return loss

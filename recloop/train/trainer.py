@@ -186,7 +186,9 @@ def train(
             _set_lr(optimizer, cfg, step, total_steps)
             with autocast:
                 hidden = forward(input_ids, timestamps)  # [B, L, D]
-                loss_total, tokens = next_item_loss(model, hidden, targets, cfg, dataset.num_items)
+                loss_total, tokens = next_item_loss(
+                    model, hidden, targets, cfg, dataset.num_items, inputs=input_ids
+                )
             global_tokens = all_reduce_sum(tokens.detach().clone().float(), ctx)
             # DDP averages gradients over ranks; scaling by world / global tokens makes that
             # average the mean over every token of the global batch.
