@@ -74,6 +74,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "video-sasrec-wide-16ep-t10": video("video/sasrec-wide-16ep-t10.toml"),
     "video-sasrec-wide192": video("video/sasrec-wide192.toml"),
     "video-sasrec-wide-bpr": video("video/sasrec-wide-bpr.toml"),
+    "video-sasrec-wide-bpr-t04": video("video/sasrec-wide-bpr-t04.toml"),
     "ml100k-sasrec": Experiment("ml-100k", "ml-100k/u.data", "ml100k", "ml100k/sasrec.toml", 5),
 }
 
