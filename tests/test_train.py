@@ -123,9 +123,20 @@ def test_history_masking_and_the_bpr_term_train_end_to_end(
     assert _loss_config(OnlineConfig(loss="bce"), manifest).mask_history is False
 
 
-def test_resume_reaches_the_same_parameters(synthetic_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {"loss": "sampled_softmax"},
+        # The pairwise term draws its own negatives from the checkpointed RNG.
+        {"loss": "full_softmax", "bpr_weight": 0.5, "mask_history": True},
+    ],
+    ids=["sampled_softmax", "full_softmax+bpr+mask_history"],
+)
+def test_resume_reaches_the_same_parameters(
+    synthetic_data: Path, tmp_path: Path, loss: dict[str, object]
+) -> None:
     config = config_from_dict(
-        {"model": {**TINY_MODEL, "dropout": 0.3}, "train": tiny_train(loss="sampled_softmax")}
+        {"model": {**TINY_MODEL, "dropout": 0.3}, "train": tiny_train(**loss)}
     )
     straight = train(config, synthetic_data, tmp_path / "a", show_progress=False)
     first = train(config, synthetic_data, tmp_path / "b", stop_at_step=7, show_progress=False)
