@@ -75,11 +75,19 @@ def _uniform_bpr(
 ) -> torch.Tensor:
     """Summed over positions: mean over uniform negatives of softplus(neg - pos logit)."""
     neg = torch.randint(1, num_items + 1, (config.num_negatives,), device=pos.device)  # [N]
-    pos_logit = model.score(h, pos.unsqueeze(-1)).float()  # [T, 1]
-    neg_logit = model.score(h, neg).float()  # [T, N]
-    pairs = F.softplus(neg_logit - pos_logit)
-    pairs = pairs.masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), 0.0)  # an accidental hit
+    pos_logit, neg_logit, hit = _target_and_negative_logits(model, h, pos, neg)
+    pairs = F.softplus(neg_logit - pos_logit.unsqueeze(-1)).masked_fill(hit, 0.0)
     return pairs.mean(dim=1).sum()
+
+
+def _target_and_negative_logits(
+    model: SequentialEncoder, h: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 logits of each position's target [T] and of the shared negatives [T, N], and
+    where a negative is the target itself [T, N] (an accidental hit the caller must mask)."""
+    pos_logit = model.score(h, pos.unsqueeze(-1)).squeeze(-1).float()
+    neg_logit = model.score(h, neg).float()
+    return pos_logit, neg_logit, neg.unsqueeze(0) == pos.unsqueeze(1)
 
 
 def history_exclusions(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -123,9 +131,9 @@ def _sampled_softmax(
         neg = picked
         log_q = torch.log(q[neg])
         pos_log_q = torch.log(q[pos].clamp_min(1e-12))
-    pos_logit = model.score(h, pos.unsqueeze(-1)).squeeze(-1).float() - pos_log_q  # [T]
-    neg_logit = model.score(h, neg).float() - log_q  # [T, N]
-    neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), float("-inf"))
+    pos_logit, neg_logit, hit = _target_and_negative_logits(model, h, pos, neg)
+    pos_logit = pos_logit - pos_log_q  # [T]
+    neg_logit = (neg_logit - log_q).masked_fill(hit, float("-inf"))  # [T, N]
     logits = torch.cat([pos_logit.unsqueeze(-1), neg_logit], dim=-1)  # [T, 1 + N]
     zeros = torch.zeros(pos.shape, dtype=torch.long, device=device)
     return F.cross_entropy(logits, zeros, reduction="sum")
