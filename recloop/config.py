@@ -3,7 +3,7 @@
 An unknown section or key, or a value of the wrong type, is a `ConfigError` that names it
 (and the file). Model sections are validated by the model's own config dataclass.
 
-    [model]            # type = "sasrec" | "hstu", then that model's config fields
+    [model]            # type = "sasrec" | "hstu" | "bsarec", then that model's config fields
     [train]            # TrainConfig
     [eval]             # evaluation during training (max_length comes from [train])
 """
@@ -24,6 +24,7 @@ LossName = Literal["full_softmax", "sampled_softmax", "bce"]
 NegativeSampling = Literal["uniform", "in_batch", "mixed"]
 Schedule = Literal["constant", "cosine", "linear"]
 ValidationProtocol = Literal["full", "sampled100"]
+TrainingSamples = Literal["windows", "prefixes"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class TrainConfig:
     max_length: int = 50
     # Windows per user kept for training, most recent first (None = all: every prefix once).
     max_windows_per_user: int | None = None
+    # "windows": a causal model learns every prefix of a window at once (a target at every
+    # position). "prefixes": each prefix is its own sample with its target at the last
+    # position, as a non-causal model (bsarec) must train; about (mean length / 2) times the
+    # encoder work per target on short-sequence data.
+    samples: TrainingSamples = "windows"
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.98)

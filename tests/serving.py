@@ -23,11 +23,21 @@ def make_dataset(out: Path, *, num_items: int = 120, seed: int = 1) -> Path:
     return out
 
 
-def train_version(data: Path, registry: Path, run_dir: Path, *, seed: int, steps: int = 40) -> str:
+def train_version(
+    data: Path,
+    registry: Path,
+    run_dir: Path,
+    *,
+    seed: int,
+    steps: int = 40,
+    model: dict[str, object] | None = None,
+    samples: str = "windows",
+) -> str:
     config = config_from_dict(
         {
-            "model": TINY_MODEL,
+            "model": model or TINY_MODEL,
             "train": {
+                "samples": samples,
                 "batch_size": 32,
                 "max_length": 20,
                 "lr": 3e-3,

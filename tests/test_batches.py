@@ -422,3 +422,42 @@ def test_pad_to_width_left_pads_to_the_next_allowed_width() -> None:
     assert padded["target_ids"].tolist() == [[0, 0, 0, 4, 9], [0, 0, 6, 7, 8]]
     assert padded["user_ids"].tolist() == [1, 2]
     assert pad_to_width(batch, widths=(2,)) is batch  # wider than every width: unchanged
+
+
+@pytest.mark.parametrize("length", [1, 3, 16])
+def test_prefix_windows_hold_each_prefix_once_with_its_target_last(length: int) -> None:
+    # samples = "prefixes" (non-causal models): one window per prefix, the whole preceding
+    # history (up to L items) as input and the prefix's next item as the only target.
+    seqs = random_sequences(seed=length)
+    windows = TrainingWindows(seqs, WindowConfig(max_length=length, prefixes=True))
+    batch = all_windows(windows)
+    inputs, targets = batch["input_ids"], batch["target_ids"]
+    assert (targets[:, :-1] == 0).all()
+    first_events = seqs.offsets[:-1][seqs.lengths > 0] + 1
+    expected = np.setdiff1d(np.arange(1, seqs.num_events + 1), first_events)
+    assert len(windows) == len(expected)
+    np.testing.assert_array_equal(np.sort(targets[:, -1]), expected)
+    for row in range(len(windows)):
+        target = int(targets[row, -1])  # event ids are global positions + 1
+        user = int(batch["user_ids"][row])
+        start = int(seqs.offsets[user])
+        history = np.arange(max(start, target - 1 - length), target - 1) + 1
+        np.testing.assert_array_equal(inputs[row, length - len(history) :], history)
+        assert (inputs[row, : length - len(history)] == 0).all()
+    times = np.concatenate([[0], seqs.timestamps])
+    np.testing.assert_array_equal(batch["timestamps"], times[inputs])
+    np.testing.assert_array_equal(batch["target_timestamps"], times[targets])
+
+
+def test_prefix_windows_per_user_keeps_the_most_recent_prefixes() -> None:
+    seqs = hand_sequences()
+    every = all_windows(TrainingWindows(seqs, WindowConfig(max_length=3, prefixes=True)))
+    # user 0: 6 prefixes, user 1: 1, user 4: 7; keep the last two of each
+    assert len(every["user_ids"]) == 14
+    two = all_windows(
+        TrainingWindows(seqs, WindowConfig(max_length=3, max_windows_per_user=2, prefixes=True))
+    )
+    np.testing.assert_array_equal(two["user_ids"], [0, 0, 1, 4, 4])
+    np.testing.assert_array_equal(two["target_ids"][:, -1], [6, 7, 21, 37, 38])
+    np.testing.assert_array_equal(two["input_ids"][-1], [35, 36, 37])
+    np.testing.assert_array_equal(two["input_ids"][2], [0, 0, 20])

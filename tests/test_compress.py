@@ -146,6 +146,27 @@ def test_compressed_models_rebuild_exactly_from_their_config(model_type: str) ->
     assert pruned.score(pruned.encode(ids))[:, 0].isinf().all()
 
 
+def test_a_quantized_bsarec_rebuilds_and_structured_pruning_refuses_it() -> None:
+    torch.manual_seed(0)
+    model = build_model(
+        "bsarec", {"num_items": 60, "max_length": 8, "dim": 16, "num_heads": 2, "dropout": 0.0}
+    ).eval()
+    ids = sample_histories(None, num_items=60, max_length=8, count=16)
+    quantized = quantize_model(model)
+    saved = json.loads(json.dumps(config_to_dict(quantized)))
+    rebuilt = build_model(saved["type"], saved)
+    rebuilt.load_state_dict(quantized.state_dict(), strict=True)
+    assert torch.equal(rebuilt.eval().encode(ids), quantized.encode(ids))
+    overlap = model.score(model.encode(ids)).topk(10).indices.unsqueeze(-1) == quantized.score(
+        quantized.encode(ids)
+    ).topk(10).indices.unsqueeze(-2)
+    assert overlap.any(-1).float().mean() > 0.8  # int8 barely moves the ranking
+    with pytest.raises(ConfigError, match="prune-structured supports sasrec and hstu"):
+        prune_structured(model, 0.5)
+    with pytest.raises(ConfigError, match="structured pruning supports sasrec and hstu"):
+        build_model("bsarec", {**saved, "compression": {"blocks": [{"heads": 1}]}})
+
+
 # --------------------------------------------------------------------------- quantization
 
 

@@ -39,7 +39,8 @@ TINY: dict[str, Any] = {
     "num_blocks": 1,
     "max_length": MAX_LENGTH,
 }
-MODEL_TYPES = ("sasrec", "hstu")  # HSTU also covers prepare_query (L2 norm, temperature 0.05)
+# HSTU also covers prepare_query (L2 norm, temperature 0.05); BSARec a non-causal encoder.
+MODEL_TYPES = ("sasrec", "hstu", "bsarec")
 
 
 def tiny_model(model_type: str, seed: int = 0) -> SequentialEncoder:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder
+from recloop.models.bsarec import BSARec, BSARecConfig, low_pass_matrix
 from recloop.models.factory import MODEL_TYPES, build_model, config_to_dict
 from recloop.models.hstu import HSTU, HSTUConfig
 from recloop.models.sasrec import SASRec, SASRecConfig
@@ -32,6 +33,12 @@ def make_hstu(**overrides: Any) -> HSTU:
     return HSTU(HSTUConfig(**values))
 
 
+def make_bsarec(**overrides: Any) -> BSARec:
+    values: dict[str, Any] = {"num_items": NUM_ITEMS, "max_length": 20, "dim": DIM}
+    values.update(overrides)
+    return BSARec(BSARecConfig(**values))
+
+
 MODELS = {
     "sasrec": make_sasrec,
     "sasrec_postnorm_gelu": lambda **kw: make_sasrec(
@@ -41,11 +48,22 @@ MODELS = {
     "hstu_dot_product": lambda **kw: make_hstu(
         normalize_embeddings=False, temperature=1.0, attention_dim=4, linear_dim=6, **kw
     ),
+    "bsarec": make_bsarec,
+    "bsarec_cosine_two_heads": lambda **kw: make_bsarec(
+        normalize_embeddings=True, temperature=0.1, num_heads=2, alpha=0.3, c=9, **kw
+    ),
 }
+CAUSAL_MODELS = [name for name in MODELS if MODELS[name]().causal]
 
 
 @pytest.fixture(params=list(MODELS))
 def make_model(request: pytest.FixtureRequest) -> MakeModel:
+    torch.manual_seed(0)
+    return MODELS[request.param]
+
+
+@pytest.fixture(params=CAUSAL_MODELS)
+def make_causal_model(request: pytest.FixtureRequest) -> MakeModel:
     torch.manual_seed(0)
     return MODELS[request.param]
 
@@ -104,17 +122,70 @@ def test_no_nan_with_heavy_and_full_padding(make_model: MakeModel, train: bool) 
         model.zero_grad()
 
 
-def test_causal(make_model: MakeModel) -> None:
-    model = make_model().eval()
-    ids, times = left_padded([12, 9], 12)
-    before = model(ids, times)
-    t = 8
+def changed_at(ids: torch.Tensor, times: torch.Tensor, t: int) -> tuple[torch.Tensor, ...]:
+    """The same windows with another item at position t and later timestamps from t on."""
     changed_ids, changed_times = ids.clone(), times.clone()
     changed_ids[:, t] = changed_ids[:, t] % NUM_ITEMS + 1
     changed_times[:, t:] += 10_000_000
-    after = model(changed_ids, changed_times)
+    return changed_ids, changed_times
+
+
+def test_causal(make_causal_model: MakeModel) -> None:
+    model = make_causal_model().eval()
+    assert model.causal
+    ids, times = left_padded([12, 9], 12)
+    before = model(ids, times)
+    t = 8
+    after = model(*changed_at(ids, times, t))
     torch.testing.assert_close(after[:, :t], before[:, :t], atol=1e-6, rtol=0)
     assert not torch.allclose(after[:, t], before[:, t])
+
+
+def test_bsarec_is_not_causal_and_says_so() -> None:
+    # Its frequency filter mixes the whole window: an inner position sees the items after it,
+    # which is why the trainer refuses to train it on whole windows (test_train).
+    torch.manual_seed(0)
+    model = make_bsarec().eval()
+    assert not model.causal
+    ids, times = left_padded([12, 9], 12)
+    before = model(ids, times)
+    after = model(*changed_at(ids, times, 8))
+    assert not torch.allclose(after[:, :8][ids[:, :8] > 0], before[:, :8][ids[:, :8] > 0])
+    filter_only = make_bsarec(alpha=1.0, c=1).eval()  # c=1 keeps the mean: still non-causal
+    changed = filter_only(changed_at(ids, times, 8)[0])
+    assert not torch.allclose(filter_only(ids)[:, 5], changed[:, 5])
+
+
+@pytest.mark.parametrize(("length", "c"), [(50, 5), (20, 9), (7, 1), (8, 30)])
+def test_bsarec_low_pass_matrix_is_the_reference_fft_filter(length: int, c: int) -> None:
+    # The reference: rfft along the sequence, zero all but the c // 2 + 1 lowest frequencies,
+    # irfft (orthonormal both ways).
+    x = torch.randn(3, length, 5, dtype=torch.float64)
+    spectrum = torch.fft.rfft(x, dim=1, norm="ortho")
+    spectrum[:, c // 2 + 1 :] = 0
+    expected = torch.fft.irfft(spectrum, n=length, dim=1, norm="ortho")
+    matrix = low_pass_matrix(length, c).double()
+    torch.testing.assert_close(matrix @ x, expected, atol=1e-6, rtol=1e-6)
+    if c // 2 + 1 >= length // 2 + 1:  # every frequency kept: the identity
+        identity = torch.eye(length, dtype=torch.float64)
+        torch.testing.assert_close(matrix, identity, atol=1e-6, rtol=0)
+
+
+def test_bsarec_trimmed_window_equals_the_full_window_filter() -> None:
+    # With zero padding rows, filtering a full max_length window and filtering only its real
+    # positions (the circulant block) agree, so trimmed batches train the reference's filter.
+    torch.manual_seed(0)
+    model = make_bsarec(alpha=1.0, dropout=0.0).eval()
+    block = model.blocks[0].filter
+    x = torch.randn(2, 20, DIM)
+    x[:, :14] = 0  # six real positions at the end of a window of max_length = 20
+    spectrum = torch.fft.rfft(x, dim=1, norm="ortho")
+    spectrum[:, model.config.c // 2 + 1 :] = 0
+    low = torch.fft.irfft(spectrum, n=20, dim=1, norm="ortho")
+    beta2 = block.sqrt_beta.detach() ** 2
+    expected = block.norm(x + low + beta2 * (x - low))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x[:, 14:]), expected[:, 14:], atol=1e-5, rtol=1e-5)
 
 
 def test_left_padding_invariance(make_model: MakeModel) -> None:
@@ -209,16 +280,21 @@ def toy_batch(gen: torch.Generator, batch: int = 64, length: int = 10, n: int = 
     return inputs, targets.masked_fill(inputs == 0, 0)
 
 
-@pytest.mark.parametrize("model_type", ["sasrec", "hstu"])
+@pytest.mark.parametrize("model_type", ["sasrec", "hstu", "bsarec"])
 def test_tiny_model_learns_next_item(model_type: str) -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    model = build_model(model_type, {"num_items": 20, "max_length": 10, "dim": 32, "dropout": 0.0})
+    config = {"num_items": 20, "max_length": 10, "dim": 32, "dropout": 0.0}
+    if model_type == "bsarec":
+        config["attention_dropout"] = 0.0
+    model = build_model(model_type, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(100):
         inputs, targets = toy_batch(gen)
         hidden = model(inputs)
         mask = targets > 0
+        if not model.causal:  # a non-causal model learns the last position of each window
+            mask[:, :-1] = False
         loss = F.cross_entropy(model.score(hidden[mask]), targets[mask])
         optimizer.zero_grad()
         loss.backward()
@@ -226,6 +302,8 @@ def test_tiny_model_learns_next_item(model_type: str) -> None:
     model.eval()
     inputs, targets = toy_batch(gen, batch=256)
     mask = targets > 0
+    if not model.causal:
+        mask[:, :-1] = False
     with torch.no_grad():
         predicted = model.score(model(inputs)[mask]).argmax(-1)
     assert (predicted == targets[mask]).float().mean() > 0.9
@@ -248,6 +326,11 @@ def test_tiny_model_learns_next_item(model_type: str) -> None:
         (HSTUConfig, {"num_items": 10, "num_time_buckets": 0}, "num_time_buckets"),
         (HSTUConfig, {"num_items": 10, "time_bucket_width": 0}, "time_bucket_width"),
         (HSTUConfig, {"num_items": 10, "use_time_bias": 1}, "use_time_bias"),
+        (BSARecConfig, {"num_items": 10, "alpha": 1.5}, "alpha"),
+        (BSARecConfig, {"num_items": 10, "c": 0}, "c"),
+        (BSARecConfig, {"num_items": 10, "attention_dropout": 1.0}, "attention_dropout"),
+        (BSARecConfig, {"num_items": 10, "dim": 10, "num_heads": 4}, "num_heads"),
+        (BSARecConfig, {"num_items": 10, "normalize_embeddings": "yes"}, "normalize_embeddings"),
     ],
 )
 def test_config_validation_names_the_field(

@@ -123,6 +123,33 @@ def test_history_masking_and_the_bpr_term_train_end_to_end(
     assert _loss_config(OnlineConfig(loss="bce"), manifest).mask_history is False
 
 
+BSAREC = {"type": "bsarec", "dim": 16, "num_blocks": 1, "dropout": 0.0, "attention_dropout": 0.0}
+
+
+def test_bsarec_trains_on_prefixes_publishes_and_refuses_whole_windows(
+    synthetic_data: Path, tmp_path: Path
+) -> None:
+    from recloop.models.io import load_model
+
+    whole = config_from_dict({"model": BSAREC, "train": tiny_train(max_steps=2)})
+    with pytest.raises(ConfigError, match=r"not causal.*train\.samples = 'prefixes'"):
+        train(whole, synthetic_data, tmp_path / "refused", show_progress=False)
+    assert not (tmp_path / "refused" / "LATEST").exists()  # refused before any step
+
+    overrides = tiny_train(max_steps=120, eval_every_steps=40, samples="prefixes", lr=5e-3)
+    config = config_from_dict({"model": BSAREC, "train": overrides})
+    result = train(
+        config, synthetic_data, tmp_path / "run", registry_dir=tmp_path / "reg", show_progress=False
+    )
+    assert result.best_metrics["HR@10"] > 0.3  # learns the successor structure (~0.1 popular)
+    model, manifest = load_model(Registry(tmp_path / "reg"), "v000001")
+    assert manifest["model"]["type"] == "bsarec" and not model.causal
+    assert manifest["training"]["config"]["train"]["samples"] == "prefixes"
+    split = SequenceDataset(synthetic_data).leave_one_out()
+    again = evaluate(model, split.test, split.source, EvalConfig(max_length=20))
+    assert again["HR@10"] == pytest.approx(result.test_metrics["HR@10"])
+
+
 @pytest.mark.parametrize(
     "loss",
     [

@@ -147,6 +147,12 @@ def distillation_loss(teacher: SequentialEncoder, config: DistillConfig) -> Loss
     ) -> tuple[torch.Tensor, torch.Tensor]:
         targets = batch["target_ids"]  # [B, L]
         mask = targets > 0  # [B, L]
+        if not teacher.causal and bool(mask[:, :-1].any()):
+            raise ConfigError(
+                f"the teacher ({type(teacher).__name__}) is not causal: its hidden state at an "
+                "inner position has seen that position's target; distil with "
+                "train.samples = 'prefixes'"
+            )
         tokens = mask.sum()
         embedding = student.item_embedding
         query = embedding.prepare_query(hidden[mask]).float()  # [T, D]
@@ -170,7 +176,7 @@ def build_student(teacher: SequentialEncoder, student_model: dict[str, Any]) -> 
     values = dict(student_model)
     model_type = values.pop("type", None)
     if not isinstance(model_type, str):
-        raise ConfigError("the student [model] needs a type (sasrec or hstu)")
+        raise ConfigError("the student [model] needs a type (sasrec, hstu or bsarec)")
     for fixed in ("num_items", "max_length"):
         ours = int(getattr(teacher.config, fixed))
         if fixed in values and values[fixed] != ours:

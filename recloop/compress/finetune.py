@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from recloop.config import TrainConfig
-from recloop.data.batches import TrainingWindows, WindowConfig, make_loader, trim_left_padding
+from recloop.data.batches import TrainingWindows, make_loader, trim_left_padding
 from recloop.data.dataset import SequenceDataset
 from recloop.data.splits import EvalExamples, Split
 from recloop.evaluate import EvalConfig, evaluate
@@ -30,8 +30,10 @@ from recloop.train.trainer import (
     _adamw,
     _Progress,
     _set_lr,
+    check_samples,
     validation_eval_config,
     validation_metric_prefix,
+    window_config,
 )
 
 Batch = dict[str, torch.Tensor]
@@ -84,8 +86,9 @@ def fit(
     weights are evaluated first and kept if nothing beats them.
     """
     torch.manual_seed(cfg.seed)
+    check_samples(model, cfg)
     split = dataset.leave_one_out()
-    windows = TrainingWindows(split.train, WindowConfig(cfg.max_length, cfg.max_windows_per_user))
+    windows = TrainingWindows(split.train, window_config(cfg))
     loader = make_loader(
         windows,
         min(cfg.batch_size, len(windows)),

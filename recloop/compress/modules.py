@@ -342,9 +342,11 @@ def apply_compression(model: SequentialEncoder, spec: CompressionSpec | Mapping[
     ``load_state_dict`` of the compressed weights fits exactly. Records the spec on the model."""
     if not isinstance(spec, CompressionSpec):
         spec = CompressionSpec.from_dict(spec)
-    if not isinstance(model, SASRec | HSTU):
-        raise ConfigError(f"{type(model).__name__} models cannot be compressed")
     if spec.blocks is not None:
+        if not isinstance(model, SASRec | HSTU):  # quantization fits any model's blocks
+            raise ConfigError(
+                f"structured pruning supports sasrec and hstu models, not {type(model).__name__}"
+            )
         set_block_structure(model, list(spec.blocks))
     if spec.linear_bits == 8:
         quantize_linears(model, empty=True)

@@ -50,10 +50,15 @@ class WindowConfig:
     ``max_length`` is L, the model's context length (a window holds L + 1 events).
     ``max_windows_per_user`` keeps only each user's k most recent windows (None: all of them;
     1: the classic SASRec "last L + 1 items" per user).
+    ``prefixes`` makes every prefix its own window, with a target at the last position only
+    (the training of a non-causal model, which must not see an inner position's future); a
+    user with n events then has n - 1 windows, and ``max_windows_per_user`` keeps the k most
+    recent prefixes.
     """
 
     max_length: int
     max_windows_per_user: int | None = None
+    prefixes: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_length) or self.max_length < 1:
@@ -123,7 +128,8 @@ class TrainingWindows(Dataset[Batch]):
 
         input_ids          int64 [B, L]  item ids, left-padded with 0
         target_ids         int64 [B, L]  next item of each input position; 0 where the input
-                                         is padding (no loss there)
+                                         is padding (no loss there), and with ``prefixes``
+                                         everywhere but the last position
         timestamps         int64 [B, L]  timestamps of the input items, 0 at padding
         target_timestamps  int64 [B, L]  timestamps of the targets, 0 where target_ids is 0
         user_ids           int64 [B]     dense user id of each window
@@ -140,7 +146,10 @@ class TrainingWindows(Dataset[Batch]):
         length = config.max_length
         offsets = np.asarray(sequences.offsets, dtype=np.int64)  # [U + 1], small, in memory
         n = np.diff(offsets)  # [U]
-        counts = np.where(n >= 2, (n - 2) // length + 1, 0)  # [U] windows per user
+        # A window ends `stride` events after the next older one: L (every prefix once, L
+        # targets per window) or, with `prefixes`, 1 (one window per prefix, one target).
+        stride = 1 if config.prefixes else length
+        counts = np.where(n >= 2, (n - 2) // stride + 1, 0)  # [U] windows per user
         if config.max_windows_per_user is not None:
             np.minimum(counts, config.max_windows_per_user, out=counts)
         total = int(counts.sum())
@@ -148,7 +157,7 @@ class TrainingWindows(Dataset[Batch]):
         first = np.cumsum(counts) - counts  # [U] index of each user's first window
         rank = np.arange(total, dtype=np.int64) - first[user]  # [W] 0 = user's oldest kept
         back = counts[user] - 1 - rank  # [W] windows between this one and the sequence end
-        end = offsets[user + 1] - back * length  # [W] exclusive end of each window
+        end = offsets[user + 1] - back * stride  # [W] exclusive end of each window
         start = offsets[user]  # [W] the user's first event: a window never reaches past it
         for a in (user, start, end):
             a.flags.writeable = False
@@ -171,6 +180,8 @@ class TrainingWindows(Dataset[Batch]):
         items = _gather(self.sequences.items, idx, valid).astype(np.int64)  # [B, L + 1]
         times = _gather(self.sequences.timestamps, idx, valid).astype(np.int64)  # [B, L + 1]
         no_input = ~valid[:, :-1]  # [B, L] input is padding -> no target either
+        if self.config.prefixes:
+            no_input[:, :-1] = True  # the prefix's own target, at the last position, only
         target_ids = items[:, 1:].copy()  # [B, L]
         target_ts = times[:, 1:].copy()  # [B, L]
         target_ids[no_input] = PADDING_ID

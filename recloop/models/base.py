@@ -19,11 +19,15 @@ class SequentialEncoder(nn.Module):
 
     config: Any
     item_embedding: Any  # recloop.models.embeddings.ItemEmbedding
+    # True: the hidden state at position t depends only on positions <= t, so one window
+    # trains every prefix at once. A non-causal model (BSARec) trains on each prefix as its
+    # own sample, with the loss at the last position (train.samples = "prefixes").
+    causal: bool = True
 
     def forward(
         self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Causal hidden state at every position: [B, L] ids -> [B, L, D]."""
+        """Hidden state at every position: [B, L] ids -> [B, L, D] (causal when `causal`)."""
         raise NotImplementedError
 
     def encode(

@@ -11,12 +11,14 @@ from typing import Any
 
 from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder
+from recloop.models.bsarec import BSARec, BSARecConfig
 from recloop.models.hstu import HSTU, HSTUConfig
 from recloop.models.sasrec import SASRec, SASRecConfig
 
 MODEL_TYPES: dict[str, tuple[type[Any], type[SequentialEncoder]]] = {
     "sasrec": (SASRecConfig, SASRec),
     "hstu": (HSTUConfig, HSTU),
+    "bsarec": (BSARecConfig, BSARec),
 }
 
 

@@ -277,9 +277,14 @@ class SASRec(SequentialEncoder):
         x = x + self.position_embedding(positions)  # [B, L, D]
         x = self.embedding_dropout(x) * keep  # timeline mask: padding rows are zero
 
-        # Query t may attend to key s <= t when s is a real item, and always to itself.
-        index = torch.arange(length, device=device)
-        causal = index.unsqueeze(1) >= index.unsqueeze(0)  # [L, L]
-        itself = torch.eye(length, dtype=torch.bool, device=device)  # [L, L]
-        allowed = causal & (valid[:, None, None, :] | itself)  # [B, 1, L, L], all heads
-        return x, allowed, keep
+        return x, causal_attention_mask(valid), keep
+
+
+def causal_attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """[B, L] real-item flags -> [B, 1, L, L] (all heads): query t may attend to key s <= t
+    when s is a real item, and always to itself (so no softmax row is all-masked)."""
+    length = valid.shape[1]
+    index = torch.arange(length, device=valid.device)
+    causal = index.unsqueeze(1) >= index.unsqueeze(0)  # [L, L]
+    itself = torch.eye(length, dtype=torch.bool, device=valid.device)  # [L, L]
+    return causal & (valid[:, None, None, :] | itself)

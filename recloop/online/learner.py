@@ -450,8 +450,14 @@ class OnlineLearner:
 
         Windows are sorted by length and run in chunks, each padded only to its own longest:
         a batch of mostly short histories then costs its real tokens, not B x max_length.
+        A non-causal model (BSARec) learns each prefix as its own window, with its target at
+        the last position, as it was trained (`train.samples = "prefixes"`).
         """
-        usable = sorted((s[-(self.max_length + 1) :] for s in sequences if len(s) >= 2), key=len)
+        usable = [s[-(self.max_length + 1) :] for s in sequences if len(s) >= 2]
+        last_only = not self.model.causal
+        if last_only:
+            usable = [s[: end + 1] for s in usable for end in range(1, len(s))]
+        usable.sort(key=len)
         if not usable:
             return
         total_tokens = sum(len(s) - 1 for s in usable)
@@ -459,7 +465,7 @@ class OnlineLearner:
         self.row_optimizer.zero_grad(set_to_none=True)
         self.model.train()
         num_items = self.vocabulary.num_items
-        for inputs, targets in _padded_chunks(usable, TOKENS_PER_CHUNK):  # [B, W] each
+        for inputs, targets in _padded_chunks(usable, TOKENS_PER_CHUNK, last_only):  # [B, W]
             hidden = self.model(inputs)  # [B, W, D]
             loss_sum, _ = next_item_loss(
                 self.model, hidden, targets, self._loss_config, num_items, inputs=inputs
@@ -628,10 +634,11 @@ class OnlineLearner:
 
 
 def _padded_chunks(
-    windows: Sequence[Sequence[int]], max_tokens: int
+    windows: Sequence[Sequence[int]], max_tokens: int, last_only: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets) [B, W] left-padded chunks of length-sorted `windows`, each chunk at
-    most `max_tokens` padded positions (and at least one window)."""
+    most `max_tokens` padded positions (and at least one window). With `last_only`, each
+    window has a target at its last position only."""
     start = 0
     while start < len(windows):
         end = start + 1
@@ -644,7 +651,10 @@ def _padded_chunks(
         for row, window in enumerate(chunk):
             n = len(window) - 1
             inputs[row, width - n :] = torch.tensor(window[:-1])
-            targets[row, width - n :] = torch.tensor(window[1:])
+            if last_only:
+                targets[row, -1] = window[-1]
+            else:
+                targets[row, width - n :] = torch.tensor(window[1:])
         yield inputs, targets
         start = end
 

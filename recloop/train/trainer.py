@@ -88,7 +88,7 @@ def train(
     # ---- data: leave-one-out split, training windows, this rank's loader
     dataset = SequenceDataset(data_dir)
     split = dataset.leave_one_out()
-    windows = TrainingWindows(split.train, WindowConfig(cfg.max_length, cfg.max_windows_per_user))
+    windows = TrainingWindows(split.train, window_config(cfg))
     if len(windows) < cfg.batch_size:
         raise ConfigError(
             f"train.batch_size {cfg.batch_size} is larger than the {len(windows)} training windows"
@@ -113,6 +113,7 @@ def train(
     model_config.setdefault("max_length", cfg.max_length)
     model_config["num_items"] = dataset.num_items
     model = build_model(str(config.model["type"]), model_config).to(ctx.device)
+    check_samples(model, cfg)
     optimizer = _adamw(model, cfg, fused=ctx.device.type == "cuda")
     forward: torch.nn.Module = model
     if ctx.distributed:
@@ -312,6 +313,25 @@ def train(
 # seed 0, keyed by the same example positions: a different seed keeps checkpoint selection from
 # ever seeing the negatives that the test ranks against.
 VALID_NEGATIVES_SEED = 1
+
+
+def window_config(cfg: TrainConfig) -> WindowConfig:
+    """How `cfg` cuts the training split into windows (or, with samples = "prefixes", into
+    one window per prefix)."""
+    return WindowConfig(
+        cfg.max_length, cfg.max_windows_per_user, prefixes=cfg.samples == "prefixes"
+    )
+
+
+def check_samples(model: SequentialEncoder, cfg: TrainConfig) -> None:
+    """A non-causal model trained on whole windows would see each position's target among
+    the items after it; refuse that before any step."""
+    if not model.causal and cfg.samples != "prefixes":
+        raise ConfigError(
+            f"model {type(model).__name__} is not causal (its hidden state at a position sees "
+            f"the items after it), so it must train with train.samples = 'prefixes', "
+            f"got {cfg.samples!r}"
+        )
 
 
 def validation_eval_config(cfg: TrainConfig) -> EvalConfig:
