@@ -65,6 +65,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-hstu-large": beauty("beauty/hstu-large.toml"),
     "beauty-hstu-large-cosine": beauty("beauty/hstu-large-cosine.toml"),
     "beauty-bsarec": beauty("beauty/bsarec.toml"),
+    "beauty-bsarec-cosine": beauty("beauty/bsarec-cosine.toml"),
     "video-sasrec": video("video/sasrec.toml"),
     "video-sasrec-fast": video("video/sasrec-fast.toml"),
     "video-sasrec-bce": video("video/sasrec-bce.toml"),

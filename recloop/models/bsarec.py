@@ -30,6 +30,7 @@ position of a window, which would let each position see its own target.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 import torch
@@ -39,7 +40,7 @@ from recloop.data.sequences import PADDING_ID
 from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder
 from recloop.models.embeddings import ItemEmbedding
-from recloop.models.sasrec import CausalSelfAttention, causal_attention_mask
+from recloop.models.sasrec import CausalSelfAttention, causal_attention_mask, normal_init
 
 
 def _require(ok: bool, field: str, value: object, why: str) -> None:
@@ -175,28 +176,14 @@ class BSARec(SequentialEncoder):
     def __init__(self, config: BSARecConfig) -> None:
         super().__init__()
         self.config = config
-        self.item_embedding = ItemEmbedding(
-            config.num_items,
-            config.dim,
-            normalize=config.normalize_embeddings,
-            temperature=config.temperature,
-            init_std=config.init_std,
-        )
+        self.item_embedding = ItemEmbedding.for_model(config)
         # Row p is the position p steps before the most recent item (row 0 = most recent),
         # the reference's left-to-right index of a full window, relabelled.
         self.position_embedding = nn.Embedding(config.max_length, config.dim)
         self.embedding_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(BSARecBlock(config) for _ in range(config.num_blocks))
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=self.config.init_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=self.config.init_std)
+        self.apply(partial(normal_init, std=config.init_std))  # the reference's init
 
     def forward(
         self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,18 @@ class ItemEmbedding(nn.Module):
         nn.init.normal_(self.weight, std=init_std)
         with torch.no_grad():
             self.weight[PADDING_ID].zero_()
+
+    @classmethod
+    def for_model(cls, config: Any) -> ItemEmbedding:
+        """The table a model config asks for (its num_items, dim, normalize_embeddings,
+        temperature and init_std fields, which every recloop model config has)."""
+        return cls(
+            config.num_items,
+            config.dim,
+            normalize=config.normalize_embeddings,
+            temperature=config.temperature,
+            init_std=config.init_std,
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings [..., D] (raw rows; the model scales/normalises as it needs)."""

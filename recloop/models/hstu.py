@@ -192,13 +192,7 @@ class HSTU(SequentialEncoder):
     def __init__(self, config: HSTUConfig) -> None:
         super().__init__()
         self.config = config
-        self.item_embedding = ItemEmbedding(
-            config.num_items,
-            config.dim,
-            normalize=config.normalize_embeddings,
-            temperature=config.temperature,
-            init_std=config.init_std,
-        )
+        self.item_embedding = ItemEmbedding.for_model(config)
         # Row p is the position p steps before the most recent item (row 0 = most recent).
         self.position_embedding = nn.Embedding(config.max_length, config.dim)
         nn.init.normal_(self.position_embedding.weight, std=math.sqrt(1.0 / config.dim))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -202,13 +203,7 @@ class SASRec(SequentialEncoder):
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
         self.config = config
-        self.item_embedding = ItemEmbedding(
-            config.num_items,
-            config.dim,
-            normalize=config.normalize_embeddings,
-            temperature=config.temperature,
-            init_std=config.init_std,
-        )
+        self.item_embedding = ItemEmbedding.for_model(config)
         # Row p is the position p steps before the most recent item (row 0 = most recent).
         self.position_embedding = nn.Embedding(config.max_length, config.dim)
         self.embedding_dropout = nn.Dropout(config.dropout)
@@ -218,15 +213,7 @@ class SASRec(SequentialEncoder):
         self.final_norm = (
             nn.LayerNorm(config.dim, eps=config.layer_norm_eps) if config.pre_norm else None
         )
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=self.config.init_std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=self.config.init_std)
+        self.apply(partial(normal_init, std=config.init_std))
 
     def forward(
         self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
@@ -278,6 +265,16 @@ class SASRec(SequentialEncoder):
         x = self.embedding_dropout(x) * keep  # timeline mask: padding rows are zero
 
         return x, causal_attention_mask(valid), keep
+
+
+def normal_init(module: nn.Module, std: float) -> None:
+    """GPT-2 style: N(0, std) weights for Linear and Embedding layers, zero Linear biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
 
 
 def causal_attention_mask(valid: torch.Tensor) -> torch.Tensor:
