@@ -66,6 +66,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-hstu-large-cosine": beauty("beauty/hstu-large-cosine.toml"),
     "beauty-bsarec": beauty("beauty/bsarec.toml"),
     "beauty-bsarec-cosine": beauty("beauty/bsarec-cosine.toml"),
+    "beauty-bsarec-cosine-logits": beauty("beauty/bsarec-cosine-logits.toml"),
     "video-sasrec": video("video/sasrec.toml"),
     "video-sasrec-fast": video("video/sasrec-fast.toml"),
     "video-sasrec-bce": video("video/sasrec-bce.toml"),
