@@ -67,6 +67,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-bsarec": beauty("beauty/bsarec.toml"),
     "beauty-bsarec-cosine": beauty("beauty/bsarec-cosine.toml"),
     "beauty-bsarec-cosine-logits": beauty("beauty/bsarec-cosine-logits.toml"),
+    "beauty-bsarec-wide": beauty("beauty/bsarec-wide.toml"),
     "video-sasrec": video("video/sasrec.toml"),
     "video-sasrec-fast": video("video/sasrec-fast.toml"),
     "video-sasrec-bce": video("video/sasrec-bce.toml"),
