@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-bsarec-cosine": beauty("beauty/bsarec-cosine.toml"),
     "beauty-bsarec-cosine-logits": beauty("beauty/bsarec-cosine-logits.toml"),
     "beauty-bsarec-wide": beauty("beauty/bsarec-wide.toml"),
+    # The best Beauty config again with another seed: how far one run's test score moves.
+    "beauty-bsarec-seed43": replace(beauty("beauty/bsarec.toml"), overrides=("train.seed=43",)),
     "video-sasrec": video("video/sasrec.toml"),
     "video-sasrec-fast": video("video/sasrec-fast.toml"),
     "video-sasrec-bce": video("video/sasrec-bce.toml"),
