@@ -79,21 +79,20 @@ class BSARecConfig:
     init_std: float = 0.02  # the reference's initializer_range
 
     def __post_init__(self) -> None:
-        for name in ("num_items", "max_length", "dim", "num_blocks", "num_heads", "c"):
+        positive = (
+            "num_items",
+            "max_length",
+            "dim",
+            "num_blocks",
+            "num_heads",
+            "c",
+            "ffn_multiplier",
+        )
+        for name in positive:
             value = getattr(self, name)
             _require(_is_int(value) and value > 0, name, value, "must be a positive integer")
-        _require(
-            self.dim % self.num_heads == 0,
-            "num_heads",
-            self.num_heads,
-            f"must divide dim={self.dim}",
-        )
-        _require(
-            _is_int(self.ffn_multiplier) and self.ffn_multiplier > 0,
-            "ffn_multiplier",
-            self.ffn_multiplier,
-            "must be a positive integer",
-        )
+        heads = self.num_heads
+        _require(self.dim % heads == 0, "num_heads", heads, f"must divide dim={self.dim}")
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             _require(_is_fraction(value) and value < 1.0, name, value, "must be in [0, 1)")
