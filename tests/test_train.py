@@ -151,20 +151,20 @@ def test_bsarec_trains_on_prefixes_publishes_and_refuses_whole_windows(
 
 
 @pytest.mark.parametrize(
-    "loss",
+    ("model", "loss"),
     [
-        {"loss": "sampled_softmax"},
+        (TINY_MODEL, {"loss": "sampled_softmax"}),
         # The pairwise term draws its own negatives from the checkpointed RNG.
-        {"loss": "full_softmax", "bpr_weight": 0.5, "mask_history": True},
+        (TINY_MODEL, {"loss": "full_softmax", "bpr_weight": 0.5, "mask_history": True}),
+        # One window per prefix: the sampler's order and the skip on resume must still agree.
+        ({**BSAREC, "attention_dropout": 0.3}, {"samples": "prefixes"}),
     ],
-    ids=["sampled_softmax", "full_softmax+bpr+mask_history"],
+    ids=["sampled_softmax", "full_softmax+bpr+mask_history", "bsarec+prefixes"],
 )
 def test_resume_reaches_the_same_parameters(
-    synthetic_data: Path, tmp_path: Path, loss: dict[str, object]
+    synthetic_data: Path, tmp_path: Path, model: dict[str, object], loss: dict[str, object]
 ) -> None:
-    config = config_from_dict(
-        {"model": {**TINY_MODEL, "dropout": 0.3}, "train": tiny_train(**loss)}
-    )
+    config = config_from_dict({"model": {**model, "dropout": 0.3}, "train": tiny_train(**loss)})
     straight = train(config, synthetic_data, tmp_path / "a", show_progress=False)
     first = train(config, synthetic_data, tmp_path / "b", stop_at_step=7, show_progress=False)
     assert first.stopped_by == "interrupted" and first.steps == 7
@@ -178,7 +178,14 @@ def test_resume_reaches_the_same_parameters(
     assert resumed.test_metrics == straight.test_metrics
 
 
-def test_two_gloo_processes_match_one(synthetic_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["model.type=bsarec", "model.attention_dropout=0.0", "train.samples=prefixes"]],
+    ids=["sasrec", "bsarec+prefixes"],
+)
+def test_two_gloo_processes_match_one(
+    synthetic_data: Path, tmp_path: Path, overrides: list[str]
+) -> None:
     """torchrun with 2 processes and the same global batch reaches the one-process parameters
     within 1e-5 (float32 sums in a different order; dropout is off so the runs are comparable)."""
     common = [
@@ -187,6 +194,7 @@ def test_two_gloo_processes_match_one(synthetic_data: Path, tmp_path: Path) -> N
         str(synthetic_data),
         "--config",
         str(write_config(tmp_path / "exp.toml")),
+        *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
@@ -208,7 +216,9 @@ def test_two_gloo_processes_match_one(synthetic_data: Path, tmp_path: Path) -> N
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=name)
     versions = Registry(tmp_path / "r2").list()
     assert len(versions) == 1  # only rank 0 publishes
-    assert Registry(tmp_path / "r2").manifest("latest")["training"]["world_size"] == 2
+    manifest = Registry(tmp_path / "r2").manifest("latest")
+    assert manifest["training"]["world_size"] == 2
+    assert manifest["model"]["type"] == ("bsarec" if overrides else "sasrec")
 
 
 def write_config(path: Path) -> Path:
