@@ -13,6 +13,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from recloop.data.sequences import PADDING_ID
+from recloop.errors import ConfigError
+
+
+def window_layout(
+    input_ids: torch.Tensor, max_length: int, model: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every model needs of a left-padded window [B, L]: (valid [B, L] real items,
+    keep [B, L, 1] the same as a multiplier, positions [L] counted from the most recent item,
+    0 = most recent). A window longer than `max_length` is a ConfigError naming `model`."""
+    length = input_ids.shape[1]
+    if length > max_length:
+        raise ConfigError(f"{model}: input length {length} exceeds max_length={max_length}")
+    valid = input_ids != PADDING_ID  # [B, L]
+    # (length - 1) - arange rather than a negative-step arange: the ONNX exporter mis-sizes
+    # the latter under a dynamic length.
+    positions = (length - 1) - torch.arange(length, device=input_ids.device)  # [L]
+    return valid, valid.unsqueeze(-1), positions
+
 
 class SequentialEncoder(nn.Module):
     """Base class. Subclasses set `self.config` and `self.item_embedding` and define `forward`."""

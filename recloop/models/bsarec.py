@@ -36,9 +36,8 @@ from typing import cast
 import torch
 from torch import nn
 
-from recloop.data.sequences import PADDING_ID
 from recloop.errors import ConfigError
-from recloop.models.base import SequentialEncoder
+from recloop.models.base import SequentialEncoder, window_layout
 from recloop.models.embeddings import ItemEmbedding
 from recloop.models.sasrec import CausalSelfAttention, causal_attention_mask, normal_init
 
@@ -193,15 +192,7 @@ class BSARec(SequentialEncoder):
         `timestamps` is accepted for interface compatibility and ignored.
         """
         del timestamps
-        length = input_ids.shape[1]
-        if length > self.config.max_length:
-            raise ConfigError(
-                f"bsarec: input length {length} exceeds max_length={self.config.max_length}"
-            )
-        device = input_ids.device
-        valid = input_ids != PADDING_ID  # [B, L]
-        keep = valid.unsqueeze(-1)  # [B, L, 1]
-        positions = (length - 1) - torch.arange(length, device=device)  # [L], 0 = most recent
+        valid, keep, positions = window_layout(input_ids, self.config.max_length, "bsarec")
         x = self.item_embedding(input_ids) + self.position_embedding(positions)  # [B, L, D]
         x = self.embedding_dropout(self.embedding_norm(x)) * keep  # [B, L, D]
         allowed = causal_attention_mask(valid)  # [B, 1, L, L], as the reference's causal mask

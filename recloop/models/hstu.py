@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recloop.data.sequences import PADDING_ID
 from recloop.errors import ConfigError
-from recloop.models.base import SequentialEncoder
+from recloop.models.base import SequentialEncoder, window_layout
 from recloop.models.embeddings import ItemEmbedding
 
 
@@ -239,23 +238,12 @@ class HSTU(SequentialEncoder):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(x [B, L, D], keep [B, L, 1], allowed weights [B, 1, L, L], distance [L, L],
         time buckets [B, L, L] or None): the inputs of the blocks."""
-        length = input_ids.shape[1]
-        if length > self.config.max_length:
-            raise ConfigError(
-                f"hstu: input length {length} exceeds max_length={self.config.max_length}"
-            )
-        device = input_ids.device
-        valid = input_ids != PADDING_ID  # [B, L]
-        keep = valid.unsqueeze(-1)  # [B, L, 1]
-
-        # (length - 1) - arange rather than a negative-step arange: the ONNX exporter mis-sizes
-        # the latter under a dynamic length.
-        positions = (length - 1) - torch.arange(length, device=device)  # [L], 0 = most recent
+        valid, keep, positions = window_layout(input_ids, self.config.max_length, "hstu")
         x: torch.Tensor = self.item_embedding(input_ids) * math.sqrt(self.config.dim)  # [B, L, D]
         x = x + self.position_embedding(positions)  # [B, L, D]
         x = self.embedding_dropout(x) * keep  # padding rows are zero
 
-        index = torch.arange(length, device=device)
+        index = torch.arange(input_ids.shape[1], device=input_ids.device)
         distance = index.unsqueeze(1) - index.unsqueeze(0)  # [L, L], i - j
         # Query i reads key j when j <= i and j is a real item; padding queries read nothing.
         allowed = (distance >= 0) & valid[:, None, None, :]  # [B, 1, L, L]

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recloop.data.sequences import PADDING_ID
 from recloop.errors import ConfigError
-from recloop.models.base import SequentialEncoder
+from recloop.models.base import SequentialEncoder, window_layout
 from recloop.models.embeddings import ItemEmbedding
 
 ACTIVATIONS = ("relu", "gelu")
@@ -248,18 +247,7 @@ class SASRec(SequentialEncoder):
 
     def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x [B, L, D] input embeddings, allowed [B, 1, L, L] attention mask, keep [B, L, 1])."""
-        length = input_ids.shape[1]
-        if length > self.config.max_length:
-            raise ConfigError(
-                f"sasrec: input length {length} exceeds max_length={self.config.max_length}"
-            )
-        device = input_ids.device
-        valid = input_ids != PADDING_ID  # [B, L]
-        keep = valid.unsqueeze(-1)  # [B, L, 1]
-
-        # (length - 1) - arange rather than a negative-step arange: the ONNX exporter mis-sizes
-        # the latter under a dynamic length.
-        positions = (length - 1) - torch.arange(length, device=device)  # [L], 0 = most recent
+        valid, keep, positions = window_layout(input_ids, self.config.max_length, "sasrec")
         x: torch.Tensor = self.item_embedding(input_ids) * math.sqrt(self.config.dim)  # [B, L, D]
         x = x + self.position_embedding(positions)  # [B, L, D]
         x = self.embedding_dropout(x) * keep  # timeline mask: padding rows are zero
