@@ -354,8 +354,13 @@ class OracleTeacher(SequentialEncoder):
             self.item_embedding.weight.copy_(torch.eye(num_items + 1))  # scores = the vector
         self.register_buffer("log_probs", log_probs)
 
-    def forward(self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None) -> Any:
-        return self.log_probs[input_ids]  # [B, L, I + 1]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> Any:
+        return self.log_probs[input_ids[:, -1:] if last_only else input_ids]  # [B, L, I + 1]
 
 
 def test_distillation_beats_the_same_student_alone_on_a_known_answer(tmp_path: Path) -> None:

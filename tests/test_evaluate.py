@@ -42,10 +42,14 @@ class TableModel(SequentialEncoder):
         self.timestamps_seen: list[torch.Tensor | None] = []
 
     def forward(
-        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         self.timestamps_seen.append(timestamps)
-        return F.one_hot(input_ids, self.dim).float()  # [B, L, D]
+        hidden = F.one_hot(input_ids, self.dim).float()  # [B, L, D]
+        return hidden[:, -1:] if last_only else hidden
 
 
 class SumModel(SequentialEncoder):
@@ -62,10 +66,14 @@ class SumModel(SequentialEncoder):
             self.item_embedding.weight.copy_(torch.tensor(weight, dtype=torch.float32))
 
     def forward(
-        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         vectors: torch.Tensor = self.item_embedding(input_ids)  # [B, L, D]
-        return vectors.cumsum(dim=1)  # [B, L, D]
+        hidden = vectors.cumsum(dim=1)  # [B, L, D]
+        return hidden[:, -1:] if last_only else hidden
 
 
 class RandomModel(SumModel):

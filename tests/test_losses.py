@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from recloop.config import TrainConfig
 from recloop.errors import ConfigError
 from recloop.models.factory import build_model
-from recloop.train.losses import chunked_cross_entropy, next_item_loss
+from recloop.train.losses import chunked_cross_entropy, history_exclusions, next_item_loss
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -107,6 +107,31 @@ def test_history_masking_leaves_each_prefix_out_of_its_softmax() -> None:
     want = torch.autograd.grad(expected, [hidden, table])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_history_masking_of_last_position_targets_is_the_last_row_of_the_full_one() -> None:
+    # Prefix training passes targets [B, 1] (the last position's) with the whole inputs [B, L]:
+    # the exclusions must be the last row of the full window's, and so must the loss.
+    torch.manual_seed(0)
+    num_items = 12
+    model = build_model("sasrec", {"num_items": num_items, "max_length": 5, "dim": 8})
+    inputs = torch.tensor([[0, 3, 5, 7, 3], [2, 4, 6, 8, 10]])
+    targets = torch.tensor([[0, 5, 7, 3, 3], [4, 6, 8, 10, 1]])
+    full = history_exclusions(inputs, targets)  # [B, L, L]
+    last = history_exclusions(inputs, targets[:, -1:])  # [B, 1, L]
+    torch.testing.assert_close(last, full[:, -1:])
+    assert last[0, 0].tolist() == [0, 0, 5, 7, 0]  # the repeat of the target stays in
+    config = TrainConfig(mask_history=True)
+    with torch.no_grad():
+        hidden = model(inputs)
+        only_last = torch.zeros_like(targets)
+        only_last[:, -1] = targets[:, -1]
+        want, _ = next_item_loss(model, hidden, only_last, config, num_items, inputs)
+        got, tokens = next_item_loss(
+            model, hidden[:, -1:], targets[:, -1:], config, num_items, inputs
+        )
+    assert int(tokens) == 2
+    torch.testing.assert_close(got, want)
 
 
 def test_history_masking_needs_the_inputs_and_the_full_softmax() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -214,6 +215,34 @@ def test_encode_is_the_last_position_of_forward(make_model: MakeModel, with_time
         fast = model.encode(ids, stamps)
     assert fast.shape == full.shape == (5, DIM)
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_trains_like_the_full_forward_at_the_last_position(
+    make_model: MakeModel,
+) -> None:
+    # Prefix training scores the last position only and asks for it alone (last_only): the
+    # loss and every parameter's gradient must equal those of the full forward's last row.
+    no_dropout = {"dropout": 0.0}
+    if "attention_dropout" in {f.name for f in dataclasses.fields(make_model().config)}:
+        no_dropout["attention_dropout"] = 0.0
+    model = make_model(num_blocks=2, **no_dropout).train()
+    ids, times = left_padded([20, 1, 7, 13], 20, seed=4)
+    targets = torch.randint(1, NUM_ITEMS + 1, (4,))
+
+    def loss_and_grads(last_only: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        hidden = model(ids, times, last_only=last_only)
+        assert hidden.shape == ((4, 1, DIM) if last_only else (4, 20, DIM))
+        loss = F.cross_entropy(model.score(hidden[:, -1]), targets)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full_loss, full_grads = loss_and_grads(last_only=False)
+    last_loss, last_grads = loss_and_grads(last_only=True)
+    torch.testing.assert_close(last_loss, full_loss, atol=1e-6, rtol=1e-5)
+    assert len(last_grads) == len(full_grads)
+    for got, want in zip(last_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
 def test_input_longer_than_max_length_is_a_config_error(make_model: MakeModel) -> None:

@@ -225,7 +225,7 @@ def test_a_non_causal_model_learns_online_on_prefixes(tmp_path: Path) -> None:
     assert totals["online_HR@10"] > totals["frozen_HR@10"] + 0.05
 
 
-def test_padded_chunks_put_a_prefix_target_at_the_last_position_only() -> None:
+def test_padded_chunks_give_a_prefix_one_target_for_its_last_position() -> None:
     from recloop.online.learner import _padded_chunks
 
     windows = [[4, 5], [1, 2, 3], [7, 8, 9, 10]]
@@ -234,7 +234,7 @@ def test_padded_chunks_put_a_prefix_target_at_the_last_position_only() -> None:
     torch.testing.assert_close(every[0], last[0])  # the same left-padded inputs
     assert every[0].tolist() == [[0, 0, 4], [0, 1, 2], [7, 8, 9]]
     assert every[1].tolist() == [[0, 0, 5], [0, 2, 3], [8, 9, 10]]
-    assert last[1].tolist() == [[0, 0, 5], [0, 0, 3], [0, 0, 10]]
+    assert last[1].tolist() == [[5], [3], [10]]  # [B, 1]: the last position's target
 
 
 def test_deltas_hold_only_rows_that_moved(registry: Registry, tmp_path: Path) -> None:

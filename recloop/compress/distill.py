@@ -145,8 +145,9 @@ def distillation_loss(teacher: SequentialEncoder, config: DistillConfig) -> Loss
     def loss(
         student: SequentialEncoder, hidden: torch.Tensor, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        targets = batch["target_ids"]  # [B, L]
-        mask = targets > 0  # [B, L]
+        targets = batch["target_ids"]  # [B, Lq]: the last Lq positions (Lq = 1: prefixes)
+        mask = targets > 0  # [B, Lq]
+        last_only = targets.shape[1] == 1
         if not teacher.causal and bool(mask[:, :-1].any()):
             raise ConfigError(
                 f"the teacher ({type(teacher).__name__}) is not causal: its hidden state at an "
@@ -160,7 +161,9 @@ def distillation_loss(teacher: SequentialEncoder, config: DistillConfig) -> Loss
         if config.alpha == 0.0:
             return chunked_cross_entropy(query, table, targets[mask] - 1, config.chunk), tokens
         with torch.no_grad():
-            teacher_hidden = teacher(batch["input_ids"], batch["timestamps"])[mask]  # [T, Dt]
+            teacher_hidden = teacher(batch["input_ids"], batch["timestamps"], last_only=last_only)[
+                mask
+            ]  # [T, Dt]
             teacher_query = teacher.item_embedding.prepare_query(teacher_hidden).float()
         total = chunked_distillation_loss(
             query, table, targets[mask] - 1, teacher_query, teacher_table, config

@@ -194,8 +194,13 @@ class OnnxEncoder(SequentialEncoder):
         self._run = onnx_runner(onnx_session(path, threads), model)
 
     def forward(
-        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
+        if last_only:
+            return self.encode(input_ids, timestamps).unsqueeze(1)  # [B, 1, D]
         raise NotImplementedError("an exported encoder computes the last position only")
 
     def encode(

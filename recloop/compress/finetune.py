@@ -137,14 +137,17 @@ def fit(
     started = time.perf_counter()
     bar = _Progress(total_steps, 0, enabled=show_progress, label=description)
     tokens_seen = 0
+    prefixes = cfg.samples == "prefixes"
     model.train()
     while step < total_steps:
         loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         for batch in loader:
             batch = trim_left_padding(batch) if cfg.trim_padding else batch
             _set_lr(optimizer, cfg, step, total_steps)
-            hidden = model(batch["input_ids"], batch["timestamps"])  # [B, L, D]
-            loss_total, tokens = step_loss(model, hidden, batch)
+            if prefixes:  # one target per window, at its end: the rest is never scored
+                batch = {**batch, "target_ids": batch["target_ids"][:, -1:]}  # [B, 1]
+            hidden = model(batch["input_ids"], batch["timestamps"], last_only=prefixes)
+            loss_total, tokens = step_loss(model, hidden, batch)  # hidden [B, L or 1, D]
             mean_loss = loss_total / tokens.clamp_min(1)
             optimizer.zero_grad(set_to_none=True)
             mean_loss.backward()

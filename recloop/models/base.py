@@ -44,16 +44,24 @@ class SequentialEncoder(nn.Module):
     causal: bool = True
 
     def forward(
-        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Hidden state at every position: [B, L] ids -> [B, L, D] (causal when `causal`)."""
+        """Hidden state at every position: [B, L] ids -> [B, L, D] (causal when `causal`).
+
+        `last_only`: only the most recent position, [B, 1, D], equal to [:, -1:] of the full
+        output; the last block then skips the other positions' work. Serving, evaluation and
+        prefix training (one target per window, at the end) need nothing else.
+        """
         raise NotImplementedError
 
     def encode(
         self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
     ) -> torch.Tensor:
         """User vector from the most recent position: [B, L] -> [B, D]."""
-        return self.forward(input_ids, timestamps)[:, -1, :]
+        return self.forward(input_ids, timestamps, last_only=True)[:, -1, :]
 
     def score(
         self, user_vectors: torch.Tensor, item_ids: torch.Tensor | None = None

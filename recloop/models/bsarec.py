@@ -38,6 +38,7 @@ from torch import nn
 
 from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder, window_layout
+from recloop.models.dropout import Dropout
 from recloop.models.embeddings import ItemEmbedding
 from recloop.models.sasrec import CausalSelfAttention, causal_attention_mask, normal_init
 
@@ -132,16 +133,19 @@ class FrequencyFilter(nn.Module):
             "low_pass", low_pass_matrix(config.max_length, config.c), persistent=False
         )
         self.sqrt_beta = nn.Parameter(torch.randn(config.dim))  # the reference's init
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, W, D], zero at padding, W <= max_length -> [B, W, D]."""
+    def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x [B, W, D], zero at padding, W <= max_length -> [B, W, D]; with `last_only`, the
+        last position only (filtered from every position): [B, 1, D]."""
         width = x.shape[1]
-        low_pass = cast(torch.Tensor, self.low_pass)[:width, :width]  # [W, W]
-        low = torch.matmul(low_pass.to(x.dtype), x)  # [B, W, D]
-        filtered = low + self.sqrt_beta.square() * (x - low)
-        out: torch.Tensor = self.norm(x + self.dropout(filtered))
+        rows = slice(width - 1, width) if last_only else slice(0, width)
+        low_pass = cast(torch.Tensor, self.low_pass)[rows, :width]  # [W or 1, W]
+        low = torch.matmul(low_pass.to(x.dtype), x)  # [B, W or 1, D]
+        here = x[:, rows]  # [B, W or 1, D]
+        filtered = low + self.sqrt_beta.square() * (here - low)
+        out: torch.Tensor = self.norm(here + self.dropout(filtered))
         return out
 
 
@@ -157,12 +161,18 @@ class BSARecBlock(nn.Module):
             nn.Linear(config.dim, hidden), nn.GELU(), nn.Linear(hidden, config.dim)
         )
         self.ffn_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """x [B, W, D] (zero at padding), allowed [B, 1, W, W], keep [B, W, 1] -> [B, W, D]."""
-        dsp = self.filter(x)
-        gsp = self.attention_norm(x + self.dropout(self.attention(x, allowed)))
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """x [B, W, D] (zero at padding), allowed [B, 1, W, W], keep [B, W, 1] -> [B, W, D];
+        with `last_only`, the last position only (its filter and keys see every position):
+        [B, 1, D]."""
+        dsp = self.filter(x, last_only)
+        residual, keep = (x[:, -1:], keep[:, -1:]) if last_only else (x, keep)
+        attended = self.attention(x, allowed, last_only)
+        gsp = self.attention_norm(residual + self.dropout(attended))
         mixed = self.alpha * dsp + (1.0 - self.alpha) * gsp
         out: torch.Tensor = self.ffn_norm(mixed + self.dropout(self.ffn(mixed)))
         return out * keep  # padding rows back to zero: the next filter must not see them
@@ -179,15 +189,19 @@ class BSARec(SequentialEncoder):
         # the reference's left-to-right index of a full window, relabelled.
         self.position_embedding = nn.Embedding(config.max_length, config.dim)
         self.embedding_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
-        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(BSARecBlock(config) for _ in range(config.num_blocks))
         self.apply(partial(normal_init, std=config.init_std))  # the reference's init
 
     def forward(
-        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """[B, L] left-padded ids -> [B, L, D] hidden states (zero at padding). Only the last
-        position is a user vector; inner positions have seen the items after them.
+        """[B, L] left-padded ids -> [B, L, D] hidden states (zero at padding); with
+        `last_only`, [B, 1, D]. Only the last position is a user vector; inner positions have
+        seen the items after them.
 
         `timestamps` is accepted for interface compatibility and ignored.
         """
@@ -196,7 +210,9 @@ class BSARec(SequentialEncoder):
         x = self.item_embedding(input_ids) + self.position_embedding(positions)  # [B, L, D]
         x = self.embedding_dropout(self.embedding_norm(x)) * keep  # [B, L, D]
         allowed = causal_attention_mask(valid)  # [B, 1, L, L], as the reference's causal mask
-        for block in self.blocks:
-            x = block(x, allowed, keep)  # [B, L, D]
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            # Every block but the last must give every position: the next filter reads them.
+            x = block(x, allowed, keep, last_only and index == last)  # [B, L or 1, D]
         out: torch.Tensor = x
         return out

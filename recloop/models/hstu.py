@@ -36,6 +36,7 @@ from torch import nn
 
 from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder, window_layout
+from recloop.models.dropout import Dropout, dropout
 from recloop.models.embeddings import ItemEmbedding
 
 
@@ -179,10 +180,10 @@ class HSTUBlock(nn.Module):
             bias = bias + self.time_bias[time_buckets]  # [B, Lq, L]
         scores = q @ k.transpose(-1, -2) + bias.unsqueeze(-3)  # [B, H, Lq, L]
         weights = F.silu(scores) * (allowed / self.max_length)  # [B, H, Lq, L], no softmax
-        weights = F.dropout(weights, p=self.attention_dropout, training=self.training)
+        weights = dropout(weights, self.attention_dropout, self.training)
         y = (weights @ v).transpose(1, 2).reshape(batch, queries, heads * v_dim)  # [B, Lq, H*Dv]
         y = u * F.layer_norm(y, (heads * v_dim,), eps=self.eps)  # [B, Lq, H * Dv]
-        y = F.dropout(y, p=self.dropout, training=self.training)
+        y = dropout(y, self.dropout, self.training)
         out: torch.Tensor = self.output(y)  # [B, Lq, D]
         return residual + out
 
@@ -195,7 +196,7 @@ class HSTU(SequentialEncoder):
         # Row p is the position p steps before the most recent item (row 0 = most recent).
         self.position_embedding = nn.Embedding(config.max_length, config.dim)
         nn.init.normal_(self.position_embedding.weight, std=math.sqrt(1.0 / config.dim))
-        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(HSTUBlock(config) for _ in range(config.num_blocks))
 
     def time_buckets(self, timestamps: torch.Tensor) -> torch.Tensor:
@@ -207,26 +208,20 @@ class HSTU(SequentialEncoder):
         return buckets.floor().long().clamp(0, self.config.num_time_buckets)
 
     def forward(
-        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """[B, L] left-padded ids (and optional [B, L] timestamps) -> [B, L, D] causal hidden
-        states: unit vectors (zero at padding) when `normalize_embeddings`."""
+        states: unit vectors (zero at padding) when `normalize_embeddings`. With `last_only`,
+        [B, 1, D]: the last block computes only the most recent position."""
         x, keep, allowed_weights, distance, time_buckets = self._embed(input_ids, timestamps)
-        for block in self.blocks:
-            x = block(x, allowed_weights, distance, time_buckets)  # [B, L, D]
-        return self._finish(x) * keep  # [B, L, D]
-
-    def encode(
-        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """[B, L] -> [B, D], equal to forward(...)[:, -1]: the last block computes only the
-        most recent position (serving and evaluation need nothing else)."""
-        x, keep, allowed_weights, distance, time_buckets = self._embed(input_ids, timestamps)
-        for block in self.blocks[:-1]:
-            x = block(x, allowed_weights, distance, time_buckets)  # [B, L, D]
-        x = self.blocks[-1](x, allowed_weights, distance, time_buckets, last_only=True)
-        user: torch.Tensor = (self._finish(x) * keep[:, -1:])[:, 0]  # [B, D]
-        return user
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            only = last_only and index == last
+            x = block(x, allowed_weights, distance, time_buckets, only)  # [B, L or 1, D]
+        return self._finish(x) * (keep[:, -1:] if last_only else keep)  # [B, L or 1, D]
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.normalize_embeddings:

@@ -30,6 +30,7 @@ from torch import nn
 
 from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder, window_layout
+from recloop.models.dropout import Dropout, dropout
 from recloop.models.embeddings import ItemEmbedding
 
 ACTIVATIONS = ("relu", "gelu")
@@ -148,9 +149,16 @@ class CausalSelfAttention(nn.Module):
         q = q.view(batch, queries, heads, head_dim).transpose(1, 2)  # [B, H, Lq, Dh]
         k = k.view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
         v = v.view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, L, Dh]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )  # [B, H, Lq, Dh]
+        if self.training and self.dropout > 0.0 and x.device.type == "cpu":
+            # SDPA's own dropout draws its mask with bernoulli_, the slow CPU path that
+            # recloop.models.dropout avoids; the weights are small ([B, H, Lq, L]).
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)  # [B, H, Lq, L]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            y = dropout(scores.softmax(dim=-1), self.dropout, training=True) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+            )  # [B, H, Lq, Dh]
         y = y.transpose(1, 2).reshape(batch, queries, inner)  # [B, Lq, H * Dh]
         out: torch.Tensor = self.proj(y)  # [B, Lq, D]
         return out
@@ -163,7 +171,7 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(config.dim, hidden)
         self.down = nn.Linear(hidden, config.dim)
         self.activation = nn.GELU() if config.activation == "gelu" else nn.ReLU()
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(self.activation(self.up(x)))  # [B, L, D * ffn_multiplier]
@@ -179,7 +187,7 @@ class Block(nn.Module):
         self.attention = CausalSelfAttention(config.dim, config.num_heads, config.dropout)
         self.ffn_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False
@@ -205,7 +213,7 @@ class SASRec(SequentialEncoder):
         self.item_embedding = ItemEmbedding.for_model(config)
         # Row p is the position p steps before the most recent item (row 0 = most recent).
         self.position_embedding = nn.Embedding(config.max_length, config.dim)
-        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.embedding_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_blocks))
         # Pre-norm leaves the residual stream un-normalised, so it needs a last LayerNorm;
         # post-norm blocks already end in one.
@@ -215,35 +223,26 @@ class SASRec(SequentialEncoder):
         self.apply(partial(normal_init, std=config.init_std))
 
     def forward(
-        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """[B, L] left-padded ids -> [B, L, D] causal hidden states (zero at padding).
 
+        With `last_only`, [B, 1, D]: the last block computes only the most recent position
+        (keys and values still come from every position), which saves its attention,
+        projection and FFN for L - 1 positions (serving, evaluation, prefix training).
         `timestamps` is accepted for interface compatibility and ignored: SASRec sees order only.
         """
         del timestamps
         x, allowed, keep = self._embed(input_ids)
-        for block in self.blocks:
-            x = block(x, allowed)  # [B, L, D]
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            x = block(x, allowed, last_only and index == last)  # [B, L or 1, D]
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return x * keep  # [B, L, D]
-
-    def encode(
-        self, input_ids: torch.Tensor, timestamps: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """[B, L] -> [B, D], equal to forward(...)[:, -1]: the last block computes only the
-        most recent position (keys and values still come from every position), which saves
-        its attention, projection and FFN for L - 1 positions (serving and evaluation)."""
-        del timestamps
-        x, allowed, keep = self._embed(input_ids)
-        for block in self.blocks[:-1]:
-            x = block(x, allowed)  # [B, L, D]
-        x = self.blocks[-1](x, allowed, last_only=True)  # [B, 1, D]
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        user: torch.Tensor = (x * keep[:, -1:])[:, 0]  # [B, D]
-        return user
+        return x * (keep[:, -1:] if last_only else keep)  # [B, L or 1, D]
 
     def _embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x [B, L, D] input embeddings, allowed [B, 1, L, L] attention mask, keep [B, L, 1])."""

@@ -465,8 +465,8 @@ class OnlineLearner:
         self.row_optimizer.zero_grad(set_to_none=True)
         self.model.train()
         num_items = self.vocabulary.num_items
-        for inputs, targets in _padded_chunks(usable, TOKENS_PER_CHUNK, last_only):  # [B, W]
-            hidden = self.model(inputs)  # [B, W, D]
+        for inputs, targets in _padded_chunks(usable, TOKENS_PER_CHUNK, last_only):
+            hidden = self.model(inputs, last_only=last_only)  # [B, W or 1, D]
             loss_sum, _ = next_item_loss(
                 self.model, hidden, targets, self._loss_config, num_items, inputs=inputs
             )
@@ -636,9 +636,9 @@ class OnlineLearner:
 def _padded_chunks(
     windows: Sequence[Sequence[int]], max_tokens: int, last_only: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) [B, W] left-padded chunks of length-sorted `windows`, each chunk at
-    most `max_tokens` padded positions (and at least one window). With `last_only`, each
-    window has a target at its last position only."""
+    """(inputs [B, W], targets [B, W]) left-padded chunks of length-sorted `windows`, each
+    chunk at most `max_tokens` padded positions (and at least one window). With `last_only`,
+    targets are [B, 1]: each window's last item, the target of its last position only."""
     start = 0
     while start < len(windows):
         end = start + 1
@@ -647,12 +647,12 @@ def _padded_chunks(
         chunk = windows[start:end]
         width = len(chunk[-1]) - 1  # the longest: windows are sorted by length
         inputs = torch.zeros((len(chunk), width), dtype=torch.long)
-        targets = torch.zeros((len(chunk), width), dtype=torch.long)
+        targets = torch.zeros((len(chunk), 1 if last_only else width), dtype=torch.long)
         for row, window in enumerate(chunk):
             n = len(window) - 1
             inputs[row, width - n :] = torch.tensor(window[:-1])
             if last_only:
-                targets[row, -1] = window[-1]
+                targets[row, 0] = window[-1]
             else:
                 targets[row, width - n :] = torch.tensor(window[1:])
         yield inputs, targets

@@ -33,11 +33,13 @@ def next_item_loss(
     num_items: int,
     inputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [B, L, D], targets [B, L] (0 = no target) -> (loss sum, token count).
+    """hidden [B, Lq, D], targets [B, Lq] (0 = no target) -> (loss sum, token count).
 
-    ``inputs`` [B, L] are the windows' input items; ``config.mask_history`` needs them.
+    Lq is the window's length L, or 1 for windows trained at their last position only
+    (`train.samples = "prefixes"`). ``inputs`` [B, L] are the windows' input items;
+    ``config.mask_history`` needs them.
     """
-    mask = targets > 0  # [B, L]
+    mask = targets > 0  # [B, Lq]
     tokens = mask.sum()
     h = hidden[mask]  # [T, D]
     pos = targets[mask]  # [T]
@@ -91,14 +93,17 @@ def _target_and_negative_logits(
 
 
 def history_exclusions(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[B, L, L] item ids each position leaves out of its softmax (0 = nothing).
+    """inputs [B, L], targets [B, Lq] of the last Lq positions -> [B, Lq, L] item ids each
+    target's position leaves out of its softmax (0 = nothing).
 
     Position t excludes the inputs at positions <= t, its prefix within the window, except
     an item equal to its own target (a repeat purchase is still a right answer).
     """
-    width = inputs.shape[1]
-    seen = inputs.unsqueeze(1).expand(-1, width, -1)  # [B, t, s] = inputs[b, s]
-    causal = torch.ones(width, width, dtype=torch.bool, device=inputs.device).tril()  # s <= t
+    width, queries = inputs.shape[1], targets.shape[1]
+    seen = inputs.unsqueeze(1).expand(-1, queries, -1)  # [B, t, s] = inputs[b, s]
+    causal = torch.ones(queries, width, dtype=torch.bool, device=inputs.device).tril(
+        width - queries
+    )  # s <= t
     keep = causal & (seen != targets.unsqueeze(-1))
     return torch.where(keep, seen, torch.zeros_like(seen))
 

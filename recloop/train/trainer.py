@@ -169,6 +169,7 @@ def train(
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     progress = _Progress(total_steps, step, enabled=show_progress and ctx.is_main)
 
+    prefixes = cfg.samples == "prefixes"
     model.train()
     stop = False
     while step < total_steps and not stop:
@@ -185,8 +186,10 @@ def train(
             targets = batch["target_ids"].to(ctx.device, non_blocking=True)  # [B, L]
             timestamps = batch["timestamps"].to(ctx.device, non_blocking=True)  # [B, L]
             _set_lr(optimizer, cfg, step, total_steps)
+            if prefixes:  # one target per window, at its end: the rest is never scored
+                targets = targets[:, -1:]  # [B, 1]
             with autocast:
-                hidden = forward(input_ids, timestamps)  # [B, L, D]
+                hidden = forward(input_ids, timestamps, last_only=prefixes)  # [B, L or 1, D]
                 loss_total, tokens = next_item_loss(
                     model, hidden, targets, cfg, dataset.num_items, inputs=input_ids
                 )
