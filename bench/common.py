@@ -24,7 +24,10 @@ def commit() -> str:
         ).stdout.strip()
 
     sha = git("rev-parse", "HEAD") or "uncommitted"
-    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # Results are what a run writes (a re-run rewrites its own tracked PNG before its JSON),
+    # not the code it ran: they do not make the tree dirty.
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    return sha + ("-dirty" if changed else "")
 
 
 def machine() -> dict[str, Any]:

@@ -68,6 +68,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-bsarec-cosine": beauty("beauty/bsarec-cosine.toml"),
     "beauty-bsarec-cosine-logits": beauty("beauty/bsarec-cosine-logits.toml"),
     "beauty-bsarec-wide": beauty("beauty/bsarec-wide.toml"),
+    "beauty-bsarec-ema": beauty("beauty/bsarec-ema.toml"),
     # The best Beauty config again with another seed: how far one run's test score moves.
     "beauty-bsarec-seed43": replace(beauty("beauty/bsarec.toml"), overrides=("train.seed=43",)),
     "video-sasrec": video("video/sasrec.toml"),

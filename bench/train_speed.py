@@ -1,6 +1,7 @@
-"""Training throughput: target tokens/s (forward + backward + AdamW step) for SASRec and HSTU,
-eager vs torch.compile, fp32 vs bf16 autocast, 1 process vs 2-process DDP (gloo), with model
-FLOPs per token and the implied fraction of this CPU's fp32 peak.
+"""Training throughput: target tokens/s (forward + backward + AdamW step) for SASRec, HSTU and
+BSARec (on prefix samples, as it trains), eager vs torch.compile, fp32 vs bf16 autocast,
+1 process vs 2-process DDP (gloo), with model FLOPs per token and the implied fraction of this
+CPU's fp32 peak.
 
 Data: Amazon Beauty from ../shared/data when present (its real, short sequences), otherwise a
 synthetic log of the same size. Batches are built exactly as `recloop train` builds them
@@ -33,6 +34,17 @@ MODELS: dict[str, dict[str, Any]] = {
     "sasrec": {"type": "sasrec", "dim": 64, "num_blocks": 2, "num_heads": 1, "dropout": 0.5},
     "hstu": {"type": "hstu", "dim": 64, "num_blocks": 2, "num_heads": 2, "dropout": 0.5},
     "hstu-large": {"type": "hstu", "dim": 128, "num_blocks": 4, "num_heads": 4, "dropout": 0.5},
+    # configs/beauty/bsarec.toml: not causal, so it trains on every prefix (one target each).
+    "bsarec": {
+        "type": "bsarec",
+        "dim": 64,
+        "num_blocks": 2,
+        "num_heads": 1,
+        "dropout": 0.5,
+        "attention_dropout": 0.5,
+        "alpha": 0.7,
+        "c": 5,
+    },
 }
 
 
@@ -71,12 +83,27 @@ def worker(args: argparse.Namespace) -> None:
     from recloop.train.distributed import all_reduce_sum, init_distributed, shutdown
     from recloop.train.losses import next_item_loss
 
+    if args.torch_dropout:  # ablation: torch's own dropout, whose CPU mask is bernoulli_
+        import importlib
+
+        for name in ("dropout", "sasrec", "hstu"):
+            importlib.import_module(f"recloop.models.{name}").dropout = F.dropout
     ctx = init_distributed("cpu")
     torch.manual_seed(0)
     dataset = SequenceDataset(Path(args.data))
     split = dataset.leave_one_out()
     cfg = TrainConfig(batch_size=args.batch_size, max_length=50, bf16=args.bf16)
-    windows = TrainingWindows(split.train, WindowConfig(cfg.max_length))
+    model_config = {k: v for k, v in MODELS[args.model].items() if k != "type"}
+    model = build_model(
+        MODELS[args.model]["type"],
+        {**model_config, "num_items": dataset.num_items, "max_length": cfg.max_length},
+    )
+    # A non-causal model trains on every prefix, scored at its last position only (the
+    # trainer's train.samples = "prefixes"); `--all-positions` is the ablation that computes
+    # every position of the last block anyway.
+    prefixes = not model.causal
+    last_only = prefixes and not args.all_positions
+    windows = TrainingWindows(split.train, WindowConfig(cfg.max_length, prefixes=prefixes))
     loader = make_loader(
         windows,
         cfg.batch_size,
@@ -84,11 +111,6 @@ def worker(args: argparse.Namespace) -> None:
         world_size=ctx.world_size,
         drop_last=True,
         bucket_by_length=not args.no_bucketing,
-    )
-    model_config = {k: v for k, v in MODELS[args.model].items() if k != "type"}
-    model = build_model(
-        MODELS[args.model]["type"],
-        {**model_config, "num_items": dataset.num_items, "max_length": cfg.max_length},
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     forward: torch.nn.Module = DistributedDataParallel(model) if ctx.distributed else model
@@ -100,6 +122,7 @@ def worker(args: argparse.Namespace) -> None:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
     widths = (*COMPILE_WIDTHS, cfg.max_length)
     timings: list[tuple[float, int]] = []
+    positions = 0  # input positions the encoder saw (prefix training: many per target)
     batches = iter(loader)
     # A compiled model gets one warm-up step per padded width, so no compilation is timed.
     warmup = args.warmup + (len([w for w in widths if w <= cfg.max_length]) if args.compile else 0)
@@ -114,9 +137,11 @@ def worker(args: argparse.Namespace) -> None:
                 batch = pad_to_width(batch, (width,))
             else:
                 batch = pad_to_width(batch, widths)
+        if last_only:
+            batch = {**batch, "target_ids": batch["target_ids"][:, -1:]}
         tick = time.perf_counter()
         with autocast:
-            hidden = forward(batch["input_ids"], batch["timestamps"])
+            hidden = forward(batch["input_ids"], batch["timestamps"], last_only=last_only)
             if args.reference_loss:  # the textbook path the fused loss replaced
                 mask = batch["target_ids"] > 0
                 logits = model.score(hidden[mask]).float()
@@ -133,6 +158,7 @@ def worker(args: argparse.Namespace) -> None:
         optimizer.step()
         if step >= warmup:
             timings.append((time.perf_counter() - tick, int(total.item())))
+            positions += int(batch["input_ids"].numel()) * ctx.world_size
     seconds = sum(t for t, _ in timings)
     tokens_total = sum(n for _, n in timings)
     per_step = [n / t for t, n in timings]
@@ -145,22 +171,27 @@ def worker(args: argparse.Namespace) -> None:
                     "median_step_tokens_per_second": statistics.median(per_step),
                     "tokens_per_step": tokens_total / len(timings),
                     "parameters": parameters,
-                    "flops_per_token": flops_per_token(model, dataset.num_items),
+                    "flops_per_token": flops_per_token(
+                        model, dataset.num_items, positions / tokens_total if prefixes else 1.0
+                    ),
+                    "positions_per_target": positions / tokens_total,
                 }
             )
         )
     shutdown(ctx)
 
 
-def flops_per_token(model: Any, num_items: int) -> float:
-    """Training FLOPs per target token: 6 x (multiply-adds of the dense layers per position +
-    the full-softmax output layer, D x I). Attention score FLOPs are left out (they depend on
-    each batch's width; at Beauty's short sequences they are a few percent)."""
+def flops_per_token(model: Any, num_items: int, positions: float = 1.0) -> float:
+    """Training FLOPs per target token: 6 x (multiply-adds of the dense layers per position x
+    `positions` per target + the full-softmax output layer, D x I). Attention score FLOPs are
+    left out (they depend on each batch's width; at Beauty's short sequences they are a few
+    percent). Prefix training runs the encoder over a whole prefix per target; its last block
+    computes one position of it, so there the count is an upper bound."""
     import torch
 
     dense = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     dim = model.item_embedding.dim
-    return 6.0 * (dense + dim * num_items)
+    return 6.0 * (dense * positions + dim * num_items)
 
 
 def run_config(
@@ -246,6 +277,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-bucketing", action="store_true", help="full-width batches")
     parser.add_argument("--reference-loss", action="store_true", help="F.cross_entropy")
+    parser.add_argument("--torch-dropout", action="store_true", help="bernoulli_ masks")
+    parser.add_argument("--all-positions", action="store_true", help="prefixes: no last_only")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -257,17 +290,22 @@ def main() -> None:
     # one process (compilation takes a minute per configuration on this CPU).
     matrix: list[tuple[str, bool, bool, int, tuple[str, ...]]] = [
         (model, compiled, bf16, procs, ())
-        for model in ("sasrec", "hstu", "hstu-large")
+        for model in ("sasrec", "hstu", "hstu-large", "bsarec")
         for compiled in (False, True)
         for bf16 in (False, True)
         for procs in (1, 2)
-        if not (compiled and (procs == 2 or model == "hstu-large"))
+        if not (compiled and (procs == 2 or model in ("hstu-large", "bsarec")))
         and not (args.quick and (compiled or procs == 2 or model == "hstu-large"))
     ]
-    # Ablations of what profiling removed: full-width batches, then also the textbook loss.
+    # Ablations of what profiling removed: full-width batches, then also the textbook loss;
+    # torch's bernoulli_ dropout masks; BSARec's last block at every position of a prefix.
     matrix += [
         ("sasrec", False, False, 1, ("--no-bucketing",)),
         ("sasrec", False, False, 1, ("--no-bucketing", "--reference-loss")),
+        ("sasrec", False, False, 1, ("--torch-dropout",)),
+        ("bsarec", False, False, 1, ("--torch-dropout",)),
+        ("bsarec", False, False, 1, ("--all-positions",)),
+        ("bsarec", False, False, 1, ("--torch-dropout", "--all-positions")),
     ]
     peak = peak_fp32_flops()
     rows = []

@@ -59,6 +59,9 @@ class TrainConfig:
     schedule: Schedule = "constant"
     min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr * min_lr_ratio
     grad_clip: float | None = 1.0
+    # Keep an exponential moving average of the weights with this decay (e.g. 0.999) and
+    # validate, select and publish the average (recloop.train.averaging). None = off.
+    ema_decay: float | None = None
     max_epochs: int = 100
     max_steps: int | None = None
     max_minutes: float | None = None
@@ -113,6 +116,8 @@ class TrainConfig:
                 f"train.select_metric must be one of {sorted(selectable)}, "
                 f"got {self.select_metric!r}"
             )
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in (0, 1) or absent, got {self.ema_decay}")
         if self.bpr_weight < 0:
             raise ConfigError(f"train.bpr_weight must be >= 0, got {self.bpr_weight}")
         if self.bpr_weight and self.loss != "full_softmax":

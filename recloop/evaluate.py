@@ -71,6 +71,8 @@ IntArray = npt.NDArray[np.int64]
 # Negatives are drawn per block of this many example positions, one Generator per block: a
 # fixed block keeps the draws independent of user_batch_size and of the distributed sharding.
 SAMPLE_BLOCK = 4096
+# Histories encoded per model call, grouped by length (see _encode).
+ENCODE_GROUP = 128
 # Distinct streams of the seeded Generators, so the subset and the negatives are independent.
 _SUBSET_STREAM = 1
 _NEGATIVES_STREAM = 2
@@ -247,17 +249,27 @@ def _encode(
 ) -> torch.Tensor:
     """User vectors [B, D] from the last `max_length` history items (left-padded).
 
-    The batch is only as wide as its longest history: recloop models count positions from the
-    most recent item, so extra all-padding columns would change nothing but the cost.
+    Each call to the model is only as wide as its longest history: recloop models count
+    positions from the most recent item, so extra all-padding columns would change nothing but
+    the cost. Histories are therefore encoded in groups of similar length (sorted, then cut
+    into ENCODE_GROUP rows): on short-sequence data a batch padded to its one long history
+    would cost several times the real positions.
     """
-    width = int(max(1, min(config.max_length, int(np.max(ends - starts, initial=1)))))
-    ids = last_items(source.items, starts, ends, width).astype(np.int64)  # [B, W]
-    input_ids = torch.from_numpy(ids).to(device)
-    timestamps = None
-    if config.use_timestamps:
-        ts = last_items(source.timestamps, starts, ends, width)  # [B, W]
-        timestamps = torch.from_numpy(ts.astype(np.int64, copy=False)).to(device)
-    return model.encode(input_ids, timestamps)
+    lengths = np.minimum(ends - starts, config.max_length)  # [B]
+    order = np.argsort(lengths, kind="stable")  # [B]
+    parts: list[torch.Tensor] = []
+    for g0 in range(0, len(order), ENCODE_GROUP):
+        rows = order[g0 : g0 + ENCODE_GROUP]
+        width = int(max(1, int(np.max(lengths[rows], initial=1))))
+        ids = last_items(source.items, starts[rows], ends[rows], width).astype(np.int64)
+        input_ids = torch.from_numpy(ids).to(device)  # [G, W]
+        timestamps = None
+        if config.use_timestamps:
+            ts = last_items(source.timestamps, starts[rows], ends[rows], width)  # [G, W]
+            timestamps = torch.from_numpy(ts.astype(np.int64, copy=False)).to(device)
+        parts.append(model.encode(input_ids, timestamps))  # [G, D]
+    inverse = torch.from_numpy(np.argsort(order, kind="stable")).to(device)  # [B]
+    return torch.cat(parts)[inverse]  # [B, D] in the callers' order (B >= 1)
 
 
 # --- full ranking --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from recloop.data.sequences import Sequences
 from recloop.data.splits import EvalExamples, leave_one_out
 from recloop.errors import ConfigError, DatasetError
 from recloop.evaluate import (
+    ENCODE_GROUP,
     EvalConfig,
     evaluate,
     metrics_from_ranks,
@@ -25,6 +26,7 @@ from recloop.evaluate import (
 )
 from recloop.models.base import SequentialEncoder
 from recloop.models.embeddings import ItemEmbedding
+from recloop.models.factory import build_model
 
 
 class TableModel(SequentialEncoder):
@@ -202,9 +204,10 @@ def test_full_ranks_pass_inputs_and_timestamps() -> None:
     ranks_full(model, test, source, EvalConfig(max_length=3))
     ts = model.timestamps_seen[-1]
     assert ts is not None
-    # user 0 history (1, 2, 3): timestamps 100 * position + item, left-padded to 3
-    assert ts.dtype == torch.int64 and ts[0].tolist() == [1, 102, 203]
-    assert ts[2].tolist() == [0, 6, 101]
+    # Histories are encoded shortest first (users 2, 0, 1). User 0's (1, 2, 3): timestamps
+    # 100 * position + item; user 2's is two items long, left-padded to 3.
+    assert ts.dtype == torch.int64 and ts[1].tolist() == [1, 102, 203]
+    assert ts[0].tolist() == [0, 6, 101]
     ranks_full(model, test, source, EvalConfig(use_timestamps=False))
     assert model.timestamps_seen[-1] is None
 
@@ -227,6 +230,20 @@ def test_full_ranks_are_invariant_to_chunking_and_match_the_reference(
     np.testing.assert_array_equal(results[0].masked, masked)
     np.testing.assert_array_equal(results[0].unmasked, unmasked)
     assert np.all(results[0].masked <= results[0].unmasked)
+
+
+def test_histories_encoded_in_length_groups_rank_as_one_full_width_batch() -> None:
+    # 300 users in one batch span several ENCODE_GROUPs of different widths; a real model
+    # (positions, padding masks) must rank exactly as when every history is padded to 50.
+    torch.manual_seed(0)
+    source = random_sequences(num_users=300, num_items=40, seed=2)
+    model = build_model("sasrec", {"num_items": 40, "max_length": 50, "dim": 8}).eval()
+    valid = leave_one_out(source).valid
+    assert len(valid.targets) > 2 * ENCODE_GROUP
+    got = ranks_full(model, valid, source, EvalConfig(user_batch_size=300))
+    masked, unmasked = reference_full(model, valid, source)
+    np.testing.assert_array_equal(got.masked, masked)
+    np.testing.assert_array_equal(got.unmasked, unmasked)
 
 
 def test_constant_model_gets_no_credit_under_full_ranking() -> None:

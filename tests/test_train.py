@@ -48,9 +48,11 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def checkpoint_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def checkpoint_weights(run_dir: Path, kind: str = "model") -> dict[str, torch.Tensor]:
+    """The latest checkpoint's "model" weights, or its weight "average" ({} when none)."""
     name = (run_dir / "LATEST").read_text().strip()
-    return load_file(str(run_dir / "checkpoints" / name / "model.safetensors"))
+    path = run_dir / "checkpoints" / name / f"{kind}.safetensors"
+    return load_file(str(path)) if path.is_file() or kind == "model" else {}
 
 
 def test_learns_sequential_structure_and_publishes(synthetic_data: Path, tmp_path: Path) -> None:
@@ -158,8 +160,10 @@ def test_bsarec_trains_on_prefixes_publishes_and_refuses_whole_windows(
         (TINY_MODEL, {"loss": "full_softmax", "bpr_weight": 0.5, "mask_history": True}),
         # One window per prefix: the sampler's order and the skip on resume must still agree.
         ({**BSAREC, "attention_dropout": 0.3}, {"samples": "prefixes"}),
+        # The weight average and its warm-up counter travel in the checkpoint.
+        (TINY_MODEL, {"ema_decay": 0.9}),
     ],
-    ids=["sampled_softmax", "full_softmax+bpr+mask_history", "bsarec+prefixes"],
+    ids=["sampled_softmax", "full_softmax+bpr+mask_history", "bsarec+prefixes", "ema"],
 )
 def test_resume_reaches_the_same_parameters(
     synthetic_data: Path, tmp_path: Path, model: dict[str, object], loss: dict[str, object]
@@ -170,12 +174,43 @@ def test_resume_reaches_the_same_parameters(
     assert first.stopped_by == "interrupted" and first.steps == 7
     resumed = train(config, synthetic_data, tmp_path / "b", resume=True, show_progress=False)
     assert resumed.steps == straight.steps == 12
-    a, b = checkpoint_weights(tmp_path / "a"), checkpoint_weights(tmp_path / "b")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    for kind in ("model", "average"):
+        a = checkpoint_weights(tmp_path / "a", kind)
+        b = checkpoint_weights(tmp_path / "b", kind)
+        assert a.keys() == b.keys()
+        assert (len(a) > 0) == (kind == "model" or "ema_decay" in loss)
+        for name in a:
+            assert torch.equal(a[name], b[name]), (kind, name)
     assert resumed.best_metrics == straight.best_metrics
     assert resumed.test_metrics == straight.test_metrics
+
+
+def test_a_weight_average_is_what_validates_and_publishes(
+    synthetic_data: Path, tmp_path: Path
+) -> None:
+    # One validation, at the last step: the version published must be the average then, not
+    # the raw weights the optimizer left (which the checkpoint keeps for resuming).
+    config = config_from_dict(
+        {
+            "model": {**TINY_MODEL, "dropout": 0.3},
+            "train": tiny_train(max_steps=12, eval_every_steps=12, ema_decay=0.8),
+        }
+    )
+    result = train(
+        config, synthetic_data, tmp_path / "run", registry_dir=tmp_path / "reg",
+        show_progress=False,
+    )  # fmt: skip
+    assert result.best_step == 12 and result.version is not None
+    published = Registry(tmp_path / "reg").load_tensors(result.version)
+    raw = checkpoint_weights(tmp_path / "run")
+    average = checkpoint_weights(tmp_path / "run", "average")
+    assert set(average) == {n for n, _ in result.model.named_parameters()}  # type: ignore[union-attr]
+    for name, tensor in average.items():
+        torch.testing.assert_close(published[name], tensor, rtol=0, atol=0, msg=name)
+    moved = [n for n in average if not torch.equal(average[n], raw[n])]
+    assert moved  # the average lags the raw weights
+    with pytest.raises(ConfigError, match=r"train\.ema_decay"):
+        config_from_dict({"model": TINY_MODEL, "train": tiny_train(ema_decay=1.0)})
 
 
 @pytest.mark.parametrize(

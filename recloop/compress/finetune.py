@@ -25,6 +25,7 @@ from recloop.data.splits import EvalExamples, Split
 from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
 from recloop.progress import stderr
+from recloop.train.averaging import averaged, weight_average
 from recloop.train.losses import next_item_loss
 from recloop.train.trainer import (
     _adamw,
@@ -101,6 +102,9 @@ def fit(
     eval_every = cfg.eval_every_steps or cfg.eval_every_epochs * steps_per_epoch
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     optimizer = _adamw(model, cfg, fused=False)
+    # As in the trainer: validation and the weights kept are the average's, when there is one.
+    # It updates after `after_step`, so weights that magnitude pruning masks stay zero in it.
+    average = weight_average(model, cfg.ema_decay)
 
     def next_item(m: SequentialEncoder, hidden: torch.Tensor, batch: Batch) -> tuple[Any, Any]:
         targets = batch["target_ids"]
@@ -156,6 +160,8 @@ def fit(
             optimizer.step()
             if after_step is not None:
                 after_step()
+            if average is not None:
+                average.update(model)
             step += 1
             loss_sum += float(mean_loss.detach())
             loss_steps += 1
@@ -164,9 +170,11 @@ def fit(
             bar.update(step, loss_sum / loss_steps, tokens_seen / max(elapsed, 1e-9))
             out_of_time = time.perf_counter() - started > budget
             if step % eval_every == 0 or step == total_steps or out_of_time:
-                metrics = validate()
+                with averaged(average, model):
+                    metrics = validate()
+                    value = metrics[select_key]
+                    weights = copy.deepcopy(model.state_dict()) if value > best_value else None
                 model.train()
-                value = metrics[select_key]
                 history.append(
                     {
                         "step": step,
@@ -179,7 +187,7 @@ def fit(
                 loss_sum, loss_steps = 0.0, 0
                 if value > best_value:
                     best_value, best_step, since_best = value, step, 0
-                    best_metrics, best_weights = metrics, copy.deepcopy(model.state_dict())
+                    best_metrics, best_weights = metrics, weights
                 else:
                     since_best += 1
                 say(

@@ -1,8 +1,9 @@
 """Training checkpoints for exact resume: safetensors for tensors, JSON for the rest.
 
 A checkpoint is a directory `RUN/checkpoints/step-000123/` holding model.safetensors,
-optimizer.safetensors (AdamW moments, flattened), rng.safetensors and state.json (step, epoch,
-batch position, early-stopping state, param-group hyper-parameters, config). `RUN/LATEST`
+optimizer.safetensors (AdamW moments, flattened), rng.safetensors, average.safetensors (the
+weight average, when `train.ema_decay` keeps one) and state.json (step, epoch, batch position,
+early-stopping state, param-group hyper-parameters, config). `RUN/LATEST`
 names the newest complete one and is replaced atomically, so a crash while saving leaves the
 previous checkpoint in force. No pickle: nothing here can execute code when loaded.
 """
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from recloop.errors import ConfigError
 
 LATEST = "LATEST"
+AVERAGE = "average.safetensors"  # the weight average (train.ema_decay), when the run keeps one
 
 
 def save_checkpoint(
@@ -29,8 +31,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     *,
+    average: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
 ) -> Path:
+    """Writes a checkpoint (and `average`, the weight average's tensors, when given)."""
     step = int(state["step"])
     root = run_dir / "checkpoints"
     final = root / f"step-{step:09d}"
@@ -41,6 +45,8 @@ def save_checkpoint(
     tensors, groups = flatten_optimizer(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     save_file(rng_state(), str(tmp / "rng.safetensors"))
+    if average is not None:
+        save_file(average, str(tmp / AVERAGE))
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
@@ -75,6 +81,18 @@ def load_checkpoint(
     restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state)
     restore_rng(load_file(str(path / "rng.safetensors")))
     return state
+
+
+def load_average(path: Path) -> dict[str, torch.Tensor]:
+    """The weight average a checkpoint holds; a ConfigError when it has none (a run resumed
+    with train.ema_decay that was started without it)."""
+    file = path / AVERAGE
+    if not file.is_file():
+        raise ConfigError(
+            f"{path}: checkpoint has no weight average; resume with the train.ema_decay the "
+            "run started with"
+        )
+    return load_file(str(file))
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
 from recloop.models.factory import build_model, config_to_dict
 from recloop.train import checkpoint
+from recloop.train.averaging import averaged, weight_average
 from recloop.train.distributed import agree, all_reduce_sum, init_distributed
 from recloop.train.losses import next_item_loss
 
@@ -124,6 +125,8 @@ def train(
         torch._dynamo.config.automatic_dynamic_shapes = False
         forward = torch.compile(forward)  # type: ignore[assignment]
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    # Validation, selection and publishing see the weight average when the run keeps one.
+    average = weight_average(model, cfg.ema_decay)
 
     # ---- state that a checkpoint carries
     run_dir = Path(run_dir)
@@ -140,6 +143,8 @@ def train(
         best_value, best_step = state["best_value"], state["best_step"]
         evals_since_best, best_metrics = state["evals_since_best"], state["best_metrics"]
         history = state["history"]
+        if average is not None:
+            average.load_state_dict(checkpoint.load_average(found), state["average_updates"])
     best_weights = _load_best(run_dir) if resume and best_step else None
 
     test_config = _eval_config(cfg, "full")  # published test metrics: full ranking always
@@ -202,6 +207,8 @@ def train(
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if average is not None:
+                average.update(model)
             step += 1
             batch_in_epoch = index + 1
             train_seconds += time.perf_counter() - tick
@@ -212,7 +219,11 @@ def train(
 
             out_of_time = time.perf_counter() - started > budget
             if step % eval_every == 0 or step == total_steps or out_of_time:
-                metrics = validate()
+                with averaged(average, model):
+                    metrics = validate()
+                    value = float(metrics[select_key])
+                    if value > best_value:  # the weights validated are the ones kept
+                        best_weights = copy.deepcopy(model.state_dict())
                 model.train()
                 history.append(
                     {
@@ -226,11 +237,9 @@ def train(
                     }
                 )
                 loss_sum, loss_steps = 0.0, 0
-                value = float(metrics[select_key])
-                if value > best_value:
+                if value > best_value and best_weights is not None:
                     best_value, best_step, evals_since_best = value, step, 0
                     best_metrics = metrics
-                    best_weights = copy.deepcopy(model.state_dict())
                     if ctx.is_main:
                         _save_best(run_dir, best_weights)
                 else:
@@ -265,7 +274,10 @@ def train(
             "history": history,
             "config": config.to_dict(),
         }
-        checkpoint.save_checkpoint(run_dir, model, optimizer, state)
+        if average is not None:
+            state["average_updates"] = average.updates
+        kept = average.state_dict() if average is not None else None
+        checkpoint.save_checkpoint(run_dir, model, optimizer, state, average=kept)
         _write_history(run_dir, history)
 
     if best_weights is not None:
