@@ -69,6 +69,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-bsarec-cosine-logits": beauty("beauty/bsarec-cosine-logits.toml"),
     "beauty-bsarec-wide": beauty("beauty/bsarec-wide.toml"),
     "beauty-bsarec-ema": beauty("beauty/bsarec-ema.toml"),
+    "beauty-bsarec-ema-seed43": replace(
+        beauty("beauty/bsarec-ema.toml"), overrides=("train.seed=43",)
+    ),
     # The best Beauty config again with another seed: how far one run's test score moves.
     "beauty-bsarec-seed43": replace(beauty("beauty/bsarec.toml"), overrides=("train.seed=43",)),
     "video-sasrec": video("video/sasrec.toml"),
