@@ -6,10 +6,12 @@ CPU's fp32 peak.
 Data: Amazon Beauty from ../shared/data when present (its real, short sequences), otherwise a
 synthetic log of the same size. Batches are built exactly as `recloop train` builds them
 (length buckets, padding trimmed). Each configuration runs in a fresh process: `warmup` steps
-(compilation included) are discarded, then the median over `steps` timed steps is reported.
+(compilation included) are discarded, then the rate over `steps` timed steps is reported (and
+`median_step_tokens_per_second`, the median of the per-step rates).
 
     .venv/bin/python bench/train_speed.py              # bench/results/train_speed.json + .png
     .venv/bin/python bench/train_speed.py --quick      # fewer steps and configurations
+    .venv/bin/python bench/train_speed.py --table      # the README's table, from the JSON
 """
 
 from __future__ import annotations
@@ -264,6 +266,33 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def table(path: Path) -> str:
+    """The README's table, from a result file this script wrote."""
+    payload = json.loads(path.read_text())
+    config = payload["config"]
+    lines = [
+        f"From `bench/results/{path.name}` (commit {payload['commit'][:12]}, {payload['date']}; "
+        f"{config['data']}, batch {config['batch_size']}, {config['steps']} timed steps "
+        f"after {config['warmup']} warm-up; fp32 peak {config['peak_fp32_gflops']} GFLOP/s).",
+        "",
+        "| configuration | target tokens/s | MFLOP / token | input positions / target "
+        "| fraction of fp32 peak |",
+        "|---|---|---|---|---|",
+    ]
+    for row in payload["results"]:
+        if "tokens_per_second" not in row:
+            lines.append(f"| {row['label']} | failed: {row['error']} | | | |")
+            continue
+        positions = row.get("positions_per_target")
+        lines.append(
+            f"| {row['label']} | {row['tokens_per_second']:,.0f} | "
+            f"{row['flops_per_token'] / 1e6:.2f} | "
+            f"{'' if positions is None else f'{positions:.1f}'} | "
+            f"{row['fraction_of_fp32_peak']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -275,6 +304,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the table from the JSON")
     parser.add_argument("--no-bucketing", action="store_true", help="full-width batches")
     parser.add_argument("--reference-loss", action="store_true", help="F.cross_entropy")
     parser.add_argument("--torch-dropout", action="store_true", help="bernoulli_ masks")
@@ -282,6 +312,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.table:
+        print(table(RESULTS / "train_speed.json"))
         return
 
     started = time.perf_counter()
