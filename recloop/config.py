@@ -58,6 +58,7 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule: Schedule = "constant"
     min_lr_ratio: float = 0.1  # cosine/linear decay ends at lr * min_lr_ratio
+    # Clip the global gradient norm to this; 0 turns clipping off (TOML has no null).
     grad_clip: float | None = 1.0
     # Keep an exponential moving average of the weights with this decay (e.g. 0.999) and
     # validate, select and publish the average (recloop.train.averaging). None = off.
@@ -102,8 +103,10 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"train.grad_clip must be > 0 or absent, got {self.grad_clip}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ConfigError(
+                f"train.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}"
+            )
         for name in ("max_steps", "max_windows_per_user", "eval_every_steps", "eval_max_users"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -213,6 +213,32 @@ def test_a_weight_average_is_what_validates_and_publishes(
         config_from_dict({"model": TINY_MODEL, "train": tiny_train(ema_decay=1.0)})
 
 
+def test_grad_clip_zero_turns_clipping_off(
+    synthetic_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TOML has no null, so a config turns clipping off with grad_clip = 0.
+    calls: list[float] = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params: object, max_norm: float, *args: object, **kw: object) -> object:
+        calls.append(max_norm)
+        return clip(params, max_norm, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    for clip_value, expected in ((0.0, []), (0.5, [0.5, 0.5])):
+        calls.clear()
+        config = config_from_dict(
+            {
+                "model": TINY_MODEL,
+                "train": tiny_train(max_steps=2, eval_every_steps=2, grad_clip=clip_value),
+            }
+        )
+        train(config, synthetic_data, tmp_path / f"run-{clip_value}", show_progress=False)
+        assert calls == expected
+    with pytest.raises(ConfigError, match="grad_clip must be >= 0"):
+        config_from_dict({"model": TINY_MODEL, "train": tiny_train(grad_clip=-1.0)})
+
+
 @pytest.mark.parametrize(
     "overrides",
     [[], ["model.type=bsarec", "model.attention_dropout=0.0", "train.samples=prefixes"]],

@@ -155,7 +155,7 @@ def fit(
             mean_loss = loss_total / tokens.clamp_min(1)
             optimizer.zero_grad(set_to_none=True)
             mean_loss.backward()
-            if cfg.grad_clip is not None:
+            if cfg.grad_clip:  # None or 0: no clipping
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if after_step is not None:

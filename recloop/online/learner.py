@@ -135,8 +135,10 @@ class OnlineConfig:
             raise ConfigError(
                 f"online.publish_every_seconds must be >= 0, got {self.publish_every_seconds}"
             )
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"online.grad_clip must be > 0 or absent, got {self.grad_clip}")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ConfigError(
+                f"online.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}"
+            )
         if not self.consumer.strip():
             raise ConfigError("online.consumer must not be empty")
 
@@ -471,7 +473,7 @@ class OnlineLearner:
                 self.model, hidden, targets, self._loss_config, num_items, inputs=inputs
             )
             (loss_sum / total_tokens).backward()  # type: ignore[no-untyped-call]
-        if self.config.grad_clip is not None:
+        if self.config.grad_clip:  # None or 0: no clipping
             params = [p for p in self.model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         table = self.model.item_embedding.weight

@@ -204,7 +204,7 @@ def train(
             loss = loss_total * ctx.world_size / global_tokens.clamp_min(1.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
-            if cfg.grad_clip is not None:
+            if cfg.grad_clip:  # None or 0: no clipping
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if average is not None:
