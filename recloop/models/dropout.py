@@ -3,7 +3,7 @@
 torch's CPU dropout draws its mask with `bernoulli_`, one generator call per element: in a
 profile of BSARec training on Beauty (dim 64, dropout 0.5 at nine places per step) it was a
 quarter of the step. Here the mask comes from 16-bit slices of 64-bit integers from the same
-generator (`torch.randint`), four elements per call, and costs about a seventh as much. The
+generator (`torch.randint`), four elements per call, several times cheaper here. The
 keep probability is 1 - p rounded to a multiple of 1/65536 (exact for p = 0.5, 0.25, ...;
 off by at most 8e-6 otherwise). Runs stay reproducible: the draws come from torch's seeded
 generator, whose state checkpoints save. On other devices this is `F.dropout`, which is fused.
