@@ -74,6 +74,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         beauty("beauty/bsarec-ema.toml"), overrides=("train.seed=43",)
     ),
     "beauty-bsarec-ema-noclip": beauty("beauty/bsarec-ema-noclip.toml"),
+    "beauty-bsarec-ema-slow": beauty("beauty/bsarec-ema-slow.toml"),
     # The best Beauty config again with another seed: how far one run's test score moves.
     "beauty-bsarec-seed43": replace(beauty("beauty/bsarec.toml"), overrides=("train.seed=43",)),
     "video-sasrec": video("video/sasrec.toml"),
