@@ -260,7 +260,7 @@ def _encode(
     parts: list[torch.Tensor] = []
     for g0 in range(0, len(order), ENCODE_GROUP):
         rows = order[g0 : g0 + ENCODE_GROUP]
-        width = int(max(1, int(np.max(lengths[rows], initial=1))))
+        width = int(np.max(lengths[rows], initial=1))  # >= 1: an empty history is one pad
         ids = last_items(source.items, starts[rows], ends[rows], width).astype(np.int64)
         input_ids = torch.from_numpy(ids).to(device)  # [G, W]
         timestamps = None

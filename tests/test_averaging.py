@@ -24,7 +24,7 @@ def test_the_average_follows_the_warmed_up_decay() -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
-        average.update(model)
+        average.update()
         decay = min(0.9, (1 + update) / (10 + update))
         current = dict(model.named_parameters())
         expected = {n: decay * expected[n] + (1 - decay) * current[n].detach() for n in expected}
@@ -42,16 +42,16 @@ def test_applied_swaps_the_average_in_and_restores_the_model_exactly() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)
-    average.update(model)
+    average.update()
     own = {n: p.detach().clone() for n, p in model.named_parameters()}
     tensors = [p for p in model.parameters()]
-    with averaged(average, model):
+    with averaged(average):
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.detach(), average.state_dict()[name])
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), own[name]), name
     assert all(a is b for a, b in zip(tensors, model.parameters(), strict=True))  # in place
-    with averaged(None, model):  # no average: the model as it is
+    with averaged(None):  # no average: the model as it is
         assert all(torch.equal(p.detach(), own[n]) for n, p in model.named_parameters())
 
 
@@ -60,7 +60,7 @@ def test_restoring_a_saved_average_and_refusing_one_of_another_model() -> None:
     first = WeightAverage(model, decay=0.7)
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    first.update(model)
+    first.update()
     second = WeightAverage(model, decay=0.7)
     second.load_state_dict(first.state_dict(), first.updates)
     assert second.updates == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,13 +75,19 @@ def test_sampled_softmax_masks_accidental_hits_and_bce_is_finite() -> None:
     assert torch.isfinite(loss) and loss > 0
 
 
-def test_history_masking_leaves_each_prefix_out_of_its_softmax() -> None:
+def history_masking_case() -> tuple[Any, int, torch.Tensor]:
+    """(toy SASRec, num_items, inputs [2, 5]): row 0 left-padded with a repeat of item 3,
+    row 1 a full window."""
     torch.manual_seed(0)
     num_items = 12
     model = build_model("sasrec", {"num_items": num_items, "max_length": 5, "dim": 8})
+    return model, num_items, torch.tensor([[0, 3, 5, 7, 3], [2, 4, 6, 8, 10]])
+
+
+def test_history_masking_leaves_each_prefix_out_of_its_softmax() -> None:
     # Row 0: left padding, then a repeat (item 3 is the target at position 3 and was seen at
     # position 1), which must stay in the softmax. Row 1: a full window.
-    inputs = torch.tensor([[0, 3, 5, 7, 3], [2, 4, 6, 8, 10]])
+    model, num_items, inputs = history_masking_case()
     targets = torch.tensor([[0, 5, 7, 3, 9], [4, 6, 8, 10, 1]])
     config = TrainConfig(mask_history=True)
     hidden = model(inputs)
@@ -112,10 +120,7 @@ def test_history_masking_leaves_each_prefix_out_of_its_softmax() -> None:
 def test_history_masking_of_last_position_targets_is_the_last_row_of_the_full_one() -> None:
     # Prefix training passes targets [B, 1] (the last position's) with the whole inputs [B, L]:
     # the exclusions must be the last row of the full window's, and so must the loss.
-    torch.manual_seed(0)
-    num_items = 12
-    model = build_model("sasrec", {"num_items": num_items, "max_length": 5, "dim": 8})
-    inputs = torch.tensor([[0, 3, 5, 7, 3], [2, 4, 6, 8, 10]])
+    model, num_items, inputs = history_masking_case()
     targets = torch.tensor([[0, 5, 7, 3, 3], [4, 6, 8, 10, 1]])
     full = history_exclusions(inputs, targets)  # [B, L, L]
     last = history_exclusions(inputs, targets[:, -1:])  # [B, 1, L]

@@ -161,7 +161,7 @@ def fit(
             if after_step is not None:
                 after_step()
             if average is not None:
-                average.update(model)
+                average.update()
             step += 1
             loss_sum += float(mean_loss.detach())
             loss_steps += 1
@@ -170,7 +170,7 @@ def fit(
             bar.update(step, loss_sum / loss_steps, tokens_seen / max(elapsed, 1e-9))
             out_of_time = time.perf_counter() - started > budget
             if step % eval_every == 0 or step == total_steps or out_of_time:
-                with averaged(average, model):
+                with averaged(average):
                     metrics = validate()
                     value = metrics[select_key]
                     weights = copy.deepcopy(model.state_dict()) if value > best_value else None

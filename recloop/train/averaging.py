@@ -22,46 +22,42 @@ from recloop.errors import ConfigError
 
 
 class WeightAverage:
+    """The average of `model`'s trained parameters, bound to that model's tensors (loading a
+    checkpoint copies into them in place, so they stay the same for the model's lifetime)."""
+
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in (0, 1), got {decay!r}")
         self.decay = decay
         self.updates = 0
-        self._names = [name for name, p in model.named_parameters() if p.requires_grad]
-        params = dict(model.named_parameters())
-        self._average = [params[name].detach().clone() for name in self._names]
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self._names = [name for name, _ in named]
+        self._params = [p.detach() for _, p in named]
+        self._average = [p.clone() for p in self._params]
 
-    def _params(self, model: nn.Module) -> list[torch.Tensor]:
-        params = dict(model.named_parameters())
-        return [params[name].detach() for name in self._names]
-
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
         """Moves the average towards the model's current parameters (after each step)."""
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         with torch.no_grad():
-            torch._foreach_lerp_(self._average, self._params(model), 1.0 - decay)
+            torch._foreach_lerp_(self._average, self._params, 1.0 - decay)
         self.updates += 1
 
     @contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
+    def applied(self) -> Iterator[None]:
         """Inside the block the model holds the averaged parameters (in place, so optimizer,
         DDP and compiled graphs keep the same tensors); its own come back afterwards."""
-        params = self._params(model)
         with torch.no_grad():
-            own = [p.clone() for p in params]
-            torch._foreach_copy_(params, self._average)
+            own = [p.clone() for p in self._params]
+            torch._foreach_copy_(self._params, self._average)
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(params, own)
+                torch._foreach_copy_(self._params, own)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged parameters by name, for a checkpoint (`updates` goes in its JSON)."""
-        return {
-            name: a.detach().contiguous().cpu()
-            for name, a in zip(self._names, self._average, strict=True)
-        }
+        return dict(zip(self._names, self._average, strict=True))
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
         if sorted(tensors) != sorted(self._names):
@@ -82,6 +78,6 @@ def weight_average(model: nn.Module, decay: float | None) -> WeightAverage | Non
     return WeightAverage(model, decay) if decay is not None else None
 
 
-def averaged(average: WeightAverage | None, model: nn.Module) -> AbstractContextManager[None]:
-    """`average.applied(model)`, or a no-op when there is no average."""
-    return average.applied(model) if average is not None else nullcontext()
+def averaged(average: WeightAverage | None) -> AbstractContextManager[None]:
+    """`average.applied()`, or a no-op when there is no average."""
+    return average.applied() if average is not None else nullcontext()

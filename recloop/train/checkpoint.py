@@ -46,7 +46,7 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     save_file(rng_state(), str(tmp / "rng.safetensors"))
     if average is not None:
-        save_file(average, str(tmp / AVERAGE))
+        save_file(_contiguous(average), str(tmp / AVERAGE))
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)

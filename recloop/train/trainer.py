@@ -208,7 +208,7 @@ def train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if average is not None:
-                average.update(model)
+                average.update()
             step += 1
             batch_in_epoch = index + 1
             train_seconds += time.perf_counter() - tick
@@ -219,11 +219,10 @@ def train(
 
             out_of_time = time.perf_counter() - started > budget
             if step % eval_every == 0 or step == total_steps or out_of_time:
-                with averaged(average, model):
+                with averaged(average):  # the weights validated are the ones kept
                     metrics = validate()
                     value = float(metrics[select_key])
-                    if value > best_value:  # the weights validated are the ones kept
-                        best_weights = copy.deepcopy(model.state_dict())
+                    weights = copy.deepcopy(model.state_dict()) if value > best_value else None
                 model.train()
                 history.append(
                     {
@@ -237,9 +236,9 @@ def train(
                     }
                 )
                 loss_sum, loss_steps = 0.0, 0
-                if value > best_value and best_weights is not None:
+                if weights is not None:  # improved
                     best_value, best_step, evals_since_best = value, step, 0
-                    best_metrics = metrics
+                    best_metrics, best_weights = metrics, weights
                     if ctx.is_main:
                         _save_best(run_dir, best_weights)
                 else:
