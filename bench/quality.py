@@ -75,6 +75,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     ),
     "beauty-bsarec-ema-noclip": beauty("beauty/bsarec-ema-noclip.toml"),
     "beauty-bsarec-ema-slow": beauty("beauty/bsarec-ema-slow.toml"),
+    "beauty-bsarec-ema-masked": beauty("beauty/bsarec-ema-masked.toml"),
     # The best Beauty config again with another seed: how far one run's test score moves.
     "beauty-bsarec-seed43": replace(beauty("beauty/bsarec.toml"), overrides=("train.seed=43",)),
     "video-sasrec": video("video/sasrec.toml"),
