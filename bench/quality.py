@@ -46,6 +46,12 @@ def beauty(config: str) -> Experiment:
     return Experiment("amazon-beauty", "amazon-beauty-iclrec/Beauty.txt", "s3rec", config, 20)
 
 
+def beauty_with_attributes(config: str) -> Experiment:
+    """Amazon Beauty prepared with its item attributes (brand, categories; S3-Rec's file)."""
+    attributes = SHARED_DATA / "amazon-beauty-iclrec/Beauty_item2attributes.json"
+    return replace(beauty(config), prepare_args=("--item-attributes", str(attributes)))
+
+
 def video(config: str) -> Experiment:
     """Amazon Video Games (SASRec format), full ranking and the paper's sampled-100, 15 minutes."""
     return Experiment(
@@ -76,6 +82,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-bsarec-ema-noclip": beauty("beauty/bsarec-ema-noclip.toml"),
     "beauty-bsarec-ema-slow": beauty("beauty/bsarec-ema-slow.toml"),
     "beauty-bsarec-ema-masked": beauty("beauty/bsarec-ema-masked.toml"),
+    "beauty-bsarec-ema-attributes": beauty_with_attributes("beauty/bsarec-ema-attributes.toml"),
     # The best Beauty config again with another seed: how far one run's test score moves.
     "beauty-bsarec-seed43": replace(beauty("beauty/bsarec.toml"), overrides=("train.seed=43",)),
     "video-sasrec": video("video/sasrec.toml"),
@@ -123,11 +130,11 @@ def run_experiment(name: str, experiment: Experiment, work: Path) -> Path:
     log = RESULTS / f"quality-{name}.log"
     log.unlink(missing_ok=True)
     data, registry, run_dir = work / "data", work / "registry", work / "run"
-    run(
-        [*RECLOOP, "prepare", "--format", experiment.format, "--input", str(source),
-         "--out", str(data), *experiment.prepare_args],
-        log,
-    )  # fmt: skip
+    prepare_command = [
+        *RECLOOP, "prepare", "--format", experiment.format, "--input", str(source),
+        "--out", str(data), *experiment.prepare_args,
+    ]  # fmt: skip
+    run(prepare_command, log)
     train_command = [
         *RECLOOP, "train", "--config", str(REPO / "configs" / experiment.config),
         "--data", str(data), "--registry", str(registry), "--run-dir", str(run_dir),
@@ -161,6 +168,7 @@ def run_experiment(name: str, experiment: Experiment, work: Path) -> Path:
         "config_file": f"configs/{experiment.config}",
         "config_text": (REPO / "configs" / experiment.config).read_text(),
         "budget_minutes": experiment.minutes,
+        "prepare_command": " ".join(prepare_command[2:]),
         "command": " ".join(train_command[2:]),
         "split": "leave-one-out (last = test, second-to-last = validation)",
         "sampled100_users": "all users with >= 3 interactions",

@@ -75,6 +75,10 @@ def prepare(
     users: Annotated[int | None, typer.Option(help="synthetic: number of users.")] = None,
     items: Annotated[int | None, typer.Option(help="synthetic: number of items.")] = None,
     seed: Annotated[int | None, typer.Option(help="synthetic: random seed.")] = None,
+    item_attributes: Annotated[
+        Path | None,
+        typer.Option(help="JSON item -> attribute list (S3-Rec item2attributes.json layout)."),
+    ] = None,
 ) -> None:
     """Read an interaction log and write a recloop dataset directory (CSR + vocab + manifest)."""
     from recloop.data.threads import configure_threads
@@ -97,6 +101,8 @@ def prepare(
         stderr.print(f"[yellow]note:[/] {message}", highlight=False)
 
     if format == "synthetic":
+        if item_attributes is not None:
+            raise ConfigError("--item-attributes applies to a log file, not --format synthetic")
         config = _synthetic_config(input, users=users, items=items, seed=seed)
         manifest = _prepare_synthetic(config, out, options, overwrite, notice)
     else:
@@ -121,7 +127,13 @@ def prepare(
             total, unit = float(input.stat().st_size) if input.is_file() else 0.0, "bytes"
         with progress_bar(f"reading {input.name}", total, unit) as advance:
             manifest = prepare_file(
-                source, out, options, overwrite=overwrite, on_progress=advance, notice=notice
+                source,
+                out,
+                options,
+                overwrite=overwrite,
+                on_progress=advance,
+                notice=notice,
+                item_attributes=item_attributes,
             )
     counts = manifest["counts"]
     stdout.print(
@@ -130,6 +142,14 @@ def prepare(
         f"({pool} threads)",
         highlight=False,
     )
+    if "item_attributes" in manifest:
+        found = manifest["item_attributes"]
+        stdout.print(
+            f"item attributes: {found['attributes']:,} values, "
+            f"{found['items_with_attributes']:,} of {counts['items']:,} items have some, "
+            f"{found['unknown_items']:,} items of the file are not in the log",
+            highlight=False,
+        )
 
 
 def _synthetic_config(

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from recloop.data.attributes import ITEM_ATTRIBUTES_FILE
 from recloop.data.prepare import MANIFEST, sha256_file
 from recloop.data.sequences import Sequences
 from recloop.data.splits import Split, leave_one_out, time_split_by_fraction
@@ -132,6 +133,20 @@ class SequenceDataset:
     def values(self) -> npt.NDArray[np.float32] | None:
         path = self.directory / "values.npy"
         return np.load(path, mmap_mode="r") if path.is_file() else None
+
+    @cached_property
+    def item_attributes(self) -> npt.NDArray[np.int32] | None:
+        """[num_items + 1, A] attribute ids of each item (0 = none), when the dataset was
+        prepared with `--item-attributes`; see recloop.data.attributes."""
+        path = self.directory / ITEM_ATTRIBUTES_FILE
+        if not path.is_file():
+            return None
+        index: npt.NDArray[np.int32] = np.load(path)
+        if index.ndim != 2 or index.shape[0] != self.num_items + 1:
+            raise DatasetError(
+                f"{path}: shape {index.shape} does not match the {self.num_items} items"
+            )
+        return index
 
     def leave_one_out(self, min_length: int = 3) -> Split:
         return leave_one_out(self.sequences, min_length)

@@ -14,6 +14,8 @@ The dataset directory holds:
     users.parquet    (id, raw)       vocabulary: row i is dense id i; raw ids ascend too, so
     items.parquet    (id, raw)       the table maps id -> raw and (binary search) raw -> id
     manifest.json    source, options, counts, lengths, checksums, recloop version
+
+and, with item attributes (recloop.data.attributes), item_attributes.npy and attributes.parquet.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ import numpy as np
 import polars as pl
 
 import recloop
+from recloop.data.attributes import (
+    ATTRIBUTE_VOCAB_FILE,
+    ITEM_ATTRIBUTES_FILE,
+    attribute_index,
+    read_item_attributes,
+)
 from recloop.data.readers import ColumnMap, ProgressCallback, read_chunks
 from recloop.errors import ConfigError, DatasetError
 
@@ -105,15 +113,18 @@ def prepare(
     *,
     overwrite: bool = False,
     notice: Notice | None = None,
+    item_attributes: Path | None = None,
 ) -> dict[str, Any]:
     """Builds the dataset directory `out_dir` from normalised chunks; returns its manifest.
 
-    Nothing is written to `out_dir` unless everything succeeded: the files go to a temporary
+    `item_attributes` is a JSON file raw item id -> attribute values (see
+    recloop.data.attributes), read before anything is written. Nothing is written to `out_dir` unless everything succeeded: the files go to a temporary
     sibling directory that is renamed into place at the end.
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     started = time.perf_counter()
+    attributes = read_item_attributes(item_attributes) if item_attributes is not None else None
     report = PrepareReport()
     events = _collect(chunks, source)
     report.raw_rows = events.height
@@ -160,6 +171,9 @@ def prepare(
             np.save(tmp / name, np.ascontiguousarray(array))
         _write_vocab(events["user"], 0, tmp / "users.parquet")
         _write_vocab(events["item"], 1, tmp / "items.parquet")
+        attribute_summary = None
+        if attributes is not None:
+            attribute_summary = _write_attributes(attributes, events["item"], tmp)
         if "event" in events.columns:
             types = sorted(events["event"].unique().to_list())
             codes = events["event"].replace_strict(types, list(range(len(types))))
@@ -170,6 +184,8 @@ def prepare(
         manifest["prepare_seconds"] = round(time.perf_counter() - started, 3)
         if "event" in events.columns:
             manifest["event_types"] = types
+        if attribute_summary is not None:
+            manifest["item_attributes"] = {"source": str(item_attributes), **attribute_summary}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
@@ -198,6 +214,7 @@ def prepare_file(
     overwrite: bool = False,
     on_progress: ProgressCallback | None = None,
     notice: Notice | None = None,
+    item_attributes: Path | None = None,
 ) -> dict[str, Any]:
     _check_out_dir(Path(out_dir), overwrite)  # fail before reading a large file
     described = source.describe() if source.path.is_file() else {"path": str(source.path)}
@@ -208,6 +225,7 @@ def prepare_file(
         options,
         overwrite=overwrite,
         notice=notice,
+        item_attributes=item_attributes,
     )
 
 
@@ -320,6 +338,17 @@ def _write_vocab(raw: pl.Series, first_id: int, path: Path) -> None:
     unique = raw.unique().sort()
     ids = pl.int_range(first_id, first_id + len(unique), eager=True, dtype=pl.Int64)
     pl.DataFrame({"id": ids, "raw": unique}).write_parquet(path)
+
+
+def _write_attributes(
+    attributes: dict[str, frozenset[str]], raw_items: pl.Series, directory: Path
+) -> dict[str, int]:
+    """Writes item_attributes.npy and attributes.parquet for the items of `raw_items`."""
+    item_raw_ids = [str(raw) for raw in raw_items.unique().sort().to_list()]  # dense id order
+    found = attribute_index(attributes, item_raw_ids)
+    np.save(directory / ITEM_ATTRIBUTES_FILE, found.index)
+    _write_vocab(pl.Series(found.names, dtype=pl.String), 1, directory / ATTRIBUTE_VOCAB_FILE)
+    return found.summary()
 
 
 def _manifest(

@@ -50,16 +50,25 @@ class ItemEmbedding(nn.Module):
             init_std=config.init_std,
         )
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item rows [..., D] of `ids` (row 0, padding, is zero and gets no gradient)."""
+        return F.embedding(ids, self.weight, padding_idx=PADDING_ID)
+
+    def table(self) -> torch.Tensor:
+        """All item rows [num_items + 1, D]."""
+        return self.weight
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings [..., D] (raw rows; the model scales/normalises as it needs)."""
-        return F.embedding(ids, self.weight, padding_idx=PADDING_ID)
+        return self.rows(ids)
 
     def output_table(self) -> torch.Tensor:
         """[num_items + 1, D], normalised when `normalize`."""
-        return F.normalize(self.weight, dim=-1) if self.normalize else self.weight
+        table = self.table()
+        return F.normalize(table, dim=-1) if self.normalize else table
 
     def output_vectors(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight)
+        rows = self.rows(ids)
         return F.normalize(rows, dim=-1) if self.normalize else rows
 
     def prepare_query(self, user_vectors: torch.Tensor) -> torch.Tensor:
@@ -80,3 +89,78 @@ class ItemEmbedding(nn.Module):
         if item_ids.dim() == 1:  # shared candidates [N, D]
             return query @ candidates.T  # [..., N]
         return (query.unsqueeze(-2) * candidates).sum(-1)  # [..., N]
+
+
+class AttributeItemEmbedding(ItemEmbedding):
+    """An item table whose row i is a free row plus the mean of the rows of item i's attributes.
+
+    Items that share a brand or a category share part of their row, so an item seen a few times
+    borrows from the items it resembles (side-information fusion at the embedding, as in FDSA
+    or SASRecF). ``attribute_ids`` [num_items + 1, A] lists each item's attribute ids (1-based,
+    0 = none); it comes from the dataset, so it is a non-persistent buffer. `fold` returns the
+    equivalent plain `ItemEmbedding`, which is what a published version stores.
+    """
+
+    def __init__(self, base: ItemEmbedding, attribute_ids: torch.Tensor, init_std: float) -> None:
+        super().__init__(
+            base.num_items, base.dim, normalize=base.normalize, temperature=base.temperature
+        )
+        if attribute_ids.dim() != 2 or attribute_ids.shape[0] != base.num_items + 1:
+            raise ValueError(
+                f"attribute_ids must be [{base.num_items + 1}, A], got {list(attribute_ids.shape)}"
+            )
+        if bool((attribute_ids[PADDING_ID] != 0).any()):
+            raise ValueError("the padding item (row 0) must have no attributes")
+        self.weight = base.weight  # the free rows keep training from where they are
+        num_attributes = int(attribute_ids.max())
+        self.attribute_weight = nn.Parameter(
+            torch.empty(num_attributes + 1, base.dim, device=base.weight.device)
+        )
+        nn.init.normal_(self.attribute_weight, std=init_std)
+        with torch.no_grad():
+            self.attribute_weight[0].zero_()
+        self.register_buffer(
+            "attribute_ids", attribute_ids.to(base.weight.device, torch.long), persistent=False
+        )
+
+    def _attribute_rows(self, attribute_ids: torch.Tensor) -> torch.Tensor:
+        """[N, A] attribute ids -> [N, D], the mean of each row's non-zero ones (0 when none)."""
+        return F.embedding_bag(
+            attribute_ids, self.attribute_weight, mode="mean", padding_idx=PADDING_ID
+        )
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        fused = super().rows(flat) + self._attribute_rows(self.attribute_ids[flat])
+        return fused.reshape(*ids.shape, self.dim)
+
+    def table(self) -> torch.Tensor:
+        return self.weight + self._attribute_rows(self.attribute_ids)
+
+    def fold(self) -> ItemEmbedding:
+        """The plain table with the same rows (no attribute parameters)."""
+        plain = ItemEmbedding(
+            self.num_items, self.dim, normalize=self.normalize, temperature=self.temperature
+        ).to(self.weight.device)
+        with torch.no_grad():
+            plain.weight.copy_(self.table())
+        return plain
+
+
+def with_item_attributes(model: nn.Module, attribute_ids: torch.Tensor, init_std: float) -> None:
+    """Replaces `model.item_embedding` by an `AttributeItemEmbedding` over the same free rows."""
+    model.item_embedding = AttributeItemEmbedding(model.item_embedding, attribute_ids, init_std)
+
+
+def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with an attribute item table folded into a plain one: the weights
+    of the same architecture without attributes, which score exactly like `model`."""
+    state = model.state_dict()
+    embedding = getattr(model, "item_embedding", None)
+    if isinstance(embedding, AttributeItemEmbedding):
+        for name in list(state):
+            if name.startswith("item_embedding."):
+                del state[name]
+        for name, tensor in embedding.fold().state_dict().items():
+            state[f"item_embedding.{name}"] = tensor
+    return state

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from recloop.data.attributes import read_item_attributes
 from recloop.errors import ConfigError
 
 MAX_CONTEXT = 64  # co-occurring item ids kept per pending item (a bounded, recent sample)
@@ -109,18 +109,7 @@ class ItemAttributes:
 
     @classmethod
     def from_json(cls, path: Path) -> ItemAttributes:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read item attributes ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: item attributes must be a JSON object item -> list")
-        attributes: dict[str, frozenset[str]] = {}
-        for raw, values in data.items():
-            if not isinstance(values, list):
-                raise ConfigError(f"{path}: attributes of item {raw!r} must be a list")
-            attributes[str(raw)] = frozenset(str(v) for v in values)
-        return cls(attributes)
+        return cls(read_item_attributes(path))
 
     def neighbours(self, raw: str, vocabulary: OnlineVocabulary, limit: int = 50) -> list[int]:
         """Dense ids of known items sharing the most attributes with `raw` (most first)."""

@@ -44,6 +44,7 @@ from recloop.errors import ConfigError
 from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
 from recloop.models.factory import build_model, config_to_dict
+from recloop.models.embeddings import folded_state_dict, with_item_attributes
 from recloop.train import checkpoint
 from recloop.train.averaging import averaged, weight_average
 from recloop.train.distributed import agree, all_reduce_sum, init_distributed
@@ -115,6 +116,8 @@ def train(
     model_config["num_items"] = dataset.num_items
     model = build_model(str(config.model["type"]), model_config).to(ctx.device)
     check_samples(model, cfg)
+    if cfg.item_attributes:
+        with_item_attributes(model, _attribute_ids(dataset), model.config.init_std)
     optimizer = _adamw(model, cfg, fused=ctx.device.type == "cuda")
     forward: torch.nn.Module = model
     if ctx.distributed:
@@ -329,6 +332,16 @@ def train(
 VALID_NEGATIVES_SEED = 1
 
 
+def _attribute_ids(dataset: SequenceDataset) -> torch.Tensor:
+    index = dataset.item_attributes
+    if index is None:
+        raise ConfigError(
+            f"train.item_attributes needs a dataset prepared with --item-attributes; "
+            f"{dataset.directory} has none"
+        )
+    return torch.from_numpy(index.astype(np.int64))
+
+
 def window_config(cfg: TrainConfig) -> WindowConfig:
     """How `cfg` cuts the training split into windows (or, with samples = "prefixes", into
     one window per prefix)."""
@@ -474,7 +487,7 @@ def _publish(
     # Interaction counts per item (index = dense id): serving's popularity fallback.
     extra[ITEM_COUNTS_FILE] = item_counts_npy(dataset)
     return Registry(registry_dir).publish(
-        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+        {k: v.detach().contiguous().cpu() for k, v in folded_state_dict(model).items()},
         model=config_to_dict(model),
         dataset={
             "checksum": dataset.checksum,
