@@ -83,6 +83,12 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-bsarec-ema-slow": beauty("beauty/bsarec-ema-slow.toml"),
     "beauty-bsarec-ema-masked": beauty("beauty/bsarec-ema-masked.toml"),
     "beauty-bsarec-ema-attributes": beauty_with_attributes("beauty/bsarec-ema-attributes.toml"),
+    "beauty-bsarec-ema-attributes-seed43": replace(
+        beauty_with_attributes("beauty/bsarec-ema-attributes.toml"), overrides=("train.seed=43",)
+    ),
+    "beauty-bsarec-ema-attributes-slow": beauty_with_attributes(
+        "beauty/bsarec-ema-attributes-slow.toml"
+    ),
     # The best Beauty config again with another seed: how far one run's test score moves.
     "beauty-bsarec-seed43": replace(beauty("beauty/bsarec.toml"), overrides=("train.seed=43",)),
     "video-sasrec": video("video/sasrec.toml"),
