@@ -160,3 +160,24 @@ def test_ingest_appends_a_file_and_names_a_bad_line(tmp_path: Path) -> None:
     bad.write_text("user_id,item_id\nc,3\nd\n")
     done = run("ingest", str(bad), "--event-log", str(log))
     assert done.returncode == 2 and "bad.csv:3" in done.stderr
+
+
+def test_prepare_with_item_attributes(tmp_path: Path) -> None:
+    log = tmp_path / "u.data"
+    log.write_text("1\t10\t5\t100\n1\t11\t3\t200\n2\t10\t4\t150\n2\t12\t4\t160\n")
+    attributes = tmp_path / "item2attributes.json"
+    attributes.write_text(json.dumps({"10": [1, 2], "12": [2], "99": [7]}))
+    out = tmp_path / "d"
+    done = run(
+        "prepare", "--format", "ml100k", "--input", str(log), "--out", str(out),
+        "--item-attributes", str(attributes),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "item attributes: 2 values, 2 of 3 items have some, 1 items of the file" in done.stdout
+    index = SequenceDataset(out).item_attributes
+    assert index is not None and index.tolist() == [[0, 0], [1, 2], [0, 0], [2, 0]]
+    synthetic = run(
+        "prepare", "--format", "synthetic", "--out", str(tmp_path / "s"),
+        "--item-attributes", str(attributes),
+    )  # fmt: skip
+    assert synthetic.returncode == 2 and "not --format synthetic" in synthetic.stderr

@@ -233,6 +233,7 @@ def test_bad_requests_are_clear_errors_and_write_nothing(trained: dict[str, Any]
         (v1, CompressOptions("distill", student={"type": "sasrec", "dim": 0}), "dim=0"),
         (v1, from_teacher({"type": "sasrec", "dim": 16}), "a student of the teacher's type"),
         (v1, from_teacher({"type": "hstu", "dim": 8}), "no teacher counterpart"),
+        (v1, CompressOptions("int8", train={"item_attributes": True}), "folded into its item"),
     ]
     for ref, options, message in cases:
         with pytest.raises((ConfigError, RegistryError), match=None) as caught:

@@ -79,11 +79,6 @@ def compress_command(
     source = str(config) if config is not None else "<command line>"
     train_values = dict(raw.get("train", {}))
     checked = build_section(TrainConfig, train_values, "train", source)
-    if checked.item_attributes:
-        raise ConfigError(
-            f"{source}: train.item_attributes applies to `recloop train`; a published version "
-            "has its attributes folded into its item table already"
-        )
     distill = build_section(DistillConfig, dict(raw.get("distill", {})), "distill", source)
     options = CompressOptions(
         method=method,

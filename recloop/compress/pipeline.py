@@ -245,6 +245,11 @@ def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
         train = TrainConfig(**train_values)
     except TypeError as error:
         raise ConfigError(f"[train]: {error}") from None
+    if train.item_attributes:
+        raise ConfigError(
+            "train.item_attributes applies to `recloop train`: a published version has its "
+            "attributes folded into its item table already"
+        )
     if train.max_length != int(model_json.get("max_length", 50)):
         raise ConfigError(
             f"train.max_length={train.max_length} differs from the version's window length "

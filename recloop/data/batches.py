@@ -284,7 +284,6 @@ class ShardedBatchSampler(Sampler[list[int]]):
         if full * g < self.num_samples and not self.drop_last:
             yield np.array_split(order[full * g :], self.world_size)[self.rank].tolist()
 
-
     def _bucket(
         self, order: npt.NDArray[np.int64], full: int, rng: np.random.Generator
     ) -> npt.NDArray[np.int64]:

@@ -118,8 +118,9 @@ def prepare(
     """Builds the dataset directory `out_dir` from normalised chunks; returns its manifest.
 
     `item_attributes` is a JSON file raw item id -> attribute values (see
-    recloop.data.attributes), read before anything is written. Nothing is written to `out_dir` unless everything succeeded: the files go to a temporary
-    sibling directory that is renamed into place at the end.
+    recloop.data.attributes), read before anything is written. Nothing is written to `out_dir`
+    unless everything succeeded: the files go to a temporary sibling directory that is renamed
+    into place at the end.
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)

@@ -27,12 +27,17 @@ class ItemEmbedding(nn.Module):
         normalize: bool = False,
         temperature: float = 1.0,
         init_std: float = 0.02,
+        weight: nn.Parameter | None = None,
     ) -> None:
+        """`weight` adopts an existing [num_items + 1, D] table instead of a new random one."""
         super().__init__()
         self.num_items = num_items
         self.dim = dim
         self.normalize = normalize
         self.temperature = temperature
+        if weight is not None:
+            self.weight = weight
+            return
         self.weight = nn.Parameter(torch.empty(num_items + 1, dim))
         nn.init.normal_(self.weight, std=init_std)
         with torch.no_grad():
@@ -102,16 +107,19 @@ class AttributeItemEmbedding(ItemEmbedding):
     """
 
     def __init__(self, base: ItemEmbedding, attribute_ids: torch.Tensor, init_std: float) -> None:
-        super().__init__(
-            base.num_items, base.dim, normalize=base.normalize, temperature=base.temperature
-        )
         if attribute_ids.dim() != 2 or attribute_ids.shape[0] != base.num_items + 1:
             raise ValueError(
                 f"attribute_ids must be [{base.num_items + 1}, A], got {list(attribute_ids.shape)}"
             )
         if bool((attribute_ids[PADDING_ID] != 0).any()):
             raise ValueError("the padding item (row 0) must have no attributes")
-        self.weight = base.weight  # the free rows keep training from where they are
+        super().__init__(  # the free rows are the base table's, and keep training from there
+            base.num_items,
+            base.dim,
+            normalize=base.normalize,
+            temperature=base.temperature,
+            weight=base.weight,
+        )
         num_attributes = int(attribute_ids.max())
         self.attribute_weight = nn.Parameter(
             torch.empty(num_attributes + 1, base.dim, device=base.weight.device)
@@ -139,12 +147,15 @@ class AttributeItemEmbedding(ItemEmbedding):
 
     def fold(self) -> ItemEmbedding:
         """The plain table with the same rows (no attribute parameters)."""
-        plain = ItemEmbedding(
-            self.num_items, self.dim, normalize=self.normalize, temperature=self.temperature
-        ).to(self.weight.device)
         with torch.no_grad():
-            plain.weight.copy_(self.table())
-        return plain
+            rows = nn.Parameter(self.table().clone())
+        return ItemEmbedding(
+            self.num_items,
+            self.dim,
+            normalize=self.normalize,
+            temperature=self.temperature,
+            weight=rows,
+        )
 
 
 def with_item_attributes(model: nn.Module, attribute_ids: torch.Tensor, init_std: float) -> None:

@@ -43,8 +43,8 @@ from recloop.data.splits import EvalExamples
 from recloop.errors import ConfigError
 from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
-from recloop.models.factory import build_model, config_to_dict
 from recloop.models.embeddings import folded_state_dict, with_item_attributes
+from recloop.models.factory import build_model, config_to_dict
 from recloop.train import checkpoint
 from recloop.train.averaging import averaged, weight_average
 from recloop.train.distributed import agree, all_reduce_sum, init_distributed
