@@ -106,6 +106,8 @@ class AttributeItemEmbedding(ItemEmbedding):
     equivalent plain `ItemEmbedding`, which is what a published version stores.
     """
 
+    attribute_ids: torch.Tensor
+
     def __init__(self, base: ItemEmbedding, attribute_ids: torch.Tensor, init_std: float) -> None:
         if attribute_ids.dim() != 2 or attribute_ids.shape[0] != base.num_items + 1:
             raise ValueError(
@@ -160,7 +162,10 @@ class AttributeItemEmbedding(ItemEmbedding):
 
 def with_item_attributes(model: nn.Module, attribute_ids: torch.Tensor, init_std: float) -> None:
     """Replaces `model.item_embedding` by an `AttributeItemEmbedding` over the same free rows."""
-    model.item_embedding = AttributeItemEmbedding(model.item_embedding, attribute_ids, init_std)
+    base = model.item_embedding
+    if not isinstance(base, ItemEmbedding):
+        raise TypeError(f"{type(model).__name__} has no ItemEmbedding to give attributes to")
+    model.item_embedding = AttributeItemEmbedding(base, attribute_ids, init_std)
 
 
 def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
