@@ -70,6 +70,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beauty-hstu": beauty("beauty/hstu.toml"),
     "beauty-hstu-large": beauty("beauty/hstu-large.toml"),
     "beauty-hstu-large-cosine": beauty("beauty/hstu-large-cosine.toml"),
+    "beauty-hstu-large-attributes": beauty_with_attributes("beauty/hstu-large-attributes.toml"),
     "beauty-bsarec": beauty("beauty/bsarec.toml"),
     "beauty-bsarec-cosine": beauty("beauty/bsarec-cosine.toml"),
     "beauty-bsarec-cosine-logits": beauty("beauty/bsarec-cosine-logits.toml"),
