@@ -15,6 +15,7 @@ from recloop.data.attributes import attribute_index, read_item_attributes
 from recloop.data.dataset import SequenceDataset
 from recloop.data.prepare import FileSource, prepare, prepare_file, with_source_order
 from recloop.data.synthetic import SyntheticConfig, generate_events
+from recloop.errors import DatasetError
 from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.embeddings import (
     AttributeItemEmbedding,
@@ -83,6 +84,10 @@ def test_prepare_writes_the_index_and_refuses_a_bad_file_before_writing(
         "item_attributes" not in plain
         and SequenceDataset(tmp_path / "plain").item_attributes is None
     )
+
+    np.save(tmp_path / "plain" / "item_attributes.npy", np.zeros((3, 2), dtype=np.int32))
+    with pytest.raises(DatasetError, match=r"item_attributes\.npy: shape \(3, 2\) does not match"):
+        _ = SequenceDataset(tmp_path / "plain").item_attributes
 
     broken = write("broken.json", '{"5": "b"}')
     with pytest.raises(ConfigError, match=r"broken\.json: attributes of item '5'"):
