@@ -171,10 +171,10 @@ def prepare(
         for name, array in files.items():
             np.save(tmp / name, np.ascontiguousarray(array))
         _write_vocab(events["user"], 0, tmp / "users.parquet")
-        _write_vocab(events["item"], 1, tmp / "items.parquet")
+        item_raw_ids = _write_vocab(events["item"], 1, tmp / "items.parquet")
         attribute_summary = None
         if attributes is not None:
-            attribute_summary = _write_attributes(attributes, events["item"], tmp)
+            attribute_summary = _write_attributes(attributes, item_raw_ids, tmp)
         if "event" in events.columns:
             types = sorted(events["event"].unique().to_list())
             codes = events["event"].replace_strict(types, list(range(len(types))))
@@ -332,21 +332,21 @@ def _k_core(
     return events
 
 
-def _write_vocab(raw: pl.Series, first_id: int, path: Path) -> None:
+def _write_vocab(raw: pl.Series, first_id: int, path: Path) -> pl.Series:
     """Writes (id, raw) rows. Ids follow raw ids in ascending order, so the one table is sorted
     both ways: row i holds dense id first_id + i (id -> raw) and raw ids ascend, so a binary
-    search maps raw -> id. `Vocabulary` gives both directions."""
+    search maps raw -> id. `Vocabulary` gives both directions. Returns the raw ids in id order."""
     unique = raw.unique().sort()
     ids = pl.int_range(first_id, first_id + len(unique), eager=True, dtype=pl.Int64)
     pl.DataFrame({"id": ids, "raw": unique}).write_parquet(path)
+    return unique
 
 
 def _write_attributes(
-    attributes: dict[str, frozenset[str]], raw_items: pl.Series, directory: Path
+    attributes: dict[str, frozenset[str]], item_raw_ids: pl.Series, directory: Path
 ) -> dict[str, int]:
-    """Writes item_attributes.npy and attributes.parquet for the items of `raw_items`."""
-    item_raw_ids = [str(raw) for raw in raw_items.unique().sort().to_list()]  # dense id order
-    found = attribute_index(attributes, item_raw_ids)
+    """Writes item_attributes.npy and attributes.parquet; `item_raw_ids` in dense id order."""
+    found = attribute_index(attributes, [str(raw) for raw in item_raw_ids.to_list()])
     np.save(directory / ITEM_ATTRIBUTES_FILE, found.index)
     _write_vocab(pl.Series(found.names, dtype=pl.String), 1, directory / ATTRIBUTE_VOCAB_FILE)
     return found.summary()

@@ -339,7 +339,7 @@ def _attribute_ids(dataset: SequenceDataset) -> torch.Tensor:
             f"train.item_attributes needs a dataset prepared with --item-attributes; "
             f"{dataset.directory} has none"
         )
-    return torch.from_numpy(index.astype(np.int64))
+    return torch.from_numpy(index)  # int32; the embedding keeps it as int64
 
 
 def window_config(cfg: TrainConfig) -> WindowConfig:
