@@ -15,7 +15,8 @@ import torch
 from recloop.data.dataset import SequenceDataset
 from recloop.models.io import load_model
 from recloop.registry import Registry
-from recloop.serve.app import ServiceConfig, _fast_arguments
+from recloop.serve.app import ServiceConfig
+from recloop.serve.validation import fast_arguments
 from recloop.serve.runtime import LoadOptions
 from recloop.serve.schemas import Recommendations
 from tests.redis_server import running_redis
@@ -113,7 +114,13 @@ def test_cache_hit_then_invalidated_by_events(
         headers={"X-API-Key": API_KEY},
     )
     assert posted.status_code == 200, posted.text
-    assert posted.json() == {"accepted": 1, "users": 1, "event_ids": [], "unknown_items": []}
+    assert posted.json() == {
+        "accepted": 1,
+        "users": 1,
+        "durable": False,  # no event log: in-process state only
+        "event_ids": [],
+        "unknown_items": [],
+    }
     third = client.get(f"/v1/users/{user}/recommendations", params={"k": 5}).json()
     # The event reached the user's state at once: not cached, and the item is now "seen".
     assert third["cached"] is False
@@ -308,12 +315,16 @@ def test_a_bad_event_batch_stores_nothing(client: httpx.Client) -> None:
         (b"k=ten", None),
         (b"k=5&k=6", None),
         (b"exclude_seen=maybe", None),
+        ("k=²".encode(), None),  # a digit to str.isdigit, not to int(): once a 500
+        ("k=٣".encode(), None),
+        (b"k=%D9%A3", None),
+        (b"k=%FF", None),
     ],
 )
 def test_fast_path_accepts_only_plainly_valid_queries(
     query: bytes, expected: tuple[int, bool] | None
 ) -> None:
-    assert _fast_arguments(query) == expected
+    assert fast_arguments(query) == expected
 
 
 def test_fast_path_and_fastapi_answer_alike(trained: dict[str, Any], client: httpx.Client) -> None:

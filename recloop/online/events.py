@@ -52,6 +52,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from recloop.errors import RecloopError
+from recloop.ids import raw_id_problem
 
 __all__ = [
     "DEFAULT_EVENT_TYPE",
@@ -117,8 +118,9 @@ def event_problem(event: object) -> str | None:
         value = getattr(event, name)
         if not isinstance(value, str):
             return f"{name} must be a string, got {type(value).__name__}"
-        if not value.strip():
-            return f"{name} is empty"
+        problem = raw_id_problem(value)
+        if problem is not None:
+            return f"{name} {problem}"
     if not _is_finite_number(event.timestamp):
         return f"timestamp must be a finite number of seconds, got {event.timestamp!r}"
     if not isinstance(event.event_type, str) or not event.event_type.strip():
@@ -184,6 +186,10 @@ class EventLog(ABC):
         Durable, as far as the backend guarantees it, before it returns. A bad event raises
         EventLogError (naming its index and field) and stores nothing.
         """
+
+    @abstractmethod
+    def offset_of(self, event_id: str) -> int:
+        """The offset of an event id that :meth:`append` returned."""
 
     @abstractmethod
     def read(self, after: int, limit: int) -> list[LoggedEvent]:
@@ -371,6 +377,9 @@ class SqliteEventLog(EventLog):
                     f"{len(rows)} events; nothing was stored"
                 )
         return [str(offset) for offset in range(first, last + 1)]
+
+    def offset_of(self, event_id: str) -> int:
+        return int(event_id)  # the id is str(offset)
 
     def read(self, after: int, limit: int) -> list[LoggedEvent]:
         after = check_offset("after", after)

@@ -236,6 +236,9 @@ class RedisStreamEventLog(EventLog):
             ids = pipe.execute()
         return [str(stream_id) for stream_id in ids]
 
+    def offset_of(self, event_id: str) -> int:
+        return stream_id_to_offset(event_id)
+
     def read(self, after: int, limit: int) -> list[LoggedEvent]:
         after = check_offset("after", after)
         if check_limit(limit) == 0:

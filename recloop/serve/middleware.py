@@ -29,7 +29,12 @@ async def send_json(send: Send, status: int, body: bytes) -> None:
 
 
 class BodySizeLimit:
-    """413 for bodies over the limit, by Content-Length or while streaming (chunked)."""
+    """413 for bodies over the limit, by Content-Length or while streaming (chunked).
+
+    A request body is read here in full (at most ``limit`` bytes) before the app sees it, so an
+    oversized chunked body is refused with 413 before any route starts parsing it (a limit
+    raised from inside the app's body read would surface as the framework's 400).
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -49,32 +54,29 @@ class BodySizeLimit:
                 if too_big:
                     await _plain(send, 413, f"request body over {self.limit} bytes")
                     return
+        chunks: list[bytes] = []
         received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge()
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body: nobody to answer
+            received += len(message.get("body", b""))
+            if received > self.limit:
                 await _plain(send, 413, f"request body over {self.limit} bytes")
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks)}
 
+        async def replay() -> Message:
+            nonlocal body
+            if body is not None:
+                message, body = body, None
+                return message
+            return await receive()  # after the body: disconnect notices
 
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _plain(send: Send, status: int, detail: str) -> None:

@@ -6,12 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Raw ids are strings on the wire (products use numbers, SKUs, UUIDs); numbers are accepted
-# and converted, so clients that send 42 and "42" get the same item.
-RawId = str | int
+from recloop.serve.validation import MAX_K, VersionRef, WireId
+
 MAX_SEQUENCE = 1000  # longest sequence a request may send (the model keeps its last max_length)
 MAX_EVENTS = 1000  # events per POST /v1/events
-MAX_K = 1000  # largest k a request may ask for
 
 
 class _Strict(BaseModel):
@@ -41,7 +39,7 @@ class Recommendations(BaseModel):
 class SequenceRequest(_Strict):
     """An anonymous user's recent items, oldest first."""
 
-    items: list[RawId] = Field(max_length=MAX_SEQUENCE)
+    items: list[WireId] = Field(max_length=MAX_SEQUENCE)
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_seen: bool = True
 
@@ -53,8 +51,8 @@ class SimilarItems(BaseModel):
 
 
 class Event(_Strict):
-    user_id: RawId
-    item_id: RawId
+    user_id: WireId
+    item_id: WireId
     timestamp: float | None = Field(None, description="seconds since the epoch; default: now")
     event_type: str = Field("interaction", max_length=64)
     value: float | None = None
@@ -67,6 +65,9 @@ class EventBatch(_Strict):
 class EventsAccepted(BaseModel):
     accepted: int
     users: int
+    durable: bool = Field(
+        description="written to the durable event log before this answer (survives a crash)"
+    )
     event_ids: list[str] = Field(
         default_factory=list,
         description="ids in the durable event log, in order (empty when the service has none)",
@@ -77,7 +78,7 @@ class EventsAccepted(BaseModel):
 
 
 class ReloadRequest(_Strict):
-    version: str | None = Field(None, description="version id, 'latest' or 'production'")
+    version: VersionRef | None = Field(None, description="version id, 'latest' or 'production'")
 
 
 class ReloadResult(BaseModel):
@@ -105,3 +106,26 @@ class ModelInfo(BaseModel):
 
 class Problem(BaseModel):
     detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class StateRebuild(BaseModel):
+    """Progress of rebuilding in-process user state from the event log at start."""
+
+    done: bool
+    applied_offset: int
+    target_offset: int
+    events: int
+    seconds: float
+    events_per_second: float | None
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model_version: str | None
+    state: dict[str, object]
+    state_rebuild: StateRebuild | None = None
+    queue: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import uvicorn
@@ -14,10 +14,22 @@ from recloop.errors import ServingError
 from recloop.serve.app import ServiceConfig, create_app
 
 
-def run_server(config: ServiceConfig, *, host: str, port: int, log_level: str = "warning") -> None:
-    """Blocks serving until SIGINT/SIGTERM; in-flight requests get a graceful shutdown."""
+def run_server(
+    config: ServiceConfig,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "warning",
+    on_loaded: Callable[[str], None] | None = None,
+) -> None:
+    """Loads the version (a RecloopError before any port is bound), then blocks serving until
+    SIGINT/SIGTERM; in-flight requests get a graceful shutdown."""
+    app = create_app(config)
+    if on_loaded is not None:
+        current = app.service.holder.current
+        on_loaded(current.version if current is not None else "?")
     uvicorn.run(
-        create_app(config),
+        app,
         host=host,
         port=port,
         log_level=log_level,

@@ -17,6 +17,7 @@ Two backends share the :class:`StateStore` interface:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from recloop.errors import ServingError
 __all__ = [
     "LOGGER_NAME",
     "MemoryStateStore",
+    "Snapshot",
     "StateStore",
     "open_state_store",
 ]
@@ -41,7 +44,7 @@ __all__ = [
 LOGGER_NAME = "recloop.serve.state"
 
 SNAPSHOT_FORMAT = "recloop-state"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2 records the event log offset; 1 (no offset) is still read
 
 _MEMORY_OPTIONS = frozenset({"max_length", "cache_ttl", "cache_max_entries", "snapshot_path"})
 _REDIS_OPTIONS = frozenset(
@@ -152,23 +155,91 @@ class MemoryStateStore(StateStore):
         # user -> its cached fields, so that an append invalidates a user without a full scan.
         self._fields: dict[str, set[str]] = {}
         self._started = False
+        self._loaded = False
+        # The event log offset whose prefix this state is the fold of (None: not tied to a
+        # log); set together with the events it covers by apply_logged.
+        self.log_offset: int | None = None
+        self.log_name: str | None = None  # the log's description, written into snapshots
+        self._dirty: set[str] | None = None  # users changed during a consistent_copy
+        self._changes = 0  # appends so far, to skip snapshots of an unchanged state
+        self._snapshot_changes = 0
+
+    def load_snapshot(self) -> Snapshot | None:
+        """Loads the snapshot file, if there is one, replacing the state; returns what it read.
+        Synchronous, so that a service can refuse a corrupt snapshot before it binds a port."""
+        self._loaded = True
+        if self.snapshot_path is None or not self.snapshot_path.exists():
+            return None
+        snapshot = read_snapshot(self.snapshot_path)
+        self._sequences = {
+            user: deque(items, maxlen=self.max_length) for user, items in snapshot.rows
+        }
+        self.log_offset = snapshot.log_offset
+        return snapshot
 
     async def start(self) -> None:
         if self._started:
             return
         self._started = True
-        if self.snapshot_path is not None and self.snapshot_path.exists():
-            for user, items in read_snapshot(self.snapshot_path):
-                self._sequences[user] = deque(items, maxlen=self.max_length)
+        if not self._loaded:
+            self.load_snapshot()
 
     async def close(self) -> None:
         if self.snapshot_path is not None:
-            write_snapshot(self.snapshot_path, self._sequences.items())
+            await self.snapshot(force=True)
+
+    async def snapshot(self, force: bool = False) -> bool:
+        """Writes the snapshot file (off the event loop) when the state changed since the
+        last one, or always with ``force``; returns whether it wrote."""
+        path = self.snapshot_path
+        if path is None or (not force and self._changes == self._snapshot_changes):
+            return False
+        changes = self._changes
+        rows, offset = await self.consistent_copy()
+        log_name = self.log_name
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: write_snapshot(path, rows, log_offset=offset, log=log_name)
+        )
+        self._snapshot_changes = changes
+        return True
+
+    async def consistent_copy(
+        self, chunk: int = 20_000
+    ) -> tuple[list[tuple[str, list[str]]], int | None]:
+        """A copy of every user's items and the event log offset it covers, taken a chunk of
+        users at a time so that requests keep being served while a large state is copied.
+
+        Users whose items change while the copy runs are copied again at the end, in the same
+        step (no await) as the offset is read, so the copy is exactly the state at that offset.
+        """
+        self._dirty = set()
+        try:
+            users = list(self._sequences)
+            copy: dict[str, list[str]] = {}
+            for start in range(0, len(users), chunk):
+                for user in users[start : start + chunk]:
+                    copy[user] = list(self._sequences[user])
+                await asyncio.sleep(0)
+            for user in self._dirty:
+                copy[user] = list(self._sequences[user])
+            return list(copy.items()), self.log_offset
+        finally:
+            self._dirty = None
 
     async def get_sequences(self, users: Sequence[str]) -> list[list[str]]:
         return [list(self._sequences.get(user, ())) for user in users]
 
     async def append_events(self, events: Sequence[tuple[str, str]]) -> None:
+        self._append(events)
+
+    def apply_logged(self, events: Sequence[tuple[str, str]], log_offset: int) -> None:
+        """Appends events read from (or just written to) the event log and moves the offset the
+        state covers to ``log_offset``, in one step: a snapshot never sees one without the other.
+        """
+        self._append(events)
+        self.log_offset = log_offset
+
+    def _append(self, events: Sequence[tuple[str, str]]) -> None:
         touched: set[str] = set()
         for user, item in events:
             sequence = self._sequences.get(user)
@@ -178,6 +249,9 @@ class MemoryStateStore(StateStore):
             touched.add(user)
         for user in touched:
             self._invalidate_user(user)
+        if self._dirty is not None:
+            self._dirty.update(touched)
+        self._changes += 1
 
     async def get_cached(self, user: str, field: str) -> bytes | None:
         key = (user, field)
@@ -214,6 +288,7 @@ class MemoryStateStore(StateStore):
             "pending": 0,
             "last_error": None,
             "snapshot": str(self.snapshot_path) if self.snapshot_path is not None else None,
+            "log_offset": self.log_offset,
         }
 
     def _invalidate_user(self, user: str) -> None:
@@ -233,11 +308,28 @@ class MemoryStateStore(StateStore):
 # ----------------------------------------------------------------------------------- snapshot
 
 
-def write_snapshot(path: Path, sequences: Iterable[tuple[str, Iterable[str]]]) -> None:
+@dataclass(frozen=True)
+class Snapshot:
+    """A state snapshot as read back: users' items and the event log offset they cover."""
+
+    rows: list[tuple[str, list[str]]]
+    log_offset: int | None  # None: written without an event log (or by format version 1)
+    log: str | None  # the description of that log, for error messages
+
+
+def write_snapshot(
+    path: Path,
+    sequences: Iterable[tuple[str, Iterable[str]]],
+    *,
+    log_offset: int | None = None,
+    log: str | None = None,
+) -> None:
     """Write sequences as JSON lines (a header line, then one user per line), atomically.
 
-    A crash mid-write leaves the previous snapshot intact: we write a temporary file in the same
-    directory (same filesystem, so os.replace is atomic), fsync it, then rename it over.
+    The header records the event log offset the state covers: a restart loads the snapshot and
+    replays the log after that offset. A crash mid-write leaves the previous snapshot intact:
+    we write a temporary file in the same directory (same filesystem, so os.replace is atomic),
+    fsync it, rename it over, then fsync the directory so the rename itself is durable.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,44 +338,68 @@ def write_snapshot(path: Path, sequences: Iterable[tuple[str, Iterable[str]]]) -
         raise ServingError(f"{path}: cannot write the state snapshot ({exc})") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            header = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION}
+            header = {
+                "format": SNAPSHOT_FORMAT,
+                "version": SNAPSHOT_VERSION,
+                "log_offset": log_offset,
+                "log": log,
+            }
             out.write(json.dumps(header) + "\n")
             for user, items in sequences:
                 out.write(json.dumps({"user": user, "items": list(items)}) + "\n")
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp_name, path)
+        _fsync_directory(path.parent)
     except OSError as exc:
         Path(temp_name).unlink(missing_ok=True)
         raise ServingError(f"{path}: cannot write the state snapshot ({exc})") from None
 
 
-def read_snapshot(path: Path) -> list[tuple[str, list[str]]]:
-    """(user, items) pairs of a snapshot; a ServingError naming the file and line if corrupt."""
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_snapshot(path: Path) -> Snapshot:
+    """A snapshot's rows and offset; a ServingError naming the file and line if corrupt."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ServingError(f"{path}: cannot read the state snapshot ({exc})") from None
     if not lines:
         raise ServingError(f"{path}:1: corrupt state snapshot (empty file, no header line)")
-    _check_header(path, lines[0])
+    log_offset, log = _check_header(path, lines[0])
     rows: list[tuple[str, list[str]]] = []
     for number, line in enumerate(lines[1:], start=2):
         if line.strip():
             rows.append(_parse_row(path, number, line))
-    return rows
+    return Snapshot(rows, log_offset, log)
 
 
-def _check_header(path: Path, line: str) -> None:
+def _check_header(path: Path, line: str) -> tuple[int | None, str | None]:
+    """(log offset, log) of a header line; version 1 snapshots have neither."""
     try:
         header = json.loads(line)
     except json.JSONDecodeError:
         header = None
-    expected = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION}
-    if header != expected:
-        raise ServingError(
-            f"{path}:1: corrupt state snapshot (expected the header {json.dumps(expected)})"
-        )
+    if isinstance(header, dict) and header.get("format") == SNAPSHOT_FORMAT:
+        if header.get("version") == 1 and len(header) == 2:
+            return None, None
+        offset, log = header.get("log_offset"), header.get("log")
+        if (
+            header.get("version") == SNAPSHOT_VERSION
+            and (offset is None or (type(offset) is int and offset >= 0))
+            and (log is None or isinstance(log, str))
+        ):
+            return offset, log
+    expected = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "log_offset": "int|null"}
+    raise ServingError(
+        f"{path}:1: corrupt state snapshot (expected the header {json.dumps(expected)})"
+    )
 
 
 def _parse_row(path: Path, number: int, line: str) -> tuple[str, list[str]]:

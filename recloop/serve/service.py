@@ -1,0 +1,409 @@
+"""The service behind the HTTP app: model holder, batcher, user state, event log, metrics.
+
+Request path for ``GET /v1/users/{id}/recommendations``: result cache (per user, keyed by model
+version, k and exclude_seen) -> the user's sequence (training history from the dataset + events
+since, from the state store) -> micro-batcher (one encode + one top-k for many requests) ->
+JSON. ``recloop.serve.app`` maps it to HTTP; nothing here knows about routes.
+
+Durability: with an event log, ``POST /v1/events`` is acknowledged only after the append is
+durable, and in-process user state is a fold of that log (:mod:`recloop.serve.state_sync`),
+rebuilt at start from the last snapshot and the log's tail, so a replica killed at any moment
+restarts with every event it acknowledged. Without an event log, events change the in-process
+state only (the answer says ``durable: false``) and a crash loses those since the last snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import zlib
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from recloop.errors import ConfigError, RecloopError
+from recloop.registry import Registry
+from recloop.serve.batcher import MicroBatcher
+from recloop.serve.metrics import ServiceMetrics
+from recloop.serve.runtime import LoadOptions, ModelBundle, ModelHolder
+from recloop.serve.state import MemoryStateStore, StateStore, open_state_store
+from recloop.serve.state_sync import LoggedState, every
+
+if TYPE_CHECKING:
+    from recloop.online.events import Event, EventLog
+
+log = logging.getLogger("recloop.serve")
+
+# Endpoints that answer without the API key unless the service is told otherwise.
+PROTECTABLE = frozenset({"docs", "metrics", "model"})
+
+
+class Unavailable(Exception):
+    """The service cannot answer this request now (503 with Retry-After): no model loaded yet,
+    user state still being rebuilt, or the event log down."""
+
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class BadEvents(Exception):
+    """A batch of events the event log refuses (422): nothing was stored."""
+
+
+@dataclass
+class ServiceConfig:
+    registry: Path
+    ref: str = "auto"  # "auto": production if promoted, else latest
+    load: LoadOptions = field(default_factory=LoadOptions)
+    state_url: str | None = None  # None: in-process; "redis://..." for Redis
+    state_snapshot: Path | None = None
+    state_max_length: int = 200  # recent events kept per user (models read their last L)
+    event_log: str | None = None  # durable log of POST /v1/events: a path, sqlite:// or redis://
+    cache: bool = True
+    cache_ttl: float = 60.0
+    max_batch: int = 32
+    max_wait_us: int = 500
+    max_queue: int = 1024
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    follow_seconds: float | None = None  # poll the registry ref and hot-swap when it moves
+    swap_grace_seconds: float = 30.0  # old bundles are closed after this (in-flight requests)
+    snapshot_seconds: float = 30.0  # memory state: write the snapshot this often (if changed)
+    tail_seconds: float = 1.0  # memory state + event log: apply other writers' events this often
+    # Read-only endpoints that need the API key too (a subset of PROTECTABLE).
+    protected: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.protected) - PROTECTABLE)
+        if unknown:
+            raise ConfigError(
+                f"protected: unknown endpoint group(s) {', '.join(unknown)}; "
+                f"expected some of {', '.join(sorted(PROTECTABLE))}"
+            )
+        if self.protected and self.api_key is None:
+            raise ConfigError(
+                f"protected: {', '.join(sorted(self.protected))} need an API key, but none is "
+                f"set (RECLOOP_API_KEY)"
+            )
+        for name in ("snapshot_seconds", "tail_seconds", "cache_ttl"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {value!r}")
+        for name in ("max_batch", "max_queue", "max_body_bytes", "state_max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def batching(self) -> tuple[int, float]:
+        return self.max_batch, self.max_wait_us / 1e6
+
+
+def default_ref(registry: Registry) -> str:
+    return "production" if registry.production() is not None else "latest"
+
+
+class Service:
+    """State shared by the handlers: model holder, batcher, state store, metrics."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.registry = Registry(config.registry, create=False)
+        ref = default_ref(self.registry) if config.ref == "auto" else config.ref
+        self.registry.resolve(ref)  # fail before binding a port: no such version, no versions
+        self.holder = ModelHolder(self.registry, config.load, ref)
+        self.metrics = ServiceMetrics()
+        max_batch, max_wait = config.batching()
+        self.batcher = MicroBatcher(
+            max_batch=max_batch,
+            max_wait=max_wait,
+            max_queue=config.max_queue,
+            observer=self.metrics.observe_batch,
+        )
+        self.state: StateStore = open_state_store(
+            config.state_url,
+            max_length=config.state_max_length,
+            cache_ttl=config.cache_ttl,
+            snapshot_path=config.state_snapshot,
+        )
+        self.event_log: EventLog | None = None
+        self.logged_state: LoggedState | None = None
+        self._log_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recloop-log")
+        self._background: set[asyncio.Task[Any]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reload_lock = asyncio.Lock()
+        try:
+            self._open_state()
+        except BaseException:
+            self._log_executor.shutdown(wait=False)
+            if self.event_log is not None:
+                self.event_log.close()
+            raise
+
+    def _open_state(self) -> None:
+        """Opens the event log and loads the state snapshot, checking that they belong
+        together: all before the port is bound, so a bad file is one error line at start."""
+        config = self.config
+        if config.event_log is not None:
+            from recloop.online.events import open_event_log
+
+            self.event_log = open_event_log(config.event_log)
+        if not isinstance(self.state, MemoryStateStore):
+            return  # Redis keeps the state itself, shared by every replica
+        self.state.load_snapshot()
+        if self.event_log is not None:
+            self.logged_state = LoggedState(
+                self.state, self.event_log, self._log_executor, tail_seconds=config.tail_seconds
+            )
+            self.logged_state.check_snapshot()
+        else:
+            log.warning(
+                "no --event-log: POST /v1/events changes the in-process user state only "
+                "(acknowledged with durable=false; a crash loses events since the last snapshot)"
+            )
+
+    def preload(self) -> ModelBundle:
+        """Loads the served version now (blocking), so that a broken version is an error before
+        the server binds its port rather than a failed start-up after it."""
+        bundle, _ = self.holder.load(None)
+        return bundle
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.state.start()
+        self.batcher.start()
+        await self.reload(None)
+        loop = asyncio.get_running_loop()
+        if self.logged_state is not None:
+            self.logged_state.start()
+        if isinstance(self.state, MemoryStateStore) and self.state.snapshot_path is not None:
+            snapshot = self.state.snapshot
+            self._tasks.append(loop.create_task(every(self.config.snapshot_seconds, snapshot)))
+        if self.config.follow_seconds:
+            self._tasks.append(loop.create_task(self._follow()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.logged_state is not None:
+            await self.logged_state.close()
+        for task in list(self._background):
+            task.cancel()
+        await self.batcher.stop()
+        await self.state.close()  # the memory store writes its final snapshot here
+        self._log_executor.shutdown(wait=True)
+        if self.event_log is not None:
+            self.event_log.close()
+        if self.holder.current is not None:
+            self.holder.current.close()
+
+    @property
+    def state_ready(self) -> bool:
+        return self.logged_state is None or self.logged_state.ready
+
+    @property
+    def bundle(self) -> ModelBundle:
+        bundle = self.holder.current
+        if bundle is None:
+            raise Unavailable("no model loaded yet")
+        return bundle
+
+    async def reload(self, ref: str | None) -> tuple[ModelBundle, str | None]:
+        """Loads off the event loop, then swaps: a delta of the served version is applied to it
+        (milliseconds to a second), anything else loaded in full (export, index build, parity
+        check: seconds). See ModelHolder.load."""
+        async with self._reload_lock:
+            old = self.holder.current
+            loop = asyncio.get_running_loop()
+            bundle, previous = await loop.run_in_executor(None, self.holder.load, ref)
+            if old is not None and bundle is not old:
+                self.metrics.model_swaps.inc()
+                # Results cached under the old version are simply never asked for again (the
+                # version is in the cache field, and every delta is a new version). An old
+                # bundle with shard processes is closed once in-flight requests have had time
+                # to finish on it; any other is freed when the last of them drops it, rather
+                # than kept, with its copy of the item table, for the grace period (deltas
+                # come every few seconds).
+                if old.needs_close:
+                    loop.call_later(self.config.swap_grace_seconds, old.close)
+            self.metrics.set_model(bundle.version)
+            # A loaded bundle is millions of long-lived objects (vocabulary dicts, graphs); a
+            # full garbage collection that walks them stalls every request for tens of ms.
+            # Freezing moves what exists now out of the collector's view (the p99 killer).
+            gc.collect()
+            gc.freeze()
+            return bundle, previous
+
+    async def _follow(self) -> None:
+        seconds = self.config.follow_seconds or 1.0
+        while True:
+            await asyncio.sleep(seconds)
+            target = self.holder.follow_target()
+            current = self.holder.current
+            if target is None or (current is not None and current.version == target):
+                continue
+            try:
+                await self.reload(target)
+            except RecloopError as exc:  # keep serving the old version; say why once per try
+                log.error("follow: not swapping to %s: %s", target, exc)
+            except Exception:  # a bug must not end following for the life of the process
+                log.exception("follow: unexpected error loading %s; still serving the old", target)
+
+    async def accept_events(self, events: list[Event]) -> tuple[list[str], bool]:
+        """Appends a validated batch to the durable event log, when the service has one, then
+        applies it to the user state; returns (event ids, durable).
+
+        Durable first (the online learner reads the log, and the state is rebuilt from it), then
+        the state: an acknowledged event is never lost, and a failed append changes nothing.
+        """
+        from recloop.online.events import EventLogError, validate_events
+
+        try:
+            validate_events(events)  # the client's problem (empty id, non-finite value): 422
+        except EventLogError as exc:
+            raise BadEvents(str(exc)) from None
+        pairs = [(event.user_id, event.item_id) for event in events]
+        event_log = self.event_log
+        if event_log is None:
+            await self.state.append_events(pairs)
+            return [], False
+        try:
+            # SQLite fsyncs on commit: off the event loop, on one writer thread.
+            ids = await asyncio.get_running_loop().run_in_executor(
+                self._log_executor, event_log.append, events
+            )
+        except EventLogError as exc:
+            log.error("event log append failed: %s", exc)
+            raise Unavailable(f"event log unavailable, nothing was stored: {exc}") from None
+        if self.logged_state is not None:
+            await self.logged_state.appended([event_log.offset_of(i) for i in ids], pairs)
+        else:
+            await self.state.append_events(pairs)
+        return ids, True
+
+    def rebuild_line(self) -> str:
+        progress = self.logged_state.progress if self.logged_state is not None else None
+        return progress.line() if progress is not None else "starting"
+
+    def spawn(self, coroutine: Awaitable[Any]) -> None:
+        """Fire-and-forget work (cache writes) that must not delay the response."""
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ recommendations
+
+    async def user_recommendations(self, user_id: str, k: int, exclude_seen: bool) -> bytes:
+        """The JSON body of GET /v1/users/{user_id}/recommendations (validated arguments)."""
+        bundle = self.bundle
+        if not self.state_ready:
+            detail = f"user state is being rebuilt from the event log: {self.rebuild_line()}"
+            raise Unavailable(detail)
+        (recent,) = await self.state.get_sequences([user_id])
+        # The cache field names what the answer was computed from: model version, arguments and
+        # a digest of the user's recent events. A result computed just before an event arrived
+        # and written just after it is stored under the old digest and never served (the event
+        # also deletes the user's cached entries); replicas agree because the digest is stable.
+        field_name = f"{bundle.version}:{k}:{int(exclude_seen)}:{_digest(recent)}"
+        if self.config.cache:
+            hit = await self.state.get_cached(user_id, field_name)
+            if hit is not None:
+                self.metrics.cache_hits.inc()
+                return _HIT_PREFIX + hit[len(_CACHED_PREFIX) :]
+            self.metrics.cache_misses.inc()
+        sequence, unknown = self.user_sequence(bundle, user_id, recent)
+        items, fallback = await self.recommend(bundle, sequence, k, exclude_seen)
+        body = recommendations_body(bundle, user_id, items, fallback, unknown)
+        if self.config.cache:
+            self.spawn(self.state.set_cached(user_id, field_name, body))
+        return body
+
+    @staticmethod
+    def user_sequence(
+        bundle: ModelBundle, user_id: str, recent: list[str]
+    ) -> tuple[npt.NDArray[np.int64], list[str]]:
+        """Training history + events since, in model ids (unknown items reported)."""
+        history = bundle.history.items(user_id) if bundle.history is not None else _NO_ITEMS
+        if not recent:
+            return history, []
+        dense, unknown = bundle.catalog.to_dense(recent)
+        return np.concatenate([history, dense]), unknown
+
+    async def recommend(
+        self,
+        bundle: ModelBundle,
+        sequence: npt.NDArray[np.int64],
+        k: int,
+        exclude_seen: bool,
+    ) -> tuple[str, str | None]:
+        """(JSON array of the top-k items, fallback used or None)."""
+        if len(sequence) == 0:
+            self.metrics.fallbacks.inc()
+            ids = bundle.popular[:k]
+            return items_json(bundle, ids, np.zeros(len(ids), dtype=np.float32)), "popularity"
+        exclude = sequence if exclude_seen else None  # the index de-duplicates (worker thread)
+        window = sequence[-bundle.max_length :]
+        ids, scores = await self.batcher.submit(bundle, window, k, exclude)
+        return items_json(bundle, ids, scores), None
+
+
+_NO_ITEMS = np.zeros(0, dtype=np.int64)
+
+
+def items_json(
+    bundle: ModelBundle, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]
+) -> str:
+    """'[{"item_id":..,"score":..},..]' built directly: json.dumps of a list of dicts was a
+    tenth of the per-request CPU. Padding (id 0: fewer eligible items than k) is dropped."""
+    keep = ids > 0
+    raws = bundle.catalog.to_raw(ids[keep])
+    parts = [
+        f'{{"item_id":{encode_basestring(raw)},"score":{round(score, 6)!r}}}'
+        for raw, score in zip(raws, scores[keep].tolist(), strict=True)
+    ]
+    return "[" + ",".join(parts) + "]"
+
+
+def recommendations_body(
+    bundle: ModelBundle,
+    user_id: str | None,
+    items_json: str,
+    fallback: str | None,
+    unknown: list[str],
+) -> bytes:
+    """The Recommendations schema as JSON bytes, with "cached":false first (see _HIT_PREFIX)."""
+    user = "null" if user_id is None else encode_basestring(user_id)
+    return (
+        f'{{"cached":false,"model_version":{encode_basestring(bundle.version)},'
+        f'"user_id":{user},"items":{items_json},'
+        f'"fallback":{"null" if fallback is None else encode_basestring(fallback)},'
+        f'"unknown_items":{json.dumps(unknown)}}}'
+    ).encode()
+
+
+def dumps(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _digest(recent: list[str]) -> str:
+    """A short stable digest of a user's recent events ("0" when there are none)."""
+    if not recent:
+        return "0"
+    return f"{len(recent)}-{zlib.crc32(chr(31).join(recent).encode()):08x}"
+
+
+_CACHED_PREFIX = b'{"cached":false,'
+_HIT_PREFIX = b'{"cached":true,'
