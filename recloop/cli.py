@@ -15,10 +15,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from recloop.compress.cli import register as register_compress_commands
-from recloop.errors import ConfigError, RecloopError
+from recloop.errors import ConfigError, RecloopError, undecodable
 
 app = typer.Typer(
     name="recloop",
@@ -43,7 +44,10 @@ def main() -> None:
     try:
         app()
     except RecloopError as exc:
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # One line, printed as is: a message quoting a file's text may hold "[...]" (rich
+        # markup) or line breaks (some library messages).
+        message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
         sys.exit(2)
 
 
@@ -161,11 +165,17 @@ def _synthetic_config(
     if path is not None:
         if not path.is_file():
             raise ConfigError(f"{path}: no such synthetic config file")
-        text = path.read_text()
         try:
+            text = path.read_text(encoding="utf-8")
             values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: cannot parse synthetic config: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: {undecodable(exc)}; a config file is UTF-8 text") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the synthetic config ({exc.strerror})") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a synthetic config is a table (TOML) or object (JSON)")
     for key, value in (("num_users", users), ("num_items", items), ("seed", seed)):
         if value is not None:
             values[key] = value
@@ -403,6 +413,13 @@ def serve_command(
         str | None,
         typer.Option(help="Durable log of POST /v1/events: a path (SQLite) or redis://..."),
     ] = None,
+    snapshot_every: Annotated[
+        float, typer.Option(help="In-process state: write the snapshot every N s (if changed).")
+    ] = 30.0,
+    protect: Annotated[
+        str,
+        typer.Option(help="Read-only endpoints that need the API key too: docs,metrics,model."),
+    ] = "",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve recommendations over HTTP (API key for writes: env RECLOOP_API_KEY)."""
@@ -453,9 +470,15 @@ def serve_command(
         max_body_bytes=max_body_bytes,
         follow_seconds=follow,
         event_log=event_log,
+        snapshot_seconds=snapshot_every,
+        protected=frozenset(name.strip() for name in protect.split(",") if name.strip()),
     )
-    stderr.print(f"recloop serve: http://{host}:{port} (API docs at /docs)")
-    run_server(config, host=host, port=port, log_level=log_level)
+
+    def announce(version: str) -> None:
+        stderr.print(f"recloop serve: {version} at http://{host}:{port} (API docs at /docs)")
+
+    # The version is loaded (and verified) before the port is bound: a broken one is an error.
+    run_server(config, host=host, port=port, log_level=log_level, on_loaded=announce)
 
 
 @app.command("ingest")
@@ -567,11 +590,18 @@ RegistryOption = Annotated[Path, typer.Option("--registry", help="Model registry
 
 
 @models_app.command("list")
-def models_list(registry: RegistryOption) -> None:
-    """All versions, oldest first, with their key metrics."""
+def models_list(
+    registry: RegistryOption,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """All versions, oldest first, with their key metrics; broken ones are marked so."""
     from recloop.registry import Registry, format_versions_table
 
-    stdout.print(format_versions_table(Registry(registry, create=False).list()))
+    infos = Registry(registry, create=False).list()
+    if json_output:
+        print(json.dumps([info.to_json() for info in infos], indent=2))
+        return
+    stdout.print(format_versions_table(infos))
 
 
 @models_app.command("show")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from recloop.errors import ConfigError
+from recloop.errors import ConfigError, undecodable
 
 LossName = Literal["full_softmax", "sampled_softmax", "bce"]
 NegativeSampling = Literal["uniform", "in_batch", "mixed"]
@@ -156,9 +156,13 @@ def read_toml(path: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: {undecodable(exc)}; a TOML file is UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from exc
 
 
 def load_config(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:

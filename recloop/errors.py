@@ -23,3 +23,12 @@ class ServingError(RecloopError):
 
 class EngineParityError(ServingError):
     """An inference engine's outputs disagree with the reference torch model: refuse it."""
+
+
+def undecodable(exc: UnicodeDecodeError) -> str:
+    """Where and why bytes are not UTF-8, for a message: "line 3 (byte offset 17): not valid
+    UTF-8 (byte 0xff: invalid start byte)"."""
+    data = bytes(exc.object)
+    line = data.count(b"\n", 0, exc.start) + 1
+    bad = " ".join(f"0x{b:02x}" for b in data[exc.start : exc.end][:4])
+    return f"line {line} (byte offset {exc.start}): not valid UTF-8 (byte {bad}: {exc.reason})"

@@ -64,6 +64,7 @@ converted with ``.item()``, tuples become lists and paths become strings; other 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -82,12 +83,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 from rich.table import Table
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from recloop import __version__
-from recloop.errors import RegistryError
+from recloop.errors import RegistryError, undecodable
 
 __all__ = [
     "MANIFEST",
@@ -109,7 +111,8 @@ TMP_PREFIX = ".tmp-"
 LATEST = "latest"
 PRODUCTION = "production"
 
-_ID_RE = re.compile(r"^v(\d{6,})$")
+# ASCII digits only, bounded: a reference is checked before it becomes a path.
+_ID_RE = re.compile(r"v([0-9]{6,18})\Z", re.ASCII)
 # Plain file names only: no directories, no hidden files (those would clash with .tmp-* / locks).
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _RESERVED_NAMES = frozenset({MANIFEST, WEIGHTS})
@@ -137,6 +140,16 @@ class VersionInfo:
     metrics: dict[str, Any]
     is_production: bool
     chain_depth: int = 0  # deltas between this version and its base; 0 for a full version
+    problem: str | None = None  # why its manifest cannot be read; None for a healthy version
+
+    @property
+    def status(self) -> str:
+        """The version's state: "ok", or "broken: <reason>" when its manifest cannot be read."""
+        return "ok" if self.problem is None else f"broken: {self.problem}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as plain JSON data (``recloop models list --json``)."""
+        return {**dataclasses.asdict(self), "status": self.status}
 
 
 @dataclass(frozen=True)
@@ -270,16 +283,19 @@ class Registry:
 
         return self._write_version(manifest, fill)
 
-    def compact(self, ref: str) -> str:
+    def compact(self, ref: str, *, training: Mapping[str, Any] | None = None) -> str:
         """Publishes the tensors of `ref` (typically a delta chain) as one new full version.
 
         The new version has method "compact", parent `ref`, and the model, dataset, vocabulary,
         metrics, training and extra files of `ref` (files hard-linked, not rewritten); deltas
-        published on top of it start a fresh, short chain. Returns its id.
+        published on top of it start a fresh, short chain. `training` replaces the training
+        record of `ref` (a publisher's counters that the new chain resets). Returns its id.
         """
         version_id = self.resolve(ref)
         source = self._read_manifest(version_id)
         tensors = self.load_tensors(version_id)  # verifies every version of the chain
+        if training is not None:
+            training = _jsonable(dict(training), "training")
         manifest = _new_manifest(
             kind="full",
             method="compact",
@@ -287,7 +303,7 @@ class Registry:
             model=source["model"],
             dataset=source.get("dataset"),
             metrics=source.get("metrics") or {},
-            training=source.get("training") or {},
+            training=(source.get("training") or {}) if training is None else training,
             tensors={name: _tensor_meta(t) for name, t in tensors.items()},
         )
         manifest["vocabulary"] = source.get("vocabulary")
@@ -391,11 +407,19 @@ class Registry:
     # ------------------------------------------------------------------ reading
 
     def list(self) -> list[VersionInfo]:
-        """Every version, oldest first (by number, so v1000000 sorts after v999999)."""
+        """Every version, oldest first (by number, so v1000000 sorts after v999999).
+
+        A version whose manifest cannot be read (corrupt, unreadable, incomplete) is listed
+        with the reason in `problem` rather than failing the whole listing.
+        """
         production = self.production()
         infos = []
         for _, version_id in self._scan():
-            m = self._read_manifest(version_id)
+            try:
+                m = self._read_manifest(version_id)
+            except RegistryError as exc:
+                infos.append(_broken_info(version_id, str(exc), version_id == production))
+                continue
             infos.append(
                 VersionInfo(
                     id=version_id,
@@ -598,38 +622,42 @@ class Registry:
         path = self._versions / version_id / name
         if not path.is_file():
             raise RegistryError(f"version {version_id} is partial: file {name} is missing")
-        size = path.stat().st_size
-        # Size first: a truncated file is reported as such, and without reading it.
+        try:
+            size = path.stat().st_size
+            # Size first: a truncated file is reported as such, and without reading it.
+            digest = _sha256(path) if size == meta.get("bytes") else None
+        except OSError as exc:
+            raise RegistryError(f"version {version_id}: cannot read {path} ({exc})") from exc
         if size != meta.get("bytes"):
             raise RegistryError(
                 f"version {version_id} is corrupt: file {name} has {size} bytes, "
                 f"manifest says {meta.get('bytes')}"
             )
-        if _sha256(path) != meta.get("sha256"):
+        if digest != meta.get("sha256"):
             raise RegistryError(
                 f"version {version_id} is corrupt: file {name} does not match its sha256 "
                 "in the manifest"
             )
 
     def _read_manifest(self, version_id: str) -> dict[str, Any]:
+        """The manifest of `version_id`, checked for the keys readers rely on; RegistryError
+        naming the file when it is missing, unreadable, not JSON or not a recloop manifest."""
         path = self._versions / version_id / MANIFEST
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise RegistryError(f"version {version_id} is partial: {MANIFEST} is missing") from None
+            raise RegistryError(f"version {version_id} is partial: {path} is missing") from None
+        except UnicodeDecodeError as exc:
+            raise RegistryError(f"version {version_id}: {path}: {undecodable(exc)}") from None
+        except OSError as exc:
+            raise RegistryError(f"version {version_id}: cannot read {path} ({exc})") from None
         try:
-            manifest = json.loads(text)
+            manifest: dict[str, Any] = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise RegistryError(
-                f"version {version_id}: {MANIFEST} is not valid JSON ({exc})"
-            ) from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise RegistryError(f"version {version_id}: {MANIFEST} is not a recloop manifest")
-        if manifest.get("id") != version_id:
-            # A copied or renamed directory: its contents describe some other version.
-            raise RegistryError(f"version {version_id}: {MANIFEST} says id {manifest.get('id')!r}")
-        if not isinstance(manifest.get("files"), dict):
-            raise RegistryError(f"version {version_id}: {MANIFEST} has no 'files' table")
+            raise RegistryError(f"version {version_id}: {path} is not valid JSON ({exc})") from exc
+        problem = _manifest_problem(manifest, version_id)
+        if problem is not None:
+            raise RegistryError(f"version {version_id}: {path} {problem}")
         return manifest
 
     # ------------------------------------------------------------------ refs and aliases
@@ -702,11 +730,15 @@ class Registry:
     def _read_aliases(self) -> dict[str, Any]:
         path = self.root / ALIASES
         try:
-            aliases = json.loads(path.read_text())
+            aliases = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {"production": None, "history": [], "log": []}
         except json.JSONDecodeError as exc:
             raise RegistryError(f"{path}: not valid JSON ({exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise RegistryError(f"{path}: {undecodable(exc)}") from None
+        except OSError as exc:
+            raise RegistryError(f"{path}: cannot read the aliases file ({exc})") from exc
         if not isinstance(aliases, dict) or not isinstance(aliases.get("history"), list):
             raise RegistryError(f"{path}: not a recloop aliases file")
         aliases.setdefault("log", [])
@@ -791,7 +823,14 @@ def format_versions_table(infos: Sequence[VersionInfo]) -> Table:
     table.add_column("parent")
     table.add_column("model")
     table.add_column("metrics", min_width=36, overflow="fold")
+    broken = [info for info in infos if info.problem is not None]
+    if broken:
+        table.caption = f"{len(broken)} broken version(s): their manifest cannot be read"
     for info in infos:
+        if info.problem is not None:
+            marks = ["[bold green]production[/]"] * info.is_production + ["[bold red]broken[/]"]
+            table.add_row(", ".join(marks), info.id, "", "?", "?", "?", "?", escape(info.status))
+            continue
         table.add_row(
             "[bold green]production[/]" if info.is_production else "",
             info.id,
@@ -812,6 +851,50 @@ def _headline(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """The few metrics a version list shows: the headline ones if present, else the first 3."""
     chosen = [(k, metrics[k]) for k in HEADLINE_METRICS if k in metrics]
     return chosen or list(metrics.items())[:3]
+
+
+def _broken_info(version_id: str, problem: str, is_production: bool) -> VersionInfo:
+    return VersionInfo(
+        id=version_id,
+        created_at="",
+        kind="?",
+        method="?",
+        parent=None,
+        model_type="?",
+        metrics={},
+        is_production=is_production,
+        problem=problem,
+    )
+
+
+def _manifest_problem(manifest: Any, version_id: str) -> str | None:
+    """What is wrong with a parsed manifest (completing "<path> ..."), or None: the keys and
+    types that every reader relies on (see the module docstring)."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return "is not a recloop manifest"
+    if manifest.get("id") != version_id:
+        # A copied or renamed directory: its contents describe some other version.
+        return f"says id {manifest.get('id')!r}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "has no 'files' table"
+    for name, meta in files.items():
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("bytes"), int)
+            and isinstance(meta.get("sha256"), str)
+        ):
+            return f"has a bad 'files' entry for {name!r} (expected bytes and sha256)"
+    model = manifest.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("type"), str):
+        return "has no model type ('model.type')"
+    required: list[tuple[str, type]] = [("kind", str), ("tensors", dict)]
+    if manifest.get("kind") == "delta":
+        required += [("parent", str), ("base", str), ("chain_depth", int), ("delta", dict)]
+    for key, kind in required:
+        if not isinstance(manifest.get(key), kind):
+            return f"has no {key!r} ({kind.__name__})"
+    return None
 
 
 def _chain_depth(manifest: Mapping[str, Any]) -> int:

@@ -181,3 +181,109 @@ def test_prepare_with_item_attributes(tmp_path: Path) -> None:
         "--item-attributes", str(attributes),
     )  # fmt: skip
     assert synthetic.returncode == 2 and "not --format synthetic" in synthetic.stderr
+
+
+# ------------------------------------------------------------------ bad files: one line each
+
+
+def one_error_line(done: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """The single `error: ...` line of a failed command, checked to contain every needle."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_prepare_binary_and_non_utf8_files_are_one_line(tmp_path: Path) -> None:
+    import gzip
+    import random
+
+    cases = [
+        ("ml100k", b"1\t10\t5\t100\n1\t11\t3\t20\n\xff\t12\t4\t160\n", "line 3 (byte offset 21)"),
+        ("movielens-dat", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "this is a PNG image"),
+        ("s3rec", gzip.compress(b"1 2 3\n2 3 4\n"), "this is a gzip-compressed file"),
+        ("csv", b"user_id,item_id\n1,2\n1,\x003\n", "line 3 (byte offset 22): control byte"),
+        ("sasrec", random.Random(3).randbytes(4000), "(byte offset "),
+    ]  # fmt: skip
+    for fmt, content, where in cases:
+        log = tmp_path / f"log-{fmt}.txt"
+        log.write_bytes(content)
+        out = tmp_path / f"out-{fmt}"
+        done = run("prepare", "--format", fmt, "--input", str(log), "--out", str(out))
+        line = one_error_line(done, f"{log}: line ", where)
+        assert "not valid UTF-8" in line or "this is" in line or "control byte" in line
+        assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_prepare_corrupt_parquet_is_one_line(tmp_path: Path) -> None:
+    good = tmp_path / "good.parquet"
+    pl.DataFrame({"user_id": [1, 1, 2], "item_id": [1, 2, 3]}).write_parquet(good)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(good.read_bytes()[:-20])
+    renamed = tmp_path / "renamed.parquet"
+    renamed.write_text("user_id,item_id\n1,2\n")
+    for path in (truncated, renamed):
+        args = ["--format", "parquet", "--input", str(path), "--time-col", "none"]
+        done = run("prepare", *args, "--out", str(tmp_path / "out"))
+        one_error_line(done, f"{path}: not a readable Parquet file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_and_generate_to_an_unwritable_place_are_one_line(tmp_path: Path) -> None:
+    log = tmp_path / "u.data"
+    log.write_text("1\t10\t5\t100\n1\t11\t3\t200\n")
+    blocker = tmp_path / "somefile.txt"
+    blocker.write_text("not a directory")
+    for out in (blocker / "sub", Path("/proc/recloop-test-out")):
+        done = run("prepare", "--format", "ml100k", "--input", str(log), "--out", str(out))
+        one_error_line(done, f"{out}: cannot create the output directory")
+    done = run("generate", "--out", str(blocker / "log.parquet"), "--users", "20")
+    one_error_line(done, f"{blocker / 'log.parquet'}: cannot write the log")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["somefile.txt", "u.data"]
+
+
+def test_non_utf8_config_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "generator.toml"
+    config.write_bytes(b"num_users = 5\n\xff\n")
+    done = run("prepare", "--format", "synthetic", "--input", str(config), "--out", "x")
+    one_error_line(done, f"{config}: line 2 (byte offset 14): not valid UTF-8")
+
+
+def test_stats_on_a_corrupt_dataset_is_one_line(tmp_path: Path) -> None:
+    log = tmp_path / "u.data"
+    log.write_text("1\t10\t5\t100\n1\t11\t3\t200\n2\t10\t4\t150\n2\t12\t4\t160\n")
+    out = tmp_path / "d"
+    assert (
+        run("prepare", "--format", "ml100k", "--input", str(log), "--out", str(out)).returncode == 0
+    )
+    (out / "manifest.json").write_text('{"kind": "recloop-dataset", "counts": 3}')
+    one_error_line(run("stats", str(out)), f"{out / 'manifest.json'}: the manifest has no")
+
+
+def test_models_list_marks_a_broken_version_and_show_names_its_file(tmp_path: Path) -> None:
+    import torch
+
+    from recloop.registry import Registry
+
+    registry = Registry(tmp_path / "registry")
+    ids = [
+        registry.publish({"w": torch.ones(2)}, model={"type": "sasrec"}, metrics={"m": i})
+        for i in range(3)
+    ]
+    manifest = registry.path(ids[1]) / "manifest.json"
+    manifest.write_text("{not json")
+    listed = run("models", "list", "--registry", str(registry.root))
+    assert listed.returncode == 0, listed.stderr
+    assert all(i in listed.stdout for i in ids) and "broken" in listed.stdout
+    as_json = run("models", "list", "--registry", str(registry.root), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    rows = json.loads(as_json.stdout)
+    assert [row["status"].split(":")[0] for row in rows] == ["ok", "broken", "ok"]
+    assert str(manifest) in rows[1]["status"] and "is not valid JSON" in rows[1]["status"]
+    assert rows[2]["metrics"] == {"m": 2}
+    shown = run("models", "show", "--registry", str(registry.root), ids[1])
+    one_error_line(shown, f"version {ids[1]}: {manifest} is not valid JSON")

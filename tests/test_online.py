@@ -353,6 +353,44 @@ def test_compaction_starts_a_fresh_chain(registry: Registry, tmp_path: Path) -> 
     assert state_of(registry, summary.version).offset == 600  # compaction keeps the offset
 
 
+def test_a_learner_restarted_after_a_compaction_waits_a_whole_chain(
+    registry: Registry, tmp_path: Path
+) -> None:
+    log = event_log(tmp_path / "events.db", pattern_events(300))
+    config = OnlineConfig(
+        batch_events=50, publish_every_events=50, publish_every_seconds=0, compact_every=3
+    )
+
+    def kinds() -> list[str]:
+        return [info.kind for info in registry.list()][1:]  # after the trained version
+
+    first = OnlineLearner(registry, log, config, tmp_path / "run")
+    first.run(max_events=150)  # three deltas, then the compaction
+    assert kinds() == ["delta"] * 3 + ["full"]
+    compacted = registry.manifest("latest")
+    assert compacted["method"] == "compact" and state_of(registry, "latest").deltas == 0
+    assert state_of(registry, "latest").offset == 150
+
+    restarted = OnlineLearner(registry, log, config, tmp_path / "run")
+    assert restarted.version == compacted["id"] and restarted.state.deltas == 0
+    restarted.run(max_events=50)  # one delta: no compaction yet
+    assert kinds() == ["delta"] * 3 + ["full", "delta"]
+    again = OnlineLearner(registry, log, config, tmp_path / "run")
+    assert again.state.deltas == 1
+    again.run(max_events=100)  # the second and third deltas of the new chain, then compaction
+    assert kinds() == ["delta"] * 3 + ["full"] + ["delta"] * 3 + ["full"]
+    assert state_of(registry, "latest").offset == 300
+
+
+def test_old_compacted_manifests_with_a_delta_count_start_a_new_chain() -> None:
+    online = {"consumer": "c", "origin": "v000001", "offset": 9, "deltas": 20}
+    full = {"kind": "full", "training": {"online": online}}
+    delta = {"kind": "delta", "training": {"online": online}}
+    assert OnlineState.from_manifest(full) == OnlineState("c", "v000001", 9, deltas=0)
+    restored = OnlineState.from_manifest(delta)
+    assert restored is not None and restored.deltas == 20
+
+
 def test_production_follows_the_learner_when_it_pointed_at_its_parent(
     registry: Registry, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,80 @@ def test_time_split_needs_real_timestamps(tmp_path: Path) -> None:
     assert len(data.leave_one_out().test) == 2
     _, timed = prepare_text(tmp_path / "t", RATINGS)
     assert len(timed.time_split(0.2, 0.2).test) >= 1
+
+
+def test_unwritable_output_fails_before_reading(tmp_path: Path) -> None:
+    log = tmp_path / "ratings.dat"
+    log.write_text(RATINGS)
+    blocker = tmp_path / "somefile.txt"
+    blocker.write_text("a file, not a directory")
+    read: list[int] = []
+    for out in (blocker / "sub", blocker / "a" / "b"):
+        with pytest.raises(DatasetError, match=rf"{out}: cannot create the output directory: "):
+            prepare_file(FileSource(log, "movielens-dat"), out, on_progress=read.append)
+    assert read == []  # refused before the input was read
+    with pytest.raises(DatasetError, match=r"^/proc/recloop-test: cannot create the output"):
+        prepare_file(FileSource(log, "movielens-dat"), Path("/proc/recloop-test"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ratings.dat", "somefile.txt"]
+
+
+def test_a_write_error_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    log = tmp_path / "ratings.dat"
+    log.write_text(RATINGS)
+    monkeypatch.setattr(np, "save", disk_full)
+    out = tmp_path / "new" / "parents" / "data"
+    with pytest.raises(DatasetError, match=rf"{out}: cannot write the dataset \(No space left"):
+        prepare_file(FileSource(log, "movielens-dat"), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["ratings.dat"]  # no parents, no tmp dir
+
+
+def test_a_failed_overwrite_keeps_the_existing_dataset(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    prepare_text(tmp_path, RATINGS)
+    before = (tmp_path / "data" / "manifest.json").read_text()
+    real_rename = os.rename
+
+    def rename(source: object, target: object) -> None:
+        if str(source).endswith(".tmp"):  # the new dataset's directory cannot be moved in
+            raise OSError(30, "Read-only file system")
+        real_rename(source, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(DatasetError, match=r"data: cannot write the dataset \(Read-only"):
+        prepare_text(tmp_path, RATINGS + "30::1::1::1\n30::2::1::2\n", overwrite=True)
+    assert (tmp_path / "data" / "manifest.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("manifest.json", b"[1, 2]", "manifest.json: not a recloop dataset manifest"),
+        ("manifest.json", b"\xff{", r"manifest.json: line 1 \(byte offset 0\): not valid UTF-8"),
+        ("manifest.json", b'{"kind": "recloop-dataset"}', r"the manifest has no 'source'"),
+        ("offsets.npy", b"junk\n", r"offsets.npy: not a \.npy file"),
+        ("items.npy", None, r"items.npy: not a readable \.npy array"),  # truncated
+        ("users.parquet", b"junk", r"users.parquet: not a readable vocabulary table"),
+    ],
+)
+def test_corrupt_dataset_files_are_one_error_naming_the_file(
+    tmp_path: Path, name: str, content: bytes | None, message: str
+) -> None:
+    prepare_text(tmp_path, RATINGS)
+    path = tmp_path / "data" / name
+    path.write_bytes(content if content is not None else path.read_bytes()[:130])
+    with pytest.raises(DatasetError, match=message) as caught:
+        SequenceDataset(tmp_path / "data").stats()
+        SequenceDataset(tmp_path / "data").users  # noqa: B018  (read on first use)
+    assert str(path) in str(caught.value)
+
+
+def test_non_utf8_item_attributes_name_the_line_and_offset(tmp_path: Path) -> None:
+    from recloop.data.attributes import read_item_attributes
+
+    path = tmp_path / "item2attributes.json"
+    path.write_bytes(b'{"1": [2],\n "3": ["\xe9"]}\n')
+    with pytest.raises(ConfigError, match=r"json: line 2 \(byte offset 19\): not valid UTF-8"):
+        read_item_attributes(path)

@@ -309,20 +309,99 @@ def test_missing_file_is_refused(tmp_path: Path) -> None:
 def test_missing_manifest_is_refused(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     version = publish(reg)
-    (reg.path(version) / MANIFEST).unlink()
+    path = reg.path(version) / MANIFEST
+    path.unlink()
     for call in (reg.load_tensors, reg.verify, reg.manifest, reg.promote):
-        with pytest.raises(RegistryError, match=rf"{version} is partial: {MANIFEST} is missing"):
+        with pytest.raises(RegistryError) as caught:
             call(version)
-    with pytest.raises(RegistryError, match=MANIFEST):
-        reg.list()
+        assert str(caught.value) == f"version {version} is partial: {path} is missing"
+    # Listing does not fail: the version is listed as broken, with the reason.
+    (info,) = reg.list()
+    assert info.id == version and info.status == f"broken: {caught.value}"
 
 
 def test_copied_version_directory_is_refused(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     version = publish(reg)
     os.rename(reg.path(version), tmp_path / "versions" / "v000005")
-    with pytest.raises(RegistryError, match=r"v000005: manifest.json says id 'v000001'"):
+    with pytest.raises(RegistryError, match=r"v000005: .*v000005/manifest.json says id 'v000001'"):
         reg.load_tensors("v000005")
+
+
+def edit_manifest(reg: Registry, version: str, edit: Any) -> Path:
+    """Rewrites a version's manifest.json with `edit(manifest)` (which returns the new one)."""
+    path = reg.path(version) / MANIFEST
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return path
+
+
+def without(key: str) -> Any:
+    return lambda manifest: {k: v for k, v in manifest.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    ("break_it", "reason"),
+    [
+        (lambda path: path.write_text('{"format": "recloop-model", '), "is not valid JSON"),
+        (lambda path: path.write_bytes(b"\x89PNG\r\n\x1a\n"), r"line 1 \(byte offset 0\): not"),
+        (lambda path: path.write_text("[1, 2]"), "is not a recloop manifest"),
+        (lambda path: path.unlink() or path.mkdir(), "cannot read"),  # EISDIR: unreadable
+    ],
+)
+def test_unreadable_manifest_is_one_error_naming_the_file(
+    tmp_path: Path, break_it: Any, reason: str
+) -> None:
+    reg = Registry(tmp_path)
+    version = publish(reg)
+    path = reg.path(version) / MANIFEST
+    break_it(path)
+    for call in (reg.manifest, reg.verify, reg.load_tensors):
+        with pytest.raises(RegistryError, match=rf"version {version}: .*{reason}") as caught:
+            call(version)
+        assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (without("files"), "has no 'files' table"),
+        (without("model"), r"has no model type \('model.type'\)"),
+        (without("tensors"), r"has no 'tensors' \(dict\)"),
+        (without("kind"), r"has no 'kind' \(str\)"),
+        (lambda m: {**m, "files": {WEIGHTS: 3}}, "bad 'files' entry for 'weights.safetensors'"),
+        (lambda m: {**m, "kind": "delta", "parent": "v000001"}, r"has no 'base' \(str\)"),
+    ],
+)
+def test_manifest_missing_keys_is_one_error_naming_the_file(
+    tmp_path: Path, edit: Any, reason: str
+) -> None:
+    reg = Registry(tmp_path)
+    version = publish(reg)
+    path = edit_manifest(reg, version, edit)
+    with pytest.raises(RegistryError, match=rf"version {version}: .*{reason}") as caught:
+        reg.verify(version)
+    assert str(path) in str(caught.value)
+
+
+def test_list_keeps_healthy_versions_and_marks_broken_ones(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    ids = [publish(reg, i, metrics={"test/HR@10": i / 10}) for i in range(4)]
+    reg.promote(ids[1])
+    (reg.path(ids[1]) / MANIFEST).write_text("{not json")
+    edit_manifest(reg, ids[2], without("files"))
+    infos = reg.list()
+    assert [i.id for i in infos] == ids
+    assert [i.status.split(":")[0] for i in infos] == ["ok", "broken", "broken", "ok"]
+    assert infos[1].is_production and "is not valid JSON" in infos[1].status
+    assert infos[2].problem is not None and "has no 'files' table" in infos[2].problem
+    assert infos[3].metrics == {"test/HR@10": 0.3} and infos[3].problem is None
+    assert infos[1].to_json()["status"] == infos[1].status
+    console = Console(record=True, width=300)
+    console.print(format_versions_table(infos))
+    text = console.export_text()
+    row = next(line for line in text.splitlines() if ids[1] in line)
+    assert "production, broken" in row and "is not valid JSON" in row
+    assert "2 broken version(s)" in text and "test/HR@10=0.3" in text
 
 
 def test_unknown_version_and_bad_refs(tmp_path: Path) -> None:
@@ -469,3 +548,25 @@ def test_dataset_reference(tmp_path: Path) -> None:
     assert ref["path"] == str(data.resolve()) and len(ref["manifest_sha256"]) == 64
     with pytest.raises(RegistryError, match=r"no dataset manifest\.json"):
         dataset_reference(tmp_path)
+
+
+def test_loading_a_version_with_a_bad_model_config_or_vocabulary_names_it(
+    tmp_path: Path,
+) -> None:
+    from recloop.models.io import check_vocabulary, load_model
+
+    reg = Registry(tmp_path)
+    vocab = vocab_parquet(tmp_path / "items.parquet", 5)
+    version = reg.publish(
+        tensors(),
+        model={"type": "transformer-xl"},
+        extra_files={"items.parquet": vocab},
+        vocabulary_file="items.parquet",
+    )
+    with pytest.raises(RegistryError, match=rf"version {version}: its model config is refused"):
+        load_model(reg, version)
+    edit_manifest(reg, version, lambda m: {**m, "files": {WEIGHTS: m["files"][WEIGHTS]}})
+    with pytest.raises(
+        RegistryError, match=r"vocabulary file items.parquet is not in its manifest"
+    ):
+        check_vocabulary(reg, version, "0" * 64)

@@ -145,6 +145,10 @@ def test_delta_loads_bitwise_like_the_full_snapshot_and_its_compaction(tmp_path:
     # A delta on top of the compacted version starts a fresh chain.
     again = reg.publish_delta(compacted, {"item_bias": rows_update([5], [], seed=4)})
     assert (reg.manifest(again)["base"], reg.manifest(again)["chain_depth"]) == (compacted, 1)
+    # The compacting publisher may replace the training record (its chain counters restart).
+    recorded = reg.compact(again, training={"online": {"deltas": 0}})
+    assert reg.manifest(recorded)["training"] == {"online": {"deltas": 0}}
+    assert reg.manifest(compacted)["training"] == reg.manifest(delta)["training"]
 
 
 def test_chain_of_three_deltas_equals_the_changes_applied_by_hand(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ from recloop.data.dataset import SequenceDataset
 from recloop.models.io import load_model
 from recloop.registry import Registry
 from recloop.serve.app import ServiceConfig
-from recloop.serve.validation import fast_arguments
 from recloop.serve.runtime import LoadOptions
 from recloop.serve.schemas import Recommendations
+from recloop.serve.validation import fast_arguments
 from tests.redis_server import running_redis
 from tests.serving import make_dataset, running_service, train_version
 

@@ -371,6 +371,38 @@ def test_not_a_dataset_and_wrong_checkpoint(synthetic_data: Path, tmp_path: Path
         train(other, synthetic_data, tmp_path / "run", resume=True, show_progress=False)
 
 
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda c: (c / "state.json").write_text("{"), r"cannot resume from this checkpoint"),
+        (lambda c: (c / "state.json").write_bytes(b"\xff"), r"cannot resume .*0xff"),
+        (lambda c: (c / "state.json").write_text("{}"), r"state.json: no step, epoch"),
+        (lambda c: (c / "model.safetensors").write_bytes(b"\x00" * 4), r"cannot resume from"),
+        (lambda c: (c / "rng.safetensors").unlink(), r"cannot resume .*No such file"),
+    ],
+)
+def test_a_corrupt_checkpoint_is_one_error_naming_it(
+    tmp_path: Path, corrupt: object, message: str
+) -> None:
+    from recloop.train import checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {
+        "step": 1, "epoch": 0, "batch_in_epoch": 1, "best_value": 0.0, "best_step": 0,
+        "evals_since_best": 0, "best_metrics": {}, "history": [],
+    }  # fmt: skip
+    saved = checkpoint.save_checkpoint(tmp_path, model, optimizer, state)
+    assert checkpoint.load_checkpoint(saved, model, optimizer)["step"] == 1
+    corrupt(saved)  # type: ignore[operator]
+    with pytest.raises(ConfigError, match=message) as caught:
+        checkpoint.load_checkpoint(saved, model, optimizer)
+    assert str(saved) in str(caught.value) and "\n" not in str(caught.value)
+    (tmp_path / checkpoint.LATEST).write_bytes(b"\xfe")
+    with pytest.raises(ConfigError, match=r"LATEST: cannot read the checkpoint pointer"):
+        checkpoint.latest_checkpoint(tmp_path)
+
+
 def test_learning_rate_schedule() -> None:
     cfg = config_from_dict(
         {"model": TINY_MODEL, "train": {"lr": 1.0, "warmup_steps": 10, "schedule": "cosine"}}

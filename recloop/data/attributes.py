@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from recloop.errors import ConfigError
+from recloop.errors import ConfigError, undecodable
 
 ITEM_ATTRIBUTES_FILE = "item_attributes.npy"
 ATTRIBUTE_VOCAB_FILE = "attributes.parquet"
@@ -30,8 +30,10 @@ ATTRIBUTE_VOCAB_FILE = "attributes.parquet"
 def read_item_attributes(path: Path) -> dict[str, frozenset[str]]:
     """Raw item id (as a string) -> its attribute values (as strings), from a JSON object."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: {undecodable(exc)}; item attributes are JSON text") from None
+    except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read item attributes ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: item attributes must be a JSON object item -> list")

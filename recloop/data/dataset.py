@@ -15,7 +15,7 @@ from recloop.data.attributes import ITEM_ATTRIBUTES_FILE
 from recloop.data.prepare import MANIFEST, sha256_file
 from recloop.data.sequences import Sequences
 from recloop.data.splits import Split, leave_one_out, time_split_by_fraction
-from recloop.errors import DatasetError
+from recloop.errors import DatasetError, undecodable
 
 REQUIRED_FILES = ("offsets.npy", "items.npy", "timestamps.npy", "users.parquet", "items.parquet")
 
@@ -69,23 +69,21 @@ class SequenceDataset:
                 f"{self.directory} is not a recloop dataset (no {MANIFEST}); "
                 "create one with `recloop prepare`"
             )
-        try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{manifest_path}: not valid JSON ({exc})") from exc
-        if self.manifest.get("kind") != "recloop-dataset":
-            raise DatasetError(f"{manifest_path}: not a recloop dataset manifest")
+        self.manifest: dict[str, Any] = _read_manifest(manifest_path)
         for name in REQUIRED_FILES:
             if not (self.directory / name).is_file():
                 raise DatasetError(f"{self.directory}: dataset file {name} is missing")
         if verify:
             self.verify()
         mode: Literal["r"] | None = "r" if mmap else None
-        self.sequences = Sequences(
-            offsets=np.load(self.directory / "offsets.npy", mmap_mode=mode),
-            items=np.load(self.directory / "items.npy", mmap_mode=mode),
-            timestamps=np.load(self.directory / "timestamps.npy", mmap_mode=mode),
-        )
+        arrays = {
+            name: _load_array(self.directory / f"{name}.npy", mode)
+            for name in ("offsets", "items", "timestamps")
+        }
+        try:
+            self.sequences = Sequences(**arrays)
+        except DatasetError as exc:
+            raise DatasetError(f"{self.directory}: {exc}") from None
 
     def verify(self) -> None:
         """Checks every file against the sha256 recorded in the manifest."""
@@ -93,7 +91,11 @@ class SequenceDataset:
             path = self.directory / name
             if not path.is_file():
                 raise DatasetError(f"{self.directory}: dataset file {name} is missing")
-            if sha256_file(path) != meta["sha256"]:
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                raise DatasetError(f"{path}: cannot read the file ({exc.strerror})") from exc
+            if not isinstance(meta, dict) or digest != meta.get("sha256"):
                 raise DatasetError(f"{path}: checksum mismatch (file changed or corrupt)")
 
     @property
@@ -132,7 +134,7 @@ class SequenceDataset:
     @cached_property
     def values(self) -> npt.NDArray[np.float32] | None:
         path = self.directory / "values.npy"
-        return np.load(path, mmap_mode="r") if path.is_file() else None
+        return _load_array(path, "r") if path.is_file() else None
 
     @cached_property
     def item_attributes(self) -> npt.NDArray[np.int32] | None:
@@ -141,7 +143,7 @@ class SequenceDataset:
         path = self.directory / ITEM_ATTRIBUTES_FILE
         if not path.is_file():
             return None
-        index: npt.NDArray[np.int32] = np.load(path)
+        index: npt.NDArray[np.int32] = _load_array(path, None)
         if index.ndim != 2 or index.shape[0] != self.num_items + 1:
             raise DatasetError(
                 f"{path}: shape {index.shape} does not match the {self.num_items} items"
@@ -183,19 +185,71 @@ class SequenceDataset:
             "time_range": self.manifest["time_range"],
             "sequence_length": self.manifest["lengths"],
             "dropped": {
-                "duplicates": counts["duplicates_dropped"],
-                "short_users": counts["short_users_dropped"],
-                "kcore_events": counts["kcore_events_dropped"],
+                "duplicates": counts.get("duplicates_dropped", 0),
+                "short_users": counts.get("short_users_dropped", 0),
+                "kcore_events": counts.get("kcore_events_dropped", 0),
             },
             "item_popularity": _popularity_summary(np.asarray(self.sequences.items), items),
-            "recloop_version": self.manifest["recloop_version"],
+            "recloop_version": self.manifest.get("recloop_version"),
         }
+
+
+# Manifest keys the readers of a dataset rely on, and their JSON types.
+_MANIFEST_KEYS: dict[str, type] = {
+    "source": dict,
+    "time": str,
+    "time_range": dict,
+    "lengths": dict,
+    "counts": dict,
+    "files": dict,
+}
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """A dataset's manifest.json, checked for what the readers use; DatasetError naming it."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: {undecodable(exc)}") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the dataset manifest ({exc.strerror})") from exc
+    if not isinstance(manifest, dict) or manifest.get("kind") != "recloop-dataset":
+        raise DatasetError(f"{path}: not a recloop dataset manifest")
+    for key, kind in _MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise DatasetError(f"{path}: the manifest has no {key!r} ({kind.__name__})")
+    for key in ("users", "items", "events"):
+        if not isinstance(manifest["counts"].get(key), int):
+            raise DatasetError(f"{path}: the manifest has no integer counts.{key}")
+    for name, meta in manifest["files"].items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            raise DatasetError(f"{path}: the manifest's entry for file {name!r} has no sha256")
+    for name in REQUIRED_FILES:
+        if name not in manifest["files"]:
+            raise DatasetError(f"{path}: the manifest does not list the dataset file {name}")
+    return manifest
+
+
+def _load_array(path: Path, mode: Literal["r"] | None) -> npt.NDArray[Any]:
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise DatasetError(f"{path}: not a .npy file (it lacks the .npy magic bytes)")
+        array: npt.NDArray[Any] = np.load(path, mmap_mode=mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # truncated, or an object array
+        raise DatasetError(f"{path}: not a readable .npy array ({exc})") from exc
+    return array
 
 
 def _read_raw(path: Path) -> npt.NDArray[Any]:
     import polars as pl
 
-    column = pl.read_parquet(path, columns=["raw"]).to_series()
+    try:
+        column = pl.read_parquet(path, columns=["raw"]).to_series()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DatasetError(f"{path}: not a readable vocabulary table ({exc})") from exc
     if column.dtype == pl.String:
         return np.asarray(column.to_list(), dtype=object)
     return column.to_numpy()

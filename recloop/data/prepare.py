@@ -20,6 +20,7 @@ and, with item attributes (recloop.data.attributes), item_attributes.npy and att
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -79,13 +80,16 @@ class FileSource:
     columns: ColumnMap | None = None
 
     def describe(self) -> dict[str, Any]:
-        stat = self.path.stat()
+        try:
+            size, digest = self.path.stat().st_size, sha256_file(self.path)
+        except OSError as exc:
+            raise DatasetError(f"{self.path}: cannot read the file ({_reason(exc)})") from exc
         return {
             "kind": "file",
             "format": self.format,
             "path": str(self.path.resolve()),
-            "bytes": stat.st_size,
-            "sha256": sha256_file(self.path),
+            "bytes": size,
+            "sha256": digest,
             "columns": asdict(self.columns) if self.columns else None,
         }
 
@@ -127,40 +131,14 @@ def prepare(
     started = time.perf_counter()
     attributes = read_item_attributes(item_attributes) if item_attributes is not None else None
     report = PrepareReport()
-    events = _collect(chunks, source)
-    report.raw_rows = events.height
-    has_time = events["timestamp"].null_count() == 0
-    if not has_time:
-        if events["timestamp"].null_count() != events.height:
-            raise DatasetError("some rows have a timestamp and others do not")
-        # No clock in the source: its order is the time order (SASRec / S3-Rec files).
-        events = events.with_columns(timestamp=pl.col("order"))
-
-    # One sort, up front: dense user ids follow raw ids in ascending order, so this is also
-    # the final (user, time, source order) order, and every later step keeps it.
-    events = events.sort(["user", "timestamp", "order"])
-    events = _apply_duplicate_policy(events, options.duplicates, has_time, report)
-    events = _drop_short_users(events, options.min_user_events, report)
-    events = _k_core(events, options.user_core, options.item_core, report)
-    if events.height == 0:
-        raise DatasetError("no interactions left after filtering (check min_user_events/k-core)")
-
-    # Dense ids in ascending raw-id order. Rows are sorted by user, so a user's id is the
-    # number of user changes before it.
-    user_starts = (pl.col("user") != pl.col("user").shift(1)).fill_null(True)
-    events = events.with_columns(
-        uid=(user_starts.cum_sum() - 1).cast(pl.Int64),
-        iid=pl.col("item").rank("dense").cast(pl.Int32),
-    )
+    events, has_time = _clean_events(_collect(chunks, source), options, report)
     num_users = int(events["uid"].max()) + 1  # type: ignore[arg-type]
     num_items = int(events["iid"].max())  # type: ignore[arg-type]
     lengths = np.bincount(events["uid"].to_numpy(), minlength=num_users)
     offsets = np.zeros(num_users + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    def fill(tmp: Path) -> dict[str, Any]:
         files: dict[str, np.ndarray] = {
             "offsets.npy": offsets,
             "items.npy": events["iid"].to_numpy().astype(np.int32, copy=False),
@@ -188,10 +166,9 @@ def prepare(
         if attribute_summary is not None:
             manifest["item_attributes"] = {"source": str(item_attributes), **attribute_summary}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return manifest
+
+    manifest = _write_into_place(out_dir, overwrite, fill)
     if notice is not None:
         for message in report.notices:
             notice(message)
@@ -234,10 +211,67 @@ def prepare_file(
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
-        raise DatasetError(f"{out_dir}: output directory already exists (pass --overwrite)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DatasetError(f"{out_dir}: exists and is not a directory")
+    """Fails fast, before a long read, when `out_dir` could not be written at the end."""
+    try:
+        if out_dir.exists() and not overwrite:
+            raise DatasetError(f"{out_dir}: output directory already exists (pass --overwrite)")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise DatasetError(f"{out_dir}: exists and is not a directory")
+        ancestor = out_dir.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+    except OSError as exc:  # e.g. a parent directory that may not be searched
+        raise DatasetError(f"{out_dir}: cannot check the output path ({_reason(exc)})") from exc
+    if not ancestor.is_dir():
+        raise DatasetError(f"{out_dir}: cannot create the output directory: {ancestor} is a file")
+    try:
+        # Root may write where the mode bits say no; only trying tells (and leaves nothing).
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".probe", dir=ancestor))
+    except OSError as exc:
+        raise DatasetError(
+            f"{out_dir}: cannot create the output directory in {ancestor} ({exc.strerror})"
+        ) from exc
+
+
+def _reason(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror}{where}" if exc.strerror else str(exc)
+
+
+def _write_into_place(
+    out_dir: Path, overwrite: bool, fill: Callable[[Path], dict[str, Any]]
+) -> dict[str, Any]:
+    """Runs `fill(tmp)` in a temporary sibling directory of `out_dir`, renames that into place
+    and returns what `fill` returned. On any failure nothing is left behind (not even the parent
+    directories this made), and an OSError (disk full, read-only) becomes a DatasetError."""
+    created: list[Path] = []
+    tmp: Path | None = None
+    try:
+        _make_parents(out_dir.parent, created)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        result = fill(tmp)
+        _move_into_place(tmp, out_dir, overwrite)
+        return result
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        if isinstance(exc, OSError):
+            raise DatasetError(f"{out_dir}: cannot write the dataset ({_reason(exc)})") from exc
+        raise
+
+
+def _make_parents(directory: Path, created: list[Path]) -> None:
+    """`mkdir -p directory`, appending each directory it makes to `created`, outermost first."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir()
+        created.append(path)
 
 
 def _collect(chunks: Iterable[pl.DataFrame], source: dict[str, Any]) -> pl.DataFrame:
@@ -251,6 +285,38 @@ def _collect(chunks: Iterable[pl.DataFrame], source: dict[str, Any]) -> pl.DataF
         frames = [f.with_columns(pl.col("user", "item").cast(pl.String)) for f in frames]
         events = pl.concat(frames, how="vertical")
     return events
+
+
+def _clean_events(
+    events: pl.DataFrame, options: PrepareOptions, report: PrepareReport
+) -> tuple[pl.DataFrame, bool]:
+    """(events sorted by (user, time, order), filtered, with dense `uid` and `iid`; whether
+    the source has timestamps)."""
+    report.raw_rows = events.height
+    has_time = events["timestamp"].null_count() == 0
+    if not has_time:
+        if events["timestamp"].null_count() != events.height:
+            raise DatasetError("some rows have a timestamp and others do not")
+        # No clock in the source: its order is the time order (SASRec / S3-Rec files).
+        events = events.with_columns(timestamp=pl.col("order"))
+
+    # One sort, up front: dense user ids follow raw ids in ascending order, so this is also
+    # the final (user, time, source order) order, and every later step keeps it.
+    events = events.sort(["user", "timestamp", "order"])
+    events = _apply_duplicate_policy(events, options.duplicates, has_time, report)
+    events = _drop_short_users(events, options.min_user_events, report)
+    events = _k_core(events, options.user_core, options.item_core, report)
+    if events.height == 0:
+        raise DatasetError("no interactions left after filtering (check min_user_events/k-core)")
+
+    # Dense ids in ascending raw-id order. Rows are sorted by user, so a user's id is the
+    # number of user changes before it.
+    user_starts = (pl.col("user") != pl.col("user").shift(1)).fill_null(True)
+    events = events.with_columns(
+        uid=(user_starts.cum_sum() - 1).cast(pl.Int64),
+        iid=pl.col("item").rank("dense").cast(pl.Int32),
+    )
+    return events, has_time
 
 
 def _apply_duplicate_policy(
@@ -404,7 +470,11 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
             raise DatasetError(f"{out_dir}: output directory appeared while preparing")
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)  # the dataset that was there stays
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out_dir)

@@ -12,21 +12,29 @@ Every reader yields polars DataFrames of bounded size ("chunks") with one normal
 
 Text formats are read in blocks of ``block_bytes`` cut at a newline, so memory is bounded by
 the block size, not the file size. Parsing and validation are vectorised polars expressions;
-a bad line raises `DatasetError` naming the file, the line and the field.
+a bad line raises `DatasetError` naming the file, the line and the field. Text must be UTF-8
+(a leading byte order mark is skipped): the bytes are checked as they are read, and the first
+byte that is not UTF-8, or a NUL, is a `DatasetError` naming its line and byte offset. A file
+passed by mistake (gzip, zip, Parquet, PNG, UTF-16, ...) is named as what it is.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
 from recloop.errors import DatasetError
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
 
 Format = Literal[
     "movielens-dat", "ml100k", "movielens-csv", "sasrec", "s3rec", "csv", "parquet", "synthetic"
@@ -57,8 +65,11 @@ class ColumnMap:
     separator: str = ","
 
     def __post_init__(self) -> None:
-        if len(self.separator) != 1:
-            raise DatasetError(f"csv separator must be one character, got {self.separator!r}")
+        if len(self.separator) != 1 or self.separator in '"\r\n':
+            raise DatasetError(
+                f"csv separator must be one character other than a quote or a line break, "
+                f"got {self.separator!r}"
+            )
         named = [c for c in (self.user, self.item, self.timestamp, self.value, self.event) if c]
         if len(set(named)) != len(named):
             raise DatasetError(f"column map names the same column twice: {named}")
@@ -99,12 +110,13 @@ def read_chunks(
     if fmt not in FORMATS or fmt == "synthetic":
         readable = ", ".join(f for f in FORMATS if f != "synthetic")
         raise DatasetError(f"unknown input format {fmt!r}; file formats are: {readable}")
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file")
-    if path.is_dir():
-        raise DatasetError(f"{path}: is a directory, expected a file")
-    if path.stat().st_size == 0:
-        raise DatasetError(f"{path}: file is empty (no interactions)")
+    with _read_errors(path):
+        if not path.exists():
+            raise DatasetError(f"{path}: no such file")
+        if path.is_dir():
+            raise DatasetError(f"{path}: is a directory, expected a file")
+        if path.stat().st_size == 0:
+            raise DatasetError(f"{path}: file is empty (no interactions)")
     if fmt == "parquet":
         yield from _read_parquet(path, columns or ColumnMap(), on_progress)
     elif fmt == "csv":
@@ -116,38 +128,131 @@ def read_chunks(
 # --------------------------------------------------------------------------- text blocks
 
 
-def _blocks(path: Path, block_bytes: int) -> Iterator[tuple[bytes, int]]:
-    """Yields (block, bytes consumed) with every block ending at a line boundary."""
-    with open(path, "rb") as f:
-        rest = b""
-        while True:
-            data = f.read(block_bytes)
-            if not data:
-                break
+_UTF8_BOM = b"\xef\xbb\xbf"
+# Files often passed as a text log by mistake, by their first bytes: what each one is.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "a gzip-compressed file, not a text log: decompress it first"),
+    (b"\x28\xb5\x2f\xfd", "a zstd-compressed file, not a text log: decompress it first"),
+    (b"\xfd7zXZ\x00", "an xz-compressed file, not a text log: decompress it first"),
+    (b"BZh", "a bzip2-compressed file, not a text log: decompress it first"),
+    (b"PK\x03\x04", "a zip archive, not a text log: extract it first"),
+    (b"PAR1", "a Parquet file, not a text log: use --format parquet"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image, not a text log"),
+    (b"\xff\xfe", "UTF-16 text: convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"),
+    (b"\xfe\xff", "UTF-16 text: convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"),
+)
+
+
+def _check_signature(path: Path, head: bytes) -> None:
+    for magic, what in _SIGNATURES:
+        # bzip2's "BZh" could start a text line: its block magic follows the level digit.
+        if head.startswith(magic) and (magic != b"BZh" or head[4:10] == b"1AY&SY"):
+            raise DatasetError(f"{path}: line 1 (byte offset 0): this is {what}")
+
+
+@contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
+    """OSErrors while reading `path` (permissions, I/O errors) as one DatasetError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+
+
+class _TextCheck:
+    """Checks a text file's bytes as they are read: strict UTF-8, and none of the `control`
+    bytes (NUL: binary data or UTF-16 text). An error names the file, the line and the byte
+    offset of the first bad byte. ASCII reads (the usual case) skip the decoder."""
+
+    def __init__(self, path: Path, control: bytes) -> None:
+        self.path = path
+        self.control = control
+        self.offset = 0  # file offset of the next byte fed
+        self._newlines = 0  # newlines before `offset`
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+
+    def feed(self, data: bytes, *, final: bool = False) -> None:
+        problems: list[tuple[int, str]] = []
+        pending = self._decoder.getstate()[0]  # a multi-byte character cut by the last read
+        if pending or final or not data.isascii():
+            try:
+                self._decoder.decode(data, final)
+            except UnicodeDecodeError as exc:
+                bad = " ".join(f"0x{b:02x}" for b in exc.object[exc.start : exc.end][:4])
+                problems.append(
+                    (
+                        self.offset - len(pending) + exc.start,
+                        f"not valid UTF-8 (byte {bad}: {exc.reason}): a binary file, or text "
+                        "in another encoding (convert it to UTF-8, e.g. with iconv)?",
+                    )
+                )
+        for byte in self.control:
+            at = data.find(byte)
+            if at >= 0:
+                problems.append(
+                    (
+                        self.offset + at,
+                        f"control byte 0x{byte:02x}, which a text log does not contain "
+                        "(a binary file, or UTF-16 text?)",
+                    )
+                )
+        if problems:
+            at, what = min(problems)
+            line = self._newlines + data.count(b"\n", 0, max(at - self.offset, 0)) + 1
+            raise DatasetError(f"{self.path}: line {line} (byte offset {at}): {what}")
+        self._newlines += data.count(b"\n")
+        self.offset += len(data)
+
+
+def _blocks(path: Path, block_bytes: int, control: bytes = b"\0") -> Iterator[tuple[bytes, int]]:
+    """Yields (block, bytes consumed) with every block ending at a line boundary.
+
+    The bytes are checked as they are read (see `_TextCheck`), so a binary or non-UTF-8 file
+    fails at its first bad byte, naming its line and byte offset, without being read whole.
+    A leading UTF-8 byte order mark is skipped (it is counted as consumed).
+    """
+    check = _TextCheck(path, control)
+    with _read_errors(path), open(path, "rb") as f:
+        data = f.read(block_bytes)
+        _check_signature(path, data)
+        skipped = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
+        data, rest = data[skipped:], b""
+        check.offset = skipped  # offsets in messages are those of the file
+        while data:
+            check.feed(data)
             data = rest + data
             cut = data.rfind(b"\n")
             if cut < 0:  # a line longer than the block: keep reading
                 rest = data
-                continue
-            yield data[: cut + 1], cut + 1
-            rest = data[cut + 1 :]
+            else:
+                yield data[: cut + 1], cut + 1 + skipped
+                rest, skipped = data[cut + 1 :], 0
+            data = f.read(block_bytes)
+        check.feed(b"", final=True)
         if rest:
-            yield rest + b"\n", len(rest)
+            yield rest + b"\n", len(rest) + skipped
 
 
-def _block_lines(block: bytes) -> pl.Series:
+def _block_lines(path: Path, block: bytes, first_line: int) -> pl.Series:
     """One String row per line of `block`, blank lines included (as null) so numbering holds."""
-    # \x1f (ASCII unit separator) never appears in these logs, so each line is one field.
-    frame = pl.read_csv(
-        io.BytesIO(block),
-        separator="\x1f",
-        has_header=False,
-        quote_char=None,
-        new_columns=["line"],
-        schema={"line": pl.String},
-        truncate_ragged_lines=True,
-    )
-    return frame.to_series()
+    # \x1f (ASCII unit separator) never appears in these logs (`_blocks` refuses it), so each
+    # line is one field. The leading newline (a null row, dropped) keeps polars from taking a
+    # block that starts like a zlib stream ("x^", "x\x01") for compressed data.
+    try:
+        frame = pl.read_csv(
+            io.BytesIO(b"\n" + block),
+            separator="\x1f",
+            has_header=False,
+            quote_char=None,
+            new_columns=["line"],
+            schema={"line": pl.String},
+            truncate_ragged_lines=True,
+        )
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DatasetError(
+            f"{path}: cannot read the lines from line {first_line} on ({_first_line(exc)})"
+        ) from exc
+    return frame.to_series().slice(1)
 
 
 def _read_lines(
@@ -159,8 +264,8 @@ def _read_lines(
     first_line = 1
     first_event = 0
     header_pending = layout.header is not None
-    for block, consumed in _blocks(path, block_bytes):
-        lines = _block_lines(block)
+    for block, consumed in _blocks(path, block_bytes, control=b"\0\x1f"):
+        lines = _block_lines(path, block, first_line)
         frame = pl.DataFrame(
             {"raw": lines, "line": pl.int_range(first_line, first_line + len(lines), eager=True)}
         )
@@ -296,29 +401,18 @@ def _as_float(path: Path, frame: pl.DataFrame, column: str, field: str) -> pl.Se
 def _read_csv(
     path: Path, columns: ColumnMap, block_bytes: int, on_progress: ProgressCallback | None
 ) -> Iterator[pl.DataFrame]:
-    with open(path, "rb") as f:
-        header_line = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
-    header = [h.strip().strip('"') for h in header_line.split(columns.separator)]
-    _check_columns(path, header, columns, "header line 1")
-    wanted = _wanted_columns(columns)
+    header: list[str] = []
     first_row = 0
-    # The header is parsed once above; each block below is parsed without one.
+    # The header is parsed once, from the first block; each block is parsed without it.
     for index, (block, consumed) in enumerate(_blocks(path, block_bytes)):
-        body = block.split(b"\n", 1)[1] if index == 0 else block
+        body = block
+        if index == 0:
+            header_line, _, body = block.partition(b"\n")
+            text = header_line.decode("utf-8").rstrip("\r")  # `_blocks` checked it is UTF-8
+            header = [h.strip().strip('"') for h in text.split(columns.separator)]
+            _check_columns(path, header, columns, "header line 1")
         if body.strip():
-            try:
-                frame = pl.read_csv(
-                    io.BytesIO(body),
-                    separator=columns.separator,
-                    has_header=False,
-                    new_columns=header,
-                    schema=dict.fromkeys(header, pl.String),
-                ).select(wanted)
-            except pl.exceptions.PolarsError as exc:
-                raise DatasetError(
-                    f"{path}: could not parse CSV rows after line {first_row + 1}: "
-                    f"{_first_line(exc)} (is --separator {columns.separator!r} right?)"
-                ) from exc
+            frame = _csv_rows(path, body, header, columns, first_row)
             lines = pl.int_range(first_row + 2, first_row + 2 + frame.height, eager=True)
             chunk = _normalise_table(
                 path, frame.with_columns(__line=lines), columns, first_row, "line"
@@ -333,18 +427,49 @@ def _read_csv(
         raise DatasetError(f"{path}: has a header but no rows (no interactions)")
 
 
+def _csv_rows(
+    path: Path, body: bytes, header: list[str], columns: ColumnMap, first_row: int
+) -> pl.DataFrame:
+    """The wanted columns (as strings) of the CSV rows in `body`, which has no header line.
+
+    polars reads `body` behind a header of its own ("c0,c1,..."): a block whose first bytes
+    look like a zlib stream ("x^", "x\x01") would otherwise be taken for compressed data.
+    """
+    names = [f"c{i}" for i in range(len(header))]
+    prefix = columns.separator.join(f'"{name}"' for name in names).encode() + b"\n"
+    try:
+        frame = pl.read_csv(
+            io.BytesIO(prefix + body),
+            separator=columns.separator,
+            has_header=True,
+            schema=dict.fromkeys(names, pl.String),
+        )
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DatasetError(
+            f"{path}: could not parse CSV rows after line {first_row + 1}: "
+            f"{_first_line(exc)} (is --separator {columns.separator!r} right?)"
+        ) from exc
+    position = {name: i for i, name in enumerate(header)}
+    wanted = _wanted_columns(columns)
+    return frame.select(pl.col(names[position[name]]).alias(name) for name in wanted)
+
+
 def _read_parquet(
     path: Path, columns: ColumnMap, on_progress: ProgressCallback | None
 ) -> Iterator[pl.DataFrame]:
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
-        raise DatasetError(f"{path}: not a readable Parquet file ({exc})") from exc
+    parquet = _open_parquet(path)
     _check_columns(path, parquet.schema_arrow.names, columns, "the Parquet schema")
     first_row = 0
-    for batch in parquet.iter_batches(batch_size=1_000_000, columns=_wanted_columns(columns)):
+    batches = parquet.iter_batches(batch_size=1_000_000, columns=_wanted_columns(columns))
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # pyarrow: OSError, ArrowInvalid, ... for a corrupt page
+            raise DatasetError(
+                f"{path}: Parquet data after row {first_row} is corrupt ({_first_line(exc)})"
+            ) from exc
+        if batch is None:
+            break
         frame = pl.DataFrame(batch)
         rows = pl.int_range(first_row + 1, first_row + 1 + frame.height, eager=True)
         yield _normalise_table(path, frame.with_columns(__line=rows), columns, first_row, "row")
@@ -356,9 +481,26 @@ def _read_parquet(
 
 
 def parquet_rows(path: Path) -> int:
+    """Rows of a Parquet file, from its footer; DatasetError naming it when it is not one."""
+    return int(_open_parquet(path).metadata.num_rows)
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
     import pyarrow.parquet as pq
 
-    return int(pq.ParquetFile(path).metadata.num_rows)
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
+        with _read_errors(path), open(path, "rb") as f:
+            head = f.read(4)
+        hint = (
+            "it starts like Parquet but its footer is missing or corrupt (a truncated copy?)"
+            if head == b"PAR1"
+            else "it does not start with the Parquet magic bytes: is --format right?"
+        )
+        raise DatasetError(
+            f"{path}: not a readable Parquet file ({_first_line(exc)}); {hint}"
+        ) from exc
 
 
 def _wanted_columns(columns: ColumnMap) -> list[str]:
@@ -378,6 +520,8 @@ def _check_columns(path: Path, available: list[str], columns: ColumnMap, where: 
             raise DatasetError(
                 f"{path}: {role} column {name!r} not found in {where}; columns are {available}"
             )
+        if name and available.count(name) > 1:
+            raise DatasetError(f"{path}: {role} column {name!r} appears twice in {where}")
 
 
 def _normalise_table(

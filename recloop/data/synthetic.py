@@ -46,6 +46,7 @@ recloop's convention that item 0 is padding.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -58,7 +59,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recloop.errors import ConfigError
+from recloop.errors import ConfigError, DatasetError
 
 # Users per independent random stream. Part of the dataset's definition: changing it changes
 # every generated log. 16384 users x mean 20 events keeps a block's working set at a few MB.
@@ -471,16 +472,24 @@ def generate_log(config: SyntheticConfig, path: Path, chunk_users: int = 100_000
     so a crash never leaves a truncated file under the final name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     rows = 0
     try:
+        if path.is_dir():
+            raise DatasetError(f"{path}: is a directory, expected a Parquet file to write")
+        path.parent.mkdir(parents=True, exist_ok=True)
         with pq.ParquetWriter(tmp, _ARROW_SCHEMA) as writer:
             for frame in generate_events(config, chunk_users=chunk_users):
                 writer.write_table(frame.to_arrow().cast(_ARROW_SCHEMA))
                 rows += frame.height
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # read-only place, a parent that is a file, disk full
+            reason = exc.strerror or str(exc).splitlines()[0]
+            if isinstance(exc, FileExistsError | NotADirectoryError):  # from mkdir
+                reason = f"{exc.filename} is not a directory"
+            raise DatasetError(f"{path}: cannot write the log ({reason})") from exc
         raise
     return rows

@@ -19,7 +19,10 @@ def load_model(
     version = registry.resolve(ref)
     manifest = registry.manifest(version)
     model_config = dict(manifest["model"])
-    model = build_model(str(model_config.pop("type")), model_config)
+    try:
+        model = build_model(str(model_config.pop("type")), model_config)
+    except ConfigError as exc:  # a manifest written by another recloop, or edited by hand
+        raise RegistryError(f"version {version}: its model config is refused: {exc}") from exc
     tensors = registry.load_tensors(version, device=str(device))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
@@ -37,6 +40,8 @@ def check_vocabulary(registry: Registry, version: str, dataset_items_sha256: str
     name = vocabulary.get("file")
     if not name:
         raise ConfigError(f"version {version} records no vocabulary file")
+    if name not in manifest["files"]:
+        raise RegistryError(f"version {version}: its vocabulary file {name} is not in its manifest")
     ours = manifest["files"][name]["sha256"]
     if ours != dataset_items_sha256:
         raise ConfigError(

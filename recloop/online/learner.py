@@ -190,7 +190,9 @@ class OnlineState:
             offset=int(data["offset"]),
             totals=PrequentialTotals.from_json(data.get("totals")),
             admitted={str(k): int(v) for k, v in (data.get("admitted") or {}).items()},
-            deltas=int(data.get("deltas", 0)),
+            # A full version (a compaction) starts a new chain, whatever count it records:
+            # compacted manifests used to copy the count of the chain they ended.
+            deltas=0 if manifest.get("kind") == "full" else int(data.get("deltas", 0)),
         )
 
 
@@ -202,6 +204,8 @@ def find_resume_version(registry: Registry, start: str, consumer: str) -> str:
     if state is not None and state.consumer == consumer:
         return version
     for info in reversed(registry.list()):
+        if info.problem is not None:  # a broken version is nobody's to resume
+            continue
         other = OnlineState.from_manifest(registry.manifest(info.id))
         if other is not None and other.consumer == consumer and other.origin == version:
             return info.id
@@ -573,12 +577,15 @@ class OnlineLearner:
         return changes
 
     def _compact(self) -> None:
-        compacted = self.registry.compact(self.version)
+        # The compacted version records a chain of zero deltas, so a learner restarted from
+        # it waits `compact_every` deltas again before the next compaction.
+        self.state.deltas = 0
+        training = {"online": self.state.to_json(), "config": dataclasses.asdict(self.config)}
+        compacted = self.registry.compact(self.version, training=training)
         if self.registry.production() == self.version:
             self.registry.promote(compacted)
         log.info("compacted %s into full version %s", self.version, compacted)
         self.version = compacted
-        self.state.deltas = 0
 
     # ------------------------------------------------------------------ the loop
 

@@ -23,11 +23,13 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recloop.errors import EngineParityError, RecloopError, RegistryError, ServingError
 from recloop.ids import raw_id_problem
@@ -45,6 +47,7 @@ from recloop.serve.schemas import (
     ReloadResult,
     SequenceRequest,
     SimilarItems,
+    UserEvents,
 )
 from recloop.serve.service import (
     BadEvents,
@@ -69,6 +72,9 @@ __all__ = ["FastPath", "ServiceConfig", "create_app"]
 log = logging.getLogger("recloop.serve")
 
 JSON = "application/json"
+# The text format generate_latest writes, as Prometheus scrapers expect it (prometheus_client's
+# CONTENT_TYPE_LATEST names its 1.0.0 variant since 0.22).
+PROMETHEUS_TEXT = CONTENT_TYPE_PLAIN_0_0_4
 DOCS_ASSETS = "/docs-assets"
 
 
@@ -78,7 +84,10 @@ def _problem(description: str) -> dict[str, Any]:
 
 # The statuses every route may answer, and the ones that only some do (OpenAPI `responses`).
 Responses = dict[int | str, dict[str, Any]]
-COMMON: Responses = {422: _problem("invalid parameter or body"), 503: _problem("not ready or overloaded")}
+COMMON: Responses = {
+    422: _problem("invalid parameter or body"),
+    503: _problem("not ready or overloaded"),
+}
 BODY: Responses = {413: _problem("request body over the size limit")}
 KEYED: Responses = {
     401: _problem("missing or wrong API key (X-API-Key or Authorization: Bearer)"),
@@ -170,14 +179,28 @@ def _error_handlers(app: FastAPI, service: Service) -> None:
     async def bad_events(request: Request, exc: BadEvents) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers a body that json.loads cannot decode (not UTF-8) with a bare 400
+        # "error parsing the body"; it is invalid JSON like any other (RFC 8259), so a 422.
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            detail = f"body: not valid JSON: {exc.__cause__}"
+            return JSONResponse({"detail": detail}, status_code=422)
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # One readable line per problem: "query.k: Input should be greater than or equal to 1".
-        problems = [
-            f"{'.'.join(str(p) for p in error.get('loc', ()))}: {error.get('msg')}"
-            for error in exc.errors()
-        ]
+        problems = [_problem_line(error) for error in exc.errors()]
         return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+
+def _problem_line(error: dict[str, Any]) -> str:
+    loc = error.get("loc", ())
+    if error.get("type") == "json_invalid":  # loc is ("body", character offset)
+        why = error.get("ctx", {}).get("error", "")
+        return f"body: not valid JSON at character {loc[-1] if loc else 0}: {why}"
+    return f"{'.'.join(str(part) for part in loc)}: {error.get('msg')}"
 
 
 def _ops_routes(app: FastAPI, service: Service) -> None:
@@ -212,16 +235,17 @@ def _ops_routes(app: FastAPI, service: Service) -> None:
         responses={
             200: {
                 "description": "Prometheus text exposition format",
-                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                "content": {PROMETHEUS_TEXT: {"schema": {"type": "string"}}},
             },
             **KEYED,
+            422: COMMON[422],
         },
     )
     async def metrics() -> Response:
         service.metrics.queue_depth.set(service.batcher.depth)
         service.metrics.state_connected.set(1 if service.state.status().get("connected") else 0)
-        data, content_type = service.metrics.render()
-        return Response(data, media_type=content_type)
+        data, _ = service.metrics.render()
+        return Response(data, media_type=PROMETHEUS_TEXT)
 
 
 def _recommendation_routes(app: FastAPI, service: Service) -> None:
@@ -284,7 +308,7 @@ def _recommendation_routes(app: FastAPI, service: Service) -> None:
         response_model=ModelInfo,
         tags=["model"],
         dependencies=[Depends(key_checker(service, group="model"))],
-        responses={**KEYED, 503: COMMON[503]},
+        responses={**KEYED, **COMMON},
     )
     async def model_info() -> ModelInfo:
         described = service.bundle.describe()
@@ -296,6 +320,22 @@ def _write_routes(app: FastAPI, service: Service) -> None:
     from recloop.online.events import Event
 
     require_key = Depends(key_checker(service, group=None))
+
+    @app.get(
+        "/v1/users/{user_id}/events",
+        response_model=UserEvents,
+        tags=["events"],
+        dependencies=[require_key],
+        responses={**COMMON, **KEYED},
+    )
+    async def user_events(user_id: Annotated[RawId, PathParam()]) -> UserEvents:
+        """The user's recent events as the service holds them (oldest first): what its next
+        recommendations are computed from, besides the training history. Needs the API key
+        (it is user data)."""
+        if not service.state_ready:
+            raise Unavailable(f"user state is being rebuilt: {service.rebuild_line()}")
+        (items,) = await service.state.get_sequences([user_id])
+        return UserEvents(user_id=user_id, items=items)
 
     @app.post(
         "/v1/events",
@@ -371,6 +411,8 @@ def _docs_routes(app: FastAPI, service: Service) -> None:
             swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
             swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            # No badge from validator.swagger.io: the page loads nothing from outside the app.
+            swagger_ui_parameters={"validatorUrl": None},
         )
 
     @app.get("/redoc", include_in_schema=False, dependencies=protect)
@@ -392,12 +434,22 @@ _USER_RECS_ROUTE = "/v1/users/{user_id}/recommendations"
 _HEALTHY = b'{"status":"ok"}'
 
 
+def _announces_body(scope: Scope) -> bool:
+    """A GET with a body (which no client of this route sends) goes to FastAPI, so that the
+    body size limit refuses it there as it would any other request."""
+    return any(
+        name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+        for name, value in scope["headers"]
+    )
+
+
 class FastPath:
-    """The hottest request, GET /v1/users/{id}/recommendations with valid arguments, answered
-    without FastAPI's routing and dependency machinery (about half of the per-request CPU on
-    this machine). It validates with the FastAPI route's own functions and hands anything they
-    refuse (and anything else) to the FastAPI app, which then answers the 422: both paths
-    accept and refuse the same inputs (``tests/test_api_schema.py`` feeds them both).
+    """The hottest request, GET /v1/users/{id}/recommendations with valid arguments (and no
+    body), answered without FastAPI's routing and dependency machinery (about half of the
+    per-request CPU on this machine). It validates with the FastAPI route's own functions and
+    hands anything they refuse (and anything else) to the FastAPI app, which then answers the
+    422 (or the 413): both paths accept and refuse the same inputs
+    (``tests/test_api_schema.py`` feeds them both).
     """
 
     def __init__(self, app: FastAPI, service: Service) -> None:
@@ -417,6 +469,7 @@ class FastPath:
                 and arguments is not None
                 and raw_id_problem(match.group(1)) is None
                 and self.service.holder.current is not None
+                and not _announces_body(scope)
             ):
                 await self._user_recommendations(match.group(1), *arguments, send)
                 return

@@ -62,6 +62,11 @@ class EventBatch(_Strict):
     events: list[Event] = Field(min_length=1, max_length=MAX_EVENTS)
 
 
+class UserEvents(BaseModel):
+    user_id: str
+    items: list[str] = Field(description="recent item ids from events, oldest first")
+
+
 class EventsAccepted(BaseModel):
     accepted: int
     users: int

@@ -108,6 +108,7 @@ class LoggedState:
         self.progress: RebuildProgress | None = None
         self._lock = asyncio.Lock()
         self._pending = 0  # highest offset acknowledged while the rebuild runs
+        self._draining = False  # the rebuild reached the log's end: appends apply themselves
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---------------------------------------------------------------- checks before binding
@@ -169,12 +170,17 @@ class LoggedState:
             async with self._lock:
                 page = await self._call(self.event_log.read, self._offset(), PAGE)
                 progress.events += self._apply(page)
-                progress.applied_offset = self._offset()
-                # Done when the log has nothing more (a short page) and every event that was
-                # acknowledged during the rebuild is in: checked and set in one step.
-                if len(page) < PAGE and self._offset() >= self._pending:
+                if len(page) < PAGE:
+                    # The end of the log. From now on each append applies itself (after this
+                    # lock); the events acknowledged during the rebuild that this read missed
+                    # are read now, so that none is missing once the state says it is ready.
+                    self._draining = True
+                    if self._pending > self._offset():
+                        progress.events += await self._catch_up(self._pending)
+                    progress.applied_offset = self._offset()
                     progress.finished = time.monotonic()
                     break
+                progress.applied_offset = self._offset()
             if time.monotonic() - reported >= PROGRESS_EVERY:
                 reported = time.monotonic()
                 log.info("%s", progress.line())
@@ -194,7 +200,7 @@ class LoggedState:
         whatever precedes it in the log. During the rebuild it is left to the rebuild."""
         if not offsets:
             return
-        if not self.ready:
+        if not self.ready and not self._draining:
             self._pending = max(self._pending, offsets[-1])
             return
         async with self._lock:
@@ -212,12 +218,15 @@ class LoggedState:
         async with self._lock:
             await self._catch_up(None)
 
-    async def _catch_up(self, through: int | None) -> None:
+    async def _catch_up(self, through: int | None) -> int:
+        """Reads and applies the log after the applied offset: through ``through``, or to its
+        end (None); returns the number of events applied."""
+        applied = 0
         while True:
             page = await self._call(self.event_log.read, self._offset(), PAGE)
-            self._apply(page)
+            applied += self._apply(page)
             if len(page) < PAGE or (through is not None and self._offset() >= through):
-                return
+                return applied
 
     def status(self) -> dict[str, Any] | None:
         return self.progress.as_dict() if self.progress is not None else None

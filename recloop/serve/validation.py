@@ -57,7 +57,13 @@ def check_version_ref(value: str) -> str:
 
 RawId = Annotated[str, AfterValidator(check_raw_id)]
 WireId = Annotated[str | int, AfterValidator(raw_id_from_json)]
-VersionRef = Annotated[str, Field(max_length=MAX_VERSION_REF), AfterValidator(check_version_ref)]
+VersionRef = Annotated[
+    str,
+    # The pattern is for the OpenAPI document (clients, schemathesis); check_version_ref is the
+    # check, with a message that says what a reference looks like.
+    Field(max_length=MAX_VERSION_REF, json_schema_extra={"pattern": f"^{VERSION_REF.pattern}$"}),
+    AfterValidator(check_version_ref),
+]
 
 
 def fast_arguments(query_string: bytes) -> tuple[int, bool] | None:

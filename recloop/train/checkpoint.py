@@ -17,11 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from recloop.errors import ConfigError
 
 LATEST = "LATEST"
+# What a resume reads from state.json (besides the optimizer's param_groups).
+_STATE_KEYS = (
+    "step",
+    "epoch",
+    "batch_in_epoch",
+    "best_value",
+    "best_step",
+    "evals_since_best",
+    "best_metrics",
+    "history",
+    "param_groups",
+)
 AVERAGE = "average.safetensors"  # the weight average (train.ema_decay), when the run keeps one
 
 
@@ -62,24 +75,38 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = run_dir / LATEST
     if not pointer.is_file():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{pointer}: cannot read the checkpoint pointer ({exc})") from exc
+    path = run_dir / "checkpoints" / name
+    return path if name and path.is_dir() else None
 
 
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restores model, optimizer and RNG in place; returns state.json."""
-    state: dict[str, Any] = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"{path}: checkpoint does not fit this model "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
-    restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state)
-    restore_rng(load_file(str(path / "rng.safetensors")))
+    """Restores model, optimizer and RNG in place; returns state.json. A checkpoint that is
+    missing a file, truncated or corrupt is a ConfigError naming it (and nothing is restored
+    from a state.json without the keys a resume reads)."""
+    try:
+        state: dict[str, Any] = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        missing_keys = [key for key in _STATE_KEYS if key not in state]
+        if missing_keys:
+            raise ConfigError(f"{path / 'state.json'}: no {', '.join(missing_keys)}")
+        weights = load_file(str(path / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"{path}: checkpoint does not fit this model "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+        restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state)
+        restore_rng(load_file(str(path / "rng.safetensors")))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        # ValueError includes bad JSON and bytes that are not UTF-8.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: cannot resume from this checkpoint ({reason})") from exc
     return state
 
 
@@ -92,7 +119,10 @@ def load_average(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: checkpoint has no weight average; resume with the train.ema_decay the "
             "run started with"
         )
-    return load_file(str(file))
+    try:
+        return load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"{file}: cannot read the weight average ({exc})") from exc
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
