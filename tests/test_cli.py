@@ -287,3 +287,26 @@ def test_models_list_marks_a_broken_version_and_show_names_its_file(tmp_path: Pa
     assert rows[2]["metrics"] == {"m": 2}
     shown = run("models", "show", "--registry", str(registry.root), ids[1])
     one_error_line(shown, f"version {ids[1]}: {manifest} is not valid JSON")
+
+
+def test_serve_refuses_a_broken_version_before_binding_its_port(tmp_path: Path) -> None:
+    from recloop.serve.server import free_port
+    from tests.serving import make_dataset, train_version
+
+    data = make_dataset(tmp_path / "data")
+    registry = tmp_path / "registry"
+    version = train_version(data, registry, tmp_path / "run", seed=1, steps=3)
+    weights = registry / "versions" / version / "weights.safetensors"
+    with weights.open("r+b") as file:
+        file.seek(100)
+        file.write(b"garbage")
+    port = free_port()
+    done = run("serve", "--registry", str(registry), "--port", str(port), timeout=300)
+    one_error_line(done, f"version {version} is corrupt", "weights.safetensors", "sha256")
+    manifest = registry / "versions" / version / "manifest.json"
+    manifest.write_text("{not json")
+    done = run("serve", "--registry", str(registry), "--port", str(port), timeout=300)
+    one_error_line(done, "manifest.json is not valid JSON")
+    long_ref = "v" + "1" * 300  # once a 500-style OSError (file name too long)
+    done = run("serve", "--registry", str(registry), "--version", long_ref, timeout=300)
+    one_error_line(done, "is not a version reference")

@@ -166,11 +166,6 @@ class Service:
                 self.state, self.event_log, self._log_executor, tail_seconds=config.tail_seconds
             )
             self.logged_state.check_snapshot()
-        else:
-            log.warning(
-                "no --event-log: POST /v1/events changes the in-process user state only "
-                "(acknowledged with durable=false; a crash loses events since the last snapshot)"
-            )
 
     def preload(self) -> ModelBundle:
         """Loads the served version now (blocking), so that a broken version is an error before
@@ -187,6 +182,11 @@ class Service:
         loop = asyncio.get_running_loop()
         if self.logged_state is not None:
             self.logged_state.start()
+        elif self.event_log is None and isinstance(self.state, MemoryStateStore):
+            log.warning(
+                "no --event-log: POST /v1/events changes the in-process user state only "
+                "(acknowledged with durable=false; a crash loses events since the last snapshot)"
+            )
         if isinstance(self.state, MemoryStateStore) and self.state.snapshot_path is not None:
             snapshot = self.state.snapshot
             self._tasks.append(loop.create_task(every(self.config.snapshot_seconds, snapshot)))

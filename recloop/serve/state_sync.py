@@ -35,7 +35,7 @@ from recloop.errors import ServingError
 from recloop.serve.state import MemoryStateStore
 
 if TYPE_CHECKING:
-    from recloop.online.events import EventLog, LoggedEvent
+    from recloop.online.events import EventLog
 
 log = logging.getLogger("recloop.serve.state")
 
@@ -168,7 +168,7 @@ class LoggedState:
         reported = progress.started
         while True:
             async with self._lock:
-                page = await self._call(self.event_log.read, self._offset(), PAGE)
+                page = await self._call(self.event_log.read_pairs, self._offset(), PAGE)
                 progress.events += self._apply(page)
                 if len(page) < PAGE:
                     # The end of the log. From now on each append applies itself (after this
@@ -223,7 +223,7 @@ class LoggedState:
         end (None); returns the number of events applied."""
         applied = 0
         while True:
-            page = await self._call(self.event_log.read, self._offset(), PAGE)
+            page = await self._call(self.event_log.read_pairs, self._offset(), PAGE)
             applied += self._apply(page)
             if len(page) < PAGE or (through is not None and self._offset() >= through):
                 return applied
@@ -236,14 +236,15 @@ class LoggedState:
     def _offset(self) -> int:
         return self.store.log_offset or 0
 
-    def _apply(self, page: list[LoggedEvent]) -> int:
-        """Applies the events of ``page`` past the applied offset; returns how many."""
+    def _apply(self, page: list[tuple[int, str, str]]) -> int:
+        """Applies the (offset, user, item) rows of ``page`` past the applied offset (a page
+        may overlap what a concurrent append applied already); returns how many."""
         applied = self._offset()
-        fresh = [event for event in page if event.offset > applied]
-        if fresh:
-            pairs = [(e.event.user_id, e.event.item_id) for e in fresh]
-            self.store.apply_logged(pairs, fresh[-1].offset)
-        return len(fresh)
+        if page and page[0][0] <= applied:
+            page = [row for row in page if row[0] > applied]
+        if page:
+            self.store.apply_logged([(user, item) for _, user, item in page], page[-1][0])
+        return len(page)
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
