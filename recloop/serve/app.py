@@ -94,6 +94,8 @@ KEYED: Responses = {
     403: _problem("write and admin endpoints are disabled: no API key is configured"),
 }
 NOT_FOUND: Responses = {404: _problem("unknown item or version")}
+# A path id the route cannot hold (a line break, which `{id:path}` does not match): no route.
+NO_ROUTE: Responses = {404: _problem("no such route (the id cannot be part of a URL path)")}
 CONFLICT: Responses = {409: _problem("the version cannot be loaded or fails the parity check")}
 
 
@@ -250,10 +252,10 @@ def _ops_routes(app: FastAPI, service: Service) -> None:
 
 def _recommendation_routes(app: FastAPI, service: Service) -> None:
     @app.get(
-        "/v1/users/{user_id}/recommendations",
+        "/v1/users/{user_id:path}/recommendations",  # :path: ids may hold "/" (URLs)
         response_model=Recommendations,
         tags=["recommendations"],
-        responses=COMMON,
+        responses={**COMMON, **NO_ROUTE},
     )
     async def user_recommendations(
         user_id: Annotated[RawId, PathParam()],
@@ -277,7 +279,7 @@ def _recommendation_routes(app: FastAPI, service: Service) -> None:
         return Response(body, media_type=JSON)
 
     @app.get(
-        "/v1/items/{item_id}/similar",
+        "/v1/items/{item_id:path}/similar",
         response_model=SimilarItems,
         tags=["recommendations"],
         responses={**COMMON, **NOT_FOUND},
@@ -322,11 +324,11 @@ def _write_routes(app: FastAPI, service: Service) -> None:
     require_key = Depends(key_checker(service, group=None))
 
     @app.get(
-        "/v1/users/{user_id}/events",
+        "/v1/users/{user_id:path}/events",
         response_model=UserEvents,
         tags=["events"],
         dependencies=[require_key],
-        responses={**COMMON, **KEYED},
+        responses={**COMMON, **KEYED, **NO_ROUTE},
     )
     async def user_events(user_id: Annotated[RawId, PathParam()]) -> UserEvents:
         """The user's recent events as the service holds them (oldest first): what its next
@@ -428,8 +430,9 @@ def _docs_routes(app: FastAPI, service: Service) -> None:
 
 # ------------------------------------------------------------------------------ fast path
 
-# The same pattern Starlette compiles for the route (and so the same `$`).
-_USER_RECS = re.compile(r"^/v1/users/([^/]+)/recommendations$")
+# The pattern Starlette compiles for the route (a :path parameter, greedy, and the same `$`),
+# less the empty id, which the route refuses.
+_USER_RECS = re.compile(r"^/v1/users/(.+)/recommendations$")
 _USER_RECS_ROUTE = "/v1/users/{user_id}/recommendations"
 _HEALTHY = b'{"status":"ok"}'
 

@@ -107,7 +107,9 @@ class RequestMetrics:
             await self.app(scope, receive, capture)
         finally:
             # The router stores the matched route in the (shared) scope: label by its template
-            # so /v1/users/{user_id}/... is one series, not one per user.
+            # so /v1/users/{user_id}/... is one series, not one per user (path_format: the
+            # template without converters, "{user_id}" for "{user_id:path}").
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = getattr(route, "path_format", None) or getattr(route, "path", None)
+            path = path or "unmatched"
             self.metrics.observe_request(path, status, time.perf_counter() - started)
