@@ -1,18 +1,13 @@
-"""The event log: one contract for both backends, SQLite durability under kill -9 and concurrent
-writers, Redis consumer groups, the factory, and events files."""
+"""The event log: one contract for both backends, concurrent SQLite writers, Redis consumer
+groups, the factory, and events files. The SQLite log under kill -9: tests/test_faults.py."""
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +19,6 @@ from recloop.online.events import (
     Event,
     EventLog,
     EventLogError,
-    LoggedEvent,
     SqliteEventLog,
     open_event_log,
     read_events_file,
@@ -35,9 +29,15 @@ from recloop.online.events_redis import (
     offset_to_stream_id,
     stream_id_to_offset,
 )
+from tests.event_log_helpers import (
+    acknowledged,
+    batches_by_writer,
+    check_dense_and_whole,
+    make_events,
+    read_all,
+    start_writer,
+)
 from tests.redis_server import RedisServer, free_port, running_redis
-
-REPO = Path(__file__).resolve().parents[1]
 
 OpenLog = Callable[[], EventLog]
 
@@ -67,31 +67,6 @@ def open_log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenLog
     yield _open
     for log in opened:
         log.close()
-
-
-def make_events(n: int, start: int = 0) -> list[Event]:
-    """Distinct events (item ids numbered from ``start``), with every optional field exercised."""
-    return [
-        Event(
-            user_id=f"user{k % 7}",
-            item_id=f"item{k}",
-            timestamp=1_700_000_000.0 + k / 4,
-            event_type="purchase" if k % 5 == 0 else "interaction",
-            value=k / 2 if k % 3 == 0 else None,
-        )
-        for k in range(start, start + n)
-    ]
-
-
-def read_all(log: EventLog, page: int = 7) -> list[LoggedEvent]:
-    """Every event of the log, paging with read(after, limit) like a learner does."""
-    logged: list[LoggedEvent] = []
-    after = 0
-    while chunk := log.read(after, page):
-        assert len(chunk) <= page
-        logged += chunk
-        after = chunk[-1].offset
-    return logged
 
 
 # ------------------------------------------------------------------------------------- contract
@@ -184,84 +159,7 @@ def test_contract_reopen_sees_everything(open_log: OpenLog) -> None:
     assert read_all(second)[-1].event == make_events(1, start=12)[0]
 
 
-# ----------------------------------------------------------------------------- SQLite durability
-
-WRITER = """
-import sys
-from recloop.online.events import Event, SqliteEventLog
-
-path, tag, batches, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-log = SqliteEventLog(path)
-for b in range(batches):
-    ids = log.append([Event(tag, f"{b}:{i}", float(b)) for i in range(size)])
-    print(b, ids[0], ids[-1], flush=True)  # the acknowledgement the parent relies on
-log.close()
-"""
-
-
-def start_writer(path: Path, tag: str, batches: int, size: int) -> subprocess.Popen[str]:
-    """A child process appending ``batches`` batches of ``size`` events, one stdout line each."""
-    command = [sys.executable, "-c", WRITER, str(path), tag, str(batches), str(size)]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
-
-
-def acknowledged(line: str) -> tuple[int, int, int]:
-    batch, first, last = (int(field) for field in line.split())
-    return batch, first, last
-
-
-def batches_by_writer(logged: list[LoggedEvent]) -> dict[tuple[str, int], list[LoggedEvent]]:
-    """The stored events grouped by (writer tag, batch number) from the ids "batch:index"."""
-    groups: dict[tuple[str, int], list[LoggedEvent]] = defaultdict(list)
-    for entry in logged:
-        groups[entry.event.user_id, int(entry.event.item_id.split(":")[0])].append(entry)
-    return groups
-
-
-def check_dense_and_whole(logged: list[LoggedEvent], size: int) -> None:
-    """Offsets 1..N with no duplicate event, and each batch whole, in order, at consecutive
-    offsets (a batch is one transaction)."""
-    assert [e.offset for e in logged] == list(range(1, len(logged) + 1))
-    assert len({(e.event.user_id, e.event.item_id) for e in logged}) == len(logged)
-    for (tag, batch), entries in batches_by_writer(logged).items():
-        assert [e.event.item_id for e in entries] == [f"{batch}:{i}" for i in range(size)], tag
-        assert entries[-1].offset - entries[0].offset == size - 1
-
-
-def test_sqlite_acknowledged_appends_survive_kill_9(tmp_path: Path) -> None:
-    path, size, kill_after = tmp_path / "events.db", 50, 15
-    writer = start_writer(path, "w", batches=1_000_000, size=size)
-    acked: list[tuple[int, int, int]] = []
-    try:
-        assert writer.stdout is not None
-        for line in writer.stdout:
-            acked.append(acknowledged(line))
-            if len(acked) == kill_after:
-                # The writer is most likely inside its next append: the kill tests atomicity too.
-                os.kill(writer.pid, signal.SIGKILL)
-                break
-    finally:
-        writer.kill()
-        writer.communicate()
-    assert writer.returncode == -signal.SIGKILL
-    assert len(acked) == kill_after
-
-    # WAL mode is a property of the file (synchronous=FULL is set per connection on open).
-    with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    raw.close()
-    with SqliteEventLog(path) as log:
-        logged = read_all(log, page=1000)
-        check_dense_and_whole(logged, size)
-        by_batch = batches_by_writer(logged)
-        # Every acknowledged batch is there, exactly once, at the offsets it was given.
-        for batch, first, last in acked:
-            entries = by_batch["w", batch]
-            assert (entries[0].offset, entries[-1].offset) == (first, last)
-        # At most the batch in flight at the kill made it in on top of the acknowledged ones.
-        assert len(by_batch) in (kill_after, kill_after + 1)
-        # The log is usable after the crash and carries on densely.
-        assert log.append(make_events(1)) == [str(len(logged) + 1)]
+# --------------------------------------------------------------------------- concurrent writers
 
 
 def test_sqlite_concurrent_appenders_keep_the_log_dense(tmp_path: Path) -> None:

@@ -1,14 +1,10 @@
-"""The online learner: test-then-train, new-item admission, deltas, crash safety."""
+"""The online learner: test-then-train, new-item admission, deltas, restarts and compaction.
+The learner under kill -9 at every publish step: tests/test_faults.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +21,6 @@ from recloop.online.events import Event, SqliteEventLog
 from recloop.online.events_redis import RedisStreamEventLog
 from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
 from recloop.online.learner import (
-    CRASH_ENV,
     OnlineConfig,
     OnlineLearner,
     OnlineState,
@@ -34,20 +29,17 @@ from recloop.online.learner import (
 from recloop.online.optim import LazyAdam, grow_rows
 from recloop.online.prequential import CSV_NAME, PLOT_NAME
 from recloop.registry import WEIGHTS, Registry
+from tests.online_helpers import NUM_ITEMS, event_log, pattern_events, state_of, train_base
 from tests.redis_server import running_redis
 from tests.serving import make_dataset, train_version
 
-NUM_ITEMS = 120
 FAST = OnlineConfig(batch_events=64, publish_every_events=256, publish_every_seconds=0)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """(dataset dir, registry dir, version): a tiny SASRec trained on synthetic data."""
-    root = tmp_path_factory.mktemp("online-base")
-    data = make_dataset(root / "data", num_items=NUM_ITEMS)
-    version = train_version(data, root / "registry", root / "run", seed=0)
-    return data, root / "registry", version
+    return train_base(tmp_path_factory.mktemp("online-base"))
 
 
 @pytest.fixture
@@ -55,33 +47,6 @@ def registry(base: tuple[Path, Path, str], tmp_path: Path) -> Registry:
     """A private copy of the base registry, so each test publishes on its own."""
     shutil.copytree(base[1], tmp_path / "registry")
     return Registry(tmp_path / "registry")
-
-
-def successor(item: int) -> int:
-    """A fixed item -> item rule the base model never saw: the pattern online learning finds."""
-    return (item * 7) % NUM_ITEMS + 1
-
-
-def pattern_events(pairs: int, seed: int = 0) -> list[Event]:
-    rng = random.Random(seed)
-    events = []
-    for i in range(pairs):
-        user, item = str(rng.randrange(300)), rng.randrange(1, NUM_ITEMS + 1)
-        events.append(Event(user, str(item), 1e9 + 2 * i))
-        events.append(Event(user, str(successor(item)), 1e9 + 2 * i + 1))
-    return events
-
-
-def event_log(path: Path, events: list[Event]) -> SqliteEventLog:
-    log = SqliteEventLog(path)
-    log.append(events)
-    return log
-
-
-def state_of(registry: Registry, version: str) -> OnlineState:
-    state = OnlineState.from_manifest(registry.manifest(version))
-    assert state is not None
-    return state
 
 
 def published_offset(registry: Registry) -> int:
@@ -439,72 +404,3 @@ def test_learner_consumes_a_redis_stream(registry: Registry, tmp_path: Path) -> 
         # A restart over the stream resumes at the published offset: nothing to do.
         again = OnlineLearner(registry, log, FAST, tmp_path / "run")
         assert again.offset == summary.offset and again.run().events == 0
-
-
-# ----------------------------------------------------------------------------- kill -9
-
-
-def learner_command(registry: Path, events: Path, run_dir: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "recloop.cli", "online", "--registry", str(registry),
-        "--event-log", str(events), "--run-dir", str(run_dir), "--threads", "1",
-        "online.batch_events=64", "online.publish_every_events=256",
-        "online.publish_every_seconds=0", "online.admit_after=2",
-    ]  # fmt: skip
-
-
-def run_learner(command: list[str], crash_at: str | None = None) -> int:
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    env.pop(CRASH_ENV, None)
-    if crash_at:
-        env[CRASH_ENV] = crash_at
-    return subprocess.run(command, env=env, capture_output=True, timeout=120).returncode
-
-
-def test_kill_9_at_any_point_loses_nothing_and_applies_nothing_twice(
-    base: tuple[Path, Path, str], tmp_path: Path
-) -> None:
-    events = pattern_events(500)
-    events += [Event(str(u), "sku-new", 2e9 + u) for u in range(3)]
-    events += pattern_events(200, seed=1)
-    runs = {}
-    for name in ("reference", "crashed"):
-        shutil.copytree(base[1], tmp_path / name / "registry")
-        event_log(tmp_path / name / "events.db", events).close()
-        runs[name] = learner_command(
-            tmp_path / name / "registry", tmp_path / name / "events.db", tmp_path / name / "run"
-        )
-    assert run_learner(runs["reference"]) == 0
-
-    # Crash between every pair of steps that matter, then once more at a random moment.
-    for point in ("batch:3", "state-saved:1", "published:1", "committed:1", "batch:9"):
-        assert run_learner(runs["crashed"], point) == -signal.SIGKILL, point
-    quiet = subprocess.DEVNULL
-    process = subprocess.Popen(runs["crashed"], stdout=quiet, stderr=quiet)
-    time.sleep(random.Random(7).uniform(2.0, 4.0))
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert run_learner(runs["crashed"]) == 0
-
-    reference, crashed = (
-        Registry(tmp_path / "reference/registry"),
-        Registry(tmp_path / "crashed/registry"),
-    )
-    ref_versions = [(i.id, i.kind) for i in reference.list()]
-    assert [(i.id, i.kind) for i in crashed.list()] == ref_versions  # no duplicate publish
-    final = ref_versions[-1][0]
-    ref_state, crash_state = state_of(reference, final), state_of(crashed, final)
-    assert crash_state.offset == ref_state.offset == len(events)
-    assert crash_state.totals == ref_state.totals and crash_state.totals.events == len(events)
-    assert crash_state.admitted == ref_state.admitted and "sku-new" in crash_state.admitted
-    # Optimizer and RNG state travel with each publish: the crashed run took the same steps.
-    ref_tensors, crash_tensors = reference.load_tensors(final), crashed.load_tensors(final)
-    for name, tensor in ref_tensors.items():
-        assert torch.equal(crash_tensors[name], tensor), name
-    for info in crashed.list():
-        crashed.verify(info.id)  # every version complete and checksummed
-    rows = pl.read_csv(tmp_path / "crashed/run" / CSV_NAME)
-    assert rows.equals(pl.read_csv(tmp_path / "reference/run" / CSV_NAME))
-    assert rows["events"].sum() == len(events)
-    log = SqliteEventLog(tmp_path / "crashed/events.db")
-    assert log.committed("online-learner") == len(events)

@@ -1,24 +1,22 @@
-"""The state store: one contract for both backends, memory snapshots, Redis outages."""
+"""The state store: one contract for both backends, memory snapshots, the Redis layout and its
+bounded pending queue. Redis lost under a running store: tests/test_faults.py."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from recloop.errors import ServingError
 from recloop.serve.state import LOGGER_NAME, MemoryStateStore, StateStore, open_state_store
 from recloop.serve.state_redis import RedisStateStore
 from tests.redis_server import RedisServer, free_port, running_redis
-
-Scenario = Callable[[StateStore], Awaitable[None]]
+from tests.state_helpers import Scenario, redis_call, run, state_records
 
 
 @pytest.fixture
@@ -57,33 +55,6 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     server: RedisServer = request.getfixturevalue("redis_server")
     # Redis expires keys on its own clock, so time has to really pass.
     return Backend("redis", lambda **kw: RedisStateStore(server.url, **kw), asyncio.sleep)
-
-
-def run(store: StateStore, scenario: Scenario) -> None:
-    """Start the store, run the scenario, close the store (even on failure)."""
-
-    async def main() -> None:
-        await store.start()
-        try:
-            await scenario(store)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
-
-
-async def redis_call(url: str, command: str, *args: Any) -> Any:
-    """One command through a separate client: what is really in Redis."""
-    client = Redis.from_url(url)
-    try:
-        # execute_command is untyped in redis-py; the typed commands do not take a name.
-        return await client.execute_command(command, *args)  # type: ignore[no-untyped-call]
-    finally:
-        await client.aclose()
-
-
-def state_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == LOGGER_NAME and r.levelno == level]
 
 
 # ------------------------------------------------------------------------------------ contract
@@ -260,79 +231,6 @@ def test_redis_layout(redis_server: RedisServer) -> None:
 
     # A prefix with glob characters: SCAN MATCH must treat it literally.
     run(RedisStateStore(url, max_length=3, cache_ttl=30, prefix="t[1]:"), scenario)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        await asyncio.sleep(0.05)
-
-
-def test_redis_outage_keeps_serving_and_replays_events(
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
-    url = redis_server.url
-
-    async def scenario(store: StateStore) -> None:
-        await store.append_events([("u1", "a"), ("u1", "b"), ("u2", "x")])
-        assert await store.get_sequences(["u1", "u2"]) == [["a", "b"], ["x"]]
-        await store.set_cached("u2", "f", b"cached")
-
-        redis_server.stop()
-        assert await store.get_sequences(["u1", "u2"]) == [["a", "b"], ["x"]]  # last known
-        await store.append_events([("u1", "c"), ("u3", "z")])
-        assert await store.get_sequences(["u1", "u3"]) == [["a", "b", "c"], ["z"]]
-        assert await store.get_cached("u2", "f") is None
-        await store.set_cached("u2", "f", b"skipped")
-        status = store.status()
-        assert status["connected"] is False and status["pending"] == 2
-        assert status["last_error"]
-
-        started = time.perf_counter()
-        for _ in range(50):
-            await store.get_sequences(["u1"])
-            await store.get_cached("u1", "f")
-        assert time.perf_counter() - started < 1.0, "requests wait on Redis while it is down"
-        assert len(state_records(caplog, logging.WARNING)) == 1
-
-        redis_server.start()  # same port, empty: no persistence
-        await wait_until(lambda: store.status()["connected"], timeout=10)
-        status = store.status()
-        assert status["pending"] == 0 and status["reconnects"] == 1
-        assert len(state_records(caplog, logging.INFO)) == 1
-        assert len(state_records(caplog, logging.WARNING)) == 1
-        assert await redis_call(url, "LRANGE", "recloop:seq:u1", 0, -1) == [b"c"]
-        assert await redis_call(url, "LRANGE", "recloop:seq:u3", 0, -1) == [b"z"]
-        # Back to Redis as the source of truth, cache on again.
-        assert await store.get_sequences(["u1"]) == [["c"]]
-        await store.set_cached("u2", "f", b"again")
-        assert await store.get_cached("u2", "f") == b"again"
-
-    run(RedisStateStore(url, max_length=5), scenario)
-
-
-def test_redis_down_at_start_starts_degraded(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
-    server = RedisServer(tmp_path / "redis", port=free_port())
-
-    async def scenario(store: StateStore) -> None:
-        assert store.status()["connected"] is False
-        await store.append_events([("u1", "a"), ("u1", "b")])
-        await store.invalidate_all()  # deferred to the reconnect
-        assert await store.get_sequences(["u1"]) == [["a", "b"]]
-        server.start()
-        await wait_until(lambda: store.status()["connected"], timeout=10)
-        assert await redis_call(server.url, "LRANGE", "recloop:seq:u1", 0, -1) == [b"a", b"b"]
-        assert len(state_records(caplog, logging.WARNING)) == 1
-
-    try:
-        run(RedisStateStore(server.url, backoff_initial=0.05, backoff_max=0.2), scenario)
-    finally:
-        server.stop()
 
 
 def test_redis_pending_queue_is_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
