@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from recloop.errors import ServingError
-from recloop.serve.state import MemoryStateStore
+from recloop.serve.state import MemoryStateStore, gc_paused
 
 if TYPE_CHECKING:
     from recloop.online.events import EventLog
@@ -166,6 +167,21 @@ class LoggedState:
         progress = RebuildProgress(offset, target, offset, started=time.monotonic())
         self.progress = progress
         reported = progress.started
+        with gc_paused():
+            await self._replay(progress, reported)
+        # The rebuilt state lives as long as the process: out of the collector's sight, so
+        # full collections stop walking it (as the service does with a loaded model).
+        gc.freeze()
+        log.info(
+            "user state rebuilt: %d events after offset %d in %.2f s; %d users",
+            progress.events,
+            progress.start_offset,
+            progress.seconds(),
+            self.store.status()["users"],
+        )
+        return progress
+
+    async def _replay(self, progress: RebuildProgress, reported: float) -> None:
         while True:
             async with self._lock:
                 page = await self._call(self.event_log.read_pairs, self._offset(), PAGE)
@@ -184,14 +200,6 @@ class LoggedState:
             if time.monotonic() - reported >= PROGRESS_EVERY:
                 reported = time.monotonic()
                 log.info("%s", progress.line())
-        log.info(
-            "user state rebuilt: %d events after offset %d in %.2f s; %d users",
-            progress.events,
-            progress.start_offset,
-            progress.seconds(),
-            self.store.status()["users"],
-        )
-        return progress
 
     # ---------------------------------------------------------------- while serving
 
