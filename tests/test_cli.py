@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import polars as pl
+import pytest
 
 from recloop.data.dataset import SequenceDataset
 
@@ -21,6 +25,33 @@ def run(
     return subprocess.run(
         [*RECLOOP, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, check=False
     )
+
+
+def run_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`recloop ARGS` through the console entry point, `recloop.cli.main`, in this process: the
+    same argument parsing and error reporting as a real process, without the seconds a fresh
+    interpreter spends importing torch (the error-path tests run dozens of commands). The
+    environment and the root logger are restored afterwards (serve sets thread-count variables
+    for its libraries and configures logging)."""
+    from recloop.cli import main
+
+    environ = dict(os.environ)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    capsys.readouterr()
+    code = 0
+    try:
+        with patch.object(sys, "argv", ["recloop", *args]):
+            main()
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["recloop", *args], code, out, err)
 
 
 def test_prepare_then_stats_json(tmp_path: Path) -> None:
@@ -115,7 +146,9 @@ def test_demo_runs_the_loop(tmp_path: Path) -> None:
     assert manifest["parent"] == "v000001" and manifest["method"] == "int8"
 
 
-def test_online_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
+def test_online_bad_arguments_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cases = [
         (["--registry", str(tmp_path / "nowhere")], "not a model registry"),
         (["--registry", str(tmp_path), "online.batch_event=3"], "unknown key online.batch_event"),
@@ -125,12 +158,14 @@ def test_online_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
     ]
     (tmp_path / "versions").mkdir()
     for args, message in cases:
-        done = run("online", "--event-log", str(tmp_path / "events.db"), *args)
+        done = run_here(capsys, "online", "--event-log", str(tmp_path / "events.db"), *args)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr
 
 
-def test_serve_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
+def test_serve_bad_arguments_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cases = [
         (["--registry", str(tmp_path / "nowhere")], "not a model registry"),
         (["--registry", str(tmp_path)], "has no versions yet"),
@@ -141,7 +176,7 @@ def test_serve_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
     ]
     (tmp_path / "versions").mkdir()
     for args, message in cases:
-        done = run("serve", *args)
+        done = run_here(capsys, "serve", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr
 
@@ -264,7 +299,9 @@ def test_stats_on_a_corrupt_dataset_is_one_line(tmp_path: Path) -> None:
     one_error_line(run("stats", str(out)), f"{out / 'manifest.json'}: the manifest has no")
 
 
-def test_models_list_marks_a_broken_version_and_show_names_its_file(tmp_path: Path) -> None:
+def test_models_list_marks_a_broken_version_and_show_names_its_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import torch
 
     from recloop.registry import Registry
@@ -276,20 +313,22 @@ def test_models_list_marks_a_broken_version_and_show_names_its_file(tmp_path: Pa
     ]
     manifest = registry.path(ids[1]) / "manifest.json"
     manifest.write_text("{not json")
-    listed = run("models", "list", "--registry", str(registry.root))
+    listed = run_here(capsys, "models", "list", "--registry", str(registry.root))
     assert listed.returncode == 0, listed.stderr
     assert all(i in listed.stdout for i in ids) and "broken" in listed.stdout
-    as_json = run("models", "list", "--registry", str(registry.root), "--json")
+    as_json = run_here(capsys, "models", "list", "--registry", str(registry.root), "--json")
     assert as_json.returncode == 0, as_json.stderr
     rows = json.loads(as_json.stdout)
     assert [row["status"].split(":")[0] for row in rows] == ["ok", "broken", "ok"]
     assert str(manifest) in rows[1]["status"] and "is not valid JSON" in rows[1]["status"]
     assert rows[2]["metrics"] == {"m": 2}
-    shown = run("models", "show", "--registry", str(registry.root), ids[1])
+    shown = run_here(capsys, "models", "show", "--registry", str(registry.root), ids[1])
     one_error_line(shown, f"version {ids[1]}: {manifest} is not valid JSON")
 
 
-def test_serve_refuses_a_broken_version_before_binding_its_port(tmp_path: Path) -> None:
+def test_serve_refuses_a_broken_version_before_binding_its_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from recloop.serve.server import free_port
     from tests.serving import make_dataset, train_version
 
@@ -301,12 +340,13 @@ def test_serve_refuses_a_broken_version_before_binding_its_port(tmp_path: Path) 
         file.seek(100)
         file.write(b"garbage")
     port = free_port()
+    # A real process once: the error comes before uvicorn ever runs.
     done = run("serve", "--registry", str(registry), "--port", str(port), timeout=300)
     one_error_line(done, f"version {version} is corrupt", "weights.safetensors", "sha256")
     manifest = registry / "versions" / version / "manifest.json"
     manifest.write_text("{not json")
-    done = run("serve", "--registry", str(registry), "--port", str(port), timeout=300)
+    done = run_here(capsys, "serve", "--registry", str(registry), "--port", str(port))
     one_error_line(done, "manifest.json is not valid JSON")
     long_ref = "v" + "1" * 300  # once a 500-style OSError (file name too long)
-    done = run("serve", "--registry", str(registry), "--version", long_ref, timeout=300)
+    done = run_here(capsys, "serve", "--registry", str(registry), "--version", long_ref)
     one_error_line(done, "is not a version reference")
