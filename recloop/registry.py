@@ -90,6 +90,7 @@ from safetensors.torch import save_file
 
 from recloop import __version__
 from recloop.errors import RegistryError, undecodable
+from recloop.fsutil import fsync_dir
 
 __all__ = [
     "MANIFEST",
@@ -378,7 +379,7 @@ class Registry:
             # The id lives in the manifest too, so it is rewritten (still invisible) per attempt.
             manifest["id"] = version_id
             _write_json(tmp / MANIFEST, manifest, durable=True)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             try:
                 os.rename(tmp, self._versions / version_id)
             except OSError as exc:
@@ -388,7 +389,7 @@ class Registry:
                 number = max(number + 1, self._max_number() + 1)
                 continue
             # Make the new directory entry itself durable, not just the files in it.
-            _fsync_dir(self._versions)
+            fsync_dir(self._versions)
             return version_id
         raise RegistryError(f"{self.root}: no free version id after {_MAX_ATTEMPTS} attempts")
 
@@ -752,7 +753,7 @@ class Registry:
         try:
             _write_json(tmp, aliases, durable=True)
             os.replace(tmp, self.root / ALIASES)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -1313,14 +1314,6 @@ def _write_json(path: Path, data: Any, *, durable: bool) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:

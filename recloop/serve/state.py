@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from recloop.errors import ServingError
+from recloop.fsutil import fsync_dir
 
 __all__ = [
     "LOGGER_NAME",
@@ -368,18 +369,10 @@ def write_snapshot(
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp_name, path)
-        _fsync_directory(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         Path(temp_name).unlink(missing_ok=True)
         raise ServingError(f"{path}: cannot write the state snapshot ({exc})") from None
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_snapshot(path: Path) -> Snapshot:
