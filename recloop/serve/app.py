@@ -334,10 +334,7 @@ def _write_routes(app: FastAPI, service: Service) -> None:
         """The user's recent events as the service holds them (oldest first): what its next
         recommendations are computed from, besides the training history. Needs the API key
         (it is user data)."""
-        if not service.state_ready:
-            raise Unavailable(f"user state is being rebuilt: {service.rebuild_line()}")
-        (items,) = await service.state.get_sequences([user_id])
-        return UserEvents(user_id=user_id, items=items)
+        return UserEvents(user_id=user_id, items=await service.recent_events(user_id))
 
     @app.post(
         "/v1/events",

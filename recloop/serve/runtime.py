@@ -476,7 +476,7 @@ class ModelHolder:
         applied to it (apply_deltas), anything else loaded in full. On failure the current
         bundle stays and the error is raised. Loading the version already served is a no-op."""
         with self._load_lock:
-            target = self.registry.resolve(ref or self.ref)
+            target = self.registry.resolve(self.ref if ref is None else ref)
             current = self.current
             if current is not None and current.version == target:
                 return current, current.version

@@ -294,9 +294,15 @@ class Service:
             await self.state.append_events(pairs)
         return ids, True
 
-    def rebuild_line(self) -> str:
-        progress = self.logged_state.progress if self.logged_state is not None else None
-        return progress.line() if progress is not None else "starting"
+    async def recent_events(self, user_id: str) -> list[str]:
+        """The user's recent items from the state store; 503 while the state is being rebuilt
+        (a partly replayed state would answer without events the service acknowledged)."""
+        if not self.state_ready:
+            progress = self.logged_state.progress if self.logged_state is not None else None
+            line = progress.line() if progress is not None else "starting"
+            raise Unavailable(f"user state is being rebuilt from the event log: {line}")
+        (recent,) = await self.state.get_sequences([user_id])
+        return recent
 
     def spawn(self, coroutine: Awaitable[Any]) -> None:
         """Fire-and-forget work (cache writes) that must not delay the response."""
@@ -309,10 +315,7 @@ class Service:
     async def user_recommendations(self, user_id: str, k: int, exclude_seen: bool) -> bytes:
         """The JSON body of GET /v1/users/{user_id}/recommendations (validated arguments)."""
         bundle = self.bundle
-        if not self.state_ready:
-            detail = f"user state is being rebuilt from the event log: {self.rebuild_line()}"
-            raise Unavailable(detail)
-        (recent,) = await self.state.get_sequences([user_id])
+        recent = await self.recent_events(user_id)
         # The cache field names what the answer was computed from: model version, arguments and
         # a digest of the user's recent events. A result computed just before an event arrived
         # and written just after it is stored under the old digest and never served (the event
