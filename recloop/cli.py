@@ -285,7 +285,8 @@ def train_command(
     import torch
 
     from recloop.config import load_config
-    from recloop.train.trainer import describe_metrics, train, validation_metric_prefix
+    from recloop.train.loop import validation_metric_prefix
+    from recloop.train.trainer import describe_metrics, train
 
     if threads is not None:
         torch.set_num_threads(threads)

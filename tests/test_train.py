@@ -19,7 +19,8 @@ from recloop.data.prepare import prepare, with_source_order
 from recloop.data.synthetic import SyntheticConfig, generate_events
 from recloop.evaluate import EvalConfig, evaluate, sample_negatives
 from recloop.registry import Registry
-from recloop.train.trainer import VALID_NEGATIVES_SEED, lr_at, train
+from recloop.train.loop import VALID_NEGATIVES_SEED, lr_at
+from recloop.train.trainer import train
 
 TINY_MODEL = {"type": "sasrec", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0}
 

@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from recloop.compress.finetune import Batch, FitResult, LossFn, fit
+from recloop.compress.finetune import FitResult, fit
 from recloop.config import TrainConfig
 from recloop.data.dataset import SequenceDataset
 from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder
 from recloop.models.factory import build_model
+from recloop.train.loop import Batch, LossFn
 from recloop.train.losses import chunked_cross_entropy
 
 INITS = ("scratch", "teacher")

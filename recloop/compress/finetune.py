@@ -1,16 +1,15 @@
-"""The short training loop of compression: fine-tuning after pruning, and distillation.
+"""Fine-tuning an existing model with the one training loop: after pruning, and distillation.
 
-It is the trainer's loop (:mod:`recloop.train.trainer`) for a model that already exists, with
-the trainer's own pieces: the same training windows and loader, the same losses
-(:func:`recloop.train.losses.next_item_loss` unless a distillation loss is given), the same
-AdamW groups and learning-rate schedule, the same full-ranking validation to keep the best
-weights and stop early. Single process; no checkpoints (a fine-tune is minutes).
+:func:`fit` is :func:`recloop.train.loop.run` in its start-from-model mode, with the trainer's
+own pieces: the same training windows and loader, the same losses (the next-item loss of
+``cfg.loss`` unless a loss hook is given, e.g. distillation's), the same AdamW groups and
+learning-rate schedule, the same validation to keep the best weights and stop early. Single
+process, on the model's device, without bf16 / torch.compile; no checkpoints (a fine-tune is
+minutes).
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,27 +18,25 @@ from typing import Any
 import torch
 
 from recloop.config import TrainConfig
-from recloop.data.batches import TrainingWindows, make_loader, trim_left_padding
+from recloop.data.batches import TrainingWindows, make_loader
 from recloop.data.dataset import SequenceDataset
 from recloop.data.splits import EvalExamples, Split
 from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
-from recloop.progress import stderr
-from recloop.train.averaging import averaged, weight_average
-from recloop.train.losses import next_item_loss
-from recloop.train.trainer import (
-    _adamw,
-    _Progress,
-    _set_lr,
+from recloop.train.distributed import DistContext
+from recloop.train.loop import (
+    LoopPlan,
+    LossFn,
+    TrainState,
     check_samples,
+    keep_starting_weights,
+    next_item,
+    run,
     validation_eval_config,
     validation_metric_prefix,
     window_config,
 )
-
-Batch = dict[str, torch.Tensor]
-# (model, hidden [B, L, D], batch) -> (loss summed over tokens, token count)
-LossFn = Callable[[SequentialEncoder, torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor]]
+from recloop.train.progress import Progress
 
 
 @dataclass
@@ -83,8 +80,9 @@ def fit(
     with its best validation weights (in eval mode).
 
     `loss` replaces the next-item loss of ``cfg.loss``; `after_step` runs after every optimizer
-    step (magnitude pruning re-applies its masks there). With `evaluate_start` the starting
-    weights are evaluated first and kept if nothing beats them.
+    step (magnitude pruning re-applies its masks there; the weight average moves after it, so
+    masked weights stay zero in it). With `evaluate_start` the starting weights are evaluated
+    first and kept if nothing beats them.
     """
     torch.manual_seed(cfg.seed)
     check_samples(model, cfg)
@@ -97,122 +95,49 @@ def fit(
         drop_last=True,
         bucket_by_length=cfg.bucket_by_length,
     )
-    steps_per_epoch = len(loader)
-    total_steps = cfg.max_steps or cfg.max_epochs * steps_per_epoch
-    eval_every = cfg.eval_every_steps or cfg.eval_every_epochs * steps_per_epoch
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-    optimizer = _adamw(model, cfg, fused=False)
-    # As in the trainer: validation and the weights kept are the average's, when there is one.
-    # It updates after `after_step`, so weights that magnitude pruning masks stay zero in it.
-    average = weight_average(model, cfg.ema_decay)
-
-    def next_item(m: SequentialEncoder, hidden: torch.Tensor, batch: Batch) -> tuple[Any, Any]:
-        targets = batch["target_ids"]
-        return next_item_loss(m, hidden, targets, cfg, dataset.num_items, batch["input_ids"])
-
-    step_loss = loss or next_item
-
-    prefix = validation_metric_prefix(cfg)
-    select_key = prefix + cfg.select_metric
-    valid_config = validation_eval_config(cfg)
-
-    def validate() -> dict[str, float]:
-        """The trainer's validation: same protocol, seed and metric names."""
-        metrics = evaluate(model, split.valid, split.source, valid_config)
-        return {prefix + k: v for k, v in metrics.items() if isinstance(v, float)}
-
-    def say(message: str) -> None:
-        if show_progress:
-            stderr.print(f"{description}: {message}", highlight=False)
-
-    best_value, best_step, since_best = -math.inf, 0, 0
-    best_metrics: dict[str, float] = {}
-    best_weights: dict[str, torch.Tensor] | None = None
+    device = next(model.parameters()).device
+    plan = LoopPlan(
+        cfg,
+        steps_per_epoch=len(loader),
+        context=DistContext(rank=0, world_size=1, local_rank=0, device=device),
+        loss=loss or next_item(cfg, dataset.num_items),
+        validate=_validation(model, split, cfg),
+        after_step=after_step,
+        use_runtime=False,
+        rate_columns=False,  # compressed versions' manifests record the rows as they always did
+    )
+    state = TrainState.start(model, cfg, plan.total_steps)
+    progress = Progress(
+        plan.total_steps, 0, enabled=show_progress, label=description, prefix=f"{description}: "
+    )
     if evaluate_start:
-        best_metrics = validate()
-        best_value = best_metrics[select_key]
-        best_weights = copy.deepcopy(model.state_dict())
-        say(f"start: valid {select_key} {best_value:.4f}")
-    history: list[dict[str, Any]] = []
-    if evaluate_start:
-        history.append({"step": 0, **{f"valid/{k}": v for k, v in best_metrics.items()}})
-    step, epoch, loss_sum, loss_steps = 0, 0, 0.0, 0
-    stopped_by = "max_steps" if cfg.max_steps else "max_epochs"
+        value = keep_starting_weights(state, plan)
+        progress.log(f"start: valid {plan.select_key} {value:.4f}")
     started = time.perf_counter()
-    bar = _Progress(total_steps, 0, enabled=show_progress, label=description)
-    tokens_seen = 0
-    prefixes = cfg.samples == "prefixes"
-    model.train()
-    while step < total_steps:
-        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        for batch in loader:
-            batch = trim_left_padding(batch) if cfg.trim_padding else batch
-            _set_lr(optimizer, cfg, step, total_steps)
-            if prefixes:  # one target per window, at its end: the rest is never scored
-                batch = {**batch, "target_ids": batch["target_ids"][:, -1:]}  # [B, 1]
-            hidden = model(batch["input_ids"], batch["timestamps"], last_only=prefixes)
-            loss_total, tokens = step_loss(model, hidden, batch)  # hidden [B, L or 1, D]
-            mean_loss = loss_total / tokens.clamp_min(1)
-            optimizer.zero_grad(set_to_none=True)
-            mean_loss.backward()
-            if cfg.grad_clip:  # None or 0: no clipping
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if after_step is not None:
-                after_step()
-            if average is not None:
-                average.update()
-            step += 1
-            loss_sum += float(mean_loss.detach())
-            loss_steps += 1
-            tokens_seen += int(tokens)
-            elapsed = time.perf_counter() - started
-            bar.update(step, loss_sum / loss_steps, tokens_seen / max(elapsed, 1e-9))
-            out_of_time = time.perf_counter() - started > budget
-            if step % eval_every == 0 or step == total_steps or out_of_time:
-                with averaged(average):
-                    metrics = validate()
-                    value = metrics[select_key]
-                    weights = copy.deepcopy(model.state_dict()) if value > best_value else None
-                model.train()
-                history.append(
-                    {
-                        "step": step,
-                        "epoch": round(step / steps_per_epoch, 3),
-                        "elapsed_s": round(time.perf_counter() - started, 2),
-                        "train_loss": round(loss_sum / max(loss_steps, 1), 5),
-                        **{f"valid/{k}": v for k, v in metrics.items()},
-                    }
-                )
-                loss_sum, loss_steps = 0.0, 0
-                if value > best_value:
-                    best_value, best_step, since_best = value, step, 0
-                    best_metrics, best_weights = metrics, weights
-                else:
-                    since_best += 1
-                say(
-                    f"step {step}: valid {select_key} {value:.4f} "
-                    f"(best {best_value:.4f} at step {best_step})"
-                )
-                if since_best >= cfg.patience:
-                    stopped_by = "early_stopping"
-            if out_of_time and stopped_by != "early_stopping":
-                stopped_by = "max_minutes"
-            if stopped_by in ("early_stopping", "max_minutes") or step >= total_steps:
-                break
-        epoch += 1
-        if stopped_by in ("early_stopping", "max_minutes"):
-            break
-    bar.close()
-    if best_weights is not None:
-        model.load_state_dict(best_weights)
+    run(state, loader, plan, progress)
+    if state.best_weights is not None:
+        model.load_state_dict(state.best_weights)
     model.eval()
     return FitResult(
-        steps=step,
-        epochs=step / max(steps_per_epoch, 1),
+        steps=state.step,
+        epochs=state.step / max(plan.steps_per_epoch, 1),
         seconds=time.perf_counter() - started,
-        best_step=best_step,
-        best_metrics=best_metrics,
-        stopped_by=stopped_by,
-        history=history,
+        best_step=state.best_step,
+        best_metrics=state.best_metrics,
+        stopped_by=state.stopped_by,
+        history=state.history,
     )
+
+
+def _validation(
+    model: SequentialEncoder, split: Split, cfg: TrainConfig
+) -> Callable[[], dict[str, float]]:
+    """The trainer's validation: same protocol, seed and metric names."""
+    config = validation_eval_config(cfg)
+    prefix = validation_metric_prefix(cfg)
+
+    def validate() -> dict[str, float]:
+        metrics = evaluate(model, split.valid, split.source, config)
+        return {prefix + k: v for k, v in metrics.items() if isinstance(v, float)}
+
+    return validate

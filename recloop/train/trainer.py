@@ -1,26 +1,21 @@
-"""The training loop: one linear function a reader can follow top to bottom.
+"""`recloop train`: config -> state -> the loop -> the best weights tested and published.
 
 Single process:
     recloop train --config configs/beauty/sasrec.toml --data data/beauty --registry registry
 Data-parallel (gloo on CPU, NCCL on GPU), same arguments, same global batch:
     torchrun --nproc_per_node=2 -m recloop.cli train --config ... --data ... --registry ...
 
-Every process reads the same dataset and takes its slice of each global batch; the loss is
-summed over a process's tokens and divided by the token count of the whole global batch, so the
-averaged DDP gradient equals the one-process gradient. Only rank 0 writes (metrics, plots,
-checkpoints, the registry version). A run stopped by `--max-minutes` (or killed) resumes
-exactly from its last checkpoint with `--resume RUN_DIR`.
+The loop itself is :func:`recloop.train.loop.run`. Every process reads the same dataset and
+takes its slice of each global batch. Only rank 0 writes (metrics, plots, checkpoints, the
+registry version). A run stopped by `--max-minutes` (or killed) resumes exactly from its last
+checkpoint with `--resume RUN_DIR`.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
-import math
 import sys
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,26 +24,29 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from recloop.config import ExperimentConfig, TrainConfig, ValidationProtocol
-from recloop.data.batches import (
-    COMPILE_WIDTHS,
-    TrainingWindows,
-    WindowConfig,
-    make_loader,
-    pad_to_width,
-    trim_left_padding,
-)
+from recloop.config import ExperimentConfig, TrainConfig
+from recloop.data.batches import TrainingWindows, make_loader
 from recloop.data.dataset import SequenceDataset
-from recloop.data.splits import EvalExamples
+from recloop.data.splits import EvalExamples, Split
 from recloop.errors import ConfigError
 from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
 from recloop.models.embeddings import folded_state_dict, with_item_attributes
 from recloop.models.factory import build_model, config_to_dict
 from recloop.train import checkpoint
-from recloop.train.averaging import averaged, weight_average
-from recloop.train.distributed import agree, all_reduce_sum, init_distributed
-from recloop.train.losses import next_item_loss
+from recloop.train.distributed import DistContext, init_distributed
+from recloop.train.loop import (
+    LoopPlan,
+    TrainState,
+    check_samples,
+    eval_config,
+    next_item,
+    run,
+    validation_eval_config,
+    validation_metric_prefix,
+    window_config,
+)
+from recloop.train.progress import Progress
 
 
 @dataclass
@@ -86,16 +84,82 @@ def train(
             f"train.batch_size {cfg.batch_size} must divide by the {ctx.world_size} processes"
         )
     torch.manual_seed(cfg.seed)
+    run_dir = Path(run_dir)
 
-    # ---- data: leave-one-out split, training windows, this rank's loader
+    # ---- data, model, the state the loop changes, and what the loop does
     dataset = SequenceDataset(data_dir)
     split = dataset.leave_one_out()
+    loader = _loader(split, cfg, ctx)
+    model = _build_model(config, dataset, ctx)
+    plan = LoopPlan(
+        cfg,
+        steps_per_epoch=len(loader),
+        context=ctx,
+        loss=next_item(cfg, dataset.num_items),
+        validate=_validation(model, split, cfg, ctx),
+        forward=_forward_module(model, cfg, ctx),
+        on_best=(lambda state: _save_best(run_dir, state.best_weights)) if ctx.is_main else None,
+        stop_at_step=stop_at_step,
+    )
+    state = TrainState.start(model, cfg, plan.total_steps, fused=ctx.device.type == "cuda")
+    if resume:
+        _resume(state, run_dir)
+
+    # ---- the loop
+    progress = Progress(plan.total_steps, state.step, enabled=show_progress and ctx.is_main)
+    run(state, loader, plan, progress)
+    if ctx.is_main:
+        _save_run(run_dir, state, config)
+
+    # ---- the best weights, tested and published
+    if state.best_weights is not None:
+        model.load_state_dict(state.best_weights)
+    test_metrics: dict[str, float] = {}
+    version = None
+    if state.stopped_by != "interrupted":
+        test_metrics = _evaluate_on(model, split, split.test, eval_config(cfg, "full"), ctx)
+        if ctx.is_main and registry_dir is not None:
+            training = _training_summary(state, plan, command)
+            version = _publish(
+                registry_dir, model, dataset, config, state.best_metrics, test_metrics, run_dir,
+                training=training,
+            )  # fmt: skip
+    return _result(run_dir, state, plan, test_metrics, version)
+
+
+def _result(
+    run_dir: Path,
+    state: TrainState,
+    plan: LoopPlan,
+    test_metrics: dict[str, float],
+    version: str | None,
+) -> TrainResult:
+    return TrainResult(
+        run_dir=run_dir,
+        best_step=state.best_step,
+        best_metrics=state.best_metrics,
+        test_metrics=test_metrics,
+        steps=state.step,
+        epochs=state.step / plan.steps_per_epoch,
+        train_seconds=state.train_seconds,
+        tokens_per_second=state.tokens_per_second,
+        stopped_by=state.stopped_by,
+        version=version,
+        model=state.model,
+    )
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def _loader(split: Split, cfg: TrainConfig, ctx: DistContext) -> Any:
+    """This rank's loader over the leave-one-out training windows."""
     windows = TrainingWindows(split.train, window_config(cfg))
     if len(windows) < cfg.batch_size:
         raise ConfigError(
             f"train.batch_size {cfg.batch_size} is larger than the {len(windows)} training windows"
         )
-    loader = make_loader(
+    return make_loader(
         windows,
         cfg.batch_size,
         rank=ctx.rank,
@@ -106,11 +170,12 @@ def train(
         pin_memory=ctx.device.type == "cuda",
         bucket_by_length=cfg.bucket_by_length,
     )
-    steps_per_epoch = len(loader)
-    total_steps = cfg.max_steps or cfg.max_epochs * steps_per_epoch
-    eval_every = cfg.eval_every_steps or cfg.eval_every_epochs * steps_per_epoch
 
-    # ---- model and optimizer
+
+def _build_model(
+    config: ExperimentConfig, dataset: SequenceDataset, ctx: DistContext
+) -> SequentialEncoder:
+    cfg = config.train
     model_config = {k: v for k, v in config.model.items() if k != "type"}
     model_config.setdefault("max_length", cfg.max_length)
     model_config["num_items"] = dataset.num_items
@@ -118,218 +183,103 @@ def train(
     check_samples(model, cfg)
     if cfg.item_attributes:
         with_item_attributes(model, _attribute_ids(dataset), model.config.init_std)
-    optimizer = _adamw(model, cfg, fused=ctx.device.type == "cuda")
+    return model
+
+
+def _forward_module(model: SequentialEncoder, cfg: TrainConfig, ctx: DistContext) -> Any:
+    """The module the loop calls forward on: the model, under DDP and torch.compile if asked."""
     forward: torch.nn.Module = model
     if ctx.distributed:
         forward = DistributedDataParallel(model)
     if cfg.compile:
-        # One static graph per padded width (see pad_to_width below); without this, dynamo
+        # One static graph per padded width (see loop.prepare_batch); without this, dynamo
         # switches to a dynamic-shape graph after the second width and recompiles again.
         torch._dynamo.config.automatic_dynamic_shapes = False
         forward = torch.compile(forward)  # type: ignore[assignment]
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    # Validation, selection and publishing see the weight average when the run keeps one.
-    average = weight_average(model, cfg.ema_decay)
+    return forward
 
-    # ---- state that a checkpoint carries
-    run_dir = Path(run_dir)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    best_value, best_step, evals_since_best = -math.inf, 0, 0
-    best_metrics: dict[str, float] = {}
-    history: list[dict[str, Any]] = []
-    if resume:
-        found = checkpoint.latest_checkpoint(run_dir)
-        if found is None:
-            raise ConfigError(f"{run_dir}: no checkpoint to resume from")
-        state = checkpoint.load_checkpoint(found, model, optimizer)
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best_value, best_step = state["best_value"], state["best_step"]
-        evals_since_best, best_metrics = state["evals_since_best"], state["best_metrics"]
-        history = state["history"]
-        if average is not None:
-            average.load_state_dict(checkpoint.load_average(found), state["average_updates"])
-    best_weights = _load_best(run_dir) if resume and best_step else None
 
-    test_config = _eval_config(cfg, "full")  # published test metrics: full ranking always
-    valid_config = validation_eval_config(cfg)
-    valid_prefix = validation_metric_prefix(cfg)
-    select_key = valid_prefix + cfg.select_metric
-
-    def evaluate_on(examples: EvalExamples, eval_config: EvalConfig) -> dict[str, float]:
-        """Metrics over every rank's shard, all-reduced (floats only)."""
-        metrics = evaluate(
-            model,
-            examples,
-            split.source,
-            eval_config,
-            device=ctx.device,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
-        return {k: v for k, v in metrics.items() if isinstance(v, float)}
+def _validation(model: SequentialEncoder, split: Split, cfg: TrainConfig, ctx: DistContext) -> Any:
+    """The loop's validation: metrics named with the protocol's prefix."""
+    config = validation_eval_config(cfg)
+    prefix = validation_metric_prefix(cfg)
 
     def validate() -> dict[str, float]:
-        return {valid_prefix + k: v for k, v in evaluate_on(split.valid, valid_config).items()}
+        metrics = _evaluate_on(model, split, split.valid, config, ctx)
+        return {prefix + k: v for k, v in metrics.items()}
 
-    tokens_seen, train_seconds, loss_sum, loss_steps = 0, 0.0, 0.0, 0
-    stopped_by = "max_steps" if cfg.max_steps else "max_epochs"
-    started = time.perf_counter()
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-    progress = _Progress(total_steps, step, enabled=show_progress and ctx.is_main)
+    return validate
 
-    prefixes = cfg.samples == "prefixes"
-    model.train()
-    stop = False
-    while step < total_steps and not stop:
-        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        for index, batch in enumerate(loader):
-            if index < batch_in_epoch:  # resuming mid-epoch: same order, skip what was done
-                continue
-            tick = time.perf_counter()
-            if cfg.trim_padding:
-                batch = trim_left_padding(batch)
-                if cfg.compile:  # a few static shapes: one compilation each, then no more
-                    batch = pad_to_width(batch, widths=(*COMPILE_WIDTHS, cfg.max_length))
-            input_ids = batch["input_ids"].to(ctx.device, non_blocking=True)  # [B, L]
-            targets = batch["target_ids"].to(ctx.device, non_blocking=True)  # [B, L]
-            timestamps = batch["timestamps"].to(ctx.device, non_blocking=True)  # [B, L]
-            _set_lr(optimizer, cfg, step, total_steps)
-            if prefixes:  # one target per window, at its end: the rest is never scored
-                targets = targets[:, -1:]  # [B, 1]
-            with autocast:
-                hidden = forward(input_ids, timestamps, last_only=prefixes)  # [B, L or 1, D]
-                loss_total, tokens = next_item_loss(
-                    model, hidden, targets, cfg, dataset.num_items, inputs=input_ids
-                )
-            global_tokens = all_reduce_sum(tokens.detach().clone().float(), ctx)
-            # DDP averages gradients over ranks; scaling by world / global tokens makes that
-            # average the mean over every token of the global batch.
-            loss = loss_total * ctx.world_size / global_tokens.clamp_min(1.0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            if cfg.grad_clip:  # None or 0: no clipping
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if average is not None:
-                average.update()
-            step += 1
-            batch_in_epoch = index + 1
-            train_seconds += time.perf_counter() - tick
-            tokens_seen += int(global_tokens.item())
-            loss_sum += float(loss.item())  # rank 0's share, scaled to the global mean
-            loss_steps += 1
-            progress.update(step, loss_sum / loss_steps, tokens_seen / max(train_seconds, 1e-9))
 
-            out_of_time = time.perf_counter() - started > budget
-            if step % eval_every == 0 or step == total_steps or out_of_time:
-                with averaged(average):  # the weights validated are the ones kept
-                    metrics = validate()
-                    value = float(metrics[select_key])
-                    weights = copy.deepcopy(model.state_dict()) if value > best_value else None
-                model.train()
-                history.append(
-                    {
-                        "step": step,
-                        "epoch": round(step / steps_per_epoch, 3),
-                        "elapsed_s": round(time.perf_counter() - started, 2),
-                        "train_loss": round(loss_sum / max(loss_steps, 1), 5),
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9)),
-                        **{f"valid/{k}": v for k, v in metrics.items()},
-                    }
-                )
-                loss_sum, loss_steps = 0.0, 0
-                if weights is not None:  # improved
-                    best_value, best_step, evals_since_best = value, step, 0
-                    best_metrics, best_weights = metrics, weights
-                    if ctx.is_main:
-                        _save_best(run_dir, best_weights)
-                else:
-                    evals_since_best += 1
-                progress.log(
-                    f"step {step}: valid {select_key} {value:.4f} "
-                    f"(best {best_value:.4f} at step {best_step})"
-                )
-                if evals_since_best >= cfg.patience:
-                    stopped_by = "early_stopping"
-            if out_of_time and stopped_by != "early_stopping":
-                stopped_by = "max_minutes"
-            if stop_at_step is not None and step >= stop_at_step:
-                stopped_by = "interrupted"
-            finished = stopped_by in ("early_stopping", "max_minutes", "interrupted")
-            stop = agree(finished, ctx)  # every rank must leave the loop at the same step
-            if stop or step >= total_steps:
-                break
-        if batch_in_epoch >= steps_per_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
-    progress.close()
-
-    if ctx.is_main:
-        state = {
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "best_value": best_value,
-            "best_step": best_step,
-            "evals_since_best": evals_since_best,
-            "best_metrics": best_metrics,
-            "history": history,
-            "config": config.to_dict(),
-        }
-        if average is not None:
-            state["average_updates"] = average.updates
-        kept = average.state_dict() if average is not None else None
-        checkpoint.save_checkpoint(run_dir, model, optimizer, state, average=kept)
-        _write_history(run_dir, history)
-
-    if best_weights is not None:
-        model.load_state_dict(best_weights)
-    test_metrics: dict[str, float] = {}
-    version = None
-    if stopped_by != "interrupted":
-        test_metrics = evaluate_on(split.test, test_config)
-        if ctx.is_main and registry_dir is not None:
-            version = _publish(
-                registry_dir,
-                model,
-                dataset,
-                config,
-                best_metrics,
-                test_metrics,
-                run_dir,
-                training={
-                    "steps": step,
-                    "best_step": best_step,
-                    "epochs": round(step / steps_per_epoch, 3),
-                    "train_seconds": round(train_seconds, 2),
-                    "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9)),
-                    "world_size": ctx.world_size,
-                    "stopped_by": stopped_by,
-                    "command": command or " ".join(sys.argv),
-                },
-            )
-    return TrainResult(
-        run_dir=run_dir,
-        best_step=best_step,
-        best_metrics=best_metrics,
-        test_metrics=test_metrics,
-        steps=step,
-        epochs=step / steps_per_epoch,
-        train_seconds=train_seconds,
-        tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
-        stopped_by=stopped_by,
-        version=version,
-        model=model,
+def _evaluate_on(
+    model: SequentialEncoder,
+    split: Split,
+    examples: EvalExamples,
+    config: EvalConfig,
+    ctx: DistContext,
+) -> dict[str, float]:
+    """Metrics over every rank's shard, all-reduced (floats only)."""
+    metrics = evaluate(
+        model,
+        examples,
+        split.source,
+        config,
+        device=ctx.device,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
     )
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
-# --------------------------------------------------------------------------- helpers
+def _resume(state: TrainState, run_dir: Path) -> None:
+    """The state of the run's latest checkpoint, and its best weights so far."""
+    found = checkpoint.latest_checkpoint(run_dir)
+    if found is None:
+        raise ConfigError(f"{run_dir}: no checkpoint to resume from")
+    saved = checkpoint.load_checkpoint(found, state.model, state.optimizer)
+    state.step, state.epoch, state.batch_in_epoch = (
+        saved["step"], saved["epoch"], saved["batch_in_epoch"]
+    )  # fmt: skip
+    state.best_value, state.best_step = saved["best_value"], saved["best_step"]
+    state.evals_since_best, state.best_metrics = saved["evals_since_best"], saved["best_metrics"]
+    state.history = saved["history"]
+    if state.average is not None:
+        state.average.load_state_dict(checkpoint.load_average(found), saved["average_updates"])
+    state.best_weights = _load_best(run_dir) if state.best_step else None
 
 
-# Seeds the validation split's sampled negatives. `recloop eval` draws the test split's with
-# seed 0, keyed by the same example positions: a different seed keeps checkpoint selection from
-# ever seeing the negatives that the test ranks against.
-VALID_NEGATIVES_SEED = 1
+def _save_run(run_dir: Path, state: TrainState, config: ExperimentConfig) -> None:
+    """The checkpoint to resume from (the last weights, not the best), metrics.csv, curves.png."""
+    saved: dict[str, Any] = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "best_value": state.best_value,
+        "best_step": state.best_step,
+        "evals_since_best": state.evals_since_best,
+        "best_metrics": state.best_metrics,
+        "history": state.history,
+        "config": config.to_dict(),
+    }
+    if state.average is not None:
+        saved["average_updates"] = state.average.updates
+    kept = state.average.state_dict() if state.average is not None else None
+    checkpoint.save_checkpoint(run_dir, state.model, state.optimizer, saved, average=kept)
+    _write_history(run_dir, state.history)
+
+
+def _training_summary(state: TrainState, plan: LoopPlan, command: str | None) -> dict[str, Any]:
+    """The manifest's `training` record of the run."""
+    return {
+        "steps": state.step,
+        "best_step": state.best_step,
+        "epochs": round(state.step / plan.steps_per_epoch, 3),
+        "train_seconds": round(state.train_seconds, 2),
+        "tokens_per_second": round(state.tokens_per_second),
+        "world_size": plan.context.world_size,
+        "stopped_by": state.stopped_by,
+        "command": command or " ".join(sys.argv),
+    }
 
 
 def _attribute_ids(dataset: SequenceDataset) -> torch.Tensor:
@@ -342,81 +292,12 @@ def _attribute_ids(dataset: SequenceDataset) -> torch.Tensor:
     return torch.from_numpy(index)  # int32; the embedding keeps it as int64
 
 
-def window_config(cfg: TrainConfig) -> WindowConfig:
-    """How `cfg` cuts the training split into windows (or, with samples = "prefixes", into
-    one window per prefix)."""
-    return WindowConfig(
-        cfg.max_length, cfg.max_windows_per_user, prefixes=cfg.samples == "prefixes"
-    )
+# --------------------------------------------------------------------------- run files
 
 
-def check_samples(model: SequentialEncoder, cfg: TrainConfig) -> None:
-    """A non-causal model trained on whole windows would see each position's target among
-    the items after it; refuse that before any step."""
-    if not model.causal and cfg.samples != "prefixes":
-        raise ConfigError(
-            f"model {type(model).__name__} is not causal (its hidden state at a position sees "
-            f"the items after it), so it must train with train.samples = 'prefixes', "
-            f"got {cfg.samples!r}"
-        )
-
-
-def validation_eval_config(cfg: TrainConfig) -> EvalConfig:
-    """How a run scores its validation split (full ranking, or sampled-100 if configured)."""
-    return _eval_config(cfg, cfg.eval_protocol)
-
-
-def _eval_config(cfg: TrainConfig, protocol: ValidationProtocol) -> EvalConfig:
-    """Evaluation during training under `protocol`; only sampled negatives use their own seed
-    (seed 0 keeps the full protocol's `eval_max_users` subset as it always was)."""
-    return EvalConfig(
-        max_length=cfg.max_length,
-        user_batch_size=cfg.eval_user_batch_size,
-        protocol=protocol,
-        max_users=cfg.eval_max_users,
-        seed=VALID_NEGATIVES_SEED if protocol == "sampled100" else 0,
-    )
-
-
-def validation_metric_prefix(cfg: TrainConfig) -> str:
-    """'' for full ranking; 'sampled100/' so sampled metrics never pass for full-ranking ones."""
-    return "" if cfg.eval_protocol == "full" else f"{cfg.eval_protocol}/"
-
-
-def _adamw(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    """Weight decay on matrices only, never on biases, norms or the embedding table."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.dim() >= 2 and "embedding" not in name:
-            decay.append(parameter)
-        else:
-            no_decay.append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
-
-
-def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    """Linear warm-up, then constant, cosine or linear decay to lr * min_lr_ratio."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    factor = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * factor)
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, total: int) -> None:
-    lr = lr_at(cfg, step, total)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def _save_best(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+def _save_best(run_dir: Path, weights: dict[str, torch.Tensor] | None) -> None:
+    if weights is None:
+        return
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -468,6 +349,9 @@ def _plot_history(path: Path, history: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- publish
+
+
 def _publish(
     registry_dir: Path,
     model: SequentialEncoder,
@@ -516,55 +400,6 @@ def item_counts_npy(dataset: SequenceDataset) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, counts, allow_pickle=False)
     return buffer.getvalue()
-
-
-class _Progress:
-    """A rich progress bar with loss and tokens/s on a terminal; periodic lines otherwise."""
-
-    def __init__(self, total: int, done: int, *, enabled: bool, label: str = "train") -> None:
-        self.enabled = enabled
-        self.bar: Any = None
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        from recloop.progress import stderr
-
-        self.bar = Progress(
-            TextColumn(f"[bold]{label}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:,.0f} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=stderr,
-            disable=not stderr.is_terminal,
-        )
-        self.task = self.bar.add_task(label, total=total, completed=done, loss=0.0, rate=0.0)
-        self.bar.start()
-
-    def update(self, step: int, loss: float, rate: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss, rate=rate)
-
-    def log(self, message: str) -> None:
-        if not self.enabled:
-            return
-        from recloop.progress import stderr
-
-        stderr.print(message, highlight=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def describe_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
