@@ -168,8 +168,9 @@ def delta_publish_apply(
 ) -> dict[str, Any]:
     import torch
 
+    from recloop.online.config import OnlineConfig
     from recloop.online.events import SqliteEventLog
-    from recloop.online.learner import OnlineConfig, OnlineLearner
+    from recloop.online.learner import OnlineLearner
     from recloop.registry import Registry
     from recloop.serve.runtime import LoadOptions, ModelHolder
 

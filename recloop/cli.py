@@ -546,8 +546,9 @@ def online_command(
 
     import torch
 
+    from recloop.online.config import load_online_config
     from recloop.online.events import open_event_log
-    from recloop.online.learner import OnlineLearner, load_online_config
+    from recloop.online.learner import OnlineLearner
     from recloop.registry import Registry
 
     if max_events is not None and max_events < 1:
@@ -786,8 +787,9 @@ def _demo_online(
     import polars as pl
 
     from recloop.data.synthetic import generate_events
+    from recloop.online.config import OnlineConfig
     from recloop.online.events import open_event_log
-    from recloop.online.learner import OnlineConfig, OnlineLearner
+    from recloop.online.learner import OnlineLearner
     from recloop.registry import Registry
 
     # A shifted stream: the generator with another seed has other item-to-item successors,

@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 from recloop.online.events import Event, SqliteEventLog
-from recloop.online.learner import OnlineState
+from recloop.online.resume import OnlineState
 from recloop.registry import Registry
 from tests.serving import make_dataset, train_version
 

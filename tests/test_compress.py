@@ -491,8 +491,9 @@ def test_export_onnx_parity_and_int8_dense(trained: dict[str, Any], tmp_path: Pa
 def test_online_learner_refuses_a_compressed_version(
     trained: dict[str, Any], tmp_path: Path
 ) -> None:
+    from recloop.online.config import OnlineConfig
     from recloop.online.events import SqliteEventLog
-    from recloop.online.learner import OnlineConfig, OnlineLearner
+    from recloop.online.learner import OnlineLearner
 
     registry: Registry = trained["registry"]
     log = SqliteEventLog(tmp_path / "events.db")

@@ -17,17 +17,14 @@ from safetensors import safe_open
 
 from recloop.errors import ConfigError
 from recloop.models.io import load_model
+from recloop.online.config import OnlineConfig, load_online_config
 from recloop.online.events import Event, SqliteEventLog
 from recloop.online.events_redis import RedisStreamEventLog
 from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
-from recloop.online.learner import (
-    OnlineConfig,
-    OnlineLearner,
-    OnlineState,
-    load_online_config,
-)
+from recloop.online.learner import OnlineLearner
 from recloop.online.optim import LazyAdam, grow_rows
 from recloop.online.prequential import CSV_NAME, PLOT_NAME
+from recloop.online.resume import OnlineState
 from recloop.registry import WEIGHTS, Registry
 from tests.online_helpers import NUM_ITEMS, event_log, pattern_events, state_of, train_base
 from tests.redis_server import running_redis
@@ -191,11 +188,11 @@ def test_a_non_causal_model_learns_online_on_prefixes(tmp_path: Path) -> None:
 
 
 def test_padded_chunks_give_a_prefix_one_target_for_its_last_position() -> None:
-    from recloop.online.learner import _padded_chunks
+    from recloop.online.history import padded_chunks
 
     windows = [[4, 5], [1, 2, 3], [7, 8, 9, 10]]
-    (every,) = list(_padded_chunks(windows, 100))
-    (last,) = list(_padded_chunks(windows, 100, last_only=True))
+    (every,) = list(padded_chunks(windows, 100))
+    (last,) = list(padded_chunks(windows, 100, last_only=True))
     torch.testing.assert_close(every[0], last[0])  # the same left-padded inputs
     assert every[0].tolist() == [[0, 0, 4], [0, 1, 2], [7, 8, 9]]
     assert every[1].tolist() == [[0, 0, 5], [0, 2, 3], [8, 9, 10]]

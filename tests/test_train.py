@@ -110,7 +110,7 @@ def test_sampled100_validation_selects_on_its_own_negatives(
 def test_history_masking_and_the_bpr_term_train_end_to_end(
     synthetic_data: Path, tmp_path: Path
 ) -> None:
-    from recloop.online.learner import OnlineConfig, _loss_config
+    from recloop.online.config import OnlineConfig, loss_config
 
     overrides = tiny_train(max_steps=60, eval_every_steps=20, mask_history=True, bpr_weight=0.5)
     config = config_from_dict({"model": TINY_MODEL, "train": overrides})
@@ -122,8 +122,8 @@ def test_history_masking_and_the_bpr_term_train_end_to_end(
     trained = manifest["training"]["config"]["train"]
     assert trained["mask_history"] is True and trained["bpr_weight"] == 0.5
     # The online learner fine-tunes with the loss the version was trained with.
-    assert _loss_config(OnlineConfig(loss="auto"), manifest).mask_history is True
-    assert _loss_config(OnlineConfig(loss="bce"), manifest).mask_history is False
+    assert loss_config(OnlineConfig(loss="auto"), manifest).mask_history is True
+    assert loss_config(OnlineConfig(loss="bce"), manifest).mask_history is False
 
 
 BSAREC = {"type": "bsarec", "dim": 16, "num_blocks": 1, "dropout": 0.0, "attention_dropout": 0.0}

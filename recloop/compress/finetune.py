@@ -87,14 +87,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     check_samples(model, cfg)
     split = dataset.leave_one_out()
-    windows = TrainingWindows(split.train, window_config(cfg))
-    loader = make_loader(
-        windows,
-        min(cfg.batch_size, len(windows)),
-        seed=cfg.seed,
-        drop_last=True,
-        bucket_by_length=cfg.bucket_by_length,
-    )
+    loader = _loader(split, cfg)
     device = next(model.parameters()).device
     plan = LoopPlan(
         cfg,
@@ -126,6 +119,18 @@ def fit(
         best_metrics=state.best_metrics,
         stopped_by=state.stopped_by,
         history=state.history,
+    )
+
+
+def _loader(split: Split, cfg: TrainConfig) -> Any:
+    """One process's loader over the training windows (a batch at most as large as them)."""
+    windows = TrainingWindows(split.train, window_config(cfg))
+    return make_loader(
+        windows,
+        min(cfg.batch_size, len(windows)),
+        seed=cfg.seed,
+        drop_last=True,
+        bucket_by_length=cfg.bucket_by_length,
     )
 
 

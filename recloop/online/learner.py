@@ -27,37 +27,25 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
-import os
-import shutil
-import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from recloop.config import (
-    LossName,
-    NegativeSampling,
-    TrainConfig,
-    apply_override,
-    build_section,
-    read_toml,
-)
-from recloop.data.dataset import SequenceDataset
 from recloop.data.sequences import PADDING_ID
-from recloop.errors import ConfigError, RegistryError
+from recloop.errors import ConfigError
 from recloop.models.factory import config_to_dict
 from recloop.models.io import load_model
+from recloop.online.config import OnlineConfig, loss_config
+from recloop.online.control import crash_point, progress, stop_on_signals
 from recloop.online.events import EventLog, LoggedEvent, resume_offset
+from recloop.online.history import BaseHistory, padded_chunks
 from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
 from recloop.online.optim import LazyAdam, grow_rows
 from recloop.online.prequential import (
@@ -66,150 +54,28 @@ from recloop.online.prequential import (
     rank_targets,
     totals_from_ranks,
 )
+from recloop.online.resume import (
+    ITEM_COUNTS_FILE,
+    OnlineState,
+    find_resume_version,
+    load_item_counts,
+    prune_learner_states,
+    restore_learner_state,
+    save_learner_state,
+    vocabulary_file,
+)
 from recloop.registry import Registry, RowUpdate
-from recloop.train.checkpoint import flatten_optimizer, restore_optimizer, restore_rng, rng_state
+from recloop.train.loop import optimizer_step
 from recloop.train.losses import next_item_loss
 
 log = logging.getLogger("recloop.online")
 
-# Fault injection for the crash-safety tests: "<point>:<n>" kills this process with SIGKILL
-# the n-th time it reaches <point> (batch, state-saved, published, committed).
-CRASH_ENV = "RECLOOP_ONLINE_CRASH_AT"
-_crash_counts: dict[str, int] = {}
 
 TABLE = "item_embedding.weight"
-ITEM_COUNTS_FILE = "item_counts.npy"
 VOCABULARY_FILE = "items.parquet"
 PLOT_EVERY_SECONDS = 60.0  # RUN/prequential.png is redrawn at most this often, and at the end
 TOKENS_PER_CHUNK = 8192  # padded positions per forward pass of a training step
 CONTEXT_ITEMS = 10  # a user's most recent items taken as a new item's co-occurrence context
-
-
-@dataclass(frozen=True)
-class OnlineConfig:
-    """The `[online]` section of a TOML file (or `online.key=value` overrides)."""
-
-    consumer: str = "online-learner"  # the event-log consumer name; one learner per name
-    batch_events: int = 256  # events per micro-batch: one read, one scoring pass, the steps
-    steps_per_batch: int = 2  # 2 beat 1 (and 1 with more replay) on bench/online_replay.py
-    replay_windows: int = 128  # older users' sequences mixed into every step (0 = none)
-    lr: float = 5e-4  # AdamW, dense weights (small: the model is already trained)
-    embedding_lr: float = 1e-3  # lazy Adam, item rows
-    train_dense: bool = True  # False: only item rows learn (smaller deltas)
-    # "auto": the loss (and negatives) the starting model was trained with, from its manifest;
-    # fine-tuning a full-softmax model with sampled softmax shifts its scores (measured on the
-    # Beauty replay: below the frozen model), so the objective stays what it was.
-    loss: LossName | Literal["auto"] = "auto"
-    num_negatives: int | None = None  # sampled softmax; None: the starting model's (or 256)
-    negatives: NegativeSampling | Literal["auto"] = "auto"
-    grad_clip: float | None = 1.0
-    admit_after: int = 2  # occurrences before an unseen item joins the vocabulary
-    new_item_init: Literal["cooccurrence", "attributes"] = "cooccurrence"
-    publish_every_events: int = 2000
-    publish_every_seconds: float = 5.0  # also publish pending work this often (0 = never)
-    compact_every: int = 20  # deltas in a chain before compaction into a full version (0: never)
-    promote: bool = False  # move production to each publish (also done when production is
-    # the version being fine-tuned, so a service following production follows the learner)
-    exclude_seen: bool = True  # prequential ranking masks the user's history items
-    seed: int = 0
-    poll_seconds: float = 0.2  # --follow: wait between empty reads
-
-    def __post_init__(self) -> None:
-        if self.num_negatives is not None and self.num_negatives < 1:
-            raise ConfigError(f"online.num_negatives must be >= 1, got {self.num_negatives}")
-        positive = ("batch_events", "steps_per_batch", "admit_after")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"online.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("replay_windows", "compact_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"online.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "embedding_lr", "poll_seconds"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"online.{name} must be > 0, got {getattr(self, name)}")
-        if self.publish_every_events < 1:
-            raise ConfigError(
-                f"online.publish_every_events must be >= 1, got {self.publish_every_events}"
-            )
-        if self.publish_every_seconds < 0:
-            raise ConfigError(
-                f"online.publish_every_seconds must be >= 0, got {self.publish_every_seconds}"
-            )
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ConfigError(
-                f"online.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}"
-            )
-        if not self.consumer.strip():
-            raise ConfigError("online.consumer must not be empty")
-
-
-def load_online_config(path: Path | None, overrides: Sequence[str] = ()) -> OnlineConfig:
-    """`[online]` of a TOML file (other sections ignored) plus `online.key=value` overrides."""
-    raw: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        raw = read_toml(path)
-        source = str(path)
-    for item in overrides:
-        if not item.strip().startswith("online."):
-            raise ConfigError(f"override {item!r} must look like online.key=value")
-        apply_override(raw, item)
-    config: OnlineConfig = build_section(OnlineConfig, raw.get("online", {}), "online", source)
-    return config
-
-
-@dataclass
-class OnlineState:
-    """What a published online version records in `training.online`, to resume from it."""
-
-    consumer: str
-    origin: str  # the version the learner started from (the frozen baseline)
-    offset: int  # every event up to here is in this version
-    totals: PrequentialTotals = field(default_factory=PrequentialTotals)
-    admitted: dict[str, int] = field(default_factory=dict)  # raw item -> offset of admission
-    deltas: int = 0  # deltas since the last full version
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "consumer": self.consumer,
-            "origin": self.origin,
-            "offset": self.offset,
-            "totals": self.totals.to_json(),
-            "admitted": self.admitted,
-            "deltas": self.deltas,
-        }
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> OnlineState | None:
-        data = (manifest.get("training") or {}).get("online")
-        if not isinstance(data, dict):
-            return None
-        return cls(
-            consumer=str(data["consumer"]),
-            origin=str(data["origin"]),
-            offset=int(data["offset"]),
-            totals=PrequentialTotals.from_json(data.get("totals")),
-            admitted={str(k): int(v) for k, v in (data.get("admitted") or {}).items()},
-            # A full version (a compaction) starts a new chain, whatever count it records:
-            # compacted manifests used to copy the count of the chain they ended.
-            deltas=0 if manifest.get("kind") == "full" else int(data.get("deltas", 0)),
-        )
-
-
-def find_resume_version(registry: Registry, start: str, consumer: str) -> str:
-    """The version to continue from: `start` itself if this consumer published it, else the
-    newest version this consumer published from `start`'s lineage, else `start`."""
-    version = registry.resolve(start)
-    state = OnlineState.from_manifest(registry.manifest(version))
-    if state is not None and state.consumer == consumer:
-        return version
-    for info in reversed(registry.list()):
-        if info.problem is not None:  # a broken version is nobody's to resume
-            continue
-        other = OnlineState.from_manifest(registry.manifest(info.id))
-        if other is not None and other.consumer == consumer and other.origin == version:
-            return info.id
-    return version
 
 
 @dataclass
@@ -248,13 +114,7 @@ class OnlineLearner:
 
         self.version = find_resume_version(registry, start, config.consumer)
         manifest = registry.manifest(self.version)
-        if (manifest.get("model") or {}).get("compression"):
-            # Quantized codes cannot take gradient steps, and pruned tables cannot grow rows.
-            raise ConfigError(
-                f"version {self.version} is compressed (method {manifest.get('method')!r}); "
-                f"the online learner needs a plain float model: start it from "
-                f"{manifest.get('parent')} and compress what it publishes"
-            )
+        _check_trainable(self.version, manifest)
         resumed = OnlineState.from_manifest(manifest)
         if resumed is not None and resumed.consumer == config.consumer:
             self.state = resumed
@@ -266,17 +126,17 @@ class OnlineLearner:
         self.model, _ = load_model(registry, self.version)
         self.frozen, _ = load_model(registry, self.state.origin)
         self.vocabulary = OnlineVocabulary.from_parquet(
-            registry.file(self.version, _vocabulary_file(manifest))
+            registry.file(self.version, vocabulary_file(manifest))
         )
         self._published_items = self.vocabulary.num_items
         self._published = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.item_counts = _item_counts(registry, self.version, self.vocabulary.num_items)
+        self.item_counts = load_item_counts(registry, self.version, self.vocabulary.num_items)
 
         self.max_length = int(self.model.config.max_length)
         self.pending = PendingItems(config.admit_after)
         self.sequences: dict[str, list[int]] = {}
-        self._base = _BaseHistory.open(data, registry.manifest(self.state.origin), self.vocabulary)
-        self._loss_config = _loss_config(config, registry.manifest(self.state.origin))
+        self._base = BaseHistory.open(data, registry.manifest(self.state.origin), self.vocabulary)
+        self._loss_config = loss_config(config, registry.manifest(self.state.origin))
         self._rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
         self._build_optimizers()
@@ -299,50 +159,18 @@ class OnlineLearner:
         )
         self.row_optimizer = LazyAdam([table], lr=self.config.embedding_lr)
 
-    def _state_dir(self, offset: int) -> Path:
-        return self.run_dir / "state" / f"offset-{offset:012d}"
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """By the name their moments are saved under."""
+        return {"dense": self.dense_optimizer, "rows": self.row_optimizer}
 
     def _restore_learner_state(self) -> None:
-        """Optimizer moments and RNG streams saved when the resumed version was published.
-        Absent (a first start, or a version published elsewhere): fresh moments."""
-        path = self._state_dir(self.offset)
-        if not (path / "state.json").is_file():
-            return
-        meta = json.loads((path / "state.json").read_text())
-        if meta.get("offset") != self.offset:
-            return
-        restore_optimizer(
-            self.dense_optimizer, load_file(str(path / "dense.safetensors")), meta["dense"]
-        )
-        rows = load_file(str(path / "rows.safetensors"))
-        restore_optimizer(self.row_optimizer, rows, meta["rows"])
-        restore_rng(load_file(str(path / "rng.safetensors")))
-        self._rng.bit_generator.state = meta["numpy_rng"]
+        restore_learner_state(self.run_dir, self.offset, self._optimizers(), self._rng)
 
     def _save_learner_state(self, offset: int) -> None:
-        path = self._state_dir(offset)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        dense, dense_groups = flatten_optimizer(self.dense_optimizer)
-        rows, row_groups = flatten_optimizer(self.row_optimizer)
-        save_file(dense, str(tmp / "dense.safetensors"))
-        save_file(rows, str(tmp / "rows.safetensors"))
-        save_file(rng_state(), str(tmp / "rng.safetensors"))
-        meta = {
-            "offset": offset,
-            "dense": {"param_groups": dense_groups},
-            "rows": {"param_groups": row_groups},
-            "numpy_rng": self._rng.bit_generator.state,
-        }
-        (tmp / "state.json").write_text(json.dumps(meta))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        save_learner_state(self.run_dir, offset, self._optimizers(), self._rng)
 
     def _prune_learner_states(self, keep_offset: int) -> None:
-        for old in (self.run_dir / "state").glob("offset-*"):
-            if old.name != self._state_dir(keep_offset).name:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_learner_states(self.run_dir, keep_offset)
 
     def _replay_log(self) -> None:
         """Rebuilds user sequences and pending items from the log up to the resumed offset,
@@ -467,25 +295,34 @@ class OnlineLearner:
         if not usable:
             return
         total_tokens = sum(len(s) - 1 for s in usable)
-        self.dense_optimizer.zero_grad(set_to_none=True)
-        self.row_optimizer.zero_grad(set_to_none=True)
-        self.model.train()
         num_items = self.vocabulary.num_items
-        for inputs, targets in _padded_chunks(usable, TOKENS_PER_CHUNK, last_only):
-            hidden = self.model(inputs, last_only=last_only)  # [B, W or 1, D]
-            loss_sum, _ = next_item_loss(
-                self.model, hidden, targets, self._loss_config, num_items, inputs=inputs
-            )
-            (loss_sum / total_tokens).backward()  # type: ignore[no-untyped-call]
-        if self.config.grad_clip:  # None or 0: no clipping
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        table = self.model.item_embedding.weight
-        if table.grad is not None:
-            table.grad[PADDING_ID] = 0.0  # the padding row stays zero
+
+        def chunk_losses() -> Iterator[torch.Tensor]:
+            # Each chunk's forward runs when the step asks for its loss, after the previous
+            # chunk's backward: one graph at a time.
+            for inputs, targets in padded_chunks(usable, TOKENS_PER_CHUNK, last_only):
+                hidden = self.model(inputs, last_only=last_only)  # [B, W or 1, D]
+                loss_sum, _ = next_item_loss(
+                    self.model, hidden, targets, self._loss_config, num_items, inputs=inputs
+                )
+                yield loss_sum / total_tokens
+
+        def keep_padding_row_zero() -> None:
+            table = self.model.item_embedding.weight
+            if table.grad is not None:
+                table.grad[PADDING_ID] = 0.0
+
+        self.model.train()
+        optimizers: list[torch.optim.Optimizer] = [self.row_optimizer]
         if self.config.train_dense:
-            self.dense_optimizer.step()
-        self.row_optimizer.step()
+            optimizers.insert(0, self.dense_optimizer)
+        optimizer_step(
+            self.model,
+            optimizers,
+            chunk_losses(),
+            grad_clip=self.config.grad_clip,
+            before_step=keep_padding_row_zero,
+        )
         self.model.eval()
 
     # ------------------------------------------------------------------ publishing
@@ -516,7 +353,7 @@ class OnlineLearner:
         # Learner state first, keyed by offset: if the publish below never happens, the restart
         # resumes from an older offset and ignores this file.
         self._save_learner_state(self.offset)
-        _crash_point("state-saved")
+        crash_point("state-saved")
         version = self.registry.publish_delta(
             parent,
             changes,
@@ -527,9 +364,9 @@ class OnlineLearner:
             extra_files=extra,
             vocabulary_file=vocabulary_file,
         )
-        _crash_point("published")
+        crash_point("published")
         self.events.commit(self.config.consumer, self.offset)
-        _crash_point("committed")
+        crash_point("committed")
         if self.config.promote or self.registry.production() == parent:
             self.registry.promote(version)
         self.version = version
@@ -607,7 +444,7 @@ class OnlineLearner:
         if max_events is not None and total is not None:
             total = min(total, max_events)
         applied = 0
-        with _stop_on_signals(stop, enabled=follow), _progress(total, show_progress) as advance:
+        with stop_on_signals(stop, enabled=follow), progress(total, show_progress) as advance:
             while not stop.is_set():
                 limit = self.config.batch_events
                 if max_events is not None:
@@ -623,7 +460,7 @@ class OnlineLearner:
                     stop.wait(self.config.poll_seconds)
                     continue
                 self.process(batch)
-                _crash_point("batch")
+                crash_point("batch")
                 applied += len(batch)
                 advance(len(batch))
                 if self.due():
@@ -642,141 +479,17 @@ class OnlineLearner:
         )
 
 
-def _padded_chunks(
-    windows: Sequence[Sequence[int]], max_tokens: int, last_only: bool = False
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs [B, W], targets [B, W]) left-padded chunks of length-sorted `windows`, each
-    chunk at most `max_tokens` padded positions (and at least one window). With `last_only`,
-    targets are [B, 1]: each window's last item, the target of its last position only."""
-    start = 0
-    while start < len(windows):
-        end = start + 1
-        while end < len(windows) and (end + 1 - start) * (len(windows[end]) - 1) <= max_tokens:
-            end += 1
-        chunk = windows[start:end]
-        width = len(chunk[-1]) - 1  # the longest: windows are sorted by length
-        inputs = torch.zeros((len(chunk), width), dtype=torch.long)
-        targets = torch.zeros((len(chunk), 1 if last_only else width), dtype=torch.long)
-        for row, window in enumerate(chunk):
-            n = len(window) - 1
-            inputs[row, width - n :] = torch.tensor(window[:-1])
-            if last_only:
-                targets[row, 0] = window[-1]
-            else:
-                targets[row, width - n :] = torch.tensor(window[1:])
-        yield inputs, targets
-        start = end
-
-
-class _BaseHistory:
-    """Users' sequences from the training dataset (model dense ids), where sequences start."""
-
-    def __init__(self, dataset: SequenceDataset | None, mapping: np.ndarray | None) -> None:
-        self._dataset = dataset
-        self._mapping = mapping
-        self.users: list[str] = []
-        self._index: dict[str, int] = {}
-        if dataset is not None:
-            self.users = [str(raw) for raw in dataset.users.raw_by_id.tolist()]
-            self._index = {raw: i for i, raw in enumerate(self.users)}
-            self._offsets = np.asarray(dataset.sequences.offsets, dtype=np.int64)
-            self._items = np.asarray(dataset.sequences.items)
-
-    @classmethod
-    def open(
-        cls, data: Path | None, origin_manifest: dict[str, Any], vocabulary: OnlineVocabulary
-    ) -> _BaseHistory:
-        """`data`, or the dataset the origin version was trained on when it is still there."""
-        if data is None:
-            recorded = (origin_manifest.get("dataset") or {}).get("path")
-            data = Path(recorded) if recorded and Path(recorded).is_dir() else None
-        if data is None:
-            log.warning("no training dataset: sequences start from the event log alone")
-            return cls(None, None)
-        dataset = SequenceDataset(data)
-        raws = dataset.items.raw_by_id.tolist()
-        mapping = np.array([0] + [vocabulary.dense(str(r)) for r in raws], dtype=np.int64)
-        return cls(dataset, mapping)
-
-    def items(self, user: str) -> list[int]:
-        index = self._index.get(user)
-        if index is None or self._mapping is None:
-            return []
-        rows = self._items[self._offsets[index] : self._offsets[index + 1]]
-        mapped = self._mapping[rows]
-        return [int(i) for i in mapped[mapped > 0]]
-
-
-def _loss_config(config: OnlineConfig, origin: dict[str, Any]) -> TrainConfig:
-    """The training loss settings: the config's, with "auto" filled from how the origin
-    version was trained (sampled softmax with 256 uniform negatives when it does not say).
-    History masking follows the origin's training whenever the loss is the full softmax."""
-    trained = ((origin.get("training") or {}).get("config") or {}).get("train") or {}
-    loss = config.loss if config.loss != "auto" else trained.get("loss", "sampled_softmax")
-    negatives = config.negatives if config.negatives != "auto" else trained.get("negatives")
-    count = config.num_negatives or trained.get("num_negatives") or 256
-    mask_history = loss == "full_softmax" and bool(trained.get("mask_history", False))
-    return TrainConfig(
-        loss=loss,
-        negatives=negatives or "uniform",
-        num_negatives=int(count),
-        mask_history=mask_history,
-    )
-
-
-def _vocabulary_file(manifest: dict[str, Any]) -> str:
-    name = (manifest.get("vocabulary") or {}).get("file")
-    if not name:
-        raise RegistryError("the version records no item vocabulary; the learner needs one")
-    return str(name)
-
-
-def _item_counts(registry: Registry, version: str, num_items: int) -> np.ndarray:
-    counts = np.zeros(num_items + 1, dtype=np.int64)
-    if ITEM_COUNTS_FILE in registry.manifest(version).get("files", {}):
-        raw = registry.file(version, ITEM_COUNTS_FILE).read_bytes()
-        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
-        counts[: min(len(loaded), len(counts))] = loaded[: len(counts)]
-    return counts
+def _check_trainable(version: str, manifest: dict[str, Any]) -> None:
+    if (manifest.get("model") or {}).get("compression"):
+        # Quantized codes cannot take gradient steps, and pruned tables cannot grow rows.
+        raise ConfigError(
+            f"version {version} is compressed (method {manifest.get('method')!r}); "
+            f"the online learner needs a plain float model: start it from "
+            f"{manifest.get('parent')} and compress what it publishes"
+        )
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def _crash_point(name: str) -> None:
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    point, _, nth = spec.partition(":")
-    if point != name:
-        return
-    _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    if _crash_counts[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-@contextmanager
-def _stop_on_signals(stop: threading.Event, *, enabled: bool) -> Iterator[None]:
-    """SIGINT/SIGTERM set `stop`, so the loop publishes its pending work and returns."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _progress(total: int | None, enabled: bool) -> Any:
-    if not enabled or total is None:
-        return nullcontext(lambda n: None)
-    from recloop.progress import progress_bar
-
-    return progress_bar("online learning", total, unit="events")

@@ -114,17 +114,37 @@ def train(
     # ---- the best weights, tested and published
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
-    test_metrics: dict[str, float] = {}
-    version = None
-    if state.stopped_by != "interrupted":
-        test_metrics = _evaluate_on(model, split, split.test, eval_config(cfg, "full"), ctx)
-        if ctx.is_main and registry_dir is not None:
-            training = _training_summary(state, plan, command)
-            version = _publish(
-                registry_dir, model, dataset, config, state.best_metrics, test_metrics, run_dir,
-                training=training,
-            )  # fmt: skip
+    test_metrics, version = _test_and_publish(
+        model, dataset, split, config, state, plan, run_dir, registry_dir, command
+    )
     return _result(run_dir, state, plan, test_metrics, version)
+
+
+def _test_and_publish(
+    model: SequentialEncoder,
+    dataset: SequenceDataset,
+    split: Split,
+    config: ExperimentConfig,
+    state: TrainState,
+    plan: LoopPlan,
+    run_dir: Path,
+    registry_dir: Path | None,
+    command: str | None,
+) -> tuple[dict[str, float], str | None]:
+    """Full-ranking test metrics of the kept weights (every rank), published by rank 0;
+    nothing for an interrupted run (it resumes instead)."""
+    if state.stopped_by == "interrupted":
+        return {}, None
+    ctx = plan.context
+    test_metrics = _evaluate_on(model, split, split.test, eval_config(config.train, "full"), ctx)
+    version = None
+    if ctx.is_main and registry_dir is not None:
+        training = _training_summary(state, plan, command)
+        version = _publish(
+            registry_dir, model, dataset, config, state.best_metrics, test_metrics, run_dir,
+            training=training,
+        )  # fmt: skip
+    return test_metrics, version
 
 
 def _result(

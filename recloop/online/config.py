@@ -1,0 +1,109 @@
+"""The `[online]` section of a TOML file: the online learner's settings, validated on load,
+and the loss it fine-tunes with."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from recloop.config import (
+    LossName,
+    NegativeSampling,
+    TrainConfig,
+    apply_override,
+    build_section,
+    read_toml,
+)
+from recloop.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """The `[online]` section of a TOML file (or `online.key=value` overrides)."""
+
+    consumer: str = "online-learner"  # the event-log consumer name; one learner per name
+    batch_events: int = 256  # events per micro-batch: one read, one scoring pass, the steps
+    steps_per_batch: int = 2  # 2 beat 1 (and 1 with more replay) on bench/online_replay.py
+    replay_windows: int = 128  # older users' sequences mixed into every step (0 = none)
+    lr: float = 5e-4  # AdamW, dense weights (small: the model is already trained)
+    embedding_lr: float = 1e-3  # lazy Adam, item rows
+    train_dense: bool = True  # False: only item rows learn (smaller deltas)
+    # "auto": the loss (and negatives) the starting model was trained with, from its manifest;
+    # fine-tuning a full-softmax model with sampled softmax shifts its scores (measured on the
+    # Beauty replay: below the frozen model), so the objective stays what it was.
+    loss: LossName | Literal["auto"] = "auto"
+    num_negatives: int | None = None  # sampled softmax; None: the starting model's (or 256)
+    negatives: NegativeSampling | Literal["auto"] = "auto"
+    grad_clip: float | None = 1.0
+    admit_after: int = 2  # occurrences before an unseen item joins the vocabulary
+    new_item_init: Literal["cooccurrence", "attributes"] = "cooccurrence"
+    publish_every_events: int = 2000
+    publish_every_seconds: float = 5.0  # also publish pending work this often (0 = never)
+    compact_every: int = 20  # deltas in a chain before compaction into a full version (0: never)
+    promote: bool = False  # move production to each publish (also done when production is
+    # the version being fine-tuned, so a service following production follows the learner)
+    exclude_seen: bool = True  # prequential ranking masks the user's history items
+    seed: int = 0
+    poll_seconds: float = 0.2  # --follow: wait between empty reads
+
+    def __post_init__(self) -> None:
+        if self.num_negatives is not None and self.num_negatives < 1:
+            raise ConfigError(f"online.num_negatives must be >= 1, got {self.num_negatives}")
+        positive = ("batch_events", "steps_per_batch", "admit_after")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"online.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("replay_windows", "compact_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"online.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "embedding_lr", "poll_seconds"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"online.{name} must be > 0, got {getattr(self, name)}")
+        if self.publish_every_events < 1:
+            raise ConfigError(
+                f"online.publish_every_events must be >= 1, got {self.publish_every_events}"
+            )
+        if self.publish_every_seconds < 0:
+            raise ConfigError(
+                f"online.publish_every_seconds must be >= 0, got {self.publish_every_seconds}"
+            )
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ConfigError(
+                f"online.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}"
+            )
+        if not self.consumer.strip():
+            raise ConfigError("online.consumer must not be empty")
+
+
+def load_online_config(path: Path | None, overrides: Sequence[str] = ()) -> OnlineConfig:
+    """`[online]` of a TOML file (other sections ignored) plus `online.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        raw = read_toml(path)
+        source = str(path)
+    for item in overrides:
+        if not item.strip().startswith("online."):
+            raise ConfigError(f"override {item!r} must look like online.key=value")
+        apply_override(raw, item)
+    config: OnlineConfig = build_section(OnlineConfig, raw.get("online", {}), "online", source)
+    return config
+
+
+def loss_config(config: OnlineConfig, origin: dict[str, Any]) -> TrainConfig:
+    """The training loss settings: the config's, with "auto" filled from how the origin
+    version was trained (sampled softmax with 256 uniform negatives when it does not say).
+    History masking follows the origin's training whenever the loss is the full softmax."""
+    trained = ((origin.get("training") or {}).get("config") or {}).get("train") or {}
+    loss = config.loss if config.loss != "auto" else trained.get("loss", "sampled_softmax")
+    negatives = config.negatives if config.negatives != "auto" else trained.get("negatives")
+    count = config.num_negatives or trained.get("num_negatives") or 256
+    mask_history = loss == "full_softmax" and bool(trained.get("mask_history", False))
+    return TrainConfig(
+        loss=loss,
+        negatives=negatives or "uniform",
+        num_negatives=int(count),
+        mask_history=mask_history,
+    )
