@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,91 +91,150 @@ class CompressResult:
 def compress_version(registry: Registry, ref: str, options: CompressOptions) -> CompressResult:
     """Compresses version `ref` with `options.method` and publishes the result."""
     plan = _validate(registry, ref, options)
-    parent_id, manifest, dataset = plan.parent, plan.manifest, plan.dataset
-    model, _ = load_model(registry, parent_id)
+    model, _ = load_model(registry, plan.parent)
     metrics: dict[str, float] = {}
-    result_fit: FitResult | None = None
     training: dict[str, Any] = {"method": options.method}
-    method = options.method
-
-    if method in ("int8", "int4"):
-        compressed = quantize_model(
-            model, embedding_bits=8 if method == "int8" else 4, linear_bits=options.dense_bits
-        )
-        histories = sample_histories(
-            dataset, num_items=_num_items(model), max_length=_max_length(model)
-        )
-        metrics.update(score_parity(model, compressed, histories).as_metrics())
-        training["dense_bits"] = options.dense_bits
-    elif method in PRUNING:
-        dataset, sparsity = _checked(dataset), check_sparsity(options.sparsity)
-        before = count_dense_parameters(model)[0]
-        if method == "prune-magnitude":
-            compressed, masks = prune_magnitude(model, sparsity)
-            result_fit = fit(
-                compressed,
-                dataset,
-                plan.train,
-                after_step=lambda: apply_masks(compressed, masks),
-                evaluate_start=True,
-                description=method,
-                show_progress=options.show_progress,
-            )
-        else:
-            dead = dead_items(dataset) if options.prune_dead_items else None
-            compressed = prune_structured(model, sparsity, dead=dead)
-            if dead is not None:
-                metrics["compression/dead_items_pruned"] = float(dead[1:].sum())
-            result_fit = fit(
-                compressed,
-                dataset,
-                plan.train,
-                evaluate_start=True,
-                description=method,
-                show_progress=options.show_progress,
-            )
-        after = count_dense_parameters(compressed)[0]
-        metrics["compression/target_sparsity"] = sparsity
-        metrics["compression/dense_sparsity"] = 1.0 - after / max(before, 1)
-        metrics["compression/dense_parameters"] = float(after)
-        training["sparsity"] = sparsity
+    if options.method in ("int8", "int4"):
+        compressed, result_fit = _quantize(model, plan, options, metrics, training), None
+    elif options.method in PRUNING:
+        compressed, result_fit = _prune(model, plan, options, metrics, training)
     else:  # distill
-        compressed = build_student(model, options.student or {})
-        if options.distill.init == "teacher":
-            inherit_teacher_weights(model, compressed)
-        result_fit = distill(
-            model,
-            compressed,
-            _checked(dataset),
-            plan.train,
-            options.distill,
-            show_progress=options.show_progress,
-        )
-        training["distill"] = dataclasses.asdict(options.distill)
-        training["student"] = dict(options.student or {})
+        compressed, result_fit = _distill(model, plan, options, training)
     compressed = compressed.cpu().eval()
 
     if result_fit is not None:
         training.update(_fit_summary(result_fit))
         training["train_config"] = dataclasses.asdict(plan.train)
-    if dataset is not None and options.evaluate:
-        split = dataset.leave_one_out()
-        length = _max_length(compressed)
-        for name, examples in (("valid", split.valid), ("test", split.test)):
-            values = evaluate_split(compressed, examples, split, length)
-            metrics.update({f"{name}/{k}": v for k, v in values.items()})
+    if plan.dataset is not None and options.evaluate:
+        metrics.update(_split_metrics(compressed, plan.dataset))
     tensors = {k: v.detach().contiguous().cpu() for k, v in compressed.state_dict().items()}
+    metrics.update(_size_metrics(tensors, plan.manifest, metrics))
+    training["command"] = options.command or " ".join(sys.argv)
+    version = _publish(registry, plan, compressed, tensors, options.method, metrics, training)
+    return CompressResult(version, plan.parent, options.method, metrics, compressed, result_fit)
+
+
+def _quantize(
+    model: SequentialEncoder,
+    plan: _Plan,
+    options: CompressOptions,
+    metrics: dict[str, float],
+    training: dict[str, Any],
+) -> SequentialEncoder:
+    """int8 / int4 codes, and their score parity with the float parent."""
+    embedding_bits = 8 if options.method == "int8" else 4
+    compressed = quantize_model(
+        model, embedding_bits=embedding_bits, linear_bits=options.dense_bits
+    )
+    histories = sample_histories(
+        plan.dataset, num_items=_num_items(model), max_length=_max_length(model)
+    )
+    metrics.update(score_parity(model, compressed, histories).as_metrics())
+    training["dense_bits"] = options.dense_bits
+    return compressed
+
+
+def _prune(
+    model: SequentialEncoder,
+    plan: _Plan,
+    options: CompressOptions,
+    metrics: dict[str, float],
+    training: dict[str, Any],
+) -> tuple[SequentialEncoder, FitResult]:
+    """Magnitude or structured pruning, then a fine-tune from the pruned weights."""
+    method = options.method
+    dataset, sparsity = _checked(plan.dataset), check_sparsity(options.sparsity)
+    before = count_dense_parameters(model)[0]
+    after_step: Callable[[], None] | None = None
+    if method == "prune-magnitude":
+        compressed, masks = prune_magnitude(model, sparsity)
+
+        def reapply_masks() -> None:  # pruned weights stay zero through the fine-tune
+            apply_masks(compressed, masks)
+
+        after_step = reapply_masks
+
+    else:
+        dead = dead_items(dataset) if options.prune_dead_items else None
+        compressed = prune_structured(model, sparsity, dead=dead)
+        if dead is not None:
+            metrics["compression/dead_items_pruned"] = float(dead[1:].sum())
+    result_fit = fit(
+        compressed,
+        dataset,
+        plan.train,
+        after_step=after_step,
+        evaluate_start=True,
+        description=method,
+        show_progress=options.show_progress,
+    )
+    after = count_dense_parameters(compressed)[0]
+    metrics["compression/target_sparsity"] = sparsity
+    metrics["compression/dense_sparsity"] = 1.0 - after / max(before, 1)
+    metrics["compression/dense_parameters"] = float(after)
+    training["sparsity"] = sparsity
+    return compressed, result_fit
+
+
+def _distill(
+    model: SequentialEncoder, plan: _Plan, options: CompressOptions, training: dict[str, Any]
+) -> tuple[SequentialEncoder, FitResult]:
+    """A student trained on the teacher's (`model`'s) soft targets."""
+    student = build_student(model, options.student or {})
+    if options.distill.init == "teacher":
+        inherit_teacher_weights(model, student)
+    result_fit = distill(
+        model,
+        student,
+        _checked(plan.dataset),
+        plan.train,
+        options.distill,
+        show_progress=options.show_progress,
+    )
+    training["distill"] = dataclasses.asdict(options.distill)
+    training["student"] = dict(options.student or {})
+    return student, result_fit
+
+
+def _split_metrics(model: SequentialEncoder, dataset: SequenceDataset) -> dict[str, float]:
+    """Full-ranking valid/ and test/ metrics of the compressed model."""
+    split = dataset.leave_one_out()
+    metrics: dict[str, float] = {}
+    for name, examples in (("valid", split.valid), ("test", split.test)):
+        values = evaluate_split(model, examples, split, _max_length(model))
+        metrics.update({f"{name}/{k}": v for k, v in values.items()})
+    return metrics
+
+
+def _size_metrics(
+    tensors: dict[str, Any], manifest: dict[str, Any], metrics: dict[str, float]
+) -> dict[str, float]:
+    """Weights file size against the parent's, and test NDCG@10 relative to the parent's."""
     weights_bytes = len(safetensors_bytes(tensors, metadata={"format": "pt"}))
     parent_bytes = int(manifest["files"][WEIGHTS]["bytes"])
-    metrics["compression/weights_bytes"] = float(weights_bytes)
-    metrics["compression/parent_weights_bytes"] = float(parent_bytes)
-    metrics["compression/size_ratio"] = weights_bytes / parent_bytes
+    sizes = {
+        "compression/weights_bytes": float(weights_bytes),
+        "compression/parent_weights_bytes": float(parent_bytes),
+        "compression/size_ratio": weights_bytes / parent_bytes,
+    }
     parent_ndcg = (manifest.get("metrics") or {}).get("test/NDCG@10")
     if isinstance(parent_ndcg, int | float) and parent_ndcg > 0 and "test/NDCG@10" in metrics:
-        metrics["compression/relative_test_NDCG@10"] = metrics["test/NDCG@10"] / parent_ndcg
-    training["command"] = options.command or " ".join(sys.argv)
+        sizes["compression/relative_test_NDCG@10"] = metrics["test/NDCG@10"] / parent_ndcg
+    return sizes
 
-    version = registry.publish(
+
+def _publish(
+    registry: Registry,
+    plan: _Plan,
+    compressed: SequentialEncoder,
+    tensors: dict[str, Any],
+    method: str,
+    metrics: dict[str, float],
+    training: dict[str, Any],
+) -> str:
+    """The compressed version, a child of the parent with the parent's vocabulary files."""
+    parent_id, manifest = plan.parent, plan.manifest
+    return registry.publish(
         tensors,
         model=config_to_dict(compressed),
         dataset=manifest.get("dataset"),
@@ -185,7 +245,6 @@ def compress_version(registry: Registry, ref: str, options: CompressOptions) -> 
         extra_files=_inherited_files(registry, parent_id, manifest),
         vocabulary_file=(manifest.get("vocabulary") or {}).get("file"),
     )
-    return CompressResult(version, parent_id, method, metrics, compressed, result_fit)
 
 
 # --------------------------------------------------------------------------- validation
@@ -201,6 +260,22 @@ class _Plan:
 
 def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
     """Every check that does not need the weights; raises before anything is written."""
+    _check_options(options)
+    method = options.method
+    parent = registry.resolve(ref)
+    manifest = registry.manifest(parent)
+    model_json = manifest.get("model") or {}
+    _check_parent(parent, manifest, method)
+    needs_data = method in PRUNING or method == "distill"
+    dataset = open_dataset(registry, parent, manifest, options.data, required=needs_data)
+    train = _train_config(model_json, options)
+    if method == "distill" and options.student is not None:
+        _check_student(options.student, train)
+    return _Plan(parent, manifest, dataset, train)
+
+
+def _check_options(options: CompressOptions) -> None:
+    """The method and its options agree with each other."""
     method = options.method
     if method not in METHODS:
         raise ConfigError(f"--method {method!r} is not one of: {', '.join(METHODS)}")
@@ -217,8 +292,9 @@ def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
     if method != "distill" and options.student:
         raise ConfigError(f"a [model] (student) table applies to --method distill, not {method}")
 
-    parent = registry.resolve(ref)
-    manifest = registry.manifest(parent)
+
+def _check_parent(parent: str, manifest: dict[str, Any], method: str) -> None:
+    """The version is a model type compression supports, and `method` applies to it."""
     model_json = manifest.get("model") or {}
     model_type = model_json.get("type")
     if model_type not in MODEL_TYPES:
@@ -235,10 +311,11 @@ def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
             f"{manifest.get('parent')} instead"
         )
 
-    needs_data = method in PRUNING or method == "distill"
-    dataset = open_dataset(registry, parent, manifest, options.data, required=needs_data)
+
+def _train_config(model_json: dict[str, Any], options: CompressOptions) -> TrainConfig:
+    """The fine-tune's / student's [train] table over the method's defaults."""
     train_values: dict[str, Any] = {"max_length": int(model_json.get("max_length", 50))}
-    if method in PRUNING:
+    if options.method in PRUNING:
         train_values.update(FINETUNE_DEFAULTS)
     train_values.update(options.train)
     try:
@@ -255,20 +332,22 @@ def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
             f"train.max_length={train.max_length} differs from the version's window length "
             f"{model_json.get('max_length')}"
         )
-    if method == "distill" and options.student is not None:
-        student_type = options.student.get("type")
-        if student_type not in MODEL_TYPES:
-            raise ConfigError(
-                f"student model.type {student_type!r} is not one of {', '.join(MODEL_TYPES)}"
-            )
-        # Builds (tiny cost) to validate every field now rather than after loading the teacher.
-        probe = dict(options.student)
-        probe.pop("type")
-        probe.update(num_items=1, max_length=train.max_length)
-        from recloop.models.factory import build_model
+    return train
 
-        build_model(str(student_type), probe)
-    return _Plan(parent, manifest, dataset, train)
+
+def _check_student(student: dict[str, Any], train: TrainConfig) -> None:
+    student_type = student.get("type")
+    if student_type not in MODEL_TYPES:
+        raise ConfigError(
+            f"student model.type {student_type!r} is not one of {', '.join(MODEL_TYPES)}"
+        )
+    # Builds (tiny cost) to validate every field now rather than after loading the teacher.
+    probe = dict(student)
+    probe.pop("type")
+    probe.update(num_items=1, max_length=train.max_length)
+    from recloop.models.factory import build_model
+
+    build_model(str(student_type), probe)
 
 
 def open_dataset(
