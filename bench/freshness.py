@@ -168,8 +168,8 @@ def delta_publish_apply(
 ) -> dict[str, Any]:
     import torch
 
+    from recloop.events import SqliteEventLog
     from recloop.online.config import OnlineConfig
-    from recloop.online.events import SqliteEventLog
     from recloop.online.learner import OnlineLearner
     from recloop.registry import Registry
     from recloop.serve.runtime import LoadOptions, ModelHolder

@@ -491,7 +491,7 @@ def ingest_command(
     batch_size: Annotated[int, typer.Option(help="Events per durable append.")] = 10_000,
 ) -> None:
     """Append a file of events (user_id, item_id[, timestamp, event_type, value]) to the log."""
-    from recloop.online.events import open_event_log, read_events_file
+    from recloop.events import open_event_log, read_events_file
 
     if not file.is_file():
         raise ConfigError(f"{file}: no such events file")
@@ -546,8 +546,8 @@ def online_command(
 
     import torch
 
+    from recloop.events import open_event_log
     from recloop.online.config import load_online_config
-    from recloop.online.events import open_event_log
     from recloop.online.learner import OnlineLearner
     from recloop.registry import Registry
 
@@ -787,8 +787,8 @@ def _demo_online(
     import polars as pl
 
     from recloop.data.synthetic import generate_events
+    from recloop.events import open_event_log
     from recloop.online.config import OnlineConfig
-    from recloop.online.events import open_event_log
     from recloop.online.learner import OnlineLearner
     from recloop.registry import Registry
 

@@ -58,8 +58,8 @@ import polars as pl
 import pytest
 import torch
 
+from recloop.events import Event, SqliteEventLog
 from recloop.online.control import CRASH_ENV
-from recloop.online.events import Event, SqliteEventLog
 from recloop.online.prequential import CSV_NAME
 from recloop.registry import Registry
 from recloop.serve.server import free_port

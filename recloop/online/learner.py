@@ -40,11 +40,11 @@ import torch
 
 from recloop.data.sequences import PADDING_ID
 from recloop.errors import ConfigError
+from recloop.events import EventLog, LoggedEvent, resume_offset
 from recloop.models.factory import config_to_dict
 from recloop.models.io import load_model
 from recloop.online.config import OnlineConfig, loss_config
 from recloop.online.control import crash_point, progress, stop_on_signals
-from recloop.online.events import EventLog, LoggedEvent, resume_offset
 from recloop.online.history import BaseHistory, padded_chunks
 from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
 from recloop.online.optim import LazyAdam, grow_rows
