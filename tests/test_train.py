@@ -464,3 +464,36 @@ def test_eval_refuses_a_dataset_with_another_vocabulary(
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 2 and "vocabulary mismatch" in done.stderr
+
+
+def test_optimizer_step_accumulates_chunks_like_one_batch() -> None:
+    """The loop's step (also the online learner's): the losses of chunks, backpropagated one at
+    a time, give the one-batch step; the schedule's lr is applied, then after_step, then the
+    weight average moves."""
+    from recloop.train.averaging import WeightAverage
+    from recloop.train.loop import optimizer_step
+
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(8, 3), torch.randn(8, 1)
+    whole, chunked = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    chunked.load_state_dict(whole.state_dict())
+    calls: list[str] = []
+
+    def losses(model: torch.nn.Module, chunk: int) -> list[torch.Tensor]:
+        return [
+            ((model(inputs[i : i + chunk]) - targets[i : i + chunk]) ** 2).sum() / len(inputs)
+            for i in range(0, len(inputs), chunk)
+        ]
+
+    results = []
+    for model, chunk in ((whole, 8), (chunked, 3)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        average = WeightAverage(model, 0.5)
+        optimizer_step(
+            model, [optimizer], iter(losses(model, chunk)), grad_clip=0.5, lr=0.1,
+            after_step=lambda: calls.append("after"), average=average,
+        )  # fmt: skip
+        assert optimizer.param_groups[0]["lr"] == 0.1 and average.updates == 1
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+    assert calls == ["after", "after"]
