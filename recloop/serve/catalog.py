@@ -17,7 +17,8 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from recloop.data.dataset import SequenceDataset, Vocabulary
+from recloop.data.dataset import SequenceDataset
+from recloop.data.vocabulary import Vocabulary
 from recloop.errors import DatasetError, ServingError
 
 
