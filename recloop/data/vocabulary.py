@@ -23,7 +23,7 @@ import copy
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -39,10 +39,16 @@ class Vocabulary:
     for items that is 0, the padding id, which no item has.
     """
 
-    def __init__(self, raw_by_id: pl.Series | npt.ArrayLike, first_id: int = 1) -> None:
+    def __init__(
+        self,
+        raw_by_id: pl.Series | npt.NDArray[Any] | Sequence[Any],
+        first_id: int = 1,
+        source: str = "vocabulary",
+    ) -> None:
         """``raw_by_id``: the raw id of dense id first_id, first_id + 1, ... (typed: integers
-        stay integers)."""
+        stay integers); ``source``: where it came from, for error messages (the file)."""
         self.first_id = first_id
+        self.source = source
         column = raw_by_id if isinstance(raw_by_id, pl.Series) else pl.Series(raw_by_id)
         self._column = column.rename("raw")  # typed, as in the file
         self._added: list[str] = []  # raw ids added since (text; see raw_by_id for the type)
@@ -54,9 +60,10 @@ class Vocabulary:
     @classmethod
     def read(cls, path: Path, first_id: int = 1) -> Vocabulary:
         """The vocabulary file at ``path``, checked: DatasetError naming the file and the row
-        when it is unreadable, lacks the id or raw column, or has ids out of order, a missing
-        raw id or a raw id twice."""
-        return cls(_read_column(Path(path), first_id), first_id)
+        when it is unreadable, lacks the id or raw column, or has ids out of order or a missing
+        raw id; a raw id twice is found (and named) when the lookups are built: checking it here
+        would cost a hash of every id (~1 s per 1M ids) that the lookups do anyway."""
+        return cls(_read_column(Path(path), first_id), first_id, str(path))
 
     @classmethod
     def from_strings(cls, raw_ids: Sequence[str], first_id: int = 1) -> Vocabulary:
@@ -121,8 +128,21 @@ class Vocabulary:
             # `recloop prepare` assigns ids in ascending raw order, so this is usually the
             # identity; sorting keeps lookups right for any vocabulary (a grown one, too).
             order = np.argsort(self.raw_by_id, kind="stable")
-            self._sorted = self.raw_by_id[order], order.astype(np.int64) + self.first_id
+            keys = self.raw_by_id[order]
+            if len(keys) > 1 and bool(np.any(keys[1:] == keys[:-1])):
+                self._raise_repeated()
+            self._sorted = keys, order.astype(np.int64) + self.first_id
         return self._sorted
+
+    def _raise_repeated(self) -> NoReturn:
+        first_row: dict[str, int] = {}
+        for row, raw in enumerate(self.strings().tolist(), start=1):
+            if raw in first_row:
+                raise DatasetError(
+                    f"{self.source}: rows {first_row[raw]} and {row} hold the same raw id {raw!r}"
+                )
+            first_row[raw] = row
+        raise DatasetError(f"{self.source}: a raw id appears twice")  # typed, not as text
 
     # ------------------------------------------------------------------ text
 
@@ -157,18 +177,20 @@ class Vocabulary:
         """[N] raw ids as text. An object array, not a list: the cyclic GC does not walk it
         (nor a dict of str -> int), where a list of 1M strings costs ~40 ms in every full
         collection."""
-        if self._strings is None or len(self._strings) != len(self):
-            base = self._strings if self._strings is not None else _as_strings(self._column)
-            base = base[: len(self._column)]
+        if self._strings is None:
+            self._strings = _as_strings(self._column)
+        if len(self._strings) != len(self):  # ids were added since
+            base = self._strings[: len(self._column)]
             self._strings = np.concatenate([base, np.array(self._added, dtype=object)])
         return self._strings
 
     def _text_index(self) -> dict[str, int]:
         if self._dense_by_raw is None:
             strings = self.strings().tolist()
-            self._dense_by_raw = {raw: i for i, raw in enumerate(strings, start=self.first_id)}
-            if len(self._dense_by_raw) != len(strings):
-                raise DatasetError(f"{_first_repeat(strings)} (as text): raw ids must be unique")
+            index = {raw: i for i, raw in enumerate(strings, start=self.first_id)}
+            if len(index) != len(strings):
+                self._raise_repeated()
+            self._dense_by_raw = index
         return self._dense_by_raw
 
     # ------------------------------------------------------------------ growth
@@ -199,6 +221,7 @@ class Vocabulary:
                 "one in order; the ids were renumbered"
             )
         grown = copy.copy(self)
+        grown.source = str(path)
         grown._column, grown._added = column, []
         grown._typed = grown._sorted = None
         added = _as_strings(column.slice(known))
@@ -207,6 +230,8 @@ class Vocabulary:
             grown._dense_by_raw = self._dense_by_raw.copy()
             start = self.first_id + known
             grown._dense_by_raw.update({raw: start + i for i, raw in enumerate(added.tolist())})
+            if len(grown._dense_by_raw) != len(grown):
+                grown._raise_repeated()
         return grown
 
     # ------------------------------------------------------------------ writing
@@ -256,12 +281,6 @@ def _read_column(path: Path, first_id: int) -> pl.Series:
     if raw.null_count():
         row = int(np.flatnonzero(raw.is_null().to_numpy())[0])
         raise DatasetError(f"{path}: row {row + 1} (id {first_id + row}) has no raw id")
-    repeated = raw.is_duplicated()
-    if repeated.any():
-        rows = np.flatnonzero(repeated.to_numpy())[:2] + 1
-        raise DatasetError(
-            f"{path}: rows {rows[0]} and {rows[1]} hold the same raw id {raw[int(rows[0]) - 1]!r}"
-        )
     return raw
 
 
@@ -272,13 +291,6 @@ def _to_numpy(column: pl.Series) -> npt.NDArray[Any]:
 
 
 def _as_strings(column: pl.Series) -> npt.NDArray[np.object_]:
+    if column.dtype == pl.Utf8:
+        return column.to_numpy()  # already str objects
     return np.array([str(raw) for raw in column.to_list()], dtype=object)
-
-
-def _first_repeat(strings: list[str]) -> str:
-    seen: set[str] = set()
-    for raw in strings:
-        if raw in seen:
-            return f"raw id {raw!r} appears twice"
-        seen.add(raw)
-    return "a raw id appears twice"
