@@ -101,7 +101,9 @@ class Vocabulary:
     def to_raw(self, ids: npt.ArrayLike) -> npt.NDArray[Any]:
         index = np.asarray(ids, dtype=np.int64) - self.first_id
         if index.size and (index.min() < 0 or index.max() >= len(self)):
-            raise DatasetError(f"dense id out of range [{self.first_id}, {self.last_id}]")
+            raise DatasetError(
+                f"{self.source}: dense id out of range [{self.first_id}, {self.last_id}]"
+            )
         return self.raw_by_id[index]
 
     def to_dense(self, raw: npt.ArrayLike, missing: int = -1) -> npt.NDArray[np.int64]:
