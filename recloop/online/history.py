@@ -1,5 +1,5 @@
-"""Users' sequences where the online learner starts them (the training dataset), and the
-padded windows an online step trains on."""
+"""Where the online learner's user sequences start (the training dataset's, when it is still
+there), and the padded windows an online step trains on."""
 
 from __future__ import annotations
 
@@ -8,52 +8,25 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from recloop.data.dataset import SequenceDataset
-from recloop.online.items import OnlineVocabulary
+from recloop.data.history import UserHistory
+from recloop.data.vocabulary import Vocabulary
 
 log = logging.getLogger("recloop.online")
 
 
-class BaseHistory:
-    """Users' sequences from the training dataset (model dense ids), where sequences start."""
-
-    def __init__(self, dataset: SequenceDataset | None, mapping: np.ndarray | None) -> None:
-        self._dataset = dataset
-        self._mapping = mapping
-        self.users: list[str] = []
-        self._index: dict[str, int] = {}
-        if dataset is not None:
-            self.users = [str(raw) for raw in dataset.users.raw_by_id.tolist()]
-            self._index = {raw: i for i, raw in enumerate(self.users)}
-            self._offsets = np.asarray(dataset.sequences.offsets, dtype=np.int64)
-            self._items = np.asarray(dataset.sequences.items)
-
-    @classmethod
-    def open(
-        cls, data: Path | None, origin_manifest: dict[str, Any], vocabulary: OnlineVocabulary
-    ) -> BaseHistory:
-        """`data`, or the dataset the origin version was trained on when it is still there."""
-        if data is None:
-            recorded = (origin_manifest.get("dataset") or {}).get("path")
-            data = Path(recorded) if recorded and Path(recorded).is_dir() else None
-        if data is None:
-            log.warning("no training dataset: sequences start from the event log alone")
-            return cls(None, None)
-        dataset = SequenceDataset(data)
-        raws = dataset.items.raw_by_id.tolist()
-        mapping = np.array([0] + [vocabulary.dense(str(r)) for r in raws], dtype=np.int64)
-        return cls(dataset, mapping)
-
-    def items(self, user: str) -> list[int]:
-        index = self._index.get(user)
-        if index is None or self._mapping is None:
-            return []
-        rows = self._items[self._offsets[index] : self._offsets[index + 1]]
-        mapped = self._mapping[rows]
-        return [int(i) for i in mapped[mapped > 0]]
+def base_history(
+    data: Path | None, origin_manifest: dict[str, Any], vocabulary: Vocabulary
+) -> UserHistory | None:
+    """`data`, or the dataset the origin version was trained on when it is still there."""
+    if data is None:
+        recorded = (origin_manifest.get("dataset") or {}).get("path")
+        data = Path(recorded) if recorded and Path(recorded).is_dir() else None
+    if data is None:
+        log.warning("no training dataset: sequences start from the event log alone")
+        return None
+    return UserHistory.open(data, vocabulary)
 
 
 def padded_chunks(

@@ -39,14 +39,15 @@ import numpy as np
 import torch
 
 from recloop.data.sequences import PADDING_ID
+from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError
 from recloop.events import EventLog, LoggedEvent, resume_offset
 from recloop.models.factory import config_to_dict
 from recloop.models.io import load_model
 from recloop.online.config import OnlineConfig, loss_config
 from recloop.online.control import crash_point, progress, stop_on_signals
-from recloop.online.history import BaseHistory, padded_chunks
-from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
+from recloop.online.history import base_history, padded_chunks
+from recloop.online.items import ItemAttributes, PendingItems, initial_row
 from recloop.online.optim import LazyAdam, grow_rows
 from recloop.online.prequential import (
     PrequentialLog,
@@ -125,9 +126,7 @@ class OnlineLearner:
             self.state.offset = self.offset
         self.model, _ = load_model(registry, self.version)
         self.frozen, _ = load_model(registry, self.state.origin)
-        self.vocabulary = OnlineVocabulary.from_parquet(
-            registry.file(self.version, vocabulary_file(manifest))
-        )
+        self.vocabulary = Vocabulary.read(registry.file(self.version, vocabulary_file(manifest)))
         self._published_items = self.vocabulary.num_items
         self._published = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.item_counts = load_item_counts(registry, self.version, self.vocabulary.num_items)
@@ -135,7 +134,7 @@ class OnlineLearner:
         self.max_length = int(self.model.config.max_length)
         self.pending = PendingItems(config.admit_after)
         self.sequences: dict[str, list[int]] = {}
-        self._base = BaseHistory.open(data, registry.manifest(self.state.origin), self.vocabulary)
+        self._base = base_history(data, registry.manifest(self.state.origin), self.vocabulary)
         self._loss_config = loss_config(config, registry.manifest(self.state.origin))
         self._rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
@@ -190,7 +189,8 @@ class OnlineLearner:
     def sequence(self, user: str) -> list[int]:
         known = self.sequences.get(user)
         if known is None:
-            known = self._base.items(user)[-(self.max_length + 1) :]
+            base = self._base.items(user) if self._base is not None else np.zeros(0, np.int64)
+            known = base[-(self.max_length + 1) :].tolist()
             self.sequences[user] = known
         return known
 
@@ -269,10 +269,10 @@ class OnlineLearner:
         count = self.config.replay_windows
         if count == 0:
             return []
-        users = self._base.users
+        users = self._base.users if self._base is not None else None
         if users:
             picks = self._rng.integers(0, len(users), size=count)
-            return [self.sequence(users[int(i)]) for i in picks]
+            return [self.sequence(users.raw(int(i))) for i in picks]
         touched = list(self.sequences)
         if not touched:
             return []
