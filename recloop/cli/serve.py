@@ -111,13 +111,6 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
     from recloop.serve.runtime import LoadOptions
     from recloop.serve.service import ServiceConfig
 
-    engine, index, follow = options["engine"], options["index"], options["follow"]
-    if engine not in ("onnx", "torch", "torch-compiled"):
-        raise ConfigError(f"--engine must be onnx, torch or torch-compiled, got {engine!r}")
-    if index not in ("exact", "exact-int8", "ivf"):
-        raise ConfigError(f"--index must be exact, exact-int8 or ivf, got {index!r}")
-    if follow is not None and follow <= 0:
-        raise ConfigError(f"--follow must be > 0 seconds, got {follow}")
     load = LoadOptions(
         engine=options["engine"],
         index=options["index"],
