@@ -33,9 +33,9 @@ time split is meaningful).
 
 Determinism and scale
 ---------------------
-Users are generated in fixed blocks of ``_BLOCK_USERS``; block ``b`` draws from its own PCG64
-stream seeded by ``SeedSequence(seed, spawn_key=(1, b))`` and the item tables from
-``spawn_key=(0,)``. The output therefore depends only on the config (and seed), never on
+Users are generated in fixed blocks of ``synthetic_users.BLOCK_USERS``; block ``b`` draws
+from its own PCG64 stream seeded by ``SeedSequence(seed, spawn_key=(1, b))`` and the item
+tables from ``spawn_key=(0,)``. The output therefore depends only on the config (and seed), never on
 ``chunk_users``: any chunking yields the same rows. Inside a block the only Python loop is over
 sequence positions ``t``, vectorised across the users still active at ``t``; memory is bounded
 by the item tables (O(num_items)) plus one block and one output chunk.
@@ -59,14 +59,19 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recloop.data.synthetic_users import (
+    Block,
+    block_rng,
+    block_size,
+    draw_lengths,
+    generate_block,
+    length_mu,
+    num_blocks,
+)
 from recloop.errors import ConfigError, DatasetError
 
-# Users per independent random stream. Part of the dataset's definition: changing it changes
-# every generated log. 16384 users x mean 20 events keeps a block's working set at a few MB.
-_BLOCK_USERS = 16_384
 # Bound on max_length: the mean-matching solve costs O(max_length) per bisection step.
 _MAX_LENGTH_LIMIT = 100_000
-_SECONDS_PER_DAY = 86_400
 
 SCHEMA: dict[str, pl.DataType] = {"user": pl.Int64(), "item": pl.Int64(), "timestamp": pl.Int64()}
 _ARROW_SCHEMA = pa.schema(
@@ -174,7 +179,7 @@ def _check_float(
 
 
 @dataclass(frozen=True)
-class _Tables:
+class ItemTables:
     """Item-side structure, internal 0-based item index j (raw id j + 1)."""
 
     topic: npt.NDArray[np.int32]  # [N] topic of each item
@@ -188,7 +193,7 @@ class _Tables:
     topic_cdf: npt.NDArray[np.float64]  # [K] cumulative topic mass / total, ends at 1
 
 
-def _build_tables(config: SyntheticConfig) -> _Tables:
+def _build_tables(config: SyntheticConfig) -> ItemTables:
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(config.seed, spawn_key=(0,))))
     n, k = config.num_items, config.num_topics
 
@@ -219,7 +224,7 @@ def _build_tables(config: SyntheticConfig) -> _Tables:
     topic_mass = cum_ext[ends] - topic_lo  # [K]
     topic_cdf = np.cumsum(topic_mass) / cum[-1]  # [K]
     topic_cdf[-1] = 1.0
-    return _Tables(
+    return ItemTables(
         topic=topic32,
         weight=weight,
         successor=successor,
@@ -255,159 +260,16 @@ def successor_table(config: SyntheticConfig) -> npt.NDArray[np.int64]:
     return item_structure(config).successor
 
 
-# ----------------------------------------------------------------------------- lengths
-
-
-def _normal_sf(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """P(Z > x) for standard normal Z (Abramowitz-Stegun 7.1.26, abs. error < 1.5e-7)."""
-    y = np.abs(x) / math.sqrt(2.0)
-    t = 1.0 / (1.0 + 0.3275911 * y)
-    poly = t * (
-        0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
-    )
-    half_erfc = 0.5 * poly * np.exp(-y * y)  # P(Z > |x|)
-    return np.where(x >= 0, half_erfc, 1.0 - half_erfc)
-
-
-def _length_mu(config: SyntheticConfig) -> float:
-    """Lognormal location mu with E[clip(rint(exp(mu + sigma Z)), min, max)] == mean_length."""
-    a, b, sigma = config.min_length, config.max_length, config.length_sigma
-    # E[L] = a + sum_{k=a}^{b-1} P(L > k), and L > k <=> exp(mu + sigma Z) >= k + 1/2.
-    log_cuts = np.log(np.arange(a, b, dtype=np.float64) + 0.5)  # [b - a]
-
-    def expected(mu: float) -> float:
-        return a + float(_normal_sf((log_cuts - mu) / sigma).sum())
-
-    # The expectation is increasing in mu; at lo every length is ~min, at hi every one ~max.
-    lo, hi = math.log(0.5) - 12.0 * sigma, math.log(b + 0.5) + 12.0 * sigma
-    for _ in range(64):  # bracket < ~300 wide: 64 halvings reach float precision
-        mid = 0.5 * (lo + hi)
-        if expected(mid) < config.mean_length:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-def _draw_lengths(
-    rng: np.random.Generator, users: int, mu: float, config: SyntheticConfig
-) -> npt.NDArray[np.int64]:
-    z = rng.standard_normal(users)  # [B]
-    log_len = np.minimum(mu + config.length_sigma * z, 700.0)  # 700: exp stays finite
-    raw = np.rint(np.exp(log_len))
-    return np.clip(raw, config.min_length, config.max_length).astype(np.int64)  # [B]
-
-
-# ----------------------------------------------------------------------------- blocks
-
-
-def _block_rng(config: SyntheticConfig, block: int) -> np.random.Generator:
-    seq = np.random.SeedSequence(config.seed, spawn_key=(1, block))
-    return np.random.Generator(np.random.PCG64(seq))
-
-
-def _num_blocks(config: SyntheticConfig) -> int:
-    return -(-config.num_users // _BLOCK_USERS)
-
-
-def _block_size(config: SyntheticConfig, block: int) -> int:
-    return min(_BLOCK_USERS, config.num_users - block * _BLOCK_USERS)
-
-
-@dataclass(frozen=True)
-class _Block:
-    lengths: npt.NDArray[np.int64]  # [B]
-    items: npt.NDArray[np.int32]  # [E_b] 0-based item index, grouped by user, time order
-    timestamps: npt.NDArray[np.int64]  # [E_b]
-
-
-def _generate_block(config: SyntheticConfig, tables: _Tables, mu: float, block: int) -> _Block:
-    rng = _block_rng(config, block)
-    users = _block_size(config, block)
-    m = config.topics_per_user
-
-    # Draw order is fixed (lengths first, so count_events can replay just that draw).
-    lengths = _draw_lengths(rng, users, mu, config)  # [B]
-    span = config.time_span_days * _SECONDS_PER_DAY
-    starts = config.start_time + rng.integers(0, span, size=users, dtype=np.int64)  # [B]
-    favourites = np.searchsorted(tables.topic_cdf, rng.random((users, m)), side="right")  # [B, M]
-    np.minimum(favourites, config.num_topics - 1, out=favourites)
-    taste = rng.gamma(config.taste_concentration, size=(users, m))  # [B, M]
-    # With a tiny concentration every draw of a row can underflow to 0; the guard keeps the
-    # division finite and such a user simply gets their last favourite (see the cuts below).
-    taste /= np.maximum(taste.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
-    # Only the first M-1 cumulative cuts: slot = #cuts below u lands in [0, M-1] even when
-    # rounding leaves the full sum a hair under 1.
-    taste_cuts = np.cumsum(taste, axis=1)[:, : m - 1]  # [B, M-1]
-
-    offsets = np.zeros(users + 1, dtype=np.int64)  # [B + 1]
-    np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
-    items = np.empty(total, dtype=np.int32)  # [E_b]
-
-    # Users sorted by decreasing length: at step t the active users are a prefix.
-    order = np.argsort(-lengths, kind="stable")  # [B]
-    neg_sorted_len = -lengths[order]  # [B] ascending
-    pos = offsets[:-1][order]  # [B] output position of each sorted user's first event
-    fav_flat = favourites[order].astype(np.int64).ravel()  # [B * M]
-    cuts = np.ascontiguousarray(taste_cuts[order])  # [B, M-1]
-    prev = np.zeros(users, dtype=np.int32)  # [B] previous item of each sorted user
-
-    p_succ = config.p_successor
-    p_stay = p_succ + config.p_same_topic
-    p_expl = p_stay + config.p_explore
-    n_items = config.num_items
-    total_mass = float(tables.cum[-1])
-
-    for t in range(int(lengths.max(initial=0))):
-        n = int(np.searchsorted(neg_sorted_len, -t, side="left"))  # users with length > t
-        u = rng.random((3, n))  # [3, n] mode, topic, item uniforms
-        mode_u, topic_u, item_u = u[0], u[1], u[2]
-        p = prev[:n]  # [n]
-
-        slot = (cuts[:n] < topic_u[:, None]).sum(axis=1)  # [n] in [0, M-1]
-        topic = fav_flat[np.arange(n, dtype=np.int64) * m + slot]  # [n] taste topic
-        if t > 0:
-            stay = (mode_u >= p_succ) & (mode_u < p_stay)  # [n]
-            topic = np.where(stay, tables.topic[p], topic)
-            explore = (mode_u >= p_stay) & (mode_u < p_expl)  # [n]
-        else:  # no previous item: only taste or exploration
-            explore = mode_u < config.p_explore
-        target = np.where(
-            explore, item_u * total_mass, tables.topic_lo[topic] + item_u * tables.topic_mass[topic]
-        )  # [n]
-        # Searching with sorted keys is ~6x faster (numpy reuses the last position as a
-        # bound and the probes stay in cache); the result is identical.
-        key_order = np.argsort(target)  # [n]
-        idx = np.empty(n, dtype=np.int64)  # [n]
-        idx[key_order] = np.searchsorted(tables.cum, target[key_order], side="right")
-        # Rounding can push lo + u * mass onto the topic's upper edge: clamp inside it.
-        np.minimum(idx, np.where(explore, n_items - 1, tables.topic_last[topic]), out=idx)
-        nxt = tables.by_topic[idx]  # [n]
-        if t > 0:
-            nxt = np.where(mode_u < p_succ, tables.successor[p], nxt)
-        items[pos[:n] + t] = nxt
-        prev[:n] = nxt
-
-    # Strictly increasing times: gap = 1 + floor(Exp(mean)); the first event sits at the start.
-    gaps = 1 + np.floor(rng.exponential(config.mean_gap_seconds, size=total)).astype(np.int64)
-    first = offsets[:-1]  # [B]
-    gaps[first] = starts
-    cs = np.cumsum(gaps)  # [E_b]
-    timestamps = cs - np.repeat(cs[first] - starts, lengths)  # [E_b] segmented cumsum
-    return _Block(lengths=lengths, items=items, timestamps=timestamps)
-
-
 # ----------------------------------------------------------------------------- public API
 
 
 def count_events(config: SyntheticConfig) -> int:
     """Rows ``generate_events`` will yield, computed by replaying only the length draws."""
-    mu = _length_mu(config)
+    mu = length_mu(config)
     total = 0
-    for block in range(_num_blocks(config)):
-        rng = _block_rng(config, block)
-        total += int(_draw_lengths(rng, _block_size(config, block), mu, config).sum())
+    for block in range(num_blocks(config)):
+        rng = block_rng(config, block)
+        total += int(draw_lengths(rng, block_size(config, block), mu, config).sum())
     return total
 
 
@@ -438,16 +300,16 @@ def generate_events(config: SyntheticConfig, chunk_users: int = 100_000) -> Iter
     """
     _check_int("chunk_users", chunk_users, low=1)
     tables = _build_tables(config)
-    mu = _length_mu(config)
+    mu = length_mu(config)
 
     # Blocks not yet yielded, concatenated only once a chunk's worth has arrived (linear cost
     # for any chunk size): pieces of (lengths [B'], items [E'], timestamps [E']).
-    pieces: list[_Block] = []
+    pieces: list[Block] = []
     pending = 0
     next_user = 0
-    blocks = _num_blocks(config)
+    blocks = num_blocks(config)
     for block in range(blocks):
-        pieces.append(_generate_block(config, tables, mu, block))
+        pieces.append(generate_block(config, tables, mu, block))
         pending += len(pieces[-1].lengths)
         last = block == blocks - 1
         if pending < chunk_users and not last:
@@ -461,7 +323,7 @@ def generate_events(config: SyntheticConfig, chunk_users: int = 100_000) -> Iter
             yield _frame(next_user, lengths[:k], items[:e], stamps[:e])
             next_user += k
             lengths, items, stamps = lengths[k:], items[e:], stamps[e:]
-        pieces = [_Block(lengths=lengths, items=items, timestamps=stamps)]
+        pieces = [Block(lengths=lengths, items=items, timestamps=stamps)]
         pending = len(lengths)
 
 
