@@ -132,7 +132,7 @@ def _prepare_log(
     from recloop.progress import progress_bar
 
     if format == "parquet" and input.is_file():
-        from recloop.data.readers import parquet_rows
+        from recloop.data.table_formats import parquet_rows
 
         total, unit = float(parquet_rows(input)), "rows"
     else:
