@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,4 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 def command_line() -> str:
     """The command as the user typed it, recorded in the manifests it publishes."""
-    import sys
-
     return "recloop " + " ".join(sys.argv[1:])
