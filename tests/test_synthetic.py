@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recloop.data import synthetic, synthetic_users
+from recloop.data import synthetic
 from recloop.data.synthetic import (
     SyntheticConfig,
     count_events,
@@ -54,10 +54,10 @@ def test_different_seed_gives_different_log(small_log: pl.DataFrame) -> None:
 
 def test_chunk_size_does_not_change_output() -> None:
     # More users than one internal random block, so chunks straddle block boundaries.
-    users = 2 * synthetic_users.BLOCK_USERS + 123
+    users = 2 * synthetic._BLOCK_USERS + 123
     config = SyntheticConfig(num_users=users, num_items=500, mean_length=5.0, max_length=20)
     reference = _log(config, chunk_users=users)
-    for chunk in (1_000, synthetic_users.BLOCK_USERS, 50_000):
+    for chunk in (1_000, synthetic._BLOCK_USERS, 50_000):
         frames = list(generate_events(config, chunk_users=chunk))
         sizes = [f["user"].n_unique() for f in frames]
         assert sizes[:-1] == [chunk] * (len(frames) - 1)

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from recloop.data.prepare import PrepareOptions
-    from recloop.data.readers import ColumnMap
     from recloop.data.synthetic import SyntheticConfig
+    from recloop.data.table_formats import ColumnMap
 
 FORMAT_HELP = (
     "movielens-dat (UserID::MovieID::Rating::Timestamp), ml100k (u.data, tab-separated), "
@@ -82,7 +82,8 @@ def prepare(
 
     pool = configure_threads(threads)  # before polars is imported: it sizes its pool once
     from recloop.data.prepare import PrepareOptions
-    from recloop.data.readers import FORMATS, ColumnMap
+    from recloop.data.readers import FORMATS
+    from recloop.data.table_formats import ColumnMap
 
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r} is not one of: {', '.join(FORMATS)}")

@@ -224,7 +224,7 @@ def _learn_online(
     run_dir: Path,
 ) -> None:
     """The events through the API into the log, the learner's deltas, the service's swap."""
-    from recloop.online.events import open_event_log
+    from recloop.events import open_event_log
     from recloop.online.learner import OnlineConfig, OnlineLearner
     from recloop.registry import Registry
 

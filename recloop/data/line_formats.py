@@ -1,5 +1,5 @@
-"""The line-oriented text formats (MovieLens .dat / u.data / ratings.csv, SASRec, S3-Rec),
-and the checked text blocks every text reader reads through (see ``recloop.data.readers``)."""
+"""The line-oriented text formats: MovieLens (.dat, u.data, ratings.csv), SASRec and S3-Rec
+(see ``recloop.data.readers`` for the chunks they yield)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,11 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import polars as pl
 
-from recloop.data.textcheck import UTF8_BOM, TextCheck, check_signature, read_errors
+from recloop.data.text_blocks import ProgressCallback, first_message_line, text_blocks
 from recloop.errors import DatasetError
-
-if TYPE_CHECKING:
-    from recloop.data.readers import ProgressCallback
 
 
 @dataclass(frozen=True)
@@ -48,37 +44,6 @@ def read_line_format(
 
 
 # --------------------------------------------------------------------------- text blocks
-
-
-def text_blocks(
-    path: Path, block_bytes: int, control: bytes = b"\0"
-) -> Iterator[tuple[bytes, int]]:
-    """Yields (block, bytes consumed) with every block ending at a line boundary.
-
-    The bytes are checked as they are read (see `TextCheck`), so a binary or non-UTF-8 file
-    fails at its first bad byte, naming its line and byte offset, without being read whole.
-    A leading UTF-8 byte order mark is skipped (it is counted as consumed).
-    """
-    check = TextCheck(path, control)
-    with read_errors(path), open(path, "rb") as f:
-        data = f.read(block_bytes)
-        check_signature(path, data)
-        skipped = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
-        data, rest = data[skipped:], b""
-        check.offset = skipped  # offsets in messages are those of the file
-        while data:
-            check.feed(data)
-            data = rest + data
-            cut = data.rfind(b"\n")
-            if cut < 0:  # a line longer than the block: keep reading
-                rest = data
-            else:
-                yield data[: cut + 1], cut + 1 + skipped
-                rest, skipped = data[cut + 1 :], 0
-            data = f.read(block_bytes)
-        check.feed(b"", final=True)
-        if rest:
-            yield rest + b"\n", len(rest) + skipped
 
 
 def _block_lines(path: Path, block: bytes, first_line: int) -> pl.Series:
@@ -241,8 +206,3 @@ def _as_float(path: Path, frame: pl.DataFrame, column: str, field: str) -> pl.Se
         row = bad.row(0, named=True)
         raise DatasetError(f"{path}: line {row['line']}: {field} {row[column]!r} is not a number")
     return parsed.alias("value")
-
-
-def first_message_line(exc: BaseException) -> str:
-    """The first line of a library's error message (some span several), for one-line errors."""
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -42,7 +42,9 @@ from recloop.data.attributes import (
     attribute_index,
     read_item_attributes,
 )
-from recloop.data.readers import ColumnMap, ProgressCallback, read_chunks
+from recloop.data.readers import read_chunks
+from recloop.data.table_formats import ColumnMap
+from recloop.data.text_blocks import ProgressCallback
 from recloop.errors import ConfigError, DatasetError
 
 DuplicatePolicy = Literal["drop", "keep", "error"]

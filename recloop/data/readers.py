@@ -23,15 +23,15 @@ line layouts) and ``table_formats`` (csv and Parquet with named columns, see `Co
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import polars as pl
 
 from recloop.data.line_formats import read_line_format
-from recloop.data.table_formats import read_csv, read_parquet
+from recloop.data.table_formats import ColumnMap, read_csv, read_parquet
+from recloop.data.text_blocks import ProgressCallback
 from recloop.data.textcheck import read_errors
 from recloop.errors import DatasetError
 
@@ -49,29 +49,6 @@ FORMATS: tuple[str, ...] = (
     "synthetic",
 )
 DEFAULT_BLOCK_BYTES = 32 * 1024 * 1024
-ProgressCallback = Callable[[int], None]  # called with the number of bytes/rows just consumed
-
-
-@dataclass(frozen=True)
-class ColumnMap:
-    """Which source columns hold what, for the generic `csv` and `parquet` formats."""
-
-    user: str = "user_id"
-    item: str = "item_id"
-    timestamp: str | None = "timestamp"  # None: no time column, file order is time order
-    value: str | None = None
-    event: str | None = None
-    separator: str = ","
-
-    def __post_init__(self) -> None:
-        if len(self.separator) != 1 or self.separator in '"\r\n':
-            raise DatasetError(
-                f"csv separator must be one character other than a quote or a line break, "
-                f"got {self.separator!r}"
-            )
-        named = [c for c in (self.user, self.item, self.timestamp, self.value, self.event) if c]
-        if len(set(named)) != len(named):
-            raise DatasetError(f"column map names the same column twice: {named}")
 
 
 def read_chunks(

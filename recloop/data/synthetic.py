@@ -33,8 +33,8 @@ time split is meaningful).
 
 Determinism and scale
 ---------------------
-Users are generated in fixed blocks of ``synthetic_users.BLOCK_USERS``; block ``b`` draws
-from its own PCG64 stream seeded by ``SeedSequence(seed, spawn_key=(1, b))`` and the item
+Users are generated in fixed blocks of ``_BLOCK_USERS``; block ``b`` draws from its own PCG64
+stream seeded by ``SeedSequence(seed, spawn_key=(1, b))`` and the item
 tables from ``spawn_key=(0,)``. The output therefore depends only on the config (and seed), never on
 ``chunk_users``: any chunking yields the same rows. Inside a block the only Python loop is over
 sequence positions ``t``, vectorised across the users still active at ``t``; memory is bounded
@@ -59,19 +59,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recloop.data.synthetic_users import (
-    Block,
-    block_rng,
-    block_size,
-    draw_lengths,
-    generate_block,
-    length_mu,
-    num_blocks,
-)
+from recloop.data.lengths import draw_lengths, lognormal_location
 from recloop.errors import ConfigError, DatasetError
 
 # Bound on max_length: the mean-matching solve costs O(max_length) per bisection step.
 _MAX_LENGTH_LIMIT = 100_000
+# Users per independent random stream. Part of the dataset's definition: changing it changes
+# every generated log. 16384 users x mean 20 events keeps a block's working set at a few MB.
+_BLOCK_USERS = 16_384
+_SECONDS_PER_DAY = 86_400
 
 SCHEMA: dict[str, pl.DataType] = {"user": pl.Int64(), "item": pl.Int64(), "timestamp": pl.Int64()}
 _ARROW_SCHEMA = pa.schema(
@@ -179,7 +175,7 @@ def _check_float(
 
 
 @dataclass(frozen=True)
-class ItemTables:
+class _Tables:
     """Item-side structure, internal 0-based item index j (raw id j + 1)."""
 
     topic: npt.NDArray[np.int32]  # [N] topic of each item
@@ -193,7 +189,7 @@ class ItemTables:
     topic_cdf: npt.NDArray[np.float64]  # [K] cumulative topic mass / total, ends at 1
 
 
-def _build_tables(config: SyntheticConfig) -> ItemTables:
+def _build_tables(config: SyntheticConfig) -> _Tables:
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(config.seed, spawn_key=(0,))))
     n, k = config.num_items, config.num_topics
 
@@ -224,7 +220,7 @@ def _build_tables(config: SyntheticConfig) -> ItemTables:
     topic_mass = cum_ext[ends] - topic_lo  # [K]
     topic_cdf = np.cumsum(topic_mass) / cum[-1]  # [K]
     topic_cdf[-1] = 1.0
-    return ItemTables(
+    return _Tables(
         topic=topic32,
         weight=weight,
         successor=successor,
@@ -260,16 +256,161 @@ def successor_table(config: SyntheticConfig) -> npt.NDArray[np.int64]:
     return item_structure(config).successor
 
 
+# ----------------------------------------------------------------------------- lengths
+
+
+def _length_mu(config: SyntheticConfig) -> float:
+    """The lognormal location whose clipped, rounded lengths have mean ``mean_length``."""
+    return lognormal_location(
+        config.min_length, config.max_length, config.length_sigma, config.mean_length
+    )
+
+
+def _draw_lengths(
+    rng: np.random.Generator, users: int, mu: float, config: SyntheticConfig
+) -> npt.NDArray[np.int64]:
+    return draw_lengths(rng, users, mu, config.length_sigma, config.min_length, config.max_length)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def _block_rng(config: SyntheticConfig, block: int) -> np.random.Generator:
+    seq = np.random.SeedSequence(config.seed, spawn_key=(1, block))
+    return np.random.Generator(np.random.PCG64(seq))
+
+
+def _num_blocks(config: SyntheticConfig) -> int:
+    return -(-config.num_users // _BLOCK_USERS)
+
+
+def _block_size(config: SyntheticConfig, block: int) -> int:
+    return min(_BLOCK_USERS, config.num_users - block * _BLOCK_USERS)
+
+
+@dataclass(frozen=True)
+class _Block:
+    lengths: npt.NDArray[np.int64]  # [B]
+    items: npt.NDArray[np.int32]  # [E_b] 0-based item index, grouped by user, time order
+    timestamps: npt.NDArray[np.int64]  # [E_b]
+
+
+def _generate_block(config: SyntheticConfig, tables: _Tables, mu: float, block: int) -> _Block:
+    rng = _block_rng(config, block)
+    users = _block_size(config, block)
+    # Draw order is fixed (lengths first, so count_events can replay just that draw).
+    lengths = _draw_lengths(rng, users, mu, config)  # [B]
+    span = config.time_span_days * _SECONDS_PER_DAY
+    starts = config.start_time + rng.integers(0, span, size=users, dtype=np.int64)  # [B]
+    favourites, taste_cuts = _draw_tastes(rng, config, tables, users)
+    offsets = np.zeros(users + 1, dtype=np.int64)  # [B + 1]
+    np.cumsum(lengths, out=offsets[1:])
+    items = _walk_items(rng, config, tables, lengths, offsets, favourites, taste_cuts)
+    timestamps = _draw_timestamps(rng, config, lengths, offsets, starts)
+    return _Block(lengths=lengths, items=items, timestamps=timestamps)
+
+
+def _draw_tastes(
+    rng: np.random.Generator, config: SyntheticConfig, tables: _Tables, users: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Each user's favourite topics [B, M] and the cumulative cuts of their taste over them
+    [B, M-1] (a uniform u picks favourite #(cuts below u))."""
+    m = config.topics_per_user
+    favourites = np.searchsorted(tables.topic_cdf, rng.random((users, m)), side="right")  # [B, M]
+    np.minimum(favourites, config.num_topics - 1, out=favourites)
+    taste = rng.gamma(config.taste_concentration, size=(users, m))  # [B, M]
+    # With a tiny concentration every draw of a row can underflow to 0; the guard keeps the
+    # division finite and such a user simply gets their last favourite (see the cuts below).
+    taste /= np.maximum(taste.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    # Only the first M-1 cumulative cuts: slot = #cuts below u lands in [0, M-1] even when
+    # rounding leaves the full sum a hair under 1.
+    taste_cuts = np.cumsum(taste, axis=1)[:, : m - 1]  # [B, M-1]
+    return favourites, taste_cuts
+
+
+def _walk_items(
+    rng: np.random.Generator,
+    config: SyntheticConfig,
+    tables: _Tables,
+    lengths: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    favourites: npt.NDArray[np.int64],
+    taste_cuts: npt.NDArray[np.float64],
+) -> npt.NDArray[np.int32]:
+    """Every user's item sequence [E_b], one time step for all users at once: each next item
+    is the previous one's successor, another of its topic, an exploration, or from taste."""
+    m = config.topics_per_user
+    users = len(lengths)
+    items = np.empty(int(offsets[-1]), dtype=np.int32)  # [E_b]
+    # Users sorted by decreasing length: at step t the active users are a prefix.
+    order = np.argsort(-lengths, kind="stable")  # [B]
+    neg_sorted_len = -lengths[order]  # [B] ascending
+    pos = offsets[:-1][order]  # [B] output position of each sorted user's first event
+    fav_flat = favourites[order].astype(np.int64).ravel()  # [B * M]
+    cuts = np.ascontiguousarray(taste_cuts[order])  # [B, M-1]
+    prev = np.zeros(users, dtype=np.int32)  # [B] previous item of each sorted user
+    p_succ = config.p_successor
+    p_stay = p_succ + config.p_same_topic
+    p_expl = p_stay + config.p_explore
+    total_mass = float(tables.cum[-1])
+
+    for t in range(int(lengths.max(initial=0))):
+        n = int(np.searchsorted(neg_sorted_len, -t, side="left"))  # users with length > t
+        mode_u, topic_u, item_u = rng.random((3, n))  # [n] each: mode, topic, item uniforms
+        p = prev[:n]  # [n]
+        slot = (cuts[:n] < topic_u[:, None]).sum(axis=1)  # [n] in [0, M-1]
+        topic = fav_flat[np.arange(n, dtype=np.int64) * m + slot]  # [n] taste topic
+        if t > 0:
+            stay = (mode_u >= p_succ) & (mode_u < p_stay)  # [n]
+            topic = np.where(stay, tables.topic[p], topic)
+            explore = (mode_u >= p_stay) & (mode_u < p_expl)  # [n]
+        else:  # no previous item: only taste or exploration
+            explore = mode_u < config.p_explore
+        target = np.where(
+            explore, item_u * total_mass, tables.topic_lo[topic] + item_u * tables.topic_mass[topic]
+        )  # [n]
+        # Searching with sorted keys is ~6x faster (numpy reuses the last position as a
+        # bound and the probes stay in cache); the result is identical.
+        key_order = np.argsort(target)  # [n]
+        idx = np.empty(n, dtype=np.int64)  # [n]
+        idx[key_order] = np.searchsorted(tables.cum, target[key_order], side="right")
+        # Rounding can push lo + u * mass onto the topic's upper edge: clamp inside it.
+        np.minimum(idx, np.where(explore, config.num_items - 1, tables.topic_last[topic]), out=idx)
+        nxt = tables.by_topic[idx]  # [n]
+        if t > 0:
+            nxt = np.where(mode_u < p_succ, tables.successor[p], nxt)
+        items[pos[:n] + t] = nxt
+        prev[:n] = nxt
+    return items
+
+
+def _draw_timestamps(
+    rng: np.random.Generator,
+    config: SyntheticConfig,
+    lengths: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    starts: npt.NDArray[np.int64],
+) -> npt.NDArray[np.int64]:
+    """Strictly increasing times [E_b]: gap = 1 + floor(Exp(mean)); the first event of each
+    user sits at their start."""
+    total = int(offsets[-1])
+    gaps = 1 + np.floor(rng.exponential(config.mean_gap_seconds, size=total)).astype(np.int64)
+    first = offsets[:-1]  # [B]
+    gaps[first] = starts
+    cs = np.cumsum(gaps)  # [E_b]
+    return cs - np.repeat(cs[first] - starts, lengths)  # [E_b] segmented cumsum
+
+
 # ----------------------------------------------------------------------------- public API
 
 
 def count_events(config: SyntheticConfig) -> int:
     """Rows ``generate_events`` will yield, computed by replaying only the length draws."""
-    mu = length_mu(config)
+    mu = _length_mu(config)
     total = 0
-    for block in range(num_blocks(config)):
-        rng = block_rng(config, block)
-        total += int(draw_lengths(rng, block_size(config, block), mu, config).sum())
+    for block in range(_num_blocks(config)):
+        rng = _block_rng(config, block)
+        total += int(_draw_lengths(rng, _block_size(config, block), mu, config).sum())
     return total
 
 
@@ -300,16 +441,16 @@ def generate_events(config: SyntheticConfig, chunk_users: int = 100_000) -> Iter
     """
     _check_int("chunk_users", chunk_users, low=1)
     tables = _build_tables(config)
-    mu = length_mu(config)
+    mu = _length_mu(config)
 
     # Blocks not yet yielded, concatenated only once a chunk's worth has arrived (linear cost
     # for any chunk size): pieces of (lengths [B'], items [E'], timestamps [E']).
-    pieces: list[Block] = []
+    pieces: list[_Block] = []
     pending = 0
     next_user = 0
-    blocks = num_blocks(config)
+    blocks = _num_blocks(config)
     for block in range(blocks):
-        pieces.append(generate_block(config, tables, mu, block))
+        pieces.append(_generate_block(config, tables, mu, block))
         pending += len(pieces[-1].lengths)
         last = block == blocks - 1
         if pending < chunk_users and not last:
@@ -323,7 +464,7 @@ def generate_events(config: SyntheticConfig, chunk_users: int = 100_000) -> Iter
             yield _frame(next_user, lengths[:k], items[:e], stamps[:e])
             next_user += k
             lengths, items, stamps = lengths[k:], items[e:], stamps[e:]
-        pieces = [Block(lengths=lengths, items=items, timestamps=stamps)]
+        pieces = [_Block(lengths=lengths, items=items, timestamps=stamps)]
         pending = len(lengths)
 
 

@@ -1,24 +1,45 @@
 """The generic table formats, csv and Parquet, whose columns a `ColumnMap` names (see
-``recloop.data.readers``)."""
+``recloop.data.readers`` for the chunks they yield)."""
 
 from __future__ import annotations
 
 import io
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
 
-from recloop.data.line_formats import first_message_line, text_blocks
+from recloop.data.text_blocks import ProgressCallback, first_message_line, text_blocks
 from recloop.data.textcheck import read_errors
 from recloop.errors import DatasetError
 
 if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
-    from recloop.data.readers import ColumnMap, ProgressCallback
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which source columns hold what, for the generic `csv` and `parquet` formats."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str | None = "timestamp"  # None: no time column, file order is time order
+    value: str | None = None
+    event: str | None = None
+    separator: str = ","
+
+    def __post_init__(self) -> None:
+        if len(self.separator) != 1 or self.separator in '"\r\n':
+            raise DatasetError(
+                f"csv separator must be one character other than a quote or a line break, "
+                f"got {self.separator!r}"
+            )
+        named = [c for c in (self.user, self.item, self.timestamp, self.value, self.event) if c]
+        if len(set(named)) != len(named):
+            raise DatasetError(f"column map names the same column twice: {named}")
 
 
 def read_csv(

@@ -319,7 +319,7 @@ def _recommendation_routes(app: FastAPI, service: Service) -> None:
 
 
 def _write_routes(app: FastAPI, service: Service) -> None:
-    from recloop.online.events import Event
+    from recloop.events import Event
 
     require_key = Depends(key_checker(service, group=None))
 
