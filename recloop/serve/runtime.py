@@ -31,10 +31,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from recloop.errors import EngineParityError, RecloopError, RegistryError, ServingError
+from recloop.data.history import UserHistory
+from recloop.data.vocabulary import Vocabulary
+from recloop.errors import (
+    DatasetError,
+    EngineParityError,
+    RecloopError,
+    RegistryError,
+    ServingError,
+)
 from recloop.models.base import SequentialEncoder
 from recloop.registry import Registry
-from recloop.serve.catalog import ItemCatalog, UserHistory
 from recloop.serve.delta import (
     NotApplicable,
     PatchedState,
@@ -121,7 +128,7 @@ class ModelBundle:
     manifest: dict[str, Any]
     engine: InferenceEngine
     index: ItemIndex
-    catalog: ItemCatalog
+    catalog: Vocabulary  # the version's items: raw ids <-> dense ids 1..num_items
     history: UserHistory | None
     popular: npt.NDArray[np.int64]  # dense ids, most popular first (fallback for unknown users)
     max_length: int
@@ -178,7 +185,7 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
     vocabulary = manifest.get("vocabulary") or {}
     if not vocabulary.get("file"):
         raise ServingError(f"version {version} records no item vocabulary; cannot serve it")
-    catalog = ItemCatalog.from_parquet(registry.file(version, vocabulary["file"]))
+    catalog = _read_catalog(version, registry.file(version, vocabulary["file"]))
     num_items = int(model.item_embedding.num_items)
     _check_catalog(version, catalog, num_items)
     history = _open_history(manifest, catalog, options.data)
@@ -201,7 +208,15 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
     )
 
 
-def _check_catalog(version: str, catalog: ItemCatalog, num_items: int) -> None:
+def _read_catalog(version: str, path: Path) -> Vocabulary:
+    """The version's item vocabulary with its text lookups built (not in the first request)."""
+    try:
+        return Vocabulary.read(path, first_id=1).index_text()
+    except DatasetError as exc:
+        raise ServingError(f"version {version}: {exc}") from None
+
+
+def _check_catalog(version: str, catalog: Vocabulary, num_items: int) -> None:
     if catalog.num_items != num_items:
         raise ServingError(
             f"version {version}: vocabulary has {catalog.num_items} items but the model has "
@@ -272,15 +287,18 @@ def _sample_queries(
 
 
 def _open_history(
-    manifest: dict[str, Any], catalog: ItemCatalog, data: Path | None
+    manifest: dict[str, Any], catalog: Vocabulary, data: Path | None
 ) -> UserHistory | None:
     if data is not None:
-        return UserHistory.open(data, catalog)
+        try:
+            return UserHistory.open(data, catalog)
+        except DatasetError as exc:
+            raise ServingError(f"user history: {exc}") from None
     recorded = (manifest.get("dataset") or {}).get("path")
     if recorded and Path(recorded).is_dir():
         try:
             return UserHistory.open(Path(recorded), catalog)
-        except ServingError as exc:  # the recorded dataset moved or changed: serve without it
+        except DatasetError as exc:  # the recorded dataset moved or changed: serve without it
             log.warning("not using the version's dataset for user history: %s", exc)
     return None
 
@@ -391,7 +409,7 @@ def apply_deltas(
 
 def _next_catalog(
     registry: Registry, current: ModelBundle, target: str, manifest: dict[str, Any]
-) -> ItemCatalog:
+) -> Vocabulary:
     """``current``'s catalogue when the vocabulary file is the same, else extended by the new
     items (a renumbered vocabulary is NotApplicable: a full load builds it from scratch)."""
     name = (manifest.get("vocabulary") or {}).get("file")
@@ -403,7 +421,7 @@ def _next_catalog(
         return current.catalog  # the same file: inherited by the delta (hard-linked)
     try:
         return current.catalog.extended(registry.file(target, name))
-    except ServingError as exc:
+    except DatasetError as exc:
         raise NotApplicable(str(exc)) from None
 
 

@@ -365,7 +365,7 @@ class Service:
         history = bundle.history.items(user_id) if bundle.history is not None else _NO_ITEMS
         if not recent:
             return history, []
-        dense, unknown = bundle.catalog.to_dense(recent)
+        dense, unknown = bundle.catalog.lookup(recent)
         return np.concatenate([history, dense]), unknown
 
     async def recommend(
@@ -395,7 +395,7 @@ def items_json(
     """'[{"item_id":..,"score":..},..]' built directly: json.dumps of a list of dicts was a
     tenth of the per-request CPU. Padding (id 0: fewer eligible items than k) is dropped."""
     keep = ids > 0
-    raws = bundle.catalog.to_raw(ids[keep])
+    raws = bundle.catalog.raw_strings(ids[keep])
     parts = [
         f'{{"item_id":{encode_basestring(raw)},"score":{round(score, 6)!r}}}'
         for raw, score in zip(raws, scores[keep].tolist(), strict=True)
