@@ -33,14 +33,12 @@ from recloop.registry import Registry, RowUpdate
 from recloop.serve.app import ServiceConfig
 from recloop.serve.catalog import ItemCatalog
 from recloop.serve.delta import NotApplicable, patch_state
-from recloop.serve.engine import (
-    InferenceEngine,
-    TorchEngine,
-    item_table,
-    item_vectors,
-    reference_queries,
-)
-from recloop.serve.index import build_index, exact_search, recall_at_k
+from recloop.serve.engines.base import InferenceEngine
+from recloop.serve.engines.export import item_table, item_vectors
+from recloop.serve.engines.parity import reference_queries
+from recloop.serve.engines.torch import TorchEngine
+from recloop.serve.indexes.base import exact_search, recall_at_k
+from recloop.serve.indexes.factory import build_index
 from recloop.serve.runtime import LoadOptions, ModelBundle, ModelHolder, load_bundle
 from tests.serving import running_service
 

@@ -30,7 +30,7 @@ import torch
 from recloop.models.base import SequentialEncoder
 from recloop.models.factory import MODEL_TYPES, build_model
 from recloop.registry import Registry, RowUpdate
-from recloop.serve.engine import TABLE_KEY
+from recloop.serve.engines.export import TABLE_KEY
 
 # A longer chain means the service fell far behind the learner; a full load is as cheap then.
 MAX_CHAIN = 64

@@ -43,17 +43,12 @@ from recloop.serve.delta import (
     model_from_state,
     patch_state,
 )
-from recloop.serve.engine import (
-    TABLE_KEY,
-    InferenceEngine,
-    build_engine,
-    engine_with_weights,
-    item_table,
-    item_vectors,
-    reference_queries,
-    warmup,
-)
-from recloop.serve.index import ItemIndex, build_index
+from recloop.serve.engines.base import InferenceEngine
+from recloop.serve.engines.export import TABLE_KEY, item_table, item_vectors
+from recloop.serve.engines.factory import build_engine, engine_with_weights, warmup
+from recloop.serve.engines.parity import reference_queries
+from recloop.serve.indexes.base import ItemIndex
+from recloop.serve.indexes.factory import build_index
 
 log = logging.getLogger("recloop.serve")
 
