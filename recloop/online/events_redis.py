@@ -54,7 +54,7 @@ from recloop.online.events import (
     check_offset,
     validate_events,
 )
-from recloop.serve.state_redis import redact_url
+from recloop.serve.state.redis import redact_url
 
 __all__ = [
     "DEFAULT_GROUP",

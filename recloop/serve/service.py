@@ -6,7 +6,7 @@ since, from the state store) -> micro-batcher (one encode + one top-k for many r
 JSON. ``recloop.serve.app`` maps it to HTTP; nothing here knows about routes.
 
 Durability: with an event log, ``POST /v1/events`` is acknowledged only after the append is
-durable, and in-process user state is a fold of that log (:mod:`recloop.serve.state_sync`),
+durable, and in-process user state is a fold of that log (:mod:`recloop.serve.state.sync`),
 rebuilt at start from the last snapshot and the log's tail, so a replica killed at any moment
 restarts with every event it acknowledged. Without an event log, events change the in-process
 state only (the answer says ``durable: false``) and a crash loses those since the last snapshot.
@@ -35,8 +35,10 @@ from recloop.registry import Registry
 from recloop.serve.batcher import MicroBatcher
 from recloop.serve.metrics import ServiceMetrics
 from recloop.serve.runtime import LoadOptions, ModelBundle, ModelHolder
-from recloop.serve.state import MemoryStateStore, StateStore, open_state_store
-from recloop.serve.state_sync import LoggedState, every
+from recloop.serve.state.base import StateStore
+from recloop.serve.state.factory import open_state_store
+from recloop.serve.state.memory import MemoryStateStore
+from recloop.serve.state.sync import LoggedState, every
 
 if TYPE_CHECKING:
     from recloop.online.events import Event, EventLog

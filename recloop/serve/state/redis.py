@@ -41,7 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from recloop.errors import ServingError
-from recloop.serve.state import (
+from recloop.serve.state.base import (
     LOGGER_NAME,
     StateStore,
     check_int,
