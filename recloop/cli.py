@@ -432,7 +432,7 @@ def serve_command(
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, str(threads))
     from recloop.serve.app import ServiceConfig
-    from recloop.serve.runtime import LoadOptions
+    from recloop.serve.bundle import LoadOptions
     from recloop.serve.server import run_server
 
     if engine not in ("onnx", "torch", "torch-compiled"):
@@ -835,7 +835,7 @@ def _demo_online(
 def _demo_compress(registry: Path, data_dir: Path, version: str) -> None:
     from recloop.compress.pipeline import CompressOptions, compress_version
     from recloop.registry import Registry
-    from recloop.serve.runtime import LoadOptions, load_bundle
+    from recloop.serve.bundle import LoadOptions, load_bundle
 
     store = Registry(registry)
     options = CompressOptions("int8", data=data_dir, show_progress=False, command="recloop demo")

@@ -432,7 +432,7 @@ def test_distill_publishes_the_student(trained: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("engine", ["onnx", "torch"])
 def test_int8_version_serves_unchanged(trained: dict[str, Any], engine: str) -> None:
-    from recloop.serve.runtime import LoadOptions, load_bundle
+    from recloop.serve.bundle import LoadOptions, load_bundle
 
     registry: Registry = trained["registry"]
     version = trained["int8"].version

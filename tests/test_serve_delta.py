@@ -25,7 +25,7 @@ import polars as pl
 import pytest
 import torch
 
-import recloop.serve.runtime as runtime
+import recloop.serve.holder as holder_module
 from recloop.errors import EngineParityError, ServingError
 from recloop.models.factory import build_model, config_to_dict
 from recloop.models.io import load_model
@@ -39,7 +39,8 @@ from recloop.serve.engines.parity import reference_queries
 from recloop.serve.engines.torch import TorchEngine
 from recloop.serve.indexes.base import exact_search, recall_at_k
 from recloop.serve.indexes.factory import build_index
-from recloop.serve.runtime import LoadOptions, ModelBundle, ModelHolder, load_bundle
+from recloop.serve.bundle import LoadOptions, ModelBundle, load_bundle
+from recloop.serve.holder import ModelHolder
 from tests.serving import running_service
 
 NUM_ITEMS = 300
@@ -318,14 +319,14 @@ def test_a_rebuilt_index_catches_up_with_newer_deltas(
 ) -> None:
     holder = holder_at(versions, versions["v1"], engine="torch", index="ivf", rebuild_drift=0.05)
     release = threading.Event()
-    build = runtime._build_index
+    build = holder_module.index_for
 
     def held_back(*args: Any, **kwargs: Any) -> Any:
         if threading.current_thread().name == "recloop-index-rebuild":
             assert release.wait(timeout=60)
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(runtime, "_build_index", held_back)
+    monkeypatch.setattr(holder_module, "index_for", held_back)
     holder.load(versions["v2"])  # starts the rebuild for v2, which waits
     newer, _ = holder.load(versions["v3"])  # meanwhile the service moves on
     release.set()

@@ -1,31 +1,29 @@
-"""A loaded model version (engine + index + vocabulary + fallback) and its atomic hot swap.
+"""The served model version and its atomic hot swap, by a full load or along deltas.
 
-A request takes a reference to the current :class:`ModelBundle` when it starts and uses only
-that bundle until it ends, so swapping ``ModelHolder.current`` (one attribute assignment, atomic
-for Python readers) never changes a model under a request: in-flight requests finish on the old
-version, new ones start on the new version, and the old one is freed when the last reference
-goes.
+A request takes a reference to the current :class:`~recloop.serve.bundle.ModelBundle` when it
+starts and uses only that bundle until it ends, so swapping ``ModelHolder.current`` (one
+attribute assignment, atomic for Python readers) never changes a model under a request:
+in-flight requests finish on the old version, new ones start on the new version, and the old
+one is freed when the last reference goes.
 
-Two ways to the next version. :func:`load_bundle` loads one in full (ONNX export, index build:
-seconds). :func:`apply_deltas` moves the served bundle along registry deltas (the online
-learner's, every few seconds) in milliseconds to a second: the new bundle shares everything the
-deltas do not touch with the old one and copies what they do (see :mod:`recloop.serve.delta`),
-reuses the ONNX graph with the new weights, updates the index copy-on-write and extends the
-vocabulary. :meth:`ModelHolder.load` takes that path whenever the target descends from the
-served version through deltas, and falls back to a full load (logging why) otherwise. Nothing
-the old bundle uses is ever written, so requests still running on it are unaffected.
+Two ways to the next version. :func:`recloop.serve.bundle.load_bundle` loads one in full
+(ONNX export, index build: seconds). :func:`apply_deltas` moves the served bundle along
+registry deltas (the online learner's, every few seconds) in milliseconds to a second: the new
+bundle shares everything the deltas do not touch with the old one and copies what they do (see
+:mod:`recloop.serve.delta`), reuses the ONNX graph with the new weights, updates the index
+copy-on-write and extends the vocabulary. :meth:`ModelHolder.load` takes that path whenever the
+target descends from the served version through deltas, and falls back to a full load (logging
+why) otherwise. Nothing the old bundle uses is ever written, so requests still running on it
+are unaffected.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +32,18 @@ import torch
 from recloop.errors import EngineParityError, RecloopError, RegistryError, ServingError
 from recloop.models.base import SequentialEncoder
 from recloop.registry import Registry
-from recloop.serve.catalog import ItemCatalog, UserHistory
+from recloop.serve.bundle import (
+    ITEM_COUNTS_FILE,
+    LoadOptions,
+    ModelBundle,
+    check_catalog,
+    index_details,
+    index_for,
+    load_bundle,
+    new_engine,
+    popular_items,
+)
+from recloop.serve.catalog import ItemCatalog
 from recloop.serve.delta import (
     NotApplicable,
     PatchedState,
@@ -45,251 +54,11 @@ from recloop.serve.delta import (
 )
 from recloop.serve.engines.base import InferenceEngine
 from recloop.serve.engines.export import TABLE_KEY, item_table, item_vectors
-from recloop.serve.engines.factory import build_engine, engine_with_weights, warmup
+from recloop.serve.engines.factory import engine_with_weights, warmup
 from recloop.serve.engines.parity import reference_queries
 from recloop.serve.indexes.base import ItemIndex
-from recloop.serve.indexes.factory import build_index
 
 log = logging.getLogger("recloop.serve")
-
-ITEM_COUNTS_FILE = "item_counts.npy"  # written by the trainer's publish
-EngineKind = Literal["onnx", "torch", "torch-compiled"]
-IndexKind = Literal["exact", "exact-int8", "ivf"]
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How the service turns a registry version into a bundle (the `recloop serve` flags)."""
-
-    engine: EngineKind = "onnx"
-    index: IndexKind = "exact"
-    shards: int = 1
-    remote_shards: bool = False
-    max_batch: int = 64
-    threads: int = 1
-    device: str = "cpu"
-    min_recall: float = 0.95  # ANN indexes are tuned at load until recall@10 vs exact reaches it
-    # IVF: rebuild (re-train the centroids) in the background once this fraction of the items
-    # were added or moved by deltas since the last training: they were assigned to centroids
-    # that never saw them, and recall drifts down as their share grows.
-    rebuild_drift: float = 0.1
-    data: Path | None = None  # prepared dataset for known users' history; None = the version's
-    cache_dir: Path | None = None  # exported ONNX files, keyed by weights and config
-
-
-@dataclass
-class ModelBundle:
-    """Everything one model version needs to answer requests. Immutable once built: nothing
-    writes to its parts, which lets the next bundle share them (see apply_deltas).
-
-    ``model`` is the torch reference of the engine (parity checks; the engine itself for torch
-    engines), ``state`` its weights as CPU tensors: the starting point for deltas.
-    """
-
-    version: str
-    manifest: dict[str, Any]
-    engine: InferenceEngine
-    index: ItemIndex
-    catalog: ItemCatalog
-    history: UserHistory | None
-    popular: npt.NDArray[np.int64]  # dense ids, most popular first (fallback for unknown users)
-    max_length: int
-    load_seconds: float
-    details: dict[str, Any] = field(default_factory=dict)
-    model: SequentialEncoder | None = field(default=None, repr=False)
-    state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def describe(self) -> dict[str, Any]:
-        model = self.manifest.get("model", {})
-        return {
-            "version": self.version,
-            "model_type": model.get("type"),
-            "num_items": self.catalog.num_items,
-            "max_length": self.max_length,
-            "engine": self.engine.name,
-            "index": self.index.kind,
-            "created_at": self.manifest.get("created_at"),
-            "method": self.manifest.get("method"),
-            "parent": self.manifest.get("parent"),
-            "metrics": {
-                k: v
-                for k, v in (self.manifest.get("metrics") or {}).items()
-                if k.startswith("test/") and ("@10" in k or k.endswith("mrr"))
-            },
-            "loaded_in_seconds": round(self.load_seconds, 3),
-            "history": self.history is not None,
-            **self.details,
-        }
-
-    @property
-    def needs_close(self) -> bool:
-        """Whether :meth:`close` must run to release something (index shard processes).
-        Everything else is freed with the bundle, so a replaced bundle without processes
-        need not be kept alive, with all its memory, until a delayed close."""
-        shards = getattr(self.index, "shards", [self.index])
-        return any(shard.kind == "remote" for shard in shards)
-
-    def close(self) -> None:
-        close = getattr(self.index, "close", None)
-        if callable(close):
-            close()
-
-
-def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBundle:
-    """Loads, exports, checks and warms a version. Raises RecloopError and leaves no state."""
-    from recloop.models.io import load_model
-
-    started = time.perf_counter()
-    version = registry.resolve(ref)
-    model, manifest = load_model(registry, version)
-    # Taken before the engine may move the model to a GPU: CPU views of the weights, no copy.
-    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    vocabulary = manifest.get("vocabulary") or {}
-    if not vocabulary.get("file"):
-        raise ServingError(f"version {version} records no item vocabulary; cannot serve it")
-    catalog = ItemCatalog.from_parquet(registry.file(version, vocabulary["file"]))
-    num_items = int(model.item_embedding.num_items)
-    _check_catalog(version, catalog, num_items)
-    history = _open_history(manifest, catalog, options.data)
-    engine = _new_engine(model, options, version)
-    index = _build_index(item_table(model), options, engine.encode, history, engine.max_length)
-    popular = _popular_items(registry, version, manifest, history, num_items)
-    return ModelBundle(
-        version=version,
-        manifest=manifest,
-        engine=engine,
-        index=index,
-        catalog=catalog,
-        history=history,
-        popular=popular,
-        max_length=int(model.config.max_length),
-        load_seconds=time.perf_counter() - started,
-        details={"shards": options.shards, **_index_details(index)},
-        model=model,
-        state=state,
-    )
-
-
-def _check_catalog(version: str, catalog: ItemCatalog, num_items: int) -> None:
-    if catalog.num_items != num_items:
-        raise ServingError(
-            f"version {version}: vocabulary has {catalog.num_items} items but the model has "
-            f"{num_items} rows"
-        )
-
-
-Encode = Callable[[list[npt.NDArray[np.int64]]], npt.NDArray[np.float32]]
-
-
-def _build_index(
-    table: npt.NDArray[np.float32],
-    options: LoadOptions,
-    encode: Encode,
-    history: UserHistory | None,
-    max_length: int,
-) -> ItemIndex:
-    """The index over ``table`` for ``options``; an IVF is tuned on queries from ``encode``."""
-    index_options: dict[str, Any] = {}
-    if options.index == "ivf":
-        index_options["min_recall"] = options.min_recall
-        if not options.remote_shards:  # remote shards take JSON options only
-            num_items = int(table.shape[0]) - 1
-            index_options["tune_queries"] = _sample_queries(encode, history, max_length, num_items)
-    return build_index(
-        table,
-        kind=options.index,
-        shards=options.shards,
-        remote=options.remote_shards,
-        **index_options,
-    )
-
-
-def _index_details(index: ItemIndex) -> dict[str, Any]:
-    details: dict[str, Any] = {}
-    recall = getattr(index, "recall", None)
-    if recall is not None:
-        details["index_recall_at_10"] = round(float(recall), 4)
-    nprobe = getattr(index, "nprobe", None)
-    if nprobe is not None:
-        details["index_nprobe"] = int(nprobe)
-    return details
-
-
-def _sample_queries(
-    encode: Encode,
-    history: UserHistory | None,
-    max_length: int,
-    num_items: int,
-    count: int = 256,
-) -> npt.NDArray[np.float32]:
-    """Query vectors like the ones serving will see, to tune an ANN index's recall: encoded
-    histories of random known users, or random item sequences when there is no history."""
-    rng = np.random.default_rng(0)
-    sequences: list[npt.NDArray[np.int64]] = []
-    if history is not None and history.dataset.num_users:
-        for user in rng.choice(history.dataset.num_users, size=count * 2).tolist():
-            items = history.user_items(user)
-            if len(items):
-                sequences.append(items)
-            if len(sequences) == count:
-                break
-    while len(sequences) < count:
-        length = int(rng.integers(1, max_length + 1))
-        sequences.append(rng.integers(1, num_items + 1, size=length, dtype=np.int64))
-    # A copy of each chunk: an engine's encode returns a view of a buffer it reuses.
-    return np.concatenate([np.array(encode(sequences[i : i + 64])) for i in range(0, count, 64)])
-
-
-def _open_history(
-    manifest: dict[str, Any], catalog: ItemCatalog, data: Path | None
-) -> UserHistory | None:
-    if data is not None:
-        return UserHistory.open(data, catalog)
-    recorded = (manifest.get("dataset") or {}).get("path")
-    if recorded and Path(recorded).is_dir():
-        try:
-            return UserHistory.open(Path(recorded), catalog)
-        except ServingError as exc:  # the recorded dataset moved or changed: serve without it
-            log.warning("not using the version's dataset for user history: %s", exc)
-    return None
-
-
-def _popular_items(
-    registry: Registry,
-    version: str,
-    manifest: dict[str, Any],
-    history: UserHistory | None,
-    num_items: int,
-    keep: int = 1000,
-) -> npt.NDArray[np.int64]:
-    counts: npt.NDArray[np.int64] | None = None
-    if ITEM_COUNTS_FILE in manifest.get("files", {}):
-        raw = registry.file(version, ITEM_COUNTS_FILE).read_bytes()
-        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
-        if loaded.shape == (num_items + 1,):
-            counts = loaded.astype(np.int64)
-    if counts is None and history is not None:
-        counts = history.item_counts(num_items)
-    if counts is None:  # nothing known about popularity: stable id order
-        counts = np.zeros(num_items + 1, dtype=np.int64)
-    counts = counts.copy()
-    counts[0] = -1  # padding is never recommended
-    order = _most_popular(counts, min(keep, num_items))
-    return order[order > 0].astype(np.int64)
-
-
-def _most_popular(counts: npt.NDArray[np.int64], keep: int) -> npt.NDArray[np.int64]:
-    """The ``keep`` ids of the highest counts, ties by smaller id: the first ``keep`` of a
-    stable argsort of ``-counts``, in O(n) (1M items: ~10 ms instead of ~0.2 s per delta)."""
-    if keep < len(counts):
-        threshold = np.partition(counts, len(counts) - keep)[len(counts) - keep]
-        above = np.flatnonzero(counts > threshold)
-        tied = np.flatnonzero(counts == threshold)[: keep - len(above)]
-        candidates = np.concatenate([above, tied])
-    else:
-        candidates = np.arange(len(counts))
-    order: npt.NDArray[np.int64] = candidates[np.lexsort((candidates, -counts[candidates]))]
-    return order
 
 
 def apply_deltas(
@@ -323,14 +92,13 @@ def apply_deltas(
     model = model_from_state(manifest["model"], patched.state)
     num_items = int(model.item_embedding.num_items)
     catalog = _next_catalog(registry, current, target, manifest)
-    _check_catalog(target, catalog, num_items)
+    check_catalog(target, catalog, num_items)
     engine = _next_engine(current, model, patched, target, options)
     index = _next_index(current, model, patched, engine, options)
     popular = current.popular  # a delta without counts: no news about popularity
     if ITEM_COUNTS_FILE in manifest["files"]:
-        popular = _popular_items(registry, target, manifest, current.history, num_items)
+        popular = popular_items(registry, target, manifest, current.history, num_items)
     seconds = time.perf_counter() - started
-    rows = patched.table_rows
     return ModelBundle(
         version=target,
         manifest=manifest,
@@ -341,21 +109,34 @@ def apply_deltas(
         popular=popular,
         max_length=int(model.config.max_length),
         load_seconds=seconds,
-        details={
-            "shards": options.shards,
-            **_index_details(index),
-            "applied_delta": True,
-            "apply_seconds": round(seconds, 4),
-            "delta_from": current.version,
-            "deltas_applied": len(chain),
-            "changed_tensors": sorted(patched.changed),
-            "changed_item_rows": None if rows is None else int(np.count_nonzero(rows)),
-            "new_items": num_items - current.catalog.num_items,
-            "index_drift": round(index.drift(), 4),
-        },
+        details=_delta_details(current, index, patched, len(chain), seconds, options),
         model=model,
         state=patched.state,
     )
+
+
+def _delta_details(
+    current: ModelBundle,
+    index: ItemIndex,
+    patched: PatchedState,
+    deltas: int,
+    seconds: float,
+    options: LoadOptions,
+) -> dict[str, Any]:
+    """What /v1/model reports about a bundle made by apply_deltas from ``current``."""
+    rows = patched.table_rows
+    return {
+        "shards": options.shards,
+        **index_details(index),
+        "applied_delta": True,
+        "apply_seconds": round(seconds, 4),
+        "delta_from": current.version,
+        "deltas_applied": deltas,
+        "changed_tensors": sorted(patched.changed),
+        "changed_item_rows": None if rows is None else int(np.count_nonzero(rows)),
+        "new_items": index.num_items - current.catalog.num_items,
+        "index_drift": round(index.drift(), 4),
+    }
 
 
 def _next_catalog(
@@ -398,22 +179,7 @@ def _next_engine(
         raise  # the new weights disagree with themselves: refuse the version
     except ServingError as exc:
         log.warning("delta %s: building a new engine (%s)", target, exc)
-        return _new_engine(model, options, target)
-    warmup(engine)
-    return engine
-
-
-def _new_engine(model: SequentialEncoder, options: LoadOptions, label: str) -> InferenceEngine:
-    """An engine built (exported, parity-checked) from scratch for `model`, warmed up."""
-    engine = build_engine(
-        model,
-        kind=options.engine,
-        max_batch=options.max_batch,
-        threads=options.threads,
-        cache_dir=options.cache_dir,
-        device=options.device,
-        label=label,
-    )
+        return new_engine(model, options, target)
     warmup(engine)
     return engine
 
@@ -428,7 +194,7 @@ def _next_index(
     """``current``'s index with the changed and new items' vectors (copy-on-write); built
     anew when the whole table was replaced."""
     if patched.table_rows is None:
-        return _build_index(
+        return index_for(
             item_table(model), options, engine.encode, current.history, engine.max_length
         )
     ids = patched.table_rows[patched.table_rows > 0]  # row 0 is padding, never indexed
@@ -528,7 +294,7 @@ class ModelHolder:
         if model is None:  # only bundles from apply_deltas drift, and they keep their model
             return
         try:
-            index = _build_index(
+            index = index_for(
                 item_table(model),
                 self.options,
                 lambda batch: reference_queries(model, batch),  # not the served engine's
@@ -544,7 +310,7 @@ class ModelHolder:
                             index=index,
                             details={
                                 **bundle.details,
-                                **_index_details(index),
+                                **index_details(index),
                                 "index_drift": 0.0,
                                 "index_rebuilt_seconds": round(time.perf_counter() - started, 2),
                             },
