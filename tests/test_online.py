@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 
 from recloop.errors import ConfigError
+from recloop.events import Event, SqliteEventLog
+from recloop.events.redis_streams import RedisStreamEventLog
 from recloop.models.io import load_model
-from recloop.online.events import Event, SqliteEventLog
-from recloop.online.events_redis import RedisStreamEventLog
 from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
 from recloop.online.learner import (
     OnlineConfig,

@@ -31,16 +31,16 @@ from recloop.models.factory import build_model, config_to_dict
 from recloop.models.io import load_model
 from recloop.registry import Registry, RowUpdate
 from recloop.serve.app import ServiceConfig
+from recloop.serve.bundle import LoadOptions, ModelBundle, load_bundle
 from recloop.serve.catalog import ItemCatalog
 from recloop.serve.delta import NotApplicable, patch_state
 from recloop.serve.engines.base import InferenceEngine
 from recloop.serve.engines.export import item_table, item_vectors
 from recloop.serve.engines.parity import reference_queries
 from recloop.serve.engines.torch import TorchEngine
+from recloop.serve.holder import ModelHolder
 from recloop.serve.indexes.base import exact_search, recall_at_k
 from recloop.serve.indexes.factory import build_index
-from recloop.serve.bundle import LoadOptions, ModelBundle, load_bundle
-from recloop.serve.holder import ModelHolder
 from tests.serving import running_service
 
 NUM_ITEMS = 300

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from recloop.errors import ServingError
-from recloop.online.events import Event, SqliteEventLog
+from recloop.events import Event, SqliteEventLog
 from recloop.serve.state.memory import MemoryStateStore
 from recloop.serve.state.snapshot import read_snapshot, write_snapshot
 from recloop.serve.state.sync import PAGE, LoggedState

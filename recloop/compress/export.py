@@ -9,7 +9,7 @@ overlap over the whole catalogue).
 Dense int8: ONNX Runtime's dynamic quantization (``quantize_dynamic``: int8 weights per output
 channel, activations quantized per batch at run time) of every MatMul / Gemm with a constant
 weight, after ORT's pre-processing folds the weight transposes into constants. A model whose
-Linear layers are already int8 (:class:`recloop.compress.modules.QuantizedLinear`) is exported
+Linear layers are already int8 (:class:`recloop.models.compressed.QuantizedLinear`) is exported
 with those int8 weights dequantized, so the quantizer sees float MatMul weights.
 
 TorchScript (``torch.jit.trace``, deprecated by torch but still used by some runtimes) is tried
@@ -32,10 +32,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from recloop.compress.modules import QuantizedLinear
 from recloop.data.sequences import PADDING_ID
 from recloop.errors import ConfigError, ServingError
 from recloop.models.base import SequentialEncoder
+from recloop.models.compressed import QuantizedLinear
 from recloop.models.embeddings import ItemEmbedding
 from recloop.serve.engines.export import quiet_export
 

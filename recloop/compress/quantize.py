@@ -2,7 +2,7 @@
 
 The item table is most of a sequential recommender's bytes (on Amazon Beauty, 12,102 rows of 128
 floats against four HSTU blocks of 128 x 640 weights), so it is quantized row by row: each row keeps
-its own scale and offset (:mod:`recloop.compress.codec`), which follows popular and rare items' very
+its own scale and offset (:mod:`recloop.models.codec`), which follows popular and rare items' very
 different norms. Lookups dequantize the gathered rows; scoring dequantizes the table. The Linear
 layers of the blocks are stored int8 with one scale per output channel and dequantized on the fly,
 so the file shrinks and every engine (torch, ONNX export) runs the same maths. For int8 *compute* in
@@ -23,16 +23,16 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from recloop.compress.modules import (
+from recloop.data.batches import last_items
+from recloop.data.dataset import SequenceDataset
+from recloop.errors import ConfigError
+from recloop.models.base import SequentialEncoder
+from recloop.models.compressed import (
     CompressedItemEmbedding,
     compression_of,
     quantize_linears,
     set_compression,
 )
-from recloop.data.batches import last_items
-from recloop.data.dataset import SequenceDataset
-from recloop.errors import ConfigError
-from recloop.models.base import SequentialEncoder
 
 PARITY_USERS = 1000  # histories the parity is measured on
 PARITY_K = 10

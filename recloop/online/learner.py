@@ -55,9 +55,9 @@ from recloop.config import (
 from recloop.data.dataset import SequenceDataset
 from recloop.data.sequences import PADDING_ID
 from recloop.errors import ConfigError, RegistryError
+from recloop.events import EventLog, LoggedEvent, resume_offset
 from recloop.models.factory import config_to_dict
 from recloop.models.io import load_model
-from recloop.online.events import EventLog, LoggedEvent, resume_offset
 from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
 from recloop.online.optim import LazyAdam, grow_rows
 from recloop.online.prequential import (

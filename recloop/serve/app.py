@@ -58,7 +58,7 @@ from recloop.serve.validation import (
 )
 
 if TYPE_CHECKING:
-    from recloop.online.events import Event
+    from recloop.events import Event
 
 __all__ = ["FastPath", "ServiceConfig", "create_app"]
 
@@ -328,7 +328,7 @@ def _event_routes(app: FastAPI, service: Service) -> None:
 
 def _events(batch: EventBatch) -> list[Event]:
     """The body's events as the event log takes them (no timestamp: now)."""
-    from recloop.online.events import Event
+    from recloop.events import Event
 
     now = time.time()
     return [

@@ -39,7 +39,7 @@ from recloop.serve.state.memory import MemoryStateStore
 from recloop.serve.state.sync import LoggedState, every
 
 if TYPE_CHECKING:
-    from recloop.online.events import Event, EventLog
+    from recloop.events import Event, EventLog
 
 log = logging.getLogger("recloop.serve")
 
@@ -166,7 +166,7 @@ class Service:
         together: all before the port is bound, so a bad file is one error line at start."""
         config = self.config
         if config.event_log is not None:
-            from recloop.online.events import open_event_log
+            from recloop.events import open_event_log
 
             self.event_log = open_event_log(config.event_log)
         if not isinstance(self.state, MemoryStateStore):
@@ -309,7 +309,7 @@ class Service:
         Durable first (the online learner reads the log, and the state is rebuilt from it), then
         the state: an acknowledged event is never lost, and a failed append changes nothing.
         """
-        from recloop.online.events import EventLogError, validate_events
+        from recloop.events import EventLogError, validate_events
 
         try:
             validate_events(events)  # the client's problem (empty id, non-finite value): 422

@@ -37,7 +37,7 @@ from recloop.serve.state.base import gc_paused
 from recloop.serve.state.memory import MemoryStateStore
 
 if TYPE_CHECKING:
-    from recloop.online.events import EventLog
+    from recloop.events import EventLog
 
 log = logging.getLogger("recloop.serve.state")
 
