@@ -97,6 +97,7 @@ class ModelBundle:
     details: dict[str, Any] = field(default_factory=dict)
     model: SequentialEncoder | None = field(default=None, repr=False)
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
     # ------------------------------------------------------------------ the request path
 
     def to_dense(self, raw_ids: Sequence[str]) -> tuple[IdArray, list[str]]:

@@ -214,7 +214,7 @@ class ModelHolder:
     """The current bundle, and loading the next one in the background with an atomic swap.
 
     Cached results need no invalidation here: the service's result cache keys every entry by
-    the model version it was computed with (see ``recloop.serve.app``), so a swap, including
+    the model version it was computed with (see ``recloop.serve.service``), so a swap, including
     one to a delta that changed a few rows, makes every older entry unreachable at once.
     """
 
