@@ -79,7 +79,7 @@ class TopK:
 @dataclass(eq=False)
 class ModelBundle:
     """Everything one model version needs to answer requests. Immutable once built: nothing
-    writes to its parts, which lets the next bundle share them (see apply_deltas).
+    writes to its parts, which lets the next bundle share them (see holder.apply_deltas).
 
     ``model`` is the torch reference of the engine (parity checks; the engine itself for torch
     engines), ``state`` its weights as CPU tensors: the starting point for deltas.
