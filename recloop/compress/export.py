@@ -37,6 +37,7 @@ from recloop.errors import ConfigError, ServingError
 from recloop.models.base import SequentialEncoder
 from recloop.models.compressed import QuantizedLinear
 from recloop.models.embeddings import ItemEmbedding
+from recloop.models.parity import Comparison
 from recloop.serve.engines.export import quiet_export
 
 ONNX_FILE = "encoder.onnx"
@@ -159,22 +160,17 @@ def output_parity(
     model.eval()
     with torch.inference_mode():
         table = model.item_embedding.output_table()[1:].float().numpy()  # [I, D]
-    max_query = max_score = 0.0
-    overlaps: list[float] = []
-    count = 0
+    queries, scores = Comparison(), Comparison()
     for ids in parity_batches(histories):
         expected = _torch_queries(model, ids)  # [B, D]
         actual = np.asarray(run(ids), dtype=np.float32)  # [B, D]
         if not np.isfinite(actual).all():
             return OutputParity(len(histories), float("inf"), float("inf"), 0.0)
-        max_query = max(max_query, float(np.abs(actual - expected).max()))
-        scores_expected, scores_actual = expected @ table.T, actual @ table.T  # [B, I]
-        max_score = max(max_score, float(np.abs(scores_actual - scores_expected).max()))
-        top_e = np.argpartition(-scores_expected, k, axis=1)[:, :k]
-        top_a = np.argpartition(-scores_actual, k, axis=1)[:, :k]
-        overlaps.extend(len(set(a) & set(e)) / k for a, e in zip(top_a, top_e, strict=True))
-        count += len(ids)
-    return OutputParity(count, max_query, max_score, float(np.mean(overlaps)))
+        queries.add(expected, actual)
+        scores.add(expected @ table.T, actual @ table.T, top_k=k)  # [B, I]
+    return OutputParity(
+        queries.rows, queries.max_abs_error, scores.max_abs_error, scores.top_k_overlap
+    )
 
 
 class OnnxEncoder(SequentialEncoder):

@@ -21,10 +21,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from recloop.errors import ServingError
+from recloop.data.history import UserHistory
+from recloop.data.vocabulary import Vocabulary
+from recloop.errors import DatasetError, ServingError
 from recloop.models.base import SequentialEncoder
 from recloop.registry import Registry
-from recloop.serve.catalog import ItemCatalog, UserHistory
 from recloop.serve.engines.base import InferenceEngine
 from recloop.serve.engines.export import item_table
 from recloop.serve.engines.factory import build_engine, warmup
@@ -89,7 +90,7 @@ class ModelBundle:
     manifest: dict[str, Any]
     engine: InferenceEngine
     index: ItemIndex
-    catalog: ItemCatalog
+    catalog: Vocabulary  # the version's items: raw ids <-> dense ids 1..num_items
     history: UserHistory | None
     popular: npt.NDArray[np.int64]  # dense ids, most popular first (fallback for unknown users)
     max_length: int
@@ -102,10 +103,10 @@ class ModelBundle:
 
     def to_dense(self, raw_ids: Sequence[str]) -> tuple[IdArray, list[str]]:
         """(dense ids of the known raw ids, in order; the unknown raw ids, in order)."""
-        return self.catalog.to_dense(raw_ids)
+        return self.catalog.lookup(raw_ids)
 
     def to_raw(self, ids: IdArray) -> list[str]:
-        return self.catalog.to_raw(ids)
+        return self.catalog.raw_strings(ids)
 
     def user_history(self, user_id: str) -> IdArray:
         """The user's training sequence in dense ids ([] without a dataset or for a new user)."""
@@ -182,7 +183,7 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
     vocabulary = manifest.get("vocabulary") or {}
     if not vocabulary.get("file"):
         raise ServingError(f"version {version} records no item vocabulary; cannot serve it")
-    catalog = ItemCatalog.from_parquet(registry.file(version, vocabulary["file"]))
+    catalog = _read_catalog(version, registry.file(version, vocabulary["file"]))
     num_items = int(model.item_embedding.num_items)
     check_catalog(version, catalog, num_items)
     history = _open_history(manifest, catalog, options.data)
@@ -205,7 +206,15 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
     )
 
 
-def check_catalog(version: str, catalog: ItemCatalog, num_items: int) -> None:
+def _read_catalog(version: str, path: Path) -> Vocabulary:
+    """The version's item vocabulary with its text lookups built (not in the first request)."""
+    try:
+        return Vocabulary.read(path, first_id=1).index_text()
+    except DatasetError as exc:
+        raise ServingError(f"version {version}: {exc}") from None
+
+
+def check_catalog(version: str, catalog: Vocabulary, num_items: int) -> None:
     if catalog.num_items != num_items:
         raise ServingError(
             f"version {version}: vocabulary has {catalog.num_items} items but the model has "
@@ -276,15 +285,18 @@ def _sample_queries(
 
 
 def _open_history(
-    manifest: dict[str, Any], catalog: ItemCatalog, data: Path | None
+    manifest: dict[str, Any], catalog: Vocabulary, data: Path | None
 ) -> UserHistory | None:
     if data is not None:
-        return UserHistory.open(data, catalog)
+        try:
+            return UserHistory.open(data, catalog)
+        except DatasetError as exc:
+            raise ServingError(f"user history: {exc}") from None
     recorded = (manifest.get("dataset") or {}).get("path")
     if recorded and Path(recorded).is_dir():
         try:
             return UserHistory.open(Path(recorded), catalog)
-        except ServingError as exc:  # the recorded dataset moved or changed: serve without it
+        except DatasetError as exc:  # the recorded dataset moved or changed: serve without it
             log.warning("not using the version's dataset for user history: %s", exc)
     return None
 

@@ -29,7 +29,14 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from recloop.errors import EngineParityError, RecloopError, RegistryError, ServingError
+from recloop.data.vocabulary import Vocabulary
+from recloop.errors import (
+    DatasetError,
+    EngineParityError,
+    RecloopError,
+    RegistryError,
+    ServingError,
+)
 from recloop.models.base import SequentialEncoder
 from recloop.registry import Registry
 from recloop.serve.bundle import (
@@ -43,7 +50,6 @@ from recloop.serve.bundle import (
     new_engine,
     popular_items,
 )
-from recloop.serve.catalog import ItemCatalog
 from recloop.serve.delta import (
     NotApplicable,
     PatchedState,
@@ -141,7 +147,7 @@ def _delta_details(
 
 def _next_catalog(
     registry: Registry, current: ModelBundle, target: str, manifest: dict[str, Any]
-) -> ItemCatalog:
+) -> Vocabulary:
     """``current``'s catalogue when the vocabulary file is the same, else extended by the new
     items (a renumbered vocabulary is NotApplicable: a full load builds it from scratch)."""
     name = (manifest.get("vocabulary") or {}).get("file")
@@ -153,7 +159,7 @@ def _next_catalog(
         return current.catalog  # the same file: inherited by the delta (hard-linked)
     try:
         return current.catalog.extended(registry.file(target, name))
-    except ServingError as exc:
+    except DatasetError as exc:
         raise NotApplicable(str(exc)) from None
 
 
