@@ -6,7 +6,7 @@ tests fails, the on-disk format changed, and old registries in production would 
 
 from __future__ import annotations
 
-import io
+import json
 import shutil
 from pathlib import Path
 
@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recloop.models.io import load_model
-from recloop.registry import WEIGHTS, Registry
+from recloop.registry import MANIFEST, WEIGHTS, Registry, load_model
+from recloop.registry.manifest import VocabularyRef
+from recloop.registry.sidefiles import read_item_counts, vocabulary_path
 
 FIXTURE = Path(__file__).parent / "fixtures" / "registry-v1"
 
@@ -76,10 +77,15 @@ def test_loads_module_and_side_files(registry: Registry, version: str, items: in
     state = model.state_dict()
     for name, tensor in registry.load_tensors(version).items():
         assert torch.equal(state[name], tensor), name
-    vocabulary = pl.read_parquet(registry.file(version, "items.parquet"))
+    vocabulary = pl.read_parquet(vocabulary_path(registry, version, manifest))
     assert vocabulary["raw"].to_list() == [101, 102, 103, 104, 105][:items]
-    counts = np.load(
-        io.BytesIO(registry.file(version, "item_counts.npy").read_bytes()), allow_pickle=False
-    )
-    assert counts.dtype == np.int64 and len(counts) == items + 1
-    assert manifest["vocabulary"] == {"file": "items.parquet", "items": items}
+    counts = read_item_counts(registry, version, manifest)
+    assert counts is not None and counts.dtype == np.int64 and len(counts) == items + 1
+    assert manifest.vocabulary == VocabularyRef("items.parquet", items)
+
+
+@pytest.mark.parametrize("version", ["v000001", "v000002"])
+def test_typed_manifest_writes_back_the_same_json(registry: Registry, version: str) -> None:
+    on_disk = json.loads((registry.path(version) / MANIFEST).read_text())
+    assert registry.manifest(version).to_json() == on_disk
+    assert list(registry.manifest(version).to_json()) == list(on_disk)  # key order too

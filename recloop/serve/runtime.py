@@ -18,7 +18,6 @@ the old bundle uses is ever written, so requests still running on it are unaffec
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -33,15 +32,16 @@ import torch
 
 from recloop.errors import EngineParityError, RecloopError, RegistryError, ServingError
 from recloop.models.base import SequentialEncoder
-from recloop.registry import Registry
+from recloop.registry import Manifest, Registry
+from recloop.registry.sidefiles import ITEM_COUNTS_FILE, read_item_counts, vocabulary_path
 from recloop.serve.catalog import ItemCatalog, UserHistory
 from recloop.serve.delta import (
     NotApplicable,
     PatchedState,
     check_model_change,
     delta_chain,
-    model_from_state,
     patch_state,
+    patched_model,
 )
 from recloop.serve.engine import (
     TABLE_KEY,
@@ -57,7 +57,6 @@ from recloop.serve.index import ItemIndex, build_index
 
 log = logging.getLogger("recloop.serve")
 
-ITEM_COUNTS_FILE = "item_counts.npy"  # written by the trainer's publish
 EngineKind = Literal["onnx", "torch", "torch-compiled"]
 IndexKind = Literal["exact", "exact-int8", "ivf"]
 
@@ -92,7 +91,7 @@ class ModelBundle:
     """
 
     version: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     engine: InferenceEngine
     index: ItemIndex
     catalog: ItemCatalog
@@ -105,20 +104,19 @@ class ModelBundle:
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def describe(self) -> dict[str, Any]:
-        model = self.manifest.get("model", {})
         return {
             "version": self.version,
-            "model_type": model.get("type"),
+            "model_type": self.manifest.model_type,
             "num_items": self.catalog.num_items,
             "max_length": self.max_length,
             "engine": self.engine.name,
             "index": self.index.kind,
-            "created_at": self.manifest.get("created_at"),
-            "method": self.manifest.get("method"),
-            "parent": self.manifest.get("parent"),
+            "created_at": self.manifest.created_at,
+            "method": self.manifest.method,
+            "parent": self.manifest.parent,
             "metrics": {
                 k: v
-                for k, v in (self.manifest.get("metrics") or {}).items()
+                for k, v in self.manifest.metrics.items()
                 if k.startswith("test/") and ("@10" in k or k.endswith("mrr"))
             },
             "loaded_in_seconds": round(self.load_seconds, 3),
@@ -142,17 +140,16 @@ class ModelBundle:
 
 def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBundle:
     """Loads, exports, checks and warms a version. Raises RecloopError and leaves no state."""
-    from recloop.models.io import load_model
+    from recloop.registry.loading import load_model
 
     started = time.perf_counter()
     version = registry.resolve(ref)
     model, manifest = load_model(registry, version)
     # Taken before the engine may move the model to a GPU: CPU views of the weights, no copy.
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    vocabulary = manifest.get("vocabulary") or {}
-    if not vocabulary.get("file"):
+    if not manifest.vocabulary_file:
         raise ServingError(f"version {version} records no item vocabulary; cannot serve it")
-    catalog = ItemCatalog.from_parquet(registry.file(version, vocabulary["file"]))
+    catalog = ItemCatalog.from_parquet(vocabulary_path(registry, version, manifest))
     num_items = int(model.item_embedding.num_items)
     _check_catalog(version, catalog, num_items)
     history = _open_history(manifest, catalog, options.data)
@@ -246,11 +243,11 @@ def _sample_queries(
 
 
 def _open_history(
-    manifest: dict[str, Any], catalog: ItemCatalog, data: Path | None
+    manifest: Manifest, catalog: ItemCatalog, data: Path | None
 ) -> UserHistory | None:
     if data is not None:
         return UserHistory.open(data, catalog)
-    recorded = (manifest.get("dataset") or {}).get("path")
+    recorded = (manifest.dataset or {}).get("path")
     if recorded and Path(recorded).is_dir():
         try:
             return UserHistory.open(Path(recorded), catalog)
@@ -262,17 +259,15 @@ def _open_history(
 def _popular_items(
     registry: Registry,
     version: str,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     history: UserHistory | None,
     num_items: int,
     keep: int = 1000,
 ) -> npt.NDArray[np.int64]:
     counts: npt.NDArray[np.int64] | None = None
-    if ITEM_COUNTS_FILE in manifest.get("files", {}):
-        raw = registry.file(version, ITEM_COUNTS_FILE).read_bytes()
-        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
-        if loaded.shape == (num_items + 1,):
-            counts = loaded.astype(np.int64)
+    loaded = read_item_counts(registry, version, manifest)
+    if loaded is not None and loaded.shape == (num_items + 1,):
+        counts = loaded.astype(np.int64)
     if counts is None and history is not None:
         counts = history.item_counts(num_items)
     if counts is None:  # nothing known about popularity: stable id order
@@ -321,18 +316,18 @@ def apply_deltas(
         raise NotApplicable("remote index shards are only built by a full load")
     chain = delta_chain(registry, current.version, target)
     for version, manifest in chain:
-        check_model_change(current.manifest["model"], manifest["model"], version)
+        check_model_change(current.manifest.model, manifest.model, version)
     deltas = [(version, *registry.read_delta(version)) for version, _ in chain]
     patched = patch_state(current.state, deltas)
     manifest = chain[-1][1]
-    model = model_from_state(manifest["model"], patched.state)
+    model = patched_model(manifest.model, patched.state)
     num_items = int(model.item_embedding.num_items)
     catalog = _next_catalog(registry, current, target, manifest)
     _check_catalog(target, catalog, num_items)
     engine = _next_engine(current, model, patched, target, options)
     index = _next_index(current, model, patched, engine, options)
     popular = current.popular  # a delta without counts: no news about popularity
-    if ITEM_COUNTS_FILE in manifest["files"]:
+    if ITEM_COUNTS_FILE in manifest.files:
         popular = _popular_items(registry, target, manifest, current.history, num_items)
     seconds = time.perf_counter() - started
     rows = patched.table_rows
@@ -364,16 +359,16 @@ def apply_deltas(
 
 
 def _next_catalog(
-    registry: Registry, current: ModelBundle, target: str, manifest: dict[str, Any]
+    registry: Registry, current: ModelBundle, target: str, manifest: Manifest
 ) -> ItemCatalog:
     """``current``'s catalogue when the vocabulary file is the same, else extended by the new
     items (a renumbered vocabulary is NotApplicable: a full load builds it from scratch)."""
-    name = (manifest.get("vocabulary") or {}).get("file")
+    name = manifest.vocabulary_file
     if not name:
         raise ServingError(f"version {target} records no item vocabulary; cannot serve it")
-    ours = (current.manifest.get("vocabulary") or {}).get("file")
-    checksum = manifest["files"].get(name, {}).get("sha256")
-    if ours and checksum == current.manifest["files"].get(ours, {}).get("sha256"):
+    ours = current.manifest.vocabulary_file
+    theirs, served = manifest.files.get(name), current.manifest.files.get(ours or "")
+    if theirs is not None and served is not None and theirs.sha256 == served.sha256:
         return current.catalog  # the same file: inherited by the delta (hard-linked)
     try:
         return current.catalog.extended(registry.file(target, name))
