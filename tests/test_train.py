@@ -117,8 +117,8 @@ def test_history_masking_and_the_bpr_term_train_end_to_end(
         config, synthetic_data, tmp_path / "run", registry_dir=tmp_path / "reg", show_progress=False
     )
     assert result.best_metrics["HR@10"] > 0.3  # learns as well as the plain full softmax
-    manifest = Registry(tmp_path / "reg").manifest("v000001").to_json()
-    trained = manifest["training"]["config"]["train"]
+    manifest = Registry(tmp_path / "reg").manifest("v000001")
+    trained = manifest.training["config"]["train"]
     assert trained["mask_history"] is True and trained["bpr_weight"] == 0.5
     # The online learner fine-tunes with the loss the version was trained with.
     assert _loss_config(OnlineConfig(loss="auto"), manifest).mask_history is True
