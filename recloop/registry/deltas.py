@@ -22,7 +22,7 @@ import torch
 
 from recloop.errors import RegistryError
 from recloop.registry.files import TensorReader
-from recloop.registry.manifest import DeltaSpec, Manifest, TensorMeta, dtype_name
+from recloop.registry.manifest import DeltaSpec, Manifest, TensorMeta, VocabularyRef, dtype_name
 
 # A delta stores the indices of a "rows" update of tensor NAME as tensor NAME + ROWS_SUFFIX.
 ROWS_SUFFIX = ".rows"
@@ -454,10 +454,12 @@ def _grown(stored: torch.Tensor, shape: Sequence[int], version_id: str, name: st
     return grown
 
 
-def check_vocabulary_growth(new_items: int | None, new_file: str, parent_items: int | None) -> None:
+def check_vocabulary_growth(new: VocabularyRef, parent: VocabularyRef | None) -> None:
+    """RegistryError when a delta's vocabulary has fewer items than its parent's."""
+    before = parent.items if parent is not None else None
     # items.parquet row i is dense item i + 1: a vocabulary can only be appended to.
-    if isinstance(parent_items, int) and isinstance(new_items, int) and new_items < parent_items:
+    if isinstance(before, int) and isinstance(new.items, int) and new.items < before:
         raise RegistryError(
-            f"vocabulary file {new_file} has {new_items} items but the parent's has "
-            f"{parent_items}: a delta's vocabulary may only grow"
+            f"vocabulary file {new.file} has {new.items} items but the parent's has "
+            f"{before}: a delta's vocabulary may only grow"
         )

@@ -61,6 +61,7 @@ from recloop.registry.manifest import (
     Manifest,
     TensorMeta,
     VersionInfo,
+    VocabularyRef,
     check_method,
     jsonable,
     model_json,
@@ -157,8 +158,7 @@ class Registry:
         names parent tensors to drop. `model` defaults to the parent's: pass the updated config
         when new items grow the item table. The vocabulary is the parent's (hard-linked) unless
         `vocabulary_file` names one of `extra_files`; a new one may not have fewer items, since
-        the dense ids of existing items cannot change. Everything is validated against the
-        parent's manifest before anything is written: a bad delta leaves no trace.
+        dense ids cannot change. All is checked before anything is written: no trace if bad.
         """
         extra = dict(extra_files or {})
         check_extra_files(extra, vocabulary_file)
@@ -167,12 +167,7 @@ class Registry:
         source = self._read_manifest(parent_id)
         base, depth = deltas.chain_position(parent_id, source)
         plan = deltas.plan_delta(source.tensors, changes, removed)
-        inherited = source.vocabulary if vocabulary_file is None else None
-        if inherited is not None and inherited.file in extra:
-            raise RegistryError(
-                f"extra file {inherited.file!r} would shadow the vocabulary inherited from "
-                f"{parent_id}; pass vocabulary_file={inherited.file!r} to replace it"
-            )
+        inherited = _inherited_vocabulary(parent_id, source, vocabulary_file, extra)
         manifest = new_manifest(
             kind="delta",
             method=method,
@@ -194,8 +189,7 @@ class Registry:
             if vocabulary_file is not None:
                 # No dataset-count check: online learning grows the vocabulary past the dataset.
                 vocabulary = vocabulary_ref(tmp / vocabulary_file, None)
-                before = source.vocabulary.items if source.vocabulary is not None else None
-                deltas.check_vocabulary_growth(vocabulary.items, vocabulary.file, before)
+                deltas.check_vocabulary_growth(vocabulary, source.vocabulary)
                 return manifest.replace(vocabulary=vocabulary), {}
             if inherited is None:
                 return manifest, {}
@@ -472,6 +466,19 @@ class Registry:
                 entry.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def _inherited_vocabulary(
+    parent_id: str, parent: Manifest, vocabulary_file: str | None, extra: Mapping[str, Any]
+) -> VocabularyRef | None:
+    """The vocabulary a delta inherits from its parent: none when it brings its own."""
+    inherited = parent.vocabulary if vocabulary_file is None else None
+    if inherited is not None and inherited.file in extra:
+        raise RegistryError(
+            f"extra file {inherited.file!r} would shadow the vocabulary inherited from "
+            f"{parent_id}; pass vocabulary_file={inherited.file!r} to replace it"
+        )
+    return inherited
 
 
 def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
