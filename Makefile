@@ -33,6 +33,7 @@ lint: setup
 	$(VENV)/bin/ruff check recloop tests bench
 	$(VENV)/bin/ruff format --check recloop tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format recloop tests bench

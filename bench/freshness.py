@@ -168,7 +168,7 @@ def delta_publish_apply(
 ) -> dict[str, Any]:
     import torch
 
-    from recloop.online.events import SqliteEventLog
+    from recloop.events import SqliteEventLog
     from recloop.online.learner import OnlineConfig, OnlineLearner
     from recloop.registry import Registry
     from recloop.serve.runtime import LoadOptions, ModelHolder

@@ -129,12 +129,13 @@ def run(command: list[str], log: Path) -> str:
     return done.stdout
 
 
-def run_experiment(name: str, experiment: Experiment, work: Path) -> Path:
+def run_experiment(name: str, experiment: Experiment, work: Path, tag: str | None = None) -> Path:
     started = time.perf_counter()
+    result_name = f"quality-{name}" if tag is None else f"quality-{name}-{tag}"
     source = SHARED_DATA / experiment.source
     if not source.is_file():
         raise SystemExit(f"{name}: {source} is absent; cannot run this experiment")
-    log = RESULTS / f"quality-{name}.log"
+    log = RESULTS / f"{result_name}.log"
     log.unlink(missing_ok=True)
     data, registry, run_dir = work / "data", work / "registry", work / "run"
     prepare_command = [
@@ -161,7 +162,7 @@ def run_experiment(name: str, experiment: Experiment, work: Path) -> Path:
     manifest = json.loads(run([*RECLOOP, "models", "show", "--registry", str(registry)], log))
     curves = run_dir / "curves.png"
     if curves.is_file():
-        (RESULTS / f"quality-{name}.png").write_bytes(curves.read_bytes())
+        (RESULTS / f"{result_name}.png").write_bytes(curves.read_bytes())
     results = {
         "dataset": experiment.dataset,
         "model": manifest["model"],
@@ -180,7 +181,7 @@ def run_experiment(name: str, experiment: Experiment, work: Path) -> Path:
         "split": "leave-one-out (last = test, second-to-last = validation)",
         "sampled100_users": "all users with >= 3 interactions",
     }
-    return write_result(f"quality-{name}", config, results, started)
+    return write_result(result_name, config, results, started)
 
 
 def table() -> None:
@@ -219,13 +220,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", choices=sorted(EXPERIMENTS), default=None)
     parser.add_argument("--table", action="store_true", help="print the tables and exit")
+    parser.add_argument(
+        "--tag",
+        default=None,
+        help="suffix of the result names (quality-NAME-TAG.json): a re-run that must not replace "
+        "the frozen config's result, e.g. a check that a refactor left quality unchanged",
+    )
     args = parser.parse_args()
     if args.table:
         table()
         return
     for name in args.only or list(EXPERIMENTS):
         with tempfile.TemporaryDirectory(prefix=f"recloop-quality-{name}-") as tmp:
-            path = run_experiment(name, EXPERIMENTS[name], Path(tmp))
+            path = run_experiment(name, EXPERIMENTS[name], Path(tmp), args.tag)
         print(f"{name}: wrote {path}", flush=True)
     table()
 

@@ -15,7 +15,7 @@ a uniform user mix gives. Cache hits and misses come from the server's /metrics.
 Writes bench/results/serve.json and serve.png.
 
     .venv/bin/python bench/serve.py                      # both catalogues
-    .venv/bin/python bench/serve.py --only beauty --runs 3 --duration 10
+    .venv/bin/python bench/serve.py --only beauty --runs 3 --duration 10 --name serve-beauty
 """
 
 from __future__ import annotations
@@ -422,6 +422,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--port", type=int, default=18080)
     parser.add_argument("--retrain", action="store_true", help="rebuild the models from scratch")
+    parser.add_argument(
+        "--name",
+        default="serve",
+        help="result name: writes bench/results/NAME.json, .png and .log (a partial re-run, e.g. "
+        "--only beauty, gets its own name so that serve.json keeps every catalogue)",
+    )
     args = parser.parse_args()
     if args.table:
         print(table(RESULTS / "serve.json"))
@@ -431,7 +437,7 @@ def main() -> None:
     started = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    log = RESULTS / "serve.log"
+    log = RESULTS / f"{args.name}.log"
     log.unlink(missing_ok=True)
     results = {name: bench_catalogue(name, args, log, args.port) for name in args.only}
     config = {
@@ -442,8 +448,8 @@ def main() -> None:
         "request": "GET /v1/users/{random known user}/recommendations?k=10",
         "server": "recloop serve (1 process, uvloop + httptools, ONNX Runtime 1 thread)",
     }
-    path = write_result("serve", config, results, started)
-    plot(results, RESULTS / "serve.png")
+    path = write_result(args.name, config, results, started)
+    plot(results, RESULTS / f"{args.name}.png")
     print(f"wrote {path}")
 
 

@@ -31,7 +31,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, write_result
-from recloop.online.events import Event, SqliteEventLog
+from recloop.events import Event, SqliteEventLog
 from recloop.serve.state import MemoryStateStore
 from recloop.serve.state_sync import LoggedState
 

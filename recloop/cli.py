@@ -490,7 +490,7 @@ def ingest_command(
     batch_size: Annotated[int, typer.Option(help="Events per durable append.")] = 10_000,
 ) -> None:
     """Append a file of events (user_id, item_id[, timestamp, event_type, value]) to the log."""
-    from recloop.online.events import open_event_log, read_events_file
+    from recloop.events import open_event_log, read_events_file
 
     if not file.is_file():
         raise ConfigError(f"{file}: no such events file")
@@ -545,7 +545,7 @@ def online_command(
 
     import torch
 
-    from recloop.online.events import open_event_log
+    from recloop.events import open_event_log
     from recloop.online.learner import OnlineLearner, load_online_config
     from recloop.registry import Registry
 
@@ -785,7 +785,7 @@ def _demo_online(
     import polars as pl
 
     from recloop.data.synthetic import generate_events
-    from recloop.online.events import open_event_log
+    from recloop.events import open_event_log
     from recloop.online.learner import OnlineConfig, OnlineLearner
     from recloop.registry import Registry
 

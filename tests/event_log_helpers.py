@@ -9,7 +9,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from recloop.online.events import Event, EventLog, LoggedEvent
+from recloop.events import Event, EventLog, LoggedEvent
 
 __all__ = [
     "acknowledged",
@@ -50,7 +50,7 @@ def read_all(log: EventLog, page: int = 7) -> list[LoggedEvent]:
 
 WRITER = """
 import sys
-from recloop.online.events import Event, SqliteEventLog
+from recloop.events import Event, SqliteEventLog
 
 path, tag, batches, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 log = SqliteEventLog(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from recloop.online.events import Event, SqliteEventLog
+from recloop.events import Event, SqliteEventLog
 from recloop.online.learner import OnlineState
 from recloop.registry import Registry
 from tests.serving import make_dataset, train_version

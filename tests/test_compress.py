@@ -15,14 +15,6 @@ import polars as pl
 import pytest
 import torch
 
-from recloop.compress.codec import (
-    dequantize_channels,
-    dequantize_rows,
-    pack_int4,
-    quantize_channels,
-    quantize_rows,
-    unpack_int4,
-)
 from recloop.compress.distill import (
     DistillConfig,
     build_student,
@@ -32,7 +24,6 @@ from recloop.compress.distill import (
     teacher_blocks,
 )
 from recloop.compress.export import export_encoder
-from recloop.compress.modules import CompressedItemEmbedding, count_dense_parameters
 from recloop.compress.pipeline import CompressOptions, compress_version
 from recloop.compress.prune import prune_structured
 from recloop.compress.quantize import quantize_model, sample_histories
@@ -42,6 +33,15 @@ from recloop.data.prepare import prepare, with_source_order
 from recloop.errors import ConfigError, RegistryError
 from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
+from recloop.models.codec import (
+    dequantize_channels,
+    dequantize_rows,
+    pack_int4,
+    quantize_channels,
+    quantize_rows,
+    unpack_int4,
+)
+from recloop.models.compressed import CompressedItemEmbedding, count_dense_parameters
 from recloop.models.embeddings import ItemEmbedding
 from recloop.models.factory import build_model, config_to_dict
 from recloop.registry import WEIGHTS, Registry
@@ -491,7 +491,7 @@ def test_export_onnx_parity_and_int8_dense(trained: dict[str, Any], tmp_path: Pa
 def test_online_learner_refuses_a_compressed_version(
     trained: dict[str, Any], tmp_path: Path
 ) -> None:
-    from recloop.online.events import SqliteEventLog
+    from recloop.events import SqliteEventLog
     from recloop.online.learner import OnlineConfig, OnlineLearner
 
     registry: Registry = trained["registry"]

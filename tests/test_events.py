@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from recloop.online import events_redis
-from recloop.online.events import (
+from recloop.events import (
     Event,
     EventLog,
     EventLogError,
@@ -24,7 +23,8 @@ from recloop.online.events import (
     read_events_file,
     resume_offset,
 )
-from recloop.online.events_redis import (
+from recloop.events import redis_streams as events_redis
+from recloop.events.redis_streams import (
     RedisStreamEventLog,
     offset_to_stream_id,
     stream_id_to_offset,

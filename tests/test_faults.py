@@ -58,7 +58,7 @@ import polars as pl
 import pytest
 import torch
 
-from recloop.online.events import Event, SqliteEventLog
+from recloop.events import Event, SqliteEventLog
 from recloop.online.learner import CRASH_ENV
 from recloop.online.prequential import CSV_NAME
 from recloop.registry import Registry

@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from recloop.errors import ConfigError
-from recloop.online.events import Event, SqliteEventLog
-from recloop.online.events_redis import RedisStreamEventLog
-from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
+from recloop.data.vocabulary import Vocabulary
+from recloop.errors import ConfigError, DatasetError
+from recloop.events import Event, SqliteEventLog
+from recloop.events.redis_streams import RedisStreamEventLog
+from recloop.online.items import ItemAttributes, PendingItems, initial_row
 from recloop.online.learner import (
     OnlineConfig,
     OnlineLearner,
@@ -91,7 +92,7 @@ def test_grow_rows_keeps_optimizer_state() -> None:
 
 def test_vocabulary_grows_and_keeps_integer_raw_ids(tmp_path: Path) -> None:
     pl.DataFrame({"id": [1, 2], "raw": [10, 20]}).write_parquet(tmp_path / "items.parquet")
-    vocabulary = OnlineVocabulary.from_parquet(tmp_path / "items.parquet")
+    vocabulary = Vocabulary.read(tmp_path / "items.parquet")
     assert vocabulary.dense("20") == 2 and vocabulary.dense("30") == 0
     assert vocabulary.add("30") == 3
     table = pl.read_parquet(vocabulary.parquet_bytes())
@@ -100,7 +101,7 @@ def test_vocabulary_grows_and_keeps_integer_raw_ids(tmp_path: Path) -> None:
     table = pl.read_parquet(vocabulary.parquet_bytes())
     assert table["raw"].to_list() == ["10", "20", "30", "sku-x"]
     assert table["id"].to_list() == [1, 2, 3, 4]
-    with pytest.raises(ConfigError, match="already in the vocabulary"):
+    with pytest.raises(DatasetError, match="already in the vocabulary"):
         vocabulary.add("20")
 
 
@@ -121,7 +122,7 @@ def test_initial_row_is_the_mean_of_neighbours() -> None:
 def test_attributes_rank_neighbours_by_shared_attributes(tmp_path: Path) -> None:
     path = tmp_path / "attributes.json"
     path.write_text(json.dumps({"1": [1, 2], "2": [2], "3": [9], "new": [1, 2]}))
-    vocabulary = OnlineVocabulary(["1", "2", "3"], pl.Utf8)
+    vocabulary = Vocabulary.from_strings(["1", "2", "3"])
     assert ItemAttributes.from_json(path).neighbours("new", vocabulary) == [1, 2]
     path.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="JSON object"):

@@ -328,7 +328,7 @@ def test_fast_path_and_fastapi_answer_alike(trained: dict[str, Any], client: htt
 def test_events_are_durable_in_the_event_log_before_they_are_acknowledged(
     trained: dict[str, Any], tmp_path: Path
 ) -> None:
-    from recloop.online.events import open_event_log
+    from recloop.events import open_event_log
 
     path = tmp_path / "events.sqlite"
     headers = {"X-API-Key": API_KEY}

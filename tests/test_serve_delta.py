@@ -26,12 +26,12 @@ import pytest
 import torch
 
 import recloop.serve.runtime as runtime
-from recloop.errors import EngineParityError, ServingError
+from recloop.data.vocabulary import Vocabulary
+from recloop.errors import DatasetError, EngineParityError, ServingError
 from recloop.models.factory import build_model, config_to_dict
 from recloop.registry import Registry, RowUpdate
 from recloop.registry.loading import load_model
 from recloop.serve.app import ServiceConfig
-from recloop.serve.catalog import ItemCatalog
 from recloop.serve.delta import NotApplicable, patch_state
 from recloop.serve.engine import (
     InferenceEngine,
@@ -194,7 +194,7 @@ def test_an_applied_delta_answers_like_a_full_load(
     batch = sequences(NUM_ITEMS + 3)  # new items in the histories too
     queries = encode(applied, batch)
     np.testing.assert_allclose(queries, encode(full, batch), atol=1e-5, rtol=1e-4)
-    assert applied.catalog.to_raw(np.arange(1, NUM_ITEMS + 4)) == full.catalog.to_raw(
+    assert applied.catalog.raw_strings(np.arange(1, NUM_ITEMS + 4)) == full.catalog.raw_strings(
         np.arange(1, NUM_ITEMS + 4)
     )
     np.testing.assert_array_equal(applied.popular, full.popular)
@@ -228,9 +228,9 @@ def test_new_items_become_recommendable(versions: dict[str, Any]) -> None:
     assert bundle.model is not None
     ids, _ = bundle.index.search(item_vectors(bundle.model, new), 1)
     assert ids[:, 0].tolist() == new.tolist()
-    dense, unknown = bundle.catalog.to_dense(["new-1", "new-3", "item-5"])
+    dense, unknown = bundle.catalog.lookup(["new-1", "new-3", "item-5"])
     assert dense.tolist() == [NUM_ITEMS + 1, NUM_ITEMS + 3, 5] and unknown == []
-    assert bundle.catalog.to_raw(new) == ["new-1", "new-2", "new-3"]
+    assert bundle.catalog.raw_strings(new) == ["new-1", "new-2", "new-3"]
     assert encode(bundle, [new]).shape == (1, DIM)  # the ONNX graph takes the grown table
 
 
@@ -252,7 +252,7 @@ def test_the_bundle_a_delta_is_applied_to_is_untouched(versions: dict[str, Any])
     assert old.state.keys() == state.keys()
     assert all(torch.equal(old.state[name], tensor) for name, tensor in state.items())
     assert old.index.num_items == old.catalog.num_items == old.engine.num_items == NUM_ITEMS
-    assert old.catalog.to_dense(["new-1"])[1] == ["new-1"]
+    assert old.catalog.lookup(["new-1"])[1] == ["new-1"]
     np.testing.assert_array_equal(old.popular, popular)
     with pytest.raises(ServingError, match=r"outside 1\.\.300"):
         old.engine.encode([np.array([NUM_ITEMS + 1])])
@@ -423,29 +423,27 @@ def test_index_updates_are_copy_on_write(make: Callable[[np.ndarray], Any]) -> N
 def test_a_catalogue_extends_only_by_appending(tmp_path: Path) -> None:
     first = tmp_path / "first.parquet"
     first.write_bytes(vocabulary(NUM_ITEMS))
-    catalog = ItemCatalog.from_parquet(first)
+    catalog = Vocabulary.read(first)
     grown = tmp_path / "grown.parquet"
     grown.write_bytes(vocabulary(NUM_ITEMS + 2))
     extended = catalog.extended(grown)
     assert extended.num_items == NUM_ITEMS + 2 and catalog.num_items == NUM_ITEMS
-    assert extended.to_dense(["new-2", "item-7"])[0].tolist() == [NUM_ITEMS + 2, 7]
-    assert catalog.to_dense(["new-2"])[1] == ["new-2"]
-    np.testing.assert_array_equal(
-        extended.vocabulary.raw_by_id, ItemCatalog.from_parquet(grown).vocabulary.raw_by_id
-    )
+    assert extended.lookup(["new-2", "item-7"])[0].tolist() == [NUM_ITEMS + 2, 7]
+    assert catalog.lookup(["new-2"])[1] == ["new-2"]
+    np.testing.assert_array_equal(extended.raw_by_id, Vocabulary.read(grown).raw_by_id)
     shuffled = tmp_path / "shuffled.parquet"
     raw = [f"item-{i}" for i in range(NUM_ITEMS, 0, -1)]
     pl.DataFrame({"id": np.arange(1, NUM_ITEMS + 1), "raw": raw}).write_parquet(shuffled)
-    with pytest.raises(ServingError, match="renumbered"):
+    with pytest.raises(DatasetError, match="renumbered"):
         catalog.extended(shuffled)
 
     # Integer raw ids, then a new raw id that is not a number: the learner writes text.
     numbers, text = tmp_path / "numbers.parquet", tmp_path / "text.parquet"
     pl.DataFrame({"id": [1, 2], "raw": [10, 20]}).write_parquet(numbers)
     pl.DataFrame({"id": [1, 2, 3], "raw": ["10", "20", "sku-3"]}).write_parquet(text)
-    mixed = ItemCatalog.from_parquet(numbers).extended(text)
-    assert mixed.to_dense(["sku-3", "10"])[0].tolist() == [3, 1]
-    assert mixed.vocabulary.to_dense(np.array(["sku-3"], dtype=object)).tolist() == [3]
+    mixed = Vocabulary.read(numbers).extended(text)
+    assert mixed.lookup(["sku-3", "10"])[0].tolist() == [3, 1]
+    assert mixed.to_dense(np.array(["sku-3"], dtype=object)).tolist() == [3]
 
 
 # ---------------------------------------------------------------------------- HTTP

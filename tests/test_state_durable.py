@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from recloop.errors import ServingError
-from recloop.online.events import Event, SqliteEventLog
+from recloop.events import Event, SqliteEventLog
 from recloop.serve.state import MemoryStateStore, read_snapshot, write_snapshot
 from recloop.serve.state_sync import PAGE, LoggedState
 

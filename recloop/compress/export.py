@@ -9,7 +9,7 @@ overlap over the whole catalogue).
 Dense int8: ONNX Runtime's dynamic quantization (``quantize_dynamic``: int8 weights per output
 channel, activations quantized per batch at run time) of every MatMul / Gemm with a constant
 weight, after ORT's pre-processing folds the weight transposes into constants. A model whose
-Linear layers are already int8 (:class:`recloop.compress.modules.QuantizedLinear`) is exported
+Linear layers are already int8 (:class:`recloop.models.compressed.QuantizedLinear`) is exported
 with those int8 weights dequantized, so the quantizer sees float MatMul weights.
 
 TorchScript (``torch.jit.trace``, deprecated by torch but still used by some runtimes) is tried
@@ -32,11 +32,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from recloop.compress.modules import QuantizedLinear
 from recloop.data.sequences import PADDING_ID
 from recloop.errors import ConfigError, ServingError
 from recloop.models.base import SequentialEncoder
+from recloop.models.compressed import QuantizedLinear
 from recloop.models.embeddings import ItemEmbedding
+from recloop.models.parity import Comparison
 from recloop.serve.engine import quiet_export
 
 ONNX_FILE = "encoder.onnx"
@@ -159,22 +160,17 @@ def output_parity(
     model.eval()
     with torch.inference_mode():
         table = model.item_embedding.output_table()[1:].float().numpy()  # [I, D]
-    max_query = max_score = 0.0
-    overlaps: list[float] = []
-    count = 0
+    queries, scores = Comparison(), Comparison()
     for ids in parity_batches(histories):
         expected = _torch_queries(model, ids)  # [B, D]
         actual = np.asarray(run(ids), dtype=np.float32)  # [B, D]
         if not np.isfinite(actual).all():
             return OutputParity(len(histories), float("inf"), float("inf"), 0.0)
-        max_query = max(max_query, float(np.abs(actual - expected).max()))
-        scores_expected, scores_actual = expected @ table.T, actual @ table.T  # [B, I]
-        max_score = max(max_score, float(np.abs(scores_actual - scores_expected).max()))
-        top_e = np.argpartition(-scores_expected, k, axis=1)[:, :k]
-        top_a = np.argpartition(-scores_actual, k, axis=1)[:, :k]
-        overlaps.extend(len(set(a) & set(e)) / k for a, e in zip(top_a, top_e, strict=True))
-        count += len(ids)
-    return OutputParity(count, max_query, max_score, float(np.mean(overlaps)))
+        queries.add(expected, actual)
+        scores.add(expected @ table.T, actual @ table.T, top_k=k)  # [B, I]
+    return OutputParity(
+        queries.rows, queries.max_abs_error, scores.max_abs_error, scores.top_k_overlap
+    )
 
 
 class OnnxEncoder(SequentialEncoder):

@@ -32,7 +32,6 @@ from recloop.compress.distill import (
     inherit_teacher_weights,
 )
 from recloop.compress.finetune import FitResult, evaluate_split, fit
-from recloop.compress.modules import CompressionSpec, count_dense_parameters
 from recloop.compress.prune import (
     apply_masks,
     check_sparsity,
@@ -45,6 +44,7 @@ from recloop.config import TrainConfig
 from recloop.data.dataset import SequenceDataset
 from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder
+from recloop.models.compressed import CompressionSpec, count_dense_parameters
 from recloop.models.factory import MODEL_TYPES, config_to_dict
 from recloop.registry import WEIGHTS, Manifest, Registry, publish_version
 from recloop.registry.loading import check_vocabulary, load_model

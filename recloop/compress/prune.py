@@ -29,16 +29,16 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from recloop.compress.modules import (
+from recloop.data.dataset import SequenceDataset
+from recloop.errors import ConfigError
+from recloop.models.base import SequentialEncoder
+from recloop.models.compressed import (
     CompressedItemEmbedding,
     block_structure,
     blocks_of,
     compression_of,
     set_compression,
 )
-from recloop.data.dataset import SequenceDataset
-from recloop.errors import ConfigError
-from recloop.models.base import SequentialEncoder
 from recloop.models.hstu import HSTU, HSTUBlock
 from recloop.models.sasrec import CausalSelfAttention, SASRec
 

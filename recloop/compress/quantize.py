@@ -2,7 +2,7 @@
 
 The item table is most of a sequential recommender's bytes (on Amazon Beauty, 12,102 rows of 128
 floats against four HSTU blocks of 128 x 640 weights), so it is quantized row by row: each row keeps
-its own scale and offset (:mod:`recloop.compress.codec`), which follows popular and rare items' very
+its own scale and offset (:mod:`recloop.models.codec`), which follows popular and rare items' very
 different norms. Lookups dequantize the gathered rows; scoring dequantizes the table. The Linear
 layers of the blocks are stored int8 with one scale per output channel and dequantized on the fly,
 so the file shrinks and every engine (torch, ONNX export) runs the same maths. For int8 *compute* in
@@ -23,16 +23,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from recloop.compress.modules import (
+from recloop.data.batches import last_items
+from recloop.data.dataset import SequenceDataset
+from recloop.errors import ConfigError
+from recloop.models.base import SequentialEncoder
+from recloop.models.compressed import (
     CompressedItemEmbedding,
     compression_of,
     quantize_linears,
     set_compression,
 )
-from recloop.data.batches import last_items
-from recloop.data.dataset import SequenceDataset
-from recloop.errors import ConfigError
-from recloop.models.base import SequentialEncoder
+from recloop.models.parity import Comparison
 
 PARITY_USERS = 1000  # histories the parity is measured on
 PARITY_K = 10
@@ -137,32 +138,24 @@ def score_parity(
 ) -> ScoreParity:
     """Top-k overlap and score errors of `candidate` against `reference` over the whole
     catalogue, for left-padded `histories` [N, L] (both models in eval mode, no timestamps)."""
-    overlaps: list[float] = []
-    max_score = max_query = total = 0.0
-    count = 0
+    queries, scores = Comparison(), Comparison()
     with torch.inference_mode():
         for start in range(0, len(histories), batch_size):
             ids = histories[start : start + batch_size]  # [B, L]
-            queries = []
-            scores = []
+            outputs = []
             for model in (reference, candidate):
                 model.eval()
                 user = model.encode(ids)  # [B, D]
-                queries.append(model.item_embedding.prepare_query(user))  # [B, D]
-                scores.append(model.score(user)[:, 1:])  # [B, I], padding column dropped
-            top_ref = scores[0].topk(k, dim=1).indices  # [B, k]
-            top_new = scores[1].topk(k, dim=1).indices  # [B, k]
-            same = (top_ref.unsqueeze(2) == top_new.unsqueeze(1)).any(dim=2).sum(dim=1)  # [B]
-            overlaps.extend((same.float() / k).tolist())
-            error = (scores[0] - scores[1]).abs()  # [B, I]
-            max_score = max(max_score, float(error.max()))
-            total += float(error.sum())
-            count += error.numel()
-            max_query = max(max_query, float((queries[0] - queries[1]).abs().max()))
+                query = model.item_embedding.prepare_query(user)  # [B, D]
+                score = model.score(user)[:, 1:]  # [B, I], padding column dropped
+                outputs.append((query.float().cpu().numpy(), score.float().cpu().numpy()))
+            (query_ref, score_ref), (query_new, score_new) = outputs
+            queries.add(query_ref, query_new)
+            scores.add(score_ref, score_new, top_k=k)
     return ScoreParity(
         users=len(histories),
-        top10_overlap=float(np.mean(overlaps)) if overlaps else float("nan"),
-        max_score_error=max_score,
-        mean_score_error=total / max(count, 1),
-        max_query_error=max_query,
+        top10_overlap=scores.top_k_overlap,
+        max_score_error=scores.max_abs_error,
+        mean_score_error=scores.mean_abs_error,
+        max_query_error=queries.max_abs_error,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -15,45 +14,10 @@ from recloop.data.attributes import ITEM_ATTRIBUTES_FILE
 from recloop.data.prepare import MANIFEST, sha256_file
 from recloop.data.sequences import Sequences
 from recloop.data.splits import Split, leave_one_out, time_split_by_fraction
+from recloop.data.vocabulary import Vocabulary
 from recloop.errors import DatasetError, undecodable
 
 REQUIRED_FILES = ("offsets.npy", "items.npy", "timestamps.npy", "users.parquet", "items.parquet")
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """Dense id <-> raw id, both directions. Dense ids start at `first_id` (items: 1)."""
-
-    raw_by_id: npt.NDArray[Any]  # [N], raw id of dense id first_id + i
-    first_id: int
-
-    def __len__(self) -> int:
-        return len(self.raw_by_id)
-
-    @cached_property
-    def _sorted(self) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
-        # `recloop prepare` assigns ids in ascending raw order, so this is usually the identity;
-        # sorting keeps lookups right for any vocabulary.
-        order = np.argsort(self.raw_by_id, kind="stable")
-        return self.raw_by_id[order], order.astype(np.int64) + self.first_id
-
-    def to_raw(self, ids: npt.ArrayLike) -> npt.NDArray[Any]:
-        index = np.asarray(ids, dtype=np.int64) - self.first_id
-        if index.size and (index.min() < 0 or index.max() >= len(self.raw_by_id)):
-            raise DatasetError(f"dense id out of range [{self.first_id}, {self.last_id}]")
-        return self.raw_by_id[index]
-
-    def to_dense(self, raw: npt.ArrayLike, missing: int = -1) -> npt.NDArray[np.int64]:
-        """Dense ids of `raw` ids; `missing` where a raw id is not in the vocabulary."""
-        keys, ids = self._sorted
-        query = np.asarray(raw, dtype=keys.dtype)
-        pos = np.clip(np.searchsorted(keys, query), 0, max(len(keys) - 1, 0))
-        found = keys[pos] == query if len(keys) else np.zeros(query.shape, dtype=bool)
-        return np.where(found, ids[pos], missing)
-
-    @property
-    def last_id(self) -> int:
-        return self.first_id + len(self.raw_by_id) - 1
 
 
 class SequenceDataset:
@@ -125,11 +89,11 @@ class SequenceDataset:
 
     @cached_property
     def users(self) -> Vocabulary:
-        return Vocabulary(_read_raw(self.directory / "users.parquet"), first_id=0)
+        return Vocabulary.read(self.directory / "users.parquet", first_id=0)
 
     @cached_property
     def items(self) -> Vocabulary:
-        return Vocabulary(_read_raw(self.directory / "items.parquet"), first_id=1)
+        return Vocabulary.read(self.directory / "items.parquet", first_id=1)
 
     @cached_property
     def values(self) -> npt.NDArray[np.float32] | None:
@@ -241,18 +205,6 @@ def _load_array(path: Path, mode: Literal["r"] | None) -> npt.NDArray[Any]:
     except (OSError, ValueError, EOFError) as exc:  # truncated, or an object array
         raise DatasetError(f"{path}: not a readable .npy array ({exc})") from exc
     return array
-
-
-def _read_raw(path: Path) -> npt.NDArray[Any]:
-    import polars as pl
-
-    try:
-        column = pl.read_parquet(path, columns=["raw"]).to_series()
-    except (pl.exceptions.PolarsError, OSError) as exc:
-        raise DatasetError(f"{path}: not a readable vocabulary table ({exc})") from exc
-    if column.dtype == pl.String:
-        return np.asarray(column.to_list(), dtype=object)
-    return column.to_numpy()
 
 
 def _popularity_summary(items: npt.NDArray[np.int32], num_items: int) -> dict[str, float]:

@@ -43,6 +43,7 @@ from recloop.data.attributes import (
     read_item_attributes,
 )
 from recloop.data.readers import ColumnMap, ProgressCallback, read_chunks
+from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError, DatasetError
 
 DuplicatePolicy = Literal["drop", "keep", "error"]
@@ -403,8 +404,7 @@ def _write_vocab(raw: pl.Series, first_id: int, path: Path) -> pl.Series:
     both ways: row i holds dense id first_id + i (id -> raw) and raw ids ascend, so a binary
     search maps raw -> id. `Vocabulary` gives both directions. Returns the raw ids in id order."""
     unique = raw.unique().sort()
-    ids = pl.int_range(first_id, first_id + len(unique), eager=True, dtype=pl.Int64)
-    pl.DataFrame({"id": ids, "raw": unique}).write_parquet(path)
+    Vocabulary(unique, first_id).write(path)
     return unique
 
 

@@ -48,7 +48,7 @@ def build_model(model_type: str, config: dict[str, Any]) -> SequentialEncoder:
         raise ConfigError(f"{model_type} config: {error}") from None
     model: SequentialEncoder = model_cls(model_config)
     if compression is not None:
-        from recloop.compress.modules import apply_compression
+        from recloop.models.compressed import apply_compression
 
         apply_compression(model, compression)
     return model

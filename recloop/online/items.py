@@ -1,4 +1,4 @@
-"""New items in the online loop: the growing vocabulary, admission, and first embeddings.
+"""New items in the online loop: admission into the growing vocabulary, and first embeddings.
 
 An item id the model does not know is counted; after `admit_after` occurrences it joins the
 vocabulary with the next dense id (existing ids never change, so deltas and serving caches stay
@@ -9,67 +9,17 @@ its attributes when an attribute file is given. Training then refines the row li
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import polars as pl
 import torch
 
 from recloop.data.attributes import read_item_attributes
-from recloop.errors import ConfigError
+from recloop.data.vocabulary import Vocabulary
 
 MAX_CONTEXT = 64  # co-occurring item ids kept per pending item (a bounded, recent sample)
-
-
-class OnlineVocabulary:
-    """Raw item ids <-> dense ids 1..num_items, growing at the end."""
-
-    def __init__(self, raw_ids: Sequence[object], raw_dtype: pl.DataType) -> None:
-        self._raw = [str(raw) for raw in raw_ids]
-        self._dense = {raw: i for i, raw in enumerate(self._raw, start=1)}
-        self._raw_dtype = raw_dtype
-
-    @classmethod
-    def from_parquet(cls, path: Path) -> OnlineVocabulary:
-        table = pl.read_parquet(path)
-        if "raw" not in table.columns:
-            raise ConfigError(f"{path}: item vocabulary needs a raw column")
-        return cls(table["raw"].to_list(), table.schema["raw"])
-
-    @property
-    def num_items(self) -> int:
-        return len(self._raw)
-
-    def dense(self, raw: str) -> int:
-        """The dense id of `raw`, 0 when it is not in the vocabulary."""
-        return self._dense.get(raw, 0)
-
-    def raw(self, dense: int) -> str:
-        return self._raw[dense - 1]
-
-    def add(self, raw: str) -> int:
-        if raw in self._dense:
-            raise ConfigError(f"item {raw!r} is already in the vocabulary")
-        self._raw.append(raw)
-        self._dense[raw] = len(self._raw)
-        return len(self._raw)
-
-    def parquet_bytes(self) -> bytes:
-        """(id, raw) rows as parquet. Raw ids keep their column type while every raw id still
-        parses as it (integer catalogues stay integer); otherwise the column becomes text."""
-        raw: pl.Series = pl.Series("raw", self._raw, dtype=pl.Utf8)
-        if self._raw_dtype != pl.Utf8:
-            # A new raw id that is not of the old type keeps the column as text.
-            with contextlib.suppress(pl.exceptions.InvalidOperationError):
-                raw = raw.cast(self._raw_dtype, strict=True)
-        ids = pl.Series("id", range(1, len(self._raw) + 1), dtype=pl.Int64)
-        buffer = io.BytesIO()
-        pl.DataFrame([ids, raw]).write_parquet(buffer)
-        return buffer.getvalue()
 
 
 @dataclass
@@ -111,7 +61,7 @@ class ItemAttributes:
     def from_json(cls, path: Path) -> ItemAttributes:
         return cls(read_item_attributes(path))
 
-    def neighbours(self, raw: str, vocabulary: OnlineVocabulary, limit: int = 50) -> list[int]:
+    def neighbours(self, raw: str, vocabulary: Vocabulary, limit: int = 50) -> list[int]:
         """Dense ids of known items sharing the most attributes with `raw` (most first)."""
         wanted = self.attributes.get(raw)
         if not wanted:

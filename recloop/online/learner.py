@@ -51,12 +51,13 @@ from recloop.config import (
     build_section,
     read_toml,
 )
-from recloop.data.dataset import SequenceDataset
+from recloop.data.history import UserHistory
 from recloop.data.sequences import PADDING_ID
+from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError, RegistryError
+from recloop.events import EventLog, LoggedEvent, resume_offset
 from recloop.models.factory import config_to_dict
-from recloop.online.events import EventLog, LoggedEvent, resume_offset
-from recloop.online.items import ItemAttributes, OnlineVocabulary, PendingItems, initial_row
+from recloop.online.items import ItemAttributes, PendingItems, initial_row
 from recloop.online.optim import LazyAdam, grow_rows
 from recloop.online.prequential import (
     PrequentialLog,
@@ -264,7 +265,7 @@ class OnlineLearner:
             self.state.offset = self.offset
         self.model, _ = load_model(registry, self.version)
         self.frozen, _ = load_model(registry, self.state.origin)
-        self.vocabulary = OnlineVocabulary.from_parquet(_vocabulary_file(registry, manifest))
+        self.vocabulary = Vocabulary.read(_vocabulary_file(registry, manifest))
         self._published_items = self.vocabulary.num_items
         self._published = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.item_counts = _item_counts(registry, manifest, self.vocabulary.num_items)
@@ -272,7 +273,7 @@ class OnlineLearner:
         self.max_length = int(self.model.config.max_length)
         self.pending = PendingItems(config.admit_after)
         self.sequences: dict[str, list[int]] = {}
-        self._base = _BaseHistory.open(data, registry.manifest(self.state.origin), self.vocabulary)
+        self._base = _base_history(data, registry.manifest(self.state.origin), self.vocabulary)
         self._loss_config = _loss_config(config, registry.manifest(self.state.origin))
         self._rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
@@ -359,7 +360,8 @@ class OnlineLearner:
     def sequence(self, user: str) -> list[int]:
         known = self.sequences.get(user)
         if known is None:
-            known = self._base.items(user)[-(self.max_length + 1) :]
+            base = self._base.items(user) if self._base is not None else np.zeros(0, np.int64)
+            known = base[-(self.max_length + 1) :].tolist()
             self.sequences[user] = known
         return known
 
@@ -438,10 +440,10 @@ class OnlineLearner:
         count = self.config.replay_windows
         if count == 0:
             return []
-        users = self._base.users
+        users = self._base.users if self._base is not None else None
         if users:
             picks = self._rng.integers(0, len(users), size=count)
-            return [self.sequence(users[int(i)]) for i in picks]
+            return [self.sequence(users.raw(int(i))) for i in picks]
         touched = list(self.sequences)
         if not touched:
             return []
@@ -638,43 +640,17 @@ def _padded_chunks(
         start = end
 
 
-class _BaseHistory:
-    """Users' sequences from the training dataset (model dense ids), where sequences start."""
-
-    def __init__(self, dataset: SequenceDataset | None, mapping: np.ndarray | None) -> None:
-        self._dataset = dataset
-        self._mapping = mapping
-        self.users: list[str] = []
-        self._index: dict[str, int] = {}
-        if dataset is not None:
-            self.users = [str(raw) for raw in dataset.users.raw_by_id.tolist()]
-            self._index = {raw: i for i, raw in enumerate(self.users)}
-            self._offsets = np.asarray(dataset.sequences.offsets, dtype=np.int64)
-            self._items = np.asarray(dataset.sequences.items)
-
-    @classmethod
-    def open(
-        cls, data: Path | None, origin_manifest: Manifest, vocabulary: OnlineVocabulary
-    ) -> _BaseHistory:
-        """`data`, or the dataset the origin version was trained on when it is still there."""
-        if data is None:
-            recorded = (origin_manifest.dataset or {}).get("path")
-            data = Path(recorded) if recorded and Path(recorded).is_dir() else None
-        if data is None:
-            log.warning("no training dataset: sequences start from the event log alone")
-            return cls(None, None)
-        dataset = SequenceDataset(data)
-        raws = dataset.items.raw_by_id.tolist()
-        mapping = np.array([0] + [vocabulary.dense(str(r)) for r in raws], dtype=np.int64)
-        return cls(dataset, mapping)
-
-    def items(self, user: str) -> list[int]:
-        index = self._index.get(user)
-        if index is None or self._mapping is None:
-            return []
-        rows = self._items[self._offsets[index] : self._offsets[index + 1]]
-        mapped = self._mapping[rows]
-        return [int(i) for i in mapped[mapped > 0]]
+def _base_history(
+    data: Path | None, origin_manifest: Manifest, vocabulary: Vocabulary
+) -> UserHistory | None:
+    """`data`, or the dataset the origin version was trained on when it is still there."""
+    if data is None:
+        recorded = (origin_manifest.dataset or {}).get("path")
+        data = Path(recorded) if recorded and Path(recorded).is_dir() else None
+    if data is None:
+        log.warning("no training dataset: sequences start from the event log alone")
+        return None
+    return UserHistory.open(data, vocabulary)
 
 
 def _loss_config(config: OnlineConfig, origin: Manifest) -> TrainConfig:

@@ -10,7 +10,7 @@ import io
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -18,9 +18,6 @@ import numpy.typing as npt
 from recloop.errors import RegistryError
 from recloop.registry.files import WEIGHTS, write_file
 from recloop.registry.manifest import MANIFEST, Manifest, VocabularyRef
-
-if TYPE_CHECKING:
-    from recloop.registry.store import Registry
 
 VOCABULARY_FILE = "items.parquet"  # (id, raw): row i is dense item i + 1
 ITEM_COUNTS_FILE = "item_counts.npy"  # int64 [num_items + 1] events per dense id (popularity)
@@ -34,6 +31,12 @@ _RESERVED_NAMES = frozenset({MANIFEST, WEIGHTS})
 ExtraFiles = Mapping[str, Path | bytes]
 
 
+class VersionFiles(Protocol):
+    """What the readers need of a Registry (a protocol: the store imports this module)."""
+
+    def file(self, ref: str, name: str, *, verify: bool = True) -> Path: ...
+
+
 # ---------------------------------------------------------------------- item counts
 
 
@@ -44,7 +47,7 @@ def item_counts_bytes(counts: npt.NDArray[np.int64]) -> bytes:
     return buffer.getvalue()
 
 
-def read_item_counts(registry: Registry, version: str, manifest: Manifest) -> np.ndarray | None:
+def read_item_counts(registry: VersionFiles, version: str, manifest: Manifest) -> np.ndarray | None:
     """The version's per-item event counts (checksum-verified), None when it has none."""
     if ITEM_COUNTS_FILE not in manifest.files:
         return None
@@ -56,7 +59,7 @@ def read_item_counts(registry: Registry, version: str, manifest: Manifest) -> np
 # ---------------------------------------------------------------------- vocabulary
 
 
-def vocabulary_path(registry: Registry, version: str, manifest: Manifest) -> Path:
+def vocabulary_path(registry: VersionFiles, version: str, manifest: Manifest) -> Path:
     """The version's vocabulary file (checksum-verified); RegistryError when it has none."""
     if manifest.vocabulary is None:
         raise RegistryError(f"version {version} records no item vocabulary")

@@ -273,7 +273,7 @@ def _recommendation_routes(app: FastAPI, service: Service) -> None:
     )
     async def sequence_recommendations(request: SequenceRequest) -> Response:
         bundle = service.bundle
-        sequence, unknown = bundle.catalog.to_dense([str(item) for item in request.items])
+        sequence, unknown = bundle.catalog.lookup([str(item) for item in request.items])
         items, fallback = await service.recommend(bundle, sequence, request.k, request.exclude_seen)
         body = recommendations_body(bundle, None, items, fallback, unknown)
         return Response(body, media_type=JSON)
@@ -289,7 +289,7 @@ def _recommendation_routes(app: FastAPI, service: Service) -> None:
         k: Annotated[int, Query(ge=1, le=MAX_K)] = DEFAULT_K,
     ) -> Response:
         bundle = service.bundle
-        dense, unknown = bundle.catalog.to_dense([item_id])
+        dense, unknown = bundle.catalog.lookup([item_id])
         if unknown:
             raise HTTPException(404, f"unknown item {item_id!r} (not in model {bundle.version})")
 
@@ -319,7 +319,7 @@ def _recommendation_routes(app: FastAPI, service: Service) -> None:
 
 
 def _write_routes(app: FastAPI, service: Service) -> None:
-    from recloop.online.events import Event
+    from recloop.events import Event
 
     require_key = Depends(key_checker(service, group=None))
 
@@ -358,7 +358,7 @@ def _write_routes(app: FastAPI, service: Service) -> None:
         ]
         event_ids, durable = await service.accept_events(events)
         service.metrics.events.inc(len(events))
-        _, unknown = bundle.catalog.to_dense([event.item_id for event in events])
+        _, unknown = bundle.catalog.lookup([event.item_id for event in events])
         return EventsAccepted(
             accepted=len(events),
             users=len({event.user_id for event in events}),

@@ -30,11 +30,18 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from recloop.errors import EngineParityError, RecloopError, RegistryError, ServingError
+from recloop.data.history import UserHistory
+from recloop.data.vocabulary import Vocabulary
+from recloop.errors import (
+    DatasetError,
+    EngineParityError,
+    RecloopError,
+    RegistryError,
+    ServingError,
+)
 from recloop.models.base import SequentialEncoder
 from recloop.registry import Manifest, Registry
 from recloop.registry.sidefiles import ITEM_COUNTS_FILE, read_item_counts, vocabulary_path
-from recloop.serve.catalog import ItemCatalog, UserHistory
 from recloop.serve.delta import (
     NotApplicable,
     PatchedState,
@@ -94,7 +101,7 @@ class ModelBundle:
     manifest: Manifest
     engine: InferenceEngine
     index: ItemIndex
-    catalog: ItemCatalog
+    catalog: Vocabulary  # the version's items: raw ids <-> dense ids 1..num_items
     history: UserHistory | None
     popular: npt.NDArray[np.int64]  # dense ids, most popular first (fallback for unknown users)
     max_length: int
@@ -149,7 +156,7 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     if not manifest.vocabulary_file:
         raise ServingError(f"version {version} records no item vocabulary; cannot serve it")
-    catalog = ItemCatalog.from_parquet(vocabulary_path(registry, version, manifest))
+    catalog = _read_catalog(version, vocabulary_path(registry, version, manifest))
     num_items = int(model.item_embedding.num_items)
     _check_catalog(version, catalog, num_items)
     history = _open_history(manifest, catalog, options.data)
@@ -172,7 +179,15 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
     )
 
 
-def _check_catalog(version: str, catalog: ItemCatalog, num_items: int) -> None:
+def _read_catalog(version: str, path: Path) -> Vocabulary:
+    """The version's item vocabulary with its text lookups built (not in the first request)."""
+    try:
+        return Vocabulary.read(path, first_id=1).index_text()
+    except DatasetError as exc:
+        raise ServingError(f"version {version}: {exc}") from None
+
+
+def _check_catalog(version: str, catalog: Vocabulary, num_items: int) -> None:
     if catalog.num_items != num_items:
         raise ServingError(
             f"version {version}: vocabulary has {catalog.num_items} items but the model has "
@@ -242,16 +257,17 @@ def _sample_queries(
     return np.concatenate([np.array(encode(sequences[i : i + 64])) for i in range(0, count, 64)])
 
 
-def _open_history(
-    manifest: Manifest, catalog: ItemCatalog, data: Path | None
-) -> UserHistory | None:
+def _open_history(manifest: Manifest, catalog: Vocabulary, data: Path | None) -> UserHistory | None:
     if data is not None:
-        return UserHistory.open(data, catalog)
+        try:
+            return UserHistory.open(data, catalog)
+        except DatasetError as exc:
+            raise ServingError(f"user history: {exc}") from None
     recorded = (manifest.dataset or {}).get("path")
     if recorded and Path(recorded).is_dir():
         try:
             return UserHistory.open(Path(recorded), catalog)
-        except ServingError as exc:  # the recorded dataset moved or changed: serve without it
+        except DatasetError as exc:  # the recorded dataset moved or changed: serve without it
             log.warning("not using the version's dataset for user history: %s", exc)
     return None
 
@@ -360,7 +376,7 @@ def apply_deltas(
 
 def _next_catalog(
     registry: Registry, current: ModelBundle, target: str, manifest: Manifest
-) -> ItemCatalog:
+) -> Vocabulary:
     """``current``'s catalogue when the vocabulary file is the same, else extended by the new
     items (a renumbered vocabulary is NotApplicable: a full load builds it from scratch)."""
     name = manifest.vocabulary_file
@@ -372,7 +388,7 @@ def _next_catalog(
         return current.catalog  # the same file: inherited by the delta (hard-linked)
     try:
         return current.catalog.extended(registry.file(target, name))
-    except ServingError as exc:
+    except DatasetError as exc:
         raise NotApplicable(str(exc)) from None
 
 

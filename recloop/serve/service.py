@@ -39,7 +39,7 @@ from recloop.serve.state import MemoryStateStore, StateStore, open_state_store
 from recloop.serve.state_sync import LoggedState, every
 
 if TYPE_CHECKING:
-    from recloop.online.events import Event, EventLog
+    from recloop.events import Event, EventLog
 
 log = logging.getLogger("recloop.serve")
 
@@ -155,7 +155,7 @@ class Service:
         together: all before the port is bound, so a bad file is one error line at start."""
         config = self.config
         if config.event_log is not None:
-            from recloop.online.events import open_event_log
+            from recloop.events import open_event_log
 
             self.event_log = open_event_log(config.event_log)
         if not isinstance(self.state, MemoryStateStore):
@@ -269,7 +269,7 @@ class Service:
         Durable first (the online learner reads the log, and the state is rebuilt from it), then
         the state: an acknowledged event is never lost, and a failed append changes nothing.
         """
-        from recloop.online.events import EventLogError, validate_events
+        from recloop.events import EventLogError, validate_events
 
         try:
             validate_events(events)  # the client's problem (empty id, non-finite value): 422
@@ -342,7 +342,7 @@ class Service:
         history = bundle.history.items(user_id) if bundle.history is not None else _NO_ITEMS
         if not recent:
             return history, []
-        dense, unknown = bundle.catalog.to_dense(recent)
+        dense, unknown = bundle.catalog.lookup(recent)
         return np.concatenate([history, dense]), unknown
 
     async def recommend(
@@ -372,7 +372,7 @@ def items_json(
     """'[{"item_id":..,"score":..},..]' built directly: json.dumps of a list of dicts was a
     tenth of the per-request CPU. Padding (id 0: fewer eligible items than k) is dropped."""
     keep = ids > 0
-    raws = bundle.catalog.to_raw(ids[keep])
+    raws = bundle.catalog.raw_strings(ids[keep])
     parts = [
         f'{{"item_id":{encode_basestring(raw)},"score":{round(score, 6)!r}}}'
         for raw, score in zip(raws, scores[keep].tolist(), strict=True)

@@ -32,7 +32,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.exceptions
 from redis.asyncio import ConnectionPool, Redis
@@ -41,6 +40,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from recloop.errors import ServingError
+from recloop.events.redis_url import redact_url
 from recloop.serve.state import (
     LOGGER_NAME,
     StateStore,
@@ -457,18 +457,6 @@ def describe(exc: BaseException) -> str:
     """``Type: message`` (some socket errors have an empty message)."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, for logs and status."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def escape_glob(text: str) -> str:

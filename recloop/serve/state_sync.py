@@ -36,7 +36,7 @@ from recloop.errors import ServingError
 from recloop.serve.state import MemoryStateStore, gc_paused
 
 if TYPE_CHECKING:
-    from recloop.online.events import EventLog
+    from recloop.events import EventLog
 
 log = logging.getLogger("recloop.serve.state")
 

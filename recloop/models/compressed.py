@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recloop.compress.codec import code_columns, dequantize_channels, dequantize_rows
 from recloop.data.sequences import PADDING_ID
 from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder
+from recloop.models.codec import code_columns, dequantize_channels, dequantize_rows
 from recloop.models.embeddings import ItemEmbedding
 from recloop.models.hstu import HSTU
 from recloop.models.sasrec import CausalSelfAttention, SASRec
@@ -198,7 +198,7 @@ class CompressedItemEmbedding(ItemEmbedding):
     ) -> CompressedItemEmbedding:
         """From a float table [num_items + 1, D]; `live` [num_items + 1] bool keeps only the
         rows of live items (row 0, padding, is never live)."""
-        from recloop.compress.codec import quantize_rows
+        from recloop.models.codec import quantize_rows
 
         num_items, dim = table.shape[0] - 1, table.shape[1]
         rows = table.detach().float().clone()  # [I + 1, D]
@@ -284,7 +284,7 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
-        from recloop.compress.codec import quantize_channels
+        from recloop.models.codec import quantize_channels
 
         module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         codes, scale = quantize_channels(linear.weight)

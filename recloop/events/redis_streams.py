@@ -25,7 +25,7 @@ off unless something else keeps the stream bounded.
 Two ways to consume, independent of each other:
 
 * by offset: ``read(after, limit)`` (XRANGE) and ``commit``/``committed``, as in the interface;
-  the exactly-once-per-published-version protocol of :mod:`recloop.online.events` uses these;
+  the exactly-once-per-published-version protocol of :mod:`recloop.events.base` uses these;
 * by consumer group, to share work between learners, at least once: ``read_group`` delivers
   each new entry to one consumer of the group, ``ack`` marks it done, and ``claim_stale`` hands
   entries a consumer left un-acked for too long (it died) to another one.
@@ -43,7 +43,7 @@ from redis import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from recloop.online.events import (
+from recloop.events.base import (
     Event,
     EventLog,
     EventLogError,
@@ -54,7 +54,7 @@ from recloop.online.events import (
     check_offset,
     validate_events,
 )
-from recloop.serve.state_redis import redact_url
+from recloop.events.redis_url import redact_url
 
 __all__ = [
     "DEFAULT_GROUP",

@@ -1,0 +1,1 @@
+"""Training: the training loop, losses, weight averaging, checkpoints and data parallelism."""
