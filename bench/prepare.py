@@ -33,7 +33,7 @@ def worker(args: argparse.Namespace) -> None:
 
     threads = configure_threads(args.threads)
     from recloop.data.prepare import FileSource, prepare_file
-    from recloop.data.readers import ColumnMap
+    from recloop.data.table_formats import ColumnMap
 
     columns = ColumnMap(user=args.user_col, item=args.item_col, timestamp=args.time_col)
     source = FileSource(Path(args.input), "parquet", columns)

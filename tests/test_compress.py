@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,27 +218,48 @@ def test_bad_requests_are_clear_errors_and_write_nothing(trained: dict[str, Any]
     registry: Registry = trained["registry"]
     before = versions(registry)
     v1, int8 = trained["v1"], trained["int8"].version
-    cases: list[tuple[str, CompressOptions, str]] = [
-        ("v000999", CompressOptions("int8"), "unknown version v000999"),
-        (v1, CompressOptions("fp16"), "--method 'fp16' is not one of"),
-        (int8, CompressOptions("int8"), "quantized already"),
-        (int8, CompressOptions("prune-magnitude", sparsity=0.5), "quantized already"),
-        (v1, CompressOptions("prune-structured", sparsity=0.0), "sparsity must be in (0, 1)"),
-        (v1, CompressOptions("prune-magnitude", sparsity=1.0), "sparsity must be in (0, 1)"),
-        (v1, CompressOptions("prune-magnitude", sparsity=-0.2), "sparsity must be in (0, 1)"),
-        (v1, CompressOptions("prune-magnitude"), "needs --sparsity"),
-        (v1, CompressOptions("int8", sparsity=0.5), "applies to pruning methods"),
-        (v1, CompressOptions("distill"), "needs a student"),
-        (v1, CompressOptions("distill", student={"type": "bert"}), "student model.type"),
-        (v1, CompressOptions("distill", student={"type": "sasrec", "dim": 0}), "dim=0"),
-        (v1, from_teacher({"type": "sasrec", "dim": 16}), "a student of the teacher's type"),
-        (v1, from_teacher({"type": "hstu", "dim": 8}), "no teacher counterpart"),
-        (v1, CompressOptions("int8", train={"item_attributes": True}), "folded into its item"),
+    # Factories: a CompressOptions with a bad field is refused when it is built.
+    cases: list[tuple[str, Callable[[], CompressOptions], str]] = [
+        ("v000999", lambda: CompressOptions("int8"), "unknown version v000999"),
+        (v1, lambda: CompressOptions("fp16"), "--method 'fp16' is not one of"),
+        (int8, lambda: CompressOptions("int8"), "quantized already"),
+        (int8, lambda: CompressOptions("prune-magnitude", sparsity=0.5), "quantized already"),
+        (
+            v1,
+            lambda: CompressOptions("prune-structured", sparsity=0.0),
+            "sparsity must be in (0, 1)",
+        ),
+        (
+            v1,
+            lambda: CompressOptions("prune-magnitude", sparsity=1.0),
+            "sparsity must be in (0, 1)",
+        ),
+        (
+            v1,
+            lambda: CompressOptions("prune-magnitude", sparsity=-0.2),
+            "sparsity must be in (0, 1)",
+        ),
+        (v1, lambda: CompressOptions("prune-magnitude"), "needs --sparsity"),
+        (v1, lambda: CompressOptions("int8", sparsity=0.5), "applies to pruning methods"),
+        (v1, lambda: CompressOptions("distill"), "needs a student"),
+        (v1, lambda: CompressOptions("distill", student={"type": "bert"}), "student model.type"),
+        (v1, lambda: CompressOptions("distill", student={"type": "sasrec", "dim": 0}), "dim=0"),
+        (
+            v1,
+            lambda: from_teacher({"type": "sasrec", "dim": 16}),
+            "a student of the teacher's type",
+        ),
+        (v1, lambda: from_teacher({"type": "hstu", "dim": 8}), "no teacher counterpart"),
+        (
+            v1,
+            lambda: CompressOptions("int8", train={"item_attributes": True}),
+            "folded into its item",
+        ),
     ]
     for ref, options, message in cases:
         with pytest.raises((ConfigError, RegistryError), match=None) as caught:
-            compress_version(registry, ref, options)
-        assert message in str(caught.value), (options, str(caught.value))
+            compress_version(registry, ref, options())
+        assert message in str(caught.value), (message, str(caught.value))
     assert versions(registry) == before
     assert not [p for p in registry.root.iterdir() if p.name.startswith(".tmp-")]
     done = subprocess.run(

@@ -9,7 +9,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recloop.data.readers import ColumnMap, parquet_rows, read_chunks
+from recloop.data.readers import read_chunks
+from recloop.data.table_formats import ColumnMap, parquet_rows
 from recloop.errors import DatasetError
 
 

@@ -76,6 +76,35 @@ class CompressOptions:
     show_progress: bool = True
     command: str | None = None
 
+    def __post_init__(self) -> None:
+        # The messages name the `recloop compress` options and config tables, as they always did.
+        method = self.method
+        if method not in METHODS:
+            raise ConfigError(f"--method {method!r} is not one of: {', '.join(METHODS)}")
+        if method in PRUNING:
+            if self.sparsity is None:
+                raise ConfigError(f"--method {method} needs --sparsity, a fraction in (0, 1)")
+            check_sparsity(self.sparsity)
+        elif self.sparsity is not None:
+            raise ConfigError(f"--sparsity applies to pruning methods, not to {method}")
+        if self.dense_bits not in (8, 32):
+            raise ConfigError(f"--dense-bits must be 8 or 32, got {self.dense_bits}")
+        if not isinstance(self.train, dict):
+            raise ConfigError(f"[train] must be a table, got {self.train!r}")
+        if self.student is not None and not isinstance(self.student, dict):
+            raise ConfigError(f"[model] (student) must be a table, got {self.student!r}")
+        if method == "distill" and not self.student:
+            raise ConfigError("--method distill needs a student: a [model] table in --config")
+        if method != "distill" and self.student:
+            raise ConfigError(
+                f"a [model] (student) table applies to --method distill, not {method}"
+            )
+        if not isinstance(self.distill, DistillConfig):
+            raise ConfigError(f"[distill] must be a DistillConfig, got {self.distill!r}")
+        for name in ("prune_dead_items", "evaluate", "show_progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
 
 @dataclass
 class CompressResult:

@@ -42,7 +42,9 @@ from recloop.data.attributes import (
     attribute_index,
     read_item_attributes,
 )
-from recloop.data.readers import ColumnMap, ProgressCallback, read_chunks
+from recloop.data.readers import read_chunks
+from recloop.data.table_formats import ColumnMap
+from recloop.data.text_blocks import ProgressCallback
 from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError, DatasetError
 
@@ -140,30 +142,18 @@ def prepare(
     np.cumsum(lengths, out=offsets[1:])
 
     def fill(tmp: Path) -> dict[str, Any]:
-        files: dict[str, np.ndarray] = {
-            "offsets.npy": offsets,
-            "items.npy": events["iid"].to_numpy().astype(np.int32, copy=False),
-            "timestamps.npy": events["timestamp"].to_numpy().astype(np.int64, copy=False),
-        }
-        if "value" in events.columns:
-            files["values.npy"] = events["value"].to_numpy().astype(np.float32)
-        for name, array in files.items():
-            np.save(tmp / name, np.ascontiguousarray(array))
+        event_types = _write_arrays(tmp, events, offsets)
         _write_vocab(events["user"], 0, tmp / "users.parquet")
         item_raw_ids = _write_vocab(events["item"], 1, tmp / "items.parquet")
         attribute_summary = None
         if attributes is not None:
             attribute_summary = _write_attributes(attributes, item_raw_ids, tmp)
-        if "event" in events.columns:
-            types = sorted(events["event"].unique().to_list())
-            codes = events["event"].replace_strict(types, list(range(len(types))))
-            np.save(tmp / "events.npy", codes.to_numpy().astype(np.int16))
         manifest = _manifest(
             source, options, report, has_time, events, lengths, num_users, num_items, tmp
         )
         manifest["prepare_seconds"] = round(time.perf_counter() - started, 3)
-        if "event" in events.columns:
-            manifest["event_types"] = types
+        if event_types is not None:
+            manifest["event_types"] = event_types
         if attribute_summary is not None:
             manifest["item_attributes"] = {"source": str(item_attributes), **attribute_summary}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -174,6 +164,26 @@ def prepare(
         for message in report.notices:
             notice(message)
     return manifest
+
+
+def _write_arrays(tmp: Path, events: pl.DataFrame, offsets: np.ndarray) -> list[str] | None:
+    """The CSR arrays (offsets, items, timestamps, values) and the event-type codes; returns
+    the event types in code order (None: the log has no event column)."""
+    files: dict[str, np.ndarray] = {
+        "offsets.npy": offsets,
+        "items.npy": events["iid"].to_numpy().astype(np.int32, copy=False),
+        "timestamps.npy": events["timestamp"].to_numpy().astype(np.int64, copy=False),
+    }
+    if "value" in events.columns:
+        files["values.npy"] = events["value"].to_numpy().astype(np.float32)
+    for name, array in files.items():
+        np.save(tmp / name, np.ascontiguousarray(array))
+    if "event" not in events.columns:
+        return None
+    types = sorted(events["event"].unique().to_list())
+    codes = events["event"].replace_strict(types, list(range(len(types))))
+    np.save(tmp / "events.npy", codes.to_numpy().astype(np.int16))
+    return types
 
 
 def with_source_order(chunks: Iterable[pl.DataFrame]) -> Iterator[pl.DataFrame]:

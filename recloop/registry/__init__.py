@@ -11,6 +11,7 @@ compression publishes compressed versions. One file per idea:
     publish.py    the one publish path of trainer, learner and compressor
     loading.py    version -> module
     table.py      the rich version table of ``recloop models list``
+    files.py      file I/O of a version directory: checksums, durable writes, weights
 """
 
 from recloop.registry.deltas import RowUpdate

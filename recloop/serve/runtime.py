@@ -87,6 +87,32 @@ class LoadOptions:
     data: Path | None = None  # prepared dataset for known users' history; None = the version's
     cache_dir: Path | None = None  # exported ONNX files, keyed by weights and config
 
+    def __post_init__(self) -> None:
+        from recloop.errors import ConfigError
+
+        # The first two messages name the `recloop serve` options, as the command always did.
+        if self.engine not in ("onnx", "torch", "torch-compiled"):
+            raise ConfigError(
+                f"--engine must be onnx, torch or torch-compiled, got {self.engine!r}"
+            )
+        if self.index not in ("exact", "exact-int8", "ivf"):
+            raise ConfigError(f"--index must be exact, exact-int8 or ivf, got {self.index!r}")
+        for name in ("shards", "max_batch", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {value!r}"
+                )
+        if not isinstance(self.remote_shards, bool):
+            raise ConfigError(f"remote_shards must be true or false, got {self.remote_shards!r}")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"device (--device) must be cpu or cuda[:N], got {self.device!r}")
+        recall, drift = self.min_recall, self.rebuild_drift
+        if isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall <= 1:
+            raise ConfigError(f"min_recall (--min-recall) must be in (0, 1], got {recall!r}")
+        if isinstance(drift, bool) or not isinstance(drift, int | float) or not drift >= 0:
+            raise ConfigError(f"rebuild_drift must be a fraction >= 0, got {drift!r}")
+
 
 @dataclass
 class ModelBundle:

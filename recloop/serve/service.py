@@ -85,6 +85,9 @@ class ServiceConfig:
     protected: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
+        def number(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
         unknown = sorted(set(self.protected) - PROTECTABLE)
         if unknown:
             raise ConfigError(
@@ -96,14 +99,34 @@ class ServiceConfig:
                 f"protected: {', '.join(sorted(self.protected))} need an API key, but none is "
                 f"set (RECLOOP_API_KEY)"
             )
+        if not isinstance(self.load, LoadOptions):
+            raise ConfigError(f"load must be LoadOptions, got {type(self.load).__name__}")
+        if not isinstance(self.ref, str) or not self.ref:
+            raise ConfigError(f"ref (--version) must be a version reference, got {self.ref!r}")
+        for name in ("state_url", "event_log", "api_key"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{name} must be a non-empty string or unset, got {value!r}")
+        if not isinstance(self.cache, bool):
+            raise ConfigError(f"cache must be true or false, got {self.cache!r}")
+        # --follow keeps the message `recloop serve` always gave.
+        if self.follow_seconds is not None and not (
+            number(self.follow_seconds) and self.follow_seconds > 0
+        ):
+            raise ConfigError(f"--follow must be > 0 seconds, got {self.follow_seconds}")
         for name in ("snapshot_seconds", "tail_seconds", "cache_ttl"):
             value = getattr(self, name)
-            if not value > 0:
+            if not (number(value) and value > 0):
                 raise ConfigError(f"{name} must be > 0 seconds, got {value!r}")
+        if not (number(self.swap_grace_seconds) and self.swap_grace_seconds >= 0):
+            raise ConfigError(f"swap_grace_seconds must be >= 0, got {self.swap_grace_seconds!r}")
         for name in ("max_batch", "max_queue", "max_body_bytes", "state_max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        wait = self.max_wait_us
+        if isinstance(wait, bool) or not isinstance(wait, int) or wait < 0:
+            raise ConfigError(f"max_wait_us must be an integer >= 0, got {wait!r}")
 
     def batching(self) -> tuple[int, float]:
         return self.max_batch, self.max_wait_us / 1e6

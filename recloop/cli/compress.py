@@ -1,71 +1,84 @@
-"""`recloop compress` and `recloop export` (registered on the main app by recloop.cli).
-
-Heavy libraries are imported inside the commands, as in recloop.cli.
-"""
+"""`recloop compress` and `recloop export`: a registry version in, a compressed version (or
+exported encoder files) out."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
-from rich.console import Console
 
+from recloop.cli.common import RegistryOption, VersionOption, command_line, stdout
 from recloop.errors import ConfigError
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
+if TYPE_CHECKING:
+    from recloop.compress.distill import DistillConfig
+    from recloop.compress.export import ExportReport
+    from recloop.compress.pipeline import CompressResult
 
 CONFIG_SECTIONS = ("model", "train", "distill", "meta")
-RegistryOption = Annotated[Path, typer.Option("--registry", help="Model registry directory.")]
-VersionOption = Annotated[str, typer.Option(help="Version id, latest or production.")]
+
+MethodOption = Annotated[
+    str, typer.Option(help="int8, int4, prune-magnitude, prune-structured or distill.")
+]
+SparsityOption = Annotated[
+    float | None, typer.Option(help="Pruning: fraction of dense weights removed, in (0, 1).")
+]
+CompressDataOption = Annotated[
+    Path | None, typer.Option(help="Dataset (default: the version's own, if present).")
+]
+CompressConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="TOML: [model] (the student, for distill; a training config fits), [train], [distill]."
+    ),
+]
+DenseBitsOption = Annotated[
+    int, typer.Option(help="int8/int4: Linear weights int8 (8) or left float (32).")
+]
+KeepDeadItemsOption = Annotated[
+    bool, typer.Option(help="prune-structured: keep table rows of never-trained items.")
+]
+MaxMinutesOption = Annotated[
+    float | None, typer.Option(help="Fine-tune / distillation wall-clock budget.")
+]
+EvaluateOption = Annotated[
+    bool, typer.Option(help="Record valid/test full-ranking metrics (needs the dataset).")
+]
+OverridesArgument = Annotated[
+    list[str] | None,
+    typer.Argument(help="section.key=value overrides, e.g. distill.alpha=0.7"),
+]
+# The metrics `recloop compress` prints, when the method produced them.
+SHOWN_METRICS = (
+    "test/NDCG@10",
+    "test/HR@10",
+    "compression/size_ratio",
+    "compression/relative_test_NDCG@10",
+    "compression/dense_sparsity",
+    "parity/top10_overlap",
+    "parity/max_score_error",
+)
 
 
 def compress_command(
     registry: RegistryOption,
-    method: Annotated[
-        str,
-        typer.Option(help="int8, int4, prune-magnitude, prune-structured or distill."),
-    ],
+    method: MethodOption,
     version: VersionOption = "latest",
-    sparsity: Annotated[
-        float | None, typer.Option(help="Pruning: fraction of dense weights removed, in (0, 1).")
-    ] = None,
-    data: Annotated[
-        Path | None, typer.Option(help="Dataset (default: the version's own, if present).")
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            help="TOML: [model] (the student, for distill; a training config fits), [train], "
-            "[distill]."
-        ),
-    ] = None,
-    dense_bits: Annotated[
-        int, typer.Option(help="int8/int4: Linear weights int8 (8) or left float (32).")
-    ] = 8,
-    keep_dead_items: Annotated[
-        bool, typer.Option(help="prune-structured: keep table rows of never-trained items.")
-    ] = False,
-    max_minutes: Annotated[
-        float | None, typer.Option(help="Fine-tune / distillation wall-clock budget.")
-    ] = None,
-    evaluate: Annotated[
-        bool, typer.Option(help="Record valid/test full-ranking metrics (needs the dataset).")
-    ] = True,
+    sparsity: SparsityOption = None,
+    data: CompressDataOption = None,
+    config: CompressConfigOption = None,
+    dense_bits: DenseBitsOption = 8,
+    keep_dead_items: KeepDeadItemsOption = False,
+    max_minutes: MaxMinutesOption = None,
+    evaluate: EvaluateOption = True,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Argument(help="section.key=value overrides, e.g. distill.alpha=0.7"),
-    ] = None,
+    overrides: OverridesArgument = None,
 ) -> None:
     """Compress a registry version and publish the result as a new version (prints its id)."""
     import torch
 
-    from recloop.compress.distill import DistillConfig
     from recloop.compress.pipeline import CompressOptions, compress_version
-    from recloop.config import TrainConfig, build_section
     from recloop.registry import Registry
 
     if threads is not None:
@@ -75,35 +88,48 @@ def compress_command(
     extra = list(overrides or [])
     if max_minutes is not None:
         extra.append(f"train.max_minutes={max_minutes}")
-    raw = read_config(config, extra)
-    source = str(config) if config is not None else "<command line>"
-    train_values = dict(raw.get("train", {}))
-    checked = build_section(TrainConfig, train_values, "train", source)
-    distill = build_section(DistillConfig, dict(raw.get("distill", {})), "distill", source)
+    tables = _config_tables(config, extra)
     options = CompressOptions(
         method=method,
         sparsity=sparsity,
         dense_bits=dense_bits,
         data=data,
-        train={key: getattr(checked, key) for key in train_values},
-        student=dict(raw["model"]) if "model" in raw else None,
-        distill=distill,
+        train=tables.train,
+        student=tables.student,
+        distill=tables.distill,
         prune_dead_items=not keep_dead_items,
         evaluate=evaluate,
-        command="recloop " + " ".join(sys.argv[1:]),
+        command=command_line(),
     )
     result = compress_version(Registry(registry, create=False), version, options)
-    metrics = result.metrics
-    shown = (
-        "test/NDCG@10",
-        "test/HR@10",
-        "compression/size_ratio",
-        "compression/relative_test_NDCG@10",
-        "compression/dense_sparsity",
-        "parity/top10_overlap",
-        "parity/max_score_error",
+    _print_compressed(result)
+
+
+class _ConfigTables(NamedTuple):
+    student: dict[str, Any] | None  # [model], for distill
+    train: dict[str, Any]  # only the keys given: each method keeps its own defaults for the rest
+    distill: DistillConfig
+
+
+def _config_tables(path: Path | None, overrides: list[str]) -> _ConfigTables:
+    """The --config file's tables with the overrides applied, [train] and [distill] checked."""
+    from recloop.compress.distill import DistillConfig
+    from recloop.config import TrainConfig, build_section
+
+    raw = read_config(path, overrides)
+    source = str(path) if path is not None else "<command line>"
+    train_values = dict(raw.get("train", {}))
+    train = build_section(TrainConfig, train_values, "train", source)
+    return _ConfigTables(
+        student=dict(raw["model"]) if "model" in raw else None,
+        train={key: getattr(train, key) for key in train_values},
+        distill=build_section(DistillConfig, dict(raw.get("distill", {})), "distill", source),
     )
-    summary = "  ".join(f"{key} {metrics[key]:.4g}" for key in shown if key in metrics)
+
+
+def _print_compressed(result: CompressResult) -> None:
+    metrics = result.metrics
+    summary = "  ".join(f"{key} {metrics[key]:.4g}" for key in SHOWN_METRICS if key in metrics)
     stdout.print(
         f"{result.method} of {result.parent} published as {result.version}: {summary}",
         highlight=False,
@@ -151,6 +177,10 @@ def export_command(
     report = export_encoder(
         model, out, histories, quantize_dense=quantize_dense, torchscript=torchscript
     )
+    _print_export(report)
+
+
+def _print_export(report: ExportReport) -> None:
     parity = report.onnx_parity
     stdout.print(
         f"{report.onnx} ({report.onnx_bytes:,} bytes): max query error "
@@ -196,9 +226,5 @@ def read_config(path: Path | None, overrides: list[str]) -> dict[str, Any]:
 
 
 def register(app: typer.Typer) -> None:
-    """Adds `compress` and `export` to the recloop command."""
     app.command("compress")(compress_command)
     app.command("export")(export_command)
-
-
-__all__ = ["compress_command", "export_command", "read_config", "register"]

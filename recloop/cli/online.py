@@ -1,0 +1,129 @@
+"""`recloop ingest` and `recloop online`: events into the durable log, and the learner that
+turns them into delta versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from recloop.cli.common import RegistryOption, stderr, stdout
+from recloop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from recloop.online.learner import RunSummary
+
+EventLogOption = Annotated[str, typer.Option(help="The event log: a path (SQLite) or redis://...")]
+FromOption = Annotated[
+    str, typer.Option("--from", help="Version to fine-tune (resumes this learner's own).")
+]
+OnlineConfigOption = Annotated[
+    Path | None, typer.Option(help="TOML file with an [online] section.")
+]
+OnlineRunDirOption = Annotated[
+    Path, typer.Option(help="Learner state, prequential.csv and its plot.")
+]
+HistoryDataOption = Annotated[
+    Path | None, typer.Option(help="Dataset for history and replay (default: the model's).")
+]
+AttributesOption = Annotated[
+    Path | None, typer.Option(help="JSON item -> attribute list, to initialise new items.")
+]
+FollowOption = Annotated[bool, typer.Option(help="Keep consuming new events until stopped.")]
+MaxEventsOption = Annotated[int | None, typer.Option(help="Stop after this many events.")]
+OverridesArgument = Annotated[list[str] | None, typer.Argument(help="online.key=value overrides.")]
+
+
+def ingest_command(
+    file: Annotated[Path, typer.Argument(help="Events: JSON lines or CSV with a header.")],
+    event_log: EventLogOption = "events.sqlite",
+    batch_size: Annotated[int, typer.Option(help="Events per durable append.")] = 10_000,
+) -> None:
+    """Append a file of events (user_id, item_id[, timestamp, event_type, value]) to the log."""
+    from recloop.events import open_event_log, read_events_file
+
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such events file")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    appended, first, last = 0, None, None
+    with open_event_log(event_log) as log:
+        # Batch by batch: a bad line stops the run with file:line, and the batches before it
+        # stay appended (their ids were printed as they were made durable).
+        for batch in read_events_file(file, batch_size=batch_size):
+            ids = log.append(batch)
+            appended += len(ids)
+            first = first or ids[0]
+            last = ids[-1]
+            stderr.print(f"appended {appended:,} events (last id {last})", highlight=False)
+        total = log.count()
+    stdout.print(
+        f"{appended:,} events from {file} appended to {event_log} (ids {first}..{last}); "
+        f"the log holds {total:,}",
+        highlight=False,
+    )
+
+
+def online_command(
+    registry: RegistryOption,
+    event_log: EventLogOption = "events.sqlite",
+    start: FromOption = "latest",
+    config: OnlineConfigOption = None,
+    run_dir: OnlineRunDirOption = Path("runs/online"),
+    data: HistoryDataOption = None,
+    attributes: AttributesOption = None,
+    follow: FollowOption = False,
+    max_events: MaxEventsOption = None,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Fine-tune the model on new events and publish delta versions (test-then-train)."""
+    import logging
+
+    import torch
+
+    from recloop.events import open_event_log
+    from recloop.online.learner import OnlineLearner, load_online_config
+    from recloop.registry import Registry
+
+    if max_events is not None and max_events < 1:
+        raise ConfigError(f"--max-events must be >= 1, got {max_events}")
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_online_config(config, overrides or [])
+    with open_event_log(event_log) as log:
+        learner = OnlineLearner(
+            Registry(registry, create=False),
+            log,
+            settings,
+            run_dir,
+            start=start,
+            data=data,
+            attributes=attributes,
+        )
+        stderr.print(
+            f"learning from {event_log} after offset {learner.offset} on {learner.version}",
+            highlight=False,
+        )
+        summary = learner.run(follow=follow, max_events=max_events, show_progress=True)
+    _print_summary(summary, run_dir)
+
+
+def _print_summary(summary: RunSummary, run_dir: Path) -> None:
+    totals = summary.totals
+    stdout.print(
+        f"{summary.events:,} events in {summary.seconds:.1f}s, offset {summary.offset}, "
+        f"{len(summary.published)} version(s) published, newest {summary.version}; "
+        f"{summary.admitted} new item(s); prequential HR@10 online "
+        f"{totals['online_HR@10']:.4f} vs frozen {totals['frozen_HR@10']:.4f} "
+        f"over {totals['scored']:,} events (plot: {run_dir / 'prequential.png'})",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ingest")(ingest_command)
+    app.command("online")(online_command)

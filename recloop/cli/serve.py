@@ -1,0 +1,162 @@
+"""`recloop serve`: a registry version behind the HTTP API (the options map onto the fields of
+`recloop.serve.service.ServiceConfig` and `recloop.serve.runtime.LoadOptions`, which check them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from recloop.cli.common import RegistryOption, stderr
+from recloop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from recloop.serve.service import ServiceConfig
+
+ServeVersionOption = Annotated[
+    str, typer.Option(help="Version to serve: id, latest, production or auto.")
+]
+HostOption = Annotated[str, typer.Option(help="Bind address (loopback by default).")]
+RedisUrlOption = Annotated[
+    str | None,
+    typer.Option(help="redis://... for shared state and cache (default: in-process)."),
+]
+DataOption = Annotated[
+    Path | None, typer.Option(help="Dataset for users' history (default: the version's).")
+]
+EngineOption = Annotated[str, typer.Option(help="onnx, torch or torch-compiled.")]
+IndexOption = Annotated[str, typer.Option(help="exact, exact-int8 or ivf.")]
+RemoteShardsOption = Annotated[bool, typer.Option(help="Run each shard in its own process.")]
+MinRecallOption = Annotated[float, typer.Option(help="ivf: recall@10 vs exact to reach.")]
+MaxBatchOption = Annotated[int, typer.Option(help="Requests per micro-batch (1 = off).")]
+MaxWaitOption = Annotated[int, typer.Option(help="Wait for more requests (microseconds).")]
+MaxQueueOption = Annotated[int, typer.Option(help="Queued requests before 503.")]
+CacheTtlOption = Annotated[float, typer.Option(help="Result cache TTL (seconds).")]
+StateSnapshotOption = Annotated[
+    Path | None, typer.Option(help="In-process state: snapshot file (load/save).")
+]
+FollowOption = Annotated[
+    float | None, typer.Option(help="Poll the registry every N s and hot-swap.")
+]
+DeviceOption = Annotated[str, typer.Option(help="cpu or cuda (torch engines).")]
+CacheDirOption = Annotated[
+    Path | None, typer.Option(help="Keep exported ONNX files here between starts.")
+]
+MaxBodyOption = Annotated[int, typer.Option(help="Largest request body.")]
+EventLogOption = Annotated[
+    str | None,
+    typer.Option(help="Durable log of POST /v1/events: a path (SQLite) or redis://..."),
+]
+SnapshotEveryOption = Annotated[
+    float, typer.Option(help="In-process state: write the snapshot every N s (if changed).")
+]
+ProtectOption = Annotated[
+    str,
+    typer.Option(help="Read-only endpoints that need the API key too: docs,metrics,model."),
+]
+
+
+def serve_command(
+    ctx: typer.Context,
+    registry: RegistryOption,
+    version: ServeVersionOption = "auto",
+    host: HostOption = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    redis_url: RedisUrlOption = None,
+    data: DataOption = None,
+    engine: EngineOption = "onnx",
+    index: IndexOption = "exact",
+    shards: Annotated[int, typer.Option(help="Item index shards.")] = 1,
+    remote_shards: RemoteShardsOption = False,
+    min_recall: MinRecallOption = 0.95,
+    max_batch: MaxBatchOption = 32,
+    max_wait_us: MaxWaitOption = 500,
+    max_queue: MaxQueueOption = 1024,
+    cache: Annotated[bool, typer.Option(help="Result cache per user.")] = True,
+    cache_ttl: CacheTtlOption = 60.0,
+    state_snapshot: StateSnapshotOption = None,
+    follow: FollowOption = None,
+    threads: Annotated[int, typer.Option(help="Inference threads.")] = 1,
+    device: DeviceOption = "cpu",
+    cache_dir: CacheDirOption = None,
+    max_body_bytes: MaxBodyOption = 1 << 20,
+    event_log: EventLogOption = None,
+    snapshot_every: SnapshotEveryOption = 30.0,
+    protect: ProtectOption = "",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """Serve recommendations over HTTP (API key for writes: env RECLOOP_API_KEY)."""
+    _limit_native_threads(threads)
+    config = _service_config(ctx.params)  # the options by name; the config types check them
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    _run(config, host, port, log_level)
+
+
+def _limit_native_threads(threads: int) -> None:
+    """Before numpy/faiss/torch load: their BLAS and OpenMP pools default to one thread per
+    core and spin while idle, which on 2 cores takes a whole core from the event loop. The
+    service computes on one inference thread (--threads), so the pools get that many."""
+    import os
+
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, str(threads))
+
+
+def _service_config(options: dict[str, Any]) -> ServiceConfig:
+    """The `recloop serve` options as the service's typed config (which validates them)."""
+    import os
+
+    from recloop.serve.runtime import LoadOptions
+    from recloop.serve.service import ServiceConfig
+
+    load = LoadOptions(
+        engine=options["engine"],
+        index=options["index"],
+        shards=options["shards"],
+        remote_shards=options["remote_shards"],
+        max_batch=max(options["max_batch"], 1),
+        threads=options["threads"],
+        device=options["device"],
+        min_recall=options["min_recall"],
+        data=options["data"],
+        cache_dir=options["cache_dir"],
+    )
+    protect: str = options["protect"]
+    return ServiceConfig(
+        registry=options["registry"],
+        ref=options["version"],
+        load=load,
+        state_url=options["redis_url"],
+        state_snapshot=options["state_snapshot"],
+        cache=options["cache"],
+        cache_ttl=options["cache_ttl"],
+        max_batch=options["max_batch"],
+        max_wait_us=options["max_wait_us"],
+        max_queue=options["max_queue"],
+        api_key=os.environ.get("RECLOOP_API_KEY") or None,
+        max_body_bytes=options["max_body_bytes"],
+        follow_seconds=options["follow"],
+        event_log=options["event_log"],
+        snapshot_seconds=options["snapshot_every"],
+        protected=frozenset(name.strip() for name in protect.split(",") if name.strip()),
+    )
+
+
+def _run(config: ServiceConfig, host: str, port: int, log_level: str) -> None:
+    import logging
+
+    from recloop.serve.server import run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def announce(version: str) -> None:
+        stderr.print(f"recloop serve: {version} at http://{host}:{port} (API docs at /docs)")
+
+    # The version is loaded (and verified) before the port is bound: a broken one is an error.
+    run_server(config, host=host, port=port, log_level=log_level, on_loaded=announce)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)
