@@ -29,8 +29,8 @@ import recloop.serve.holder as holder_module
 from recloop.data.vocabulary import Vocabulary
 from recloop.errors import DatasetError, EngineParityError, ServingError
 from recloop.models.factory import build_model, config_to_dict
-from recloop.models.io import load_model
 from recloop.registry import Registry, RowUpdate
+from recloop.registry.loading import load_model
 from recloop.serve.app import ServiceConfig
 from recloop.serve.bundle import LoadOptions, ModelBundle, load_bundle
 from recloop.serve.delta import NotApplicable, patch_state
@@ -95,7 +95,7 @@ def publish_delta(
     """A delta like the learner's: `changed` existing rows moved, `new` items appended (rows
     with a large norm, so each is the top answer for its own direction), maybe dense tensors
     replaced, and new item counts."""
-    items = int(registry.manifest(parent)["model"]["num_items"])
+    items = int(registry.manifest(parent).to_json()["model"]["num_items"])
     g = torch.Generator().manual_seed(seed)
     rows = 1 + torch.randperm(items, generator=g)[:changed]
     values = 0.05 * torch.randn(changed, DIM, generator=g)

@@ -1,6 +1,6 @@
 """Export of the user encoder: ONNX (+ int8 dense layers through ONNX Runtime), TorchScript.
 
-The ONNX file is the one serving runs: :func:`recloop.serve.engine.export_onnx` (dynamo
+The ONNX file is the one serving runs: :func:`recloop.serve.engines.export.export_onnx` (dynamo
 exporter, dynamic batch and sequence length, ``prepare_query(encode(ids))``) is called as is.
 Each file is checked against the torch model on real or random histories of assorted lengths
 and batch sizes, and the report says by how much it differs (query error, score error, top-10
@@ -225,7 +225,7 @@ def float_dense(model: SequentialEncoder) -> SequentialEncoder:
 
 
 def export_onnx_file(model: SequentialEncoder, path: Path) -> Path:
-    """The serving export (recloop.serve.engine.export_onnx) of `model` to `path`."""
+    """The serving export (recloop.serve.engines.export.export_onnx) of `model` to `path`."""
     from recloop.serve.engines.export import export_onnx
 
     return export_onnx(model.eval(), path)

@@ -46,12 +46,12 @@ from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder
 from recloop.models.compressed import CompressionSpec, count_dense_parameters
 from recloop.models.factory import MODEL_TYPES, config_to_dict
-from recloop.models.io import check_vocabulary, load_model
-from recloop.registry import WEIGHTS, Registry
+from recloop.registry import WEIGHTS, Manifest, Registry, publish_version
+from recloop.registry.loading import check_vocabulary, load_model
+from recloop.registry.publish import inherited_side_files
 
 METHODS = ("int8", "int4", "prune-magnitude", "prune-structured", "distill")
 PRUNING = ("prune-magnitude", "prune-structured")
-ITEM_COUNTS_FILE = "item_counts.npy"
 # A fine-tune after pruning is short: a few epochs from the pruned weights, smaller steps.
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "lr": 5e-4,
@@ -194,25 +194,25 @@ def compress_version(registry: Registry, ref: str, options: CompressOptions) -> 
             metrics.update({f"{name}/{k}": v for k, v in values.items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in compressed.state_dict().items()}
     weights_bytes = len(safetensors_bytes(tensors, metadata={"format": "pt"}))
-    parent_bytes = int(manifest["files"][WEIGHTS]["bytes"])
+    parent_bytes = manifest.files[WEIGHTS].bytes
     metrics["compression/weights_bytes"] = float(weights_bytes)
     metrics["compression/parent_weights_bytes"] = float(parent_bytes)
     metrics["compression/size_ratio"] = weights_bytes / parent_bytes
-    parent_ndcg = (manifest.get("metrics") or {}).get("test/NDCG@10")
+    parent_ndcg = manifest.metrics.get("test/NDCG@10")
     if isinstance(parent_ndcg, int | float) and parent_ndcg > 0 and "test/NDCG@10" in metrics:
         metrics["compression/relative_test_NDCG@10"] = metrics["test/NDCG@10"] / parent_ndcg
     training["command"] = options.command or " ".join(sys.argv)
 
-    version = registry.publish(
+    version = publish_version(
+        registry,
         tensors,
         model=config_to_dict(compressed),
-        dataset=manifest.get("dataset"),
+        dataset=manifest.dataset,
         metrics=metrics,
         parent=parent_id,
         method=method,
         training=training,
-        extra_files=_inherited_files(registry, parent_id, manifest),
-        vocabulary_file=(manifest.get("vocabulary") or {}).get("file"),
+        side=inherited_side_files(registry, parent_id, manifest),
     )
     return CompressResult(version, parent_id, method, metrics, compressed, result_fit)
 
@@ -223,7 +223,7 @@ def compress_version(registry: Registry, ref: str, options: CompressOptions) -> 
 @dataclass
 class _Plan:
     parent: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     dataset: SequenceDataset | None
     train: TrainConfig
 
@@ -248,7 +248,7 @@ def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
 
     parent = registry.resolve(ref)
     manifest = registry.manifest(parent)
-    model_json = manifest.get("model") or {}
+    model_json = manifest.model
     model_type = model_json.get("type")
     if model_type not in MODEL_TYPES:
         raise ConfigError(
@@ -260,8 +260,8 @@ def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
         raise ConfigError(
             f"--method {method} does not apply to version {parent}: it is quantized already "
             f"(embedding {spec.embedding_bits} bits, dense {spec.linear_bits} bits, "
-            f"method {manifest.get('method')!r}); compress its float parent "
-            f"{manifest.get('parent')} instead"
+            f"method {manifest.method!r}); compress its float parent "
+            f"{manifest.parent} instead"
         )
 
     needs_data = method in PRUNING or method == "distill"
@@ -303,14 +303,14 @@ def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
 def open_dataset(
     registry: Registry,
     parent: str,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     data: Path | None,
     *,
     required: bool,
 ) -> SequenceDataset | None:
     """The dataset given, else the version's own if its directory still exists."""
     if data is None:
-        recorded = (manifest.get("dataset") or {}).get("path")
+        recorded = (manifest.dataset or {}).get("path")
         if recorded and Path(recorded, "manifest.json").is_file():
             data = Path(recorded)
     if data is None:
@@ -322,17 +322,6 @@ def open_dataset(
     dataset = SequenceDataset(Path(data))
     check_vocabulary(registry, parent, dataset.manifest["files"]["items.parquet"]["sha256"])
     return dataset
-
-
-def _inherited_files(
-    registry: Registry, parent: str, manifest: dict[str, Any]
-) -> dict[str, Path | bytes]:
-    files: dict[str, Path | bytes] = {}
-    vocabulary = (manifest.get("vocabulary") or {}).get("file")
-    for name in (vocabulary, ITEM_COUNTS_FILE):
-        if name and name in manifest["files"]:
-            files[name] = registry.file(parent, name)
-    return files
 
 
 def _checked(dataset: SequenceDataset | None) -> SequenceDataset:

@@ -26,7 +26,6 @@ the uninterrupted run would have taken.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -58,7 +57,6 @@ from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError, RegistryError
 from recloop.events import EventLog, LoggedEvent, resume_offset
 from recloop.models.factory import config_to_dict
-from recloop.models.io import load_model
 from recloop.online.items import ItemAttributes, PendingItems, initial_row
 from recloop.online.optim import LazyAdam, grow_rows
 from recloop.online.prequential import (
@@ -67,7 +65,10 @@ from recloop.online.prequential import (
     rank_targets,
     totals_from_ranks,
 )
-from recloop.registry import Registry, RowUpdate
+from recloop.registry import Delta, Manifest, Registry, RowUpdate, SideFiles, publish_version
+from recloop.registry.deltas import diff_state
+from recloop.registry.loading import load_model
+from recloop.registry.sidefiles import read_item_counts, vocabulary_path
 from recloop.train.checkpoint import flatten_optimizer, restore_optimizer, restore_rng, rng_state
 from recloop.train.losses import next_item_loss
 
@@ -79,8 +80,6 @@ CRASH_ENV = "RECLOOP_ONLINE_CRASH_AT"
 _crash_counts: dict[str, int] = {}
 
 TABLE = "item_embedding.weight"
-ITEM_COUNTS_FILE = "item_counts.npy"
-VOCABULARY_FILE = "items.parquet"
 PLOT_EVERY_SECONDS = 60.0  # RUN/prequential.png is redrawn at most this often, and at the end
 TOKENS_PER_CHUNK = 8192  # padded positions per forward pass of a training step
 CONTEXT_ITEMS = 10  # a user's most recent items taken as a new item's co-occurrence context
@@ -181,8 +180,8 @@ class OnlineState:
         }
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> OnlineState | None:
-        data = (manifest.get("training") or {}).get("online")
+    def from_manifest(cls, manifest: Manifest) -> OnlineState | None:
+        data = manifest.training.get("online")
         if not isinstance(data, dict):
             return None
         return cls(
@@ -193,7 +192,7 @@ class OnlineState:
             admitted={str(k): int(v) for k, v in (data.get("admitted") or {}).items()},
             # A full version (a compaction) starts a new chain, whatever count it records:
             # compacted manifests used to copy the count of the chain they ended.
-            deltas=0 if manifest.get("kind") == "full" else int(data.get("deltas", 0)),
+            deltas=0 if manifest.kind == "full" else int(data.get("deltas", 0)),
         )
 
 
@@ -249,12 +248,12 @@ class OnlineLearner:
 
         self.version = find_resume_version(registry, start, config.consumer)
         manifest = registry.manifest(self.version)
-        if (manifest.get("model") or {}).get("compression"):
+        if manifest.model.get("compression"):
             # Quantized codes cannot take gradient steps, and pruned tables cannot grow rows.
             raise ConfigError(
-                f"version {self.version} is compressed (method {manifest.get('method')!r}); "
+                f"version {self.version} is compressed (method {manifest.method!r}); "
                 f"the online learner needs a plain float model: start it from "
-                f"{manifest.get('parent')} and compress what it publishes"
+                f"{manifest.parent} and compress what it publishes"
             )
         resumed = OnlineState.from_manifest(manifest)
         if resumed is not None and resumed.consumer == config.consumer:
@@ -266,10 +265,10 @@ class OnlineLearner:
             self.state.offset = self.offset
         self.model, _ = load_model(registry, self.version)
         self.frozen, _ = load_model(registry, self.state.origin)
-        self.vocabulary = Vocabulary.read(registry.file(self.version, _vocabulary_file(manifest)))
+        self.vocabulary = Vocabulary.read(_vocabulary_file(registry, manifest))
         self._published_items = self.vocabulary.num_items
         self._published = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.item_counts = _item_counts(registry, self.version, self.vocabulary.num_items)
+        self.item_counts = _item_counts(registry, manifest, self.vocabulary.num_items)
 
         self.max_length = int(self.model.config.max_length)
         self.pending = PendingItems(config.admit_after)
@@ -504,12 +503,9 @@ class OnlineLearner:
         if self._unpublished_events == 0 and not force:
             return None
         started = time.perf_counter()
-        changes = self._changes()
-        extra: dict[str, Path | bytes] = {ITEM_COUNTS_FILE: _npy_bytes(self.item_counts)}
-        vocabulary_file = None
-        if self.vocabulary.num_items != self._published_items:
-            extra[VOCABULARY_FILE] = self.vocabulary.parquet_bytes()
-            vocabulary_file = VOCABULARY_FILE
+        changes = diff_state(self._published, self.model.state_dict(), TABLE)
+        grown = self.vocabulary.num_items != self._published_items
+        vocabulary = self.vocabulary.parquet_bytes() if grown else None  # None: the parent's
         parent = self.version
         self.state.offset = self.offset
         self.state.deltas += 1
@@ -517,15 +513,14 @@ class OnlineLearner:
         # resumes from an older offset and ignores this file.
         self._save_learner_state(self.offset)
         _crash_point("state-saved")
-        version = self.registry.publish_delta(
-            parent,
-            changes,
+        version = publish_version(
+            self.registry,
+            Delta(parent, changes),
             model=config_to_dict(self.model),
             metrics={f"online/{k}": v for k, v in self.state.totals.summary().items()},
             method="online",
             training={"online": self.state.to_json(), "config": dataclasses.asdict(self.config)},
-            extra_files=extra,
-            vocabulary_file=vocabulary_file,
+            side=SideFiles(vocabulary=vocabulary, item_counts=self.item_counts),
         )
         _crash_point("published")
         self.events.commit(self.config.consumer, self.offset)
@@ -552,29 +547,6 @@ class OnlineLearner:
             self.prequential.plot()  # ~0.5 s of matplotlib: not at every publish
             self._last_plot = time.monotonic()
         return version
-
-    def _changes(self) -> dict[str, torch.Tensor | RowUpdate]:
-        """Changed and new item rows, and whole dense tensors that moved; updates the
-        snapshot of what was published."""
-        changes: dict[str, torch.Tensor | RowUpdate] = {}
-        for name, tensor in self.model.state_dict().items():
-            tensor = tensor.detach()
-            old = self._published.get(name)
-            if name == TABLE and old is not None:
-                count = len(old)
-                moved = torch.nonzero((tensor[:count] != old).any(dim=1)).squeeze(1)
-                rows = torch.cat([moved, torch.arange(count, len(tensor))])
-                if len(rows):
-                    values = tensor[rows].clone()
-                    changes[name] = RowUpdate(rows=rows, values=values)
-                    grown = torch.cat([old, torch.zeros(len(tensor) - count, *old.shape[1:])])
-                    grown[rows] = values
-                    self._published[name] = grown
-            elif old is None or old.shape != tensor.shape or not torch.equal(old, tensor):
-                copy = tensor.clone()
-                changes[name] = copy
-                self._published[name] = copy
-        return changes
 
     def _compact(self) -> None:
         # The compacted version records a chain of zero deltas, so a learner restarted from
@@ -669,11 +641,11 @@ def _padded_chunks(
 
 
 def _base_history(
-    data: Path | None, origin_manifest: dict[str, Any], vocabulary: Vocabulary
+    data: Path | None, origin_manifest: Manifest, vocabulary: Vocabulary
 ) -> UserHistory | None:
     """`data`, or the dataset the origin version was trained on when it is still there."""
     if data is None:
-        recorded = (origin_manifest.get("dataset") or {}).get("path")
+        recorded = (origin_manifest.dataset or {}).get("path")
         data = Path(recorded) if recorded and Path(recorded).is_dir() else None
     if data is None:
         log.warning("no training dataset: sequences start from the event log alone")
@@ -681,11 +653,11 @@ def _base_history(
     return UserHistory.open(data, vocabulary)
 
 
-def _loss_config(config: OnlineConfig, origin: dict[str, Any]) -> TrainConfig:
+def _loss_config(config: OnlineConfig, origin: Manifest) -> TrainConfig:
     """The training loss settings: the config's, with "auto" filled from how the origin
     version was trained (sampled softmax with 256 uniform negatives when it does not say).
     History masking follows the origin's training whenever the loss is the full softmax."""
-    trained = ((origin.get("training") or {}).get("config") or {}).get("train") or {}
+    trained = (origin.training.get("config") or {}).get("train") or {}
     loss = config.loss if config.loss != "auto" else trained.get("loss", "sampled_softmax")
     negatives = config.negatives if config.negatives != "auto" else trained.get("negatives")
     count = config.num_negatives or trained.get("num_negatives") or 256
@@ -698,26 +670,18 @@ def _loss_config(config: OnlineConfig, origin: dict[str, Any]) -> TrainConfig:
     )
 
 
-def _vocabulary_file(manifest: dict[str, Any]) -> str:
-    name = (manifest.get("vocabulary") or {}).get("file")
-    if not name:
+def _vocabulary_file(registry: Registry, manifest: Manifest) -> Path:
+    if not manifest.vocabulary_file:
         raise RegistryError("the version records no item vocabulary; the learner needs one")
-    return str(name)
+    return vocabulary_path(registry, manifest.id, manifest)
 
 
-def _item_counts(registry: Registry, version: str, num_items: int) -> np.ndarray:
+def _item_counts(registry: Registry, manifest: Manifest, num_items: int) -> np.ndarray:
     counts = np.zeros(num_items + 1, dtype=np.int64)
-    if ITEM_COUNTS_FILE in registry.manifest(version).get("files", {}):
-        raw = registry.file(version, ITEM_COUNTS_FILE).read_bytes()
-        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+    loaded = read_item_counts(registry, manifest.id, manifest)
+    if loaded is not None:
         counts[: min(len(loaded), len(counts))] = loaded[: len(counts)]
     return counts
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def _crash_point(name: str) -> None:

@@ -9,7 +9,6 @@ served bundle along registry deltas is :mod:`recloop.serve.holder`'s.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +24,8 @@ from recloop.data.history import UserHistory
 from recloop.data.vocabulary import Vocabulary
 from recloop.errors import DatasetError, ServingError
 from recloop.models.base import SequentialEncoder
-from recloop.registry import Registry
+from recloop.registry import Manifest, Registry
+from recloop.registry.sidefiles import read_item_counts, vocabulary_path
 from recloop.serve.engines.base import InferenceEngine
 from recloop.serve.engines.export import item_table
 from recloop.serve.engines.factory import build_engine, warmup
@@ -34,7 +34,6 @@ from recloop.serve.indexes.factory import build_index
 
 log = logging.getLogger("recloop.serve")
 
-ITEM_COUNTS_FILE = "item_counts.npy"  # written by the trainer's publish
 EngineKind = Literal["onnx", "torch", "torch-compiled"]
 IndexKind = Literal["exact", "exact-int8", "ivf"]
 
@@ -113,7 +112,7 @@ class ModelBundle:
     """
 
     version: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     engine: InferenceEngine
     index: ItemIndex
     catalog: Vocabulary  # the version's items: raw ids <-> dense ids 1..num_items
@@ -162,20 +161,19 @@ class ModelBundle:
     # ------------------------------------------------------------------ operations
 
     def describe(self) -> dict[str, Any]:
-        model = self.manifest.get("model", {})
         return {
             "version": self.version,
-            "model_type": model.get("type"),
+            "model_type": self.manifest.model_type,
             "num_items": self.catalog.num_items,
             "max_length": self.max_length,
             "engine": self.engine.name,
             "index": self.index.kind,
-            "created_at": self.manifest.get("created_at"),
-            "method": self.manifest.get("method"),
-            "parent": self.manifest.get("parent"),
+            "created_at": self.manifest.created_at,
+            "method": self.manifest.method,
+            "parent": self.manifest.parent,
             "metrics": {
                 k: v
-                for k, v in (self.manifest.get("metrics") or {}).items()
+                for k, v in self.manifest.metrics.items()
                 if k.startswith("test/") and ("@10" in k or k.endswith("mrr"))
             },
             "loaded_in_seconds": round(self.load_seconds, 3),
@@ -199,17 +197,16 @@ class ModelBundle:
 
 def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBundle:
     """Loads, exports, checks and warms a version. Raises RecloopError and leaves no state."""
-    from recloop.models.io import load_model
+    from recloop.registry.loading import load_model
 
     started = time.perf_counter()
     version = registry.resolve(ref)
     model, manifest = load_model(registry, version)
     # Taken before the engine may move the model to a GPU: CPU views of the weights, no copy.
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    vocabulary = manifest.get("vocabulary") or {}
-    if not vocabulary.get("file"):
+    if not manifest.vocabulary_file:
         raise ServingError(f"version {version} records no item vocabulary; cannot serve it")
-    catalog = _read_catalog(version, registry.file(version, vocabulary["file"]))
+    catalog = _read_catalog(version, vocabulary_path(registry, version, manifest))
     num_items = int(model.item_embedding.num_items)
     check_catalog(version, catalog, num_items)
     history = _open_history(manifest, catalog, options.data)
@@ -310,15 +307,13 @@ def _sample_queries(
     return np.concatenate([np.array(encode(sequences[i : i + 64])) for i in range(0, count, 64)])
 
 
-def _open_history(
-    manifest: dict[str, Any], catalog: Vocabulary, data: Path | None
-) -> UserHistory | None:
+def _open_history(manifest: Manifest, catalog: Vocabulary, data: Path | None) -> UserHistory | None:
     if data is not None:
         try:
             return UserHistory.open(data, catalog)
         except DatasetError as exc:
             raise ServingError(f"user history: {exc}") from None
-    recorded = (manifest.get("dataset") or {}).get("path")
+    recorded = (manifest.dataset or {}).get("path")
     if recorded and Path(recorded).is_dir():
         try:
             return UserHistory.open(Path(recorded), catalog)
@@ -330,17 +325,15 @@ def _open_history(
 def popular_items(
     registry: Registry,
     version: str,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     history: UserHistory | None,
     num_items: int,
     keep: int = 1000,
 ) -> npt.NDArray[np.int64]:
     counts: npt.NDArray[np.int64] | None = None
-    if ITEM_COUNTS_FILE in manifest.get("files", {}):
-        raw = registry.file(version, ITEM_COUNTS_FILE).read_bytes()
-        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
-        if loaded.shape == (num_items + 1,):
-            counts = loaded.astype(np.int64)
+    loaded = read_item_counts(registry, version, manifest)
+    if loaded is not None and loaded.shape == (num_items + 1,):
+        counts = loaded.astype(np.int64)
     if counts is None and history is not None:
         counts = history.item_counts(num_items)
     if counts is None:  # nothing known about popularity: stable id order

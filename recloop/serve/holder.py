@@ -38,9 +38,9 @@ from recloop.errors import (
     ServingError,
 )
 from recloop.models.base import SequentialEncoder
-from recloop.registry import Registry
+from recloop.registry import Manifest, Registry
+from recloop.registry.sidefiles import ITEM_COUNTS_FILE
 from recloop.serve.bundle import (
-    ITEM_COUNTS_FILE,
     LoadOptions,
     ModelBundle,
     check_catalog,
@@ -55,8 +55,8 @@ from recloop.serve.delta import (
     PatchedState,
     check_model_change,
     delta_chain,
-    model_from_state,
     patch_state,
+    patched_model,
 )
 from recloop.serve.engines.base import InferenceEngine
 from recloop.serve.engines.export import TABLE_KEY, item_table, item_vectors
@@ -91,18 +91,18 @@ def apply_deltas(
         raise NotApplicable("remote index shards are only built by a full load")
     chain = delta_chain(registry, current.version, target)
     for version, manifest in chain:
-        check_model_change(current.manifest["model"], manifest["model"], version)
+        check_model_change(current.manifest.model, manifest.model, version)
     deltas = [(version, *registry.read_delta(version)) for version, _ in chain]
     patched = patch_state(current.state, deltas)
     manifest = chain[-1][1]
-    model = model_from_state(manifest["model"], patched.state)
+    model = patched_model(manifest.model, patched.state)
     num_items = int(model.item_embedding.num_items)
     catalog = _next_catalog(registry, current, target, manifest)
     check_catalog(target, catalog, num_items)
     engine = _next_engine(current, model, patched, target, options)
     index = _next_index(current, model, patched, engine, options)
     popular = current.popular  # a delta without counts: no news about popularity
-    if ITEM_COUNTS_FILE in manifest["files"]:
+    if ITEM_COUNTS_FILE in manifest.files:
         popular = popular_items(registry, target, manifest, current.history, num_items)
     seconds = time.perf_counter() - started
     return ModelBundle(
@@ -146,16 +146,16 @@ def _delta_details(
 
 
 def _next_catalog(
-    registry: Registry, current: ModelBundle, target: str, manifest: dict[str, Any]
+    registry: Registry, current: ModelBundle, target: str, manifest: Manifest
 ) -> Vocabulary:
     """``current``'s catalogue when the vocabulary file is the same, else extended by the new
     items (a renumbered vocabulary is NotApplicable: a full load builds it from scratch)."""
-    name = (manifest.get("vocabulary") or {}).get("file")
+    name = manifest.vocabulary_file
     if not name:
         raise ServingError(f"version {target} records no item vocabulary; cannot serve it")
-    ours = (current.manifest.get("vocabulary") or {}).get("file")
-    checksum = manifest["files"].get(name, {}).get("sha256")
-    if ours and checksum == current.manifest["files"].get(ours, {}).get("sha256"):
+    ours = current.manifest.vocabulary_file
+    theirs, served = manifest.files.get(name), current.manifest.files.get(ours or "")
+    if theirs is not None and served is not None and theirs.sha256 == served.sha256:
         return current.catalog  # the same file: inherited by the delta (hard-linked)
     try:
         return current.catalog.extended(registry.file(target, name))
