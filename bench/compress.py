@@ -7,7 +7,7 @@ one thread each (on this shared 2-core machine one torch thread trains 3-4x fast
 then measures each registry version:
 
 - file size: the version's weights.safetensors, against the teacher's;
-- encoder latency: the serving export (recloop.serve.engine.export_onnx) run by ONNX Runtime
+- encoder latency: the serving export (recloop.serve.engines.export.export_onnx) run by ONNX Runtime
   with serving's settings (1 intra-op thread), p50 / p99 over >= 3 s of calls on full
   [batch, 50] windows of Beauty test histories, batch 1 and 32;
 - NDCG@10 and HR@10: full ranking on the leave-one-out test split, history masked (as in
@@ -182,8 +182,8 @@ def measure(versions: dict[str, str]) -> list[dict[str, Any]]:
     from recloop.compress.quantize import sample_histories
     from recloop.data.dataset import SequenceDataset
     from recloop.evaluate import EvalConfig, evaluate
-    from recloop.models.io import load_model
     from recloop.registry import WEIGHTS, Registry
+    from recloop.registry.loading import load_model
 
     torch.set_num_threads(1)
     registry = Registry(REGISTRY, create=False)
@@ -191,11 +191,12 @@ def measure(versions: dict[str, str]) -> list[dict[str, Any]]:
     test = dataset.leave_one_out().test
     exports = WORK / "onnx"
     exports.mkdir(parents=True, exist_ok=True)
-    teacher_bytes = registry.manifest(versions["teacher"])["files"][WEIGHTS]["bytes"]
+    teacher_bytes = registry.manifest(versions["teacher"]).to_json()["files"][WEIGHTS]["bytes"]
     rows: list[dict[str, Any]] = []
     for label, name, what, ort_int8 in ROWS:
         version = versions[name]
-        model, manifest = load_model(registry, version)
+        model, typed = load_model(registry, version)
+        manifest = typed.to_json()
         path = exports / f"{version}.onnx"
         if not path.is_file():
             export_onnx_file(model, path)

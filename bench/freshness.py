@@ -172,7 +172,8 @@ def delta_publish_apply(
     from recloop.online.config import OnlineConfig
     from recloop.online.learner import OnlineLearner
     from recloop.registry import Registry
-    from recloop.serve.runtime import LoadOptions, ModelHolder
+    from recloop.serve.bundle import LoadOptions
+    from recloop.serve.holder import ModelHolder
 
     work = fresh_registry(registry, f"delta-{name}-{rows}")
     reg = Registry(work / "registry")

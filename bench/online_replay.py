@@ -106,8 +106,8 @@ def main() -> None:
 
     reg = Registry(online)
     newest = reg.list()[-1]
-    manifest = reg.manifest(newest.id)
-    base = reg.manifest("v000001")
+    manifest = reg.manifest(newest.id).to_json()
+    base = reg.manifest("v000001").to_json()
     results = {
         "split": split,
         "base_model": {

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, write_result
 from recloop.events import Event, SqliteEventLog
-from recloop.serve.state import MemoryStateStore
-from recloop.serve.state_sync import LoggedState
+from recloop.serve.state.memory import MemoryStateStore
+from recloop.serve.state.sync import LoggedState
 
 BATCH = 100_000  # events per append while the log is written
 ITEMS = 100_000

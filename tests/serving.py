@@ -11,7 +11,7 @@ from recloop.data.dataset import SequenceDataset
 from recloop.data.prepare import prepare, with_source_order
 from recloop.data.synthetic import SyntheticConfig, generate_events
 from recloop.serve.app import ServiceConfig
-from recloop.serve.runtime import LoadOptions
+from recloop.serve.bundle import LoadOptions
 from recloop.serve.server import serve_in_thread as running_service
 from recloop.train.trainer import train
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from recloop.serve.state import LOGGER_NAME, StateStore
+from recloop.serve.state.base import LOGGER_NAME, StateStore
 
 __all__ = ["Scenario", "redis_call", "run", "state_records"]
 

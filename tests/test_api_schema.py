@@ -38,7 +38,7 @@ from schemathesis.specs.openapi.checks import (
 
 from recloop.ids import raw_id_problem
 from recloop.serve.app import FastPath, ServiceConfig, create_app
-from recloop.serve.runtime import LoadOptions
+from recloop.serve.bundle import LoadOptions
 from recloop.serve.validation import fast_arguments
 from tests.serving import make_dataset, running_service, train_version
 

@@ -24,8 +24,8 @@ from recloop.models.embeddings import (
     with_item_attributes,
 )
 from recloop.models.factory import build_model
-from recloop.models.io import load_model
 from recloop.registry import Registry
+from recloop.registry.loading import load_model
 from recloop.train.trainer import train
 from tests.test_train import checkpoint_weights, tiny_train
 
@@ -183,7 +183,7 @@ def test_training_with_attributes_publishes_a_plain_version(
         "num_items": 120, "dim": 16, "num_blocks": 1, "num_heads": 1, "max_length": 20,
     }).state_dict())  # fmt: skip
     published, manifest = load_model(registry, str(result.version))
-    assert manifest["training"]["config"]["train"]["item_attributes"] is True
+    assert manifest.training["config"]["train"]["item_attributes"] is True
     split = SequenceDataset(data).leave_one_out()
     again = evaluate(published, split.test, split.source, EvalConfig(max_length=20))
     assert again["NDCG@10"] == pytest.approx(result.test_metrics["NDCG@10"])

@@ -1,10 +1,14 @@
 """The micro-batcher: batches form under load, results go to the right request, bundles are
-never mixed in one batch, and a full queue refuses work instead of growing latency."""
+never mixed in one batch, and a full queue refuses work instead of growing latency.
+
+The batcher runs opaque work; here the work is ModelBundle.top_items on fake engines and
+indexes, as the recommender submits it."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable
 from typing import Any, cast
 
 import numpy as np
@@ -13,7 +17,7 @@ import pytest
 
 from recloop.errors import ServingError
 from recloop.serve.batcher import MicroBatcher, Overloaded
-from recloop.serve.runtime import ModelBundle
+from recloop.serve.bundle import ModelBundle, TopK
 
 
 class FakeEngine:
@@ -43,8 +47,16 @@ class FakeIndex:
 
 
 def bundle(engine: FakeEngine) -> ModelBundle:
-    fake: Any = type("FakeBundle", (), {"engine": engine, "index": FakeIndex()})()
+    members = {"engine": engine, "index": FakeIndex(), "top_items": ModelBundle.top_items}
+    fake: Any = type("FakeBundle", (), members)()
     return cast(ModelBundle, fake)
+
+
+def ask(
+    batcher: MicroBatcher, target: ModelBundle, sequence: np.ndarray, k: int
+) -> Awaitable[tuple[np.ndarray, np.ndarray]]:
+    """One request as the recommender submits it: no exclusions."""
+    return batcher.submit(target.top_items, TopK(sequence, k, None))
 
 
 def run(coroutine: Any) -> Any:
@@ -59,8 +71,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
         batcher = MicroBatcher(max_batch=8, max_wait=0.0)
         batcher.start()
         calls = [
-            batcher.submit(target, np.array([5, item], dtype=np.int64), 3, None)
-            for item in range(1, 21)
+            ask(batcher, target, np.array([5, item], dtype=np.int64), 3) for item in range(1, 21)
         ]
         tasks = [asyncio.ensure_future(call) for call in calls]
         await asyncio.sleep(0.05)  # all 20 are queued while the first batch waits on the gate
@@ -81,12 +92,10 @@ def test_a_batch_never_mixes_bundles() -> None:
         old, new = FakeEngine(tag=1.0, gate=gate), FakeEngine(tag=2.0)
         batcher = MicroBatcher(max_batch=16, max_wait=0.0)
         batcher.start()
-        first = asyncio.ensure_future(batcher.submit(bundle(old), np.array([1]), 1, None))
+        first = asyncio.ensure_future(ask(batcher, bundle(old), np.array([1]), 1))
         await asyncio.sleep(0.02)  # the worker holds `first`; the rest queue together
         rest = [
-            asyncio.ensure_future(
-                batcher.submit(bundle(old if i % 2 else new), np.array([i]), 1, None)
-            )
+            asyncio.ensure_future(ask(batcher, bundle(old if i % 2 else new), np.array([i]), 1))
             for i in range(2, 8)
         ]
         gate.set()
@@ -105,14 +114,12 @@ def test_a_full_queue_refuses_with_overloaded() -> None:
         target = bundle(FakeEngine(tag=1.0, gate=gate))
         batcher = MicroBatcher(max_batch=1, max_wait=0.0, max_queue=3)
         batcher.start()
-        busy = asyncio.ensure_future(batcher.submit(target, np.array([1]), 1, None))
+        busy = asyncio.ensure_future(ask(batcher, target, np.array([1]), 1))
         await asyncio.sleep(0.02)  # the worker is now blocked on the gate with `busy`
-        waiting = [
-            asyncio.ensure_future(batcher.submit(target, np.array([2]), 1, None)) for _ in range(3)
-        ]
+        waiting = [asyncio.ensure_future(ask(batcher, target, np.array([2]), 1)) for _ in range(3)]
         await asyncio.sleep(0)
         with pytest.raises(Overloaded, match="queue is full"):
-            await batcher.submit(target, np.array([3]), 1, None)
+            await ask(batcher, target, np.array([3]), 1)
         gate.set()
         done = await asyncio.gather(busy, *waiting)
         await batcher.stop()

@@ -44,8 +44,8 @@ from recloop.models.codec import (
 from recloop.models.compressed import CompressedItemEmbedding, count_dense_parameters
 from recloop.models.embeddings import ItemEmbedding
 from recloop.models.factory import build_model, config_to_dict
-from recloop.models.io import load_model
 from recloop.registry import WEIGHTS, Registry
+from recloop.registry.loading import load_model
 from recloop.train.trainer import train
 from tests.serving import make_dataset
 
@@ -173,10 +173,10 @@ def test_a_quantized_bsarec_rebuilds_and_structured_pruning_refuses_it() -> None
 def test_int8_version_is_small_loads_and_keeps_its_accuracy(trained: dict[str, Any]) -> None:
     registry: Registry = trained["registry"]
     result = trained["int8"]
-    manifest = registry.manifest(result.version)
+    manifest = registry.manifest(result.version).to_json()
     assert manifest["parent"] == trained["v1"] and manifest["method"] == "int8"
     assert manifest["model"]["compression"]["embedding_bits"] == 8
-    parent_bytes = registry.manifest(trained["v1"])["files"][WEIGHTS]["bytes"]
+    parent_bytes = registry.manifest(trained["v1"]).to_json()["files"][WEIGHTS]["bytes"]
     weights_bytes = manifest["files"][WEIGHTS]["bytes"]
     assert manifest["metrics"]["compression/weights_bytes"] == weights_bytes
     # D = 16 and 120 items: 16 code bytes + 8 of scale/offset per row against 64 float bytes,
@@ -189,9 +189,9 @@ def test_int8_version_is_small_loads_and_keeps_its_accuracy(trained: dict[str, A
     # Parity tolerances of int8 on this model: the ranking barely moves.
     assert metrics["parity/top10_overlap"] >= 0.95
     # Scores are cosine / temperature, in [-1/T, 1/T]: int8 moves them by < 1% of 1/T.
-    top_score = 1.0 / registry.manifest(trained["v1"])["model"]["temperature"]
+    top_score = 1.0 / registry.manifest(trained["v1"]).to_json()["model"]["temperature"]
     assert metrics["parity/max_score_error"] < 0.01 * top_score
-    parent = registry.manifest(trained["v1"])["metrics"]["test/NDCG@10"]
+    parent = registry.manifest(trained["v1"]).to_json()["metrics"]["test/NDCG@10"]
     assert abs(metrics["test/NDCG@10"] - parent) <= 0.05 * parent
     # The evaluation path gives the recorded metric from the loaded version.
     dataset = SequenceDataset(trained["data"])
@@ -310,8 +310,8 @@ def test_magnitude_pruning_keeps_its_zeros_through_the_fine_tune(trained: dict[s
     model, manifest = load_model(registry, result.version)
     nonzero, total = count_dense_parameters(model)
     assert nonzero == total - round(0.5 * total)  # exactly half, after 8 fine-tuning steps
-    assert manifest["metrics"]["compression/dense_sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert manifest["parent"] == trained["v1"] and manifest["method"] == "prune-magnitude"
+    assert manifest.metrics["compression/dense_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert manifest.parent == trained["v1"] and manifest.method == "prune-magnitude"
 
 
 def test_structured_pruning_removes_parameters(trained: dict[str, Any]) -> None:
@@ -329,11 +329,11 @@ def test_structured_pruning_removes_parameters(trained: dict[str, Any]) -> None:
     )
     result = compress_version(registry, trained["v1"], options)
     model, manifest = load_model(registry, result.version)
-    blocks = manifest["model"]["compression"]["blocks"]
+    blocks = manifest.model["compression"]["blocks"]
     assert [b["heads"] for b in blocks] == [1, 1]  # 2 heads -> 1 per block
     assert model.blocks[0].uvqk.weight.shape[0] == 32  # 1 head x (2 x 8 + 2 x 8) channels, of 64
-    assert manifest["metrics"]["compression/size_ratio"] < 1.0
-    assert manifest["metrics"]["compression/dense_sparsity"] == pytest.approx(0.5)
+    assert manifest.metrics["compression/size_ratio"] < 1.0
+    assert manifest.metrics["compression/dense_sparsity"] == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------- distillation
@@ -440,12 +440,12 @@ def test_distill_publishes_the_student(trained: dict[str, Any]) -> None:
     result = compress_version(registry, trained["v1"], options)
     model, manifest = load_model(registry, result.version)
     assert type(model).__name__ == "SASRec" and model.config.dim == 8
-    assert manifest["parent"] == trained["v1"] and manifest["method"] == "distill"
-    assert manifest["model"]["type"] == "sasrec" and manifest["model"]["dim"] == 8
-    assert manifest["model"]["max_length"] == 20  # the teacher's window
-    assert manifest["vocabulary"] == registry.manifest(trained["v1"])["vocabulary"]
-    assert manifest["metrics"]["compression/size_ratio"] < 0.6
-    assert manifest["training"]["distill"]["alpha"] == 0.5
+    assert manifest.parent == trained["v1"] and manifest.method == "distill"
+    assert manifest.model["type"] == "sasrec" and manifest.model["dim"] == 8
+    assert manifest.model["max_length"] == 20  # the teacher's window
+    assert manifest.vocabulary == registry.manifest(trained["v1"]).vocabulary
+    assert manifest.metrics["compression/size_ratio"] < 0.6
+    assert manifest.training["distill"]["alpha"] == 0.5
 
 
 # --------------------------------------------------------------------------- serving, export
@@ -453,7 +453,7 @@ def test_distill_publishes_the_student(trained: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("engine", ["onnx", "torch"])
 def test_int8_version_serves_unchanged(trained: dict[str, Any], engine: str) -> None:
-    from recloop.serve.runtime import LoadOptions, load_bundle
+    from recloop.serve.bundle import LoadOptions, load_bundle
 
     registry: Registry = trained["registry"]
     version = trained["int8"].version

@@ -15,20 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-import recloop.serve.engine as engine_module
+import recloop.serve.engines.export as engine_module
 from recloop.errors import EngineParityError, ServingError
 from recloop.models.base import SequentialEncoder
 from recloop.models.factory import build_model
-from recloop.serve.engine import (
-    InferenceEngine,
-    OnnxEngine,
-    TorchEngine,
-    build_engine,
-    check_parity,
-    item_table,
-    onnx_cache_path,
-    warmup,
-)
+from recloop.serve.engines.base import InferenceEngine
+from recloop.serve.engines.export import item_table, onnx_cache_path
+from recloop.serve.engines.factory import build_engine, warmup
+from recloop.serve.engines.onnx import OnnxEngine
+from recloop.serve.engines.parity import check_parity
+from recloop.serve.engines.torch import TorchEngine
 
 NUM_ITEMS = 50
 MAX_LENGTH = 12

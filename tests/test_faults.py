@@ -63,8 +63,8 @@ from recloop.online.control import CRASH_ENV
 from recloop.online.prequential import CSV_NAME
 from recloop.registry import Registry
 from recloop.serve.server import free_port
-from recloop.serve.state import LOGGER_NAME, StateStore
-from recloop.serve.state_redis import RedisStateStore
+from recloop.serve.state.base import LOGGER_NAME, StateStore
+from recloop.serve.state.redis import RedisStateStore
 from tests.event_log_helpers import (
     acknowledged,
     batches_by_writer,

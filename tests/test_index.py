@@ -12,23 +12,18 @@ import numpy.typing as npt
 import pytest
 
 from recloop.errors import ServingError
-from recloop.serve.index import (
-    ExactIndex,
-    ItemIndex,
-    ShardedIndex,
-    build_index,
-    exact_search,
-    measure_recall,
-    split_table,
-)
-from recloop.serve.index_ivf import IVFIndex, probe_queries
-from recloop.serve.index_remote import (
+from recloop.serve.indexes.base import ItemIndex, exact_search, measure_recall
+from recloop.serve.indexes.exact import ExactIndex
+from recloop.serve.indexes.factory import build_index
+from recloop.serve.indexes.ivf import IVFIndex, probe_queries
+from recloop.serve.indexes.remote import (
     RemoteShard,
     decode,
     encode,
     handle,
     start_shard_process,
 )
+from recloop.serve.indexes.sharded import ShardedIndex, split_table
 
 Table = npt.NDArray[np.float32]
 Factory = Callable[[Table], ItemIndex]

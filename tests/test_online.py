@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -19,14 +20,14 @@ from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError, DatasetError
 from recloop.events import Event, SqliteEventLog
 from recloop.events.redis_streams import RedisStreamEventLog
-from recloop.models.io import load_model
 from recloop.online.config import OnlineConfig, load_online_config
 from recloop.online.items import ItemAttributes, PendingItems, initial_row
 from recloop.online.learner import OnlineLearner
 from recloop.online.optim import LazyAdam, grow_rows
 from recloop.online.prequential import CSV_NAME, PLOT_NAME
 from recloop.online.resume import OnlineState
-from recloop.registry import WEIGHTS, Registry
+from recloop.registry import WEIGHTS, Manifest, Registry
+from recloop.registry.loading import load_model
 from tests.online_helpers import NUM_ITEMS, event_log, pattern_events, state_of, train_base
 from tests.redis_server import running_redis
 from tests.serving import make_dataset, train_version
@@ -163,7 +164,7 @@ def test_online_learning_beats_the_frozen_model_on_a_new_pattern(
     model, manifest = load_model(registry, summary.version)
     for name, tensor in learner.model.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
-    assert manifest["kind"] == "delta" and manifest["method"] == "online"
+    assert manifest.kind == "delta" and manifest.method == "online"
     assert log.committed(config.consumer) == 3000
 
 
@@ -210,7 +211,7 @@ def test_deltas_hold_only_rows_that_moved(registry: Registry, tmp_path: Path) ->
     learner = OnlineLearner(registry, log, config, tmp_path / "run")
     base_table = learner.model.item_embedding.weight.detach().clone()
     version = learner.run().published[0]
-    delta = registry.manifest(version)["delta"]
+    delta = registry.manifest(version).to_json()["delta"]
     assert set(delta) == {"item_embedding.weight"}  # dense weights frozen: not in the delta
     with safe_open(registry.path(version) / WEIGHTS, framework="pt") as stored:
         rows = len(stored.get_tensor(delta["item_embedding.weight"]["rows"]))
@@ -222,7 +223,7 @@ def test_deltas_hold_only_rows_that_moved(registry: Registry, tmp_path: Path) ->
 
 
 def test_new_item_joins_after_admit_after_occurrences(registry: Registry, tmp_path: Path) -> None:
-    base_items = Registry(registry.root).manifest("latest")["model"]["num_items"]
+    base_items = Registry(registry.root).manifest("latest").to_json()["model"]["num_items"]
     events = pattern_events(50)
     # "sku-new" follows item 5 for three new users; admit_after=2: the second occurrence admits it.
     for i, user in enumerate(("new-1", "new-2", "new-3")):
@@ -243,7 +244,7 @@ def test_new_item_joins_after_admit_after_occurrences(registry: Registry, tmp_pa
     # Initialised from its co-occurring items (only item 5 for both users before admission); the
     # tiny learning rate leaves it there, so the published row is that mean.
     model, manifest = load_model(registry, summary.version)
-    assert model.item_embedding.num_items == new_id and manifest["model"]["num_items"] == new_id
+    assert model.item_embedding.num_items == new_id and manifest.model["num_items"] == new_id
     assert torch.allclose(model.item_embedding.weight.detach()[new_id], row_of_5, atol=1e-5)
     vocabulary = pl.read_parquet(registry.file(summary.version, "items.parquet"))
     assert vocabulary["raw"].cast(pl.Utf8).to_list()[-1] == "sku-new"
@@ -330,7 +331,7 @@ def test_a_learner_restarted_after_a_compaction_waits_a_whole_chain(
     first = OnlineLearner(registry, log, config, tmp_path / "run")
     first.run(max_events=150)  # three deltas, then the compaction
     assert kinds() == ["delta"] * 3 + ["full"]
-    compacted = registry.manifest("latest")
+    compacted = registry.manifest("latest").to_json()
     assert compacted["method"] == "compact" and state_of(registry, "latest").deltas == 0
     assert state_of(registry, "latest").offset == 150
 
@@ -345,10 +346,30 @@ def test_a_learner_restarted_after_a_compaction_waits_a_whole_chain(
     assert state_of(registry, "latest").offset == 300
 
 
+def bare_manifest(kind: str, training: dict[str, Any]) -> Manifest:
+    """A manifest with only `kind` and `training` set (what OnlineState reads)."""
+    empty: dict[str, Any] = {}
+    return Manifest(
+        id="v000002",
+        created_at="",
+        kind=kind,
+        method="online",
+        parent=None,
+        model={"type": "sasrec"},
+        dataset=None,
+        vocabulary=None,
+        metrics=empty,
+        training=training,
+        tensors={},
+        files={},
+        recloop_version="",
+    )
+
+
 def test_old_compacted_manifests_with_a_delta_count_start_a_new_chain() -> None:
     online = {"consumer": "c", "origin": "v000001", "offset": 9, "deltas": 20}
-    full = {"kind": "full", "training": {"online": online}}
-    delta = {"kind": "delta", "training": {"online": online}}
+    full = bare_manifest(kind="full", training={"online": online})
+    delta = bare_manifest(kind="delta", training={"online": online})
     assert OnlineState.from_manifest(full) == OnlineState("c", "v000001", 9, deltas=0)
     restored = OnlineState.from_manifest(delta)
     assert restored is not None and restored.deltas == 20

@@ -15,13 +15,13 @@ import pytest
 import torch
 from rich.console import Console
 
-import recloop.registry as registry_module
+import recloop.registry.files as registry_files
+from recloop.data.reference import dataset_reference
 from recloop.errors import RecloopError, RegistryError
 from recloop.registry import (
     MANIFEST,
     WEIGHTS,
     Registry,
-    dataset_reference,
     format_versions_table,
 )
 
@@ -83,7 +83,7 @@ def test_round_trip_tensors_manifest_and_checksums(tmp_path: Path) -> None:
         assert loaded[name].dtype == tensor.dtype
         assert torch.equal(loaded[name], tensor)
 
-    m = reg.manifest(version)
+    m = reg.manifest(version).to_json()
     assert m["id"] == version and m["kind"] == "full" and m["method"] == "train"
     assert m["parent"] is None
     assert m["model"] == MODEL
@@ -113,8 +113,8 @@ def test_ids_increase_and_parent_is_resolved(tmp_path: Path) -> None:
     second = publish(reg, 1, parent="latest", method="int8")
     third = publish(reg, 2, parent=first, method="distill")
     assert [first, second, third] == ["v000001", "v000002", "v000003"]
-    assert reg.manifest(second)["parent"] == first
-    assert reg.manifest(third)["parent"] == first
+    assert reg.manifest(second).to_json()["parent"] == first
+    assert reg.manifest(third).to_json()["parent"] == first
     assert reg.resolve("latest") == third
     with pytest.raises(RegistryError, match="unknown version v000009"):
         publish(reg, parent="v000009")
@@ -165,7 +165,7 @@ def test_concurrent_process_publishers_get_distinct_ids(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     seeds = []
     for version in ids:
-        seed = reg.manifest(version)["metrics"]["seed"]
+        seed = reg.manifest(version).to_json()["metrics"]["seed"]
         loaded = reg.load_tensors(version)  # verifies every file
         assert torch.equal(loaded["item_embedding.weight"], tensors(seed)["item_embedding.weight"])
         seeds.append(seed)
@@ -182,7 +182,7 @@ def test_lost_rename_race_retries_with_next_number(
     monkeypatch.setattr(Registry, "_max_number", lambda self: 0)
     version = publish(reg, 3)
     assert version == "v000003"
-    assert reg.manifest(version)["id"] == version
+    assert reg.manifest(version).to_json()["id"] == version
     reg.verify(version)
 
 
@@ -209,7 +209,7 @@ def test_crash_while_writing_weights_leaves_nothing(
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt  # not an Exception: cleanup must still happen
 
-    monkeypatch.setattr(registry_module, "save_file", half_write)
+    monkeypatch.setattr(registry_files, "save_file", half_write)
     with pytest.raises(KeyboardInterrupt):
         publish(reg, 1)
     assert visible_state(tmp_path) == before
@@ -413,7 +413,7 @@ def test_unknown_version_and_bad_refs(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="not a version reference"):
         reg.path("../etc")
     with pytest.raises(RegistryError, match="not a version reference"):
-        reg.manifest("v1")
+        reg.manifest("v1").to_json()
     assert issubclass(RegistryError, RecloopError)
     with pytest.raises(RegistryError, match="not a model registry"):
         Registry(tmp_path / "nowhere", create=False)
@@ -513,7 +513,7 @@ def test_manifest_values_must_be_strict_json(tmp_path: Path) -> None:
         reg.publish(tensors(), model={"config": {}})
     assert reg.list() == [] and not list(tmp_path.glob(".tmp-*"))
     version = publish(reg, metrics={"loss": None, "t": torch.tensor(0.5)})
-    assert reg.manifest(version)["metrics"] == {"loss": None, "t": 0.5}
+    assert reg.manifest(version).to_json()["metrics"] == {"loss": None, "t": 0.5}
 
 
 def test_publish_argument_checks(tmp_path: Path) -> None:
@@ -553,7 +553,7 @@ def test_dataset_reference(tmp_path: Path) -> None:
 def test_loading_a_version_with_a_bad_model_config_or_vocabulary_names_it(
     tmp_path: Path,
 ) -> None:
-    from recloop.models.io import check_vocabulary, load_model
+    from recloop.registry.loading import check_vocabulary, load_model
 
     reg = Registry(tmp_path)
     vocab = vocab_parquet(tmp_path / "items.parquet", 5)

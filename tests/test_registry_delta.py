@@ -17,8 +17,8 @@ from safetensors import safe_open
 
 from recloop.errors import RegistryError
 from recloop.models.factory import build_model, config_to_dict
-from recloop.models.io import check_vocabulary, load_model
 from recloop.registry import WEIGHTS, Registry, RowUpdate, format_versions_table
+from recloop.registry.loading import check_vocabulary, load_model
 from tests.test_registry import flip_byte, visible_state
 
 MODEL = {"type": "sasrec", "config": {"dim": 16, "num_items": 2000}}
@@ -105,7 +105,7 @@ def test_delta_loads_bitwise_like_the_full_snapshot_and_its_compaction(tmp_path:
     expected = apply_by_hand(base, changes)
 
     assert_bitwise_equal(reg.load_tensors(delta), expected)
-    m = reg.manifest(delta)
+    m = reg.manifest(delta).to_json()
     assert (m["kind"], m["method"], m["parent"], m["base"], m["chain_depth"]) == (
         "delta",
         "online",
@@ -135,7 +135,7 @@ def test_delta_loads_bitwise_like_the_full_snapshot_and_its_compaction(tmp_path:
     assert list(m["files"]) == [WEIGHTS]
 
     compacted = reg.compact(delta)
-    c = reg.manifest(compacted)
+    c = reg.manifest(compacted).to_json()
     assert (c["kind"], c["method"], c["parent"]) == ("full", "compact", delta)
     assert c["model"] == model and c["metrics"] == {"ndcg": 0.31} and c["tensors"] == m["tensors"]
     assert_bitwise_equal(reg.load_tensors(compacted), expected)
@@ -144,11 +144,16 @@ def test_delta_loads_bitwise_like_the_full_snapshot_and_its_compaction(tmp_path:
     assert_bitwise_equal(reg.load_tensors(full), reg.load_tensors(delta))
     # A delta on top of the compacted version starts a fresh chain.
     again = reg.publish_delta(compacted, {"item_bias": rows_update([5], [], seed=4)})
-    assert (reg.manifest(again)["base"], reg.manifest(again)["chain_depth"]) == (compacted, 1)
+    assert (
+        reg.manifest(again).to_json()["base"],
+        reg.manifest(again).to_json()["chain_depth"],
+    ) == (compacted, 1)
     # The compacting publisher may replace the training record (its chain counters restart).
     recorded = reg.compact(again, training={"online": {"deltas": 0}})
-    assert reg.manifest(recorded)["training"] == {"online": {"deltas": 0}}
-    assert reg.manifest(compacted)["training"] == reg.manifest(delta)["training"]
+    assert reg.manifest(recorded).to_json()["training"] == {"online": {"deltas": 0}}
+    assert (
+        reg.manifest(compacted).to_json()["training"] == reg.manifest(delta).to_json()["training"]
+    )
 
 
 def test_chain_of_three_deltas_equals_the_changes_applied_by_hand(tmp_path: Path) -> None:
@@ -193,13 +198,16 @@ def test_chain_of_three_deltas_equals_the_changes_applied_by_hand(tmp_path: Path
         expected.append(state)
 
     for depth, (version, tensors) in enumerate(zip(versions, expected, strict=True), start=1):
-        m = reg.manifest(version)
+        m = reg.manifest(version).to_json()
         assert (m["base"], m["chain_depth"]) == (v1, depth)
         assert_bitwise_equal(
             dict(sorted(reg.load_tensors(version).items())), dict(sorted(tensors.items()))
         )
-    assert reg.manifest(versions[2])["removed"] == ["positions"]
-    assert reg.manifest(versions[2])["tensors"]["item_embedding.weight"]["shape"] == [340, 8]
+    assert reg.manifest(versions[2]).to_json()["removed"] == ["positions"]
+    assert reg.manifest(versions[2]).to_json()["tensors"]["item_embedding.weight"]["shape"] == [
+        340,
+        8,
+    ]
     assert "positions" not in reg.load_tensors(versions[2])
 
 
@@ -350,7 +358,7 @@ def test_vocabulary_is_inherited_linked_or_replaced(tmp_path: Path) -> None:
         vocabulary_file="items.parquet",
     )
     v2 = reg.publish_delta(v1, {"proj.weight": torch.randn(4, 4)})
-    m1, m2 = reg.manifest(v1), reg.manifest(v2)
+    m1, m2 = reg.manifest(v1).to_json(), reg.manifest(v2).to_json()
     assert m2["vocabulary"] == m1["vocabulary"] and m2["dataset"] == m1["dataset"]
     assert sorted(m2["files"]) == ["items.parquet", WEIGHTS]  # the vocabulary, not other extras
     assert m2["files"]["items.parquet"] == m1["files"]["items.parquet"]
@@ -366,11 +374,11 @@ def test_vocabulary_is_inherited_linked_or_replaced(tmp_path: Path) -> None:
         vocabulary_file="items.parquet",
         model={"type": "sasrec", "config": {"num_items": 12}},
     )
-    assert reg.manifest(v3)["vocabulary"] == {"file": "items.parquet", "items": 12}
+    assert reg.manifest(v3).to_json()["vocabulary"] == {"file": "items.parquet", "items": 12}
     assert reg.load_tensors(v3)["item_embedding.weight"].shape == (13, 4)
 
     compacted = reg.compact(v3)
-    assert reg.manifest(compacted)["vocabulary"] == {"file": "items.parquet", "items": 12}
+    assert reg.manifest(compacted).to_json()["vocabulary"] == {"file": "items.parquet", "items": 12}
     assert reg.file(compacted, "items.parquet").samefile(reg.file(v3, "items.parquet"))
 
     before = visible_state(tmp_path / "reg")
@@ -424,7 +432,7 @@ def test_load_model_on_a_delta_of_a_real_sasrec(tmp_path: Path) -> None:
     )
 
     loaded, manifest = load_model(reg, delta)
-    assert manifest["id"] == delta and manifest["model"]["num_items"] == 52
+    assert manifest.id == delta and manifest.model["num_items"] == 52
     assert_bitwise_equal(
         loaded.state_dict(), apply_by_hand(state, {"item_embedding.weight": update})
     )

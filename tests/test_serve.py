@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from recloop.data.dataset import SequenceDataset
-from recloop.models.io import load_model
 from recloop.registry import Registry
-from recloop.serve.runtime import LoadOptions
+from recloop.registry.loading import load_model
+from recloop.serve.bundle import LoadOptions
 from recloop.serve.schemas import Recommendations
 from recloop.serve.validation import fast_arguments
 from tests.serving import (

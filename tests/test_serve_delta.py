@@ -25,23 +25,22 @@ import polars as pl
 import pytest
 import torch
 
-import recloop.serve.runtime as runtime
+import recloop.serve.holder as holder_module
 from recloop.data.vocabulary import Vocabulary
 from recloop.errors import DatasetError, EngineParityError, ServingError
 from recloop.models.factory import build_model, config_to_dict
-from recloop.models.io import load_model
 from recloop.registry import Registry, RowUpdate
+from recloop.registry.loading import load_model
 from recloop.serve.app import ServiceConfig
+from recloop.serve.bundle import LoadOptions, ModelBundle, load_bundle
 from recloop.serve.delta import NotApplicable, patch_state
-from recloop.serve.engine import (
-    InferenceEngine,
-    TorchEngine,
-    item_table,
-    item_vectors,
-    reference_queries,
-)
-from recloop.serve.index import build_index, exact_search, recall_at_k
-from recloop.serve.runtime import LoadOptions, ModelBundle, ModelHolder, load_bundle
+from recloop.serve.engines.base import InferenceEngine
+from recloop.serve.engines.export import item_table, item_vectors
+from recloop.serve.engines.parity import reference_queries
+from recloop.serve.engines.torch import TorchEngine
+from recloop.serve.holder import ModelHolder
+from recloop.serve.indexes.base import exact_search, recall_at_k
+from recloop.serve.indexes.factory import build_index
 from tests.serving import running_service
 
 NUM_ITEMS = 300
@@ -96,7 +95,7 @@ def publish_delta(
     """A delta like the learner's: `changed` existing rows moved, `new` items appended (rows
     with a large norm, so each is the top answer for its own direction), maybe dense tensors
     replaced, and new item counts."""
-    items = int(registry.manifest(parent)["model"]["num_items"])
+    items = int(registry.manifest(parent).to_json()["model"]["num_items"])
     g = torch.Generator().manual_seed(seed)
     rows = 1 + torch.randperm(items, generator=g)[:changed]
     values = 0.05 * torch.randn(changed, DIM, generator=g)
@@ -320,14 +319,14 @@ def test_a_rebuilt_index_catches_up_with_newer_deltas(
 ) -> None:
     holder = holder_at(versions, versions["v1"], engine="torch", index="ivf", rebuild_drift=0.05)
     release = threading.Event()
-    build = runtime._build_index
+    build = holder_module.index_for
 
     def held_back(*args: Any, **kwargs: Any) -> Any:
         if threading.current_thread().name == "recloop-index-rebuild":
             assert release.wait(timeout=60)
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(runtime, "_build_index", held_back)
+    monkeypatch.setattr(holder_module, "index_for", held_back)
     holder.load(versions["v2"])  # starts the rebuild for v2, which waits
     newer, _ = holder.load(versions["v3"])  # meanwhile the service moves on
     release.set()

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from recloop.errors import ServingError
-from recloop.serve.state import LOGGER_NAME, MemoryStateStore, StateStore, open_state_store
-from recloop.serve.state_redis import RedisStateStore
+from recloop.serve.state.base import LOGGER_NAME, StateStore
+from recloop.serve.state.factory import open_state_store
+from recloop.serve.state.memory import MemoryStateStore
+from recloop.serve.state.redis import RedisStateStore
 from tests.redis_server import RedisServer, free_port, running_redis
 from tests.state_helpers import Scenario, redis_call, run, state_records
 

@@ -16,8 +16,9 @@ import pytest
 
 from recloop.errors import ServingError
 from recloop.events import Event, SqliteEventLog
-from recloop.serve.state import MemoryStateStore, read_snapshot, write_snapshot
-from recloop.serve.state_sync import PAGE, LoggedState
+from recloop.serve.state.memory import MemoryStateStore
+from recloop.serve.state.snapshot import read_snapshot, write_snapshot
+from recloop.serve.state.sync import PAGE, LoggedState
 
 MAX_LENGTH = 5
 

@@ -66,7 +66,7 @@ def test_learns_sequential_structure_and_publishes(synthetic_data: Path, tmp_pat
     # The synthetic log's successor structure is learnable: far above popularity (~0.1 HR@10).
     assert result.best_metrics["HR@10"] > 0.3
     assert result.version == "v000001"
-    manifest = Registry(tmp_path / "reg").manifest("v000001")
+    manifest = Registry(tmp_path / "reg").manifest("v000001").to_json()
     assert manifest["model"]["type"] == "sasrec"
     assert manifest["metrics"]["test/HR@10"] == result.test_metrics["HR@10"]
     assert manifest["training"]["steps"] == 60
@@ -89,7 +89,7 @@ def test_sampled100_validation_selects_on_its_own_negatives(
     assert "sampled100/NDCG@10" in result.best_metrics
     assert "NDCG@10" not in result.best_metrics
     assert "HR@10" in result.test_metrics and "sampled100/HR@10" not in result.test_metrics
-    manifest = Registry(tmp_path / "reg").manifest("v000001")
+    manifest = Registry(tmp_path / "reg").manifest("v000001").to_json()
     assert "valid/sampled100/NDCG@10" in manifest["metrics"]
     assert "test/HR@10" in manifest["metrics"]
     assert "valid/sampled100/NDCG@10" in (tmp_path / "run" / "metrics.csv").read_text()
@@ -119,7 +119,7 @@ def test_history_masking_and_the_bpr_term_train_end_to_end(
     )
     assert result.best_metrics["HR@10"] > 0.3  # learns as well as the plain full softmax
     manifest = Registry(tmp_path / "reg").manifest("v000001")
-    trained = manifest["training"]["config"]["train"]
+    trained = manifest.training["config"]["train"]
     assert trained["mask_history"] is True and trained["bpr_weight"] == 0.5
     # The online learner fine-tunes with the loss the version was trained with.
     assert loss_config(OnlineConfig(loss="auto"), manifest).mask_history is True
@@ -132,7 +132,7 @@ BSAREC = {"type": "bsarec", "dim": 16, "num_blocks": 1, "dropout": 0.0, "attenti
 def test_bsarec_trains_on_prefixes_publishes_and_refuses_whole_windows(
     synthetic_data: Path, tmp_path: Path
 ) -> None:
-    from recloop.models.io import load_model
+    from recloop.registry.loading import load_model
 
     whole = config_from_dict({"model": BSAREC, "train": tiny_train(max_steps=2)})
     with pytest.raises(ConfigError, match=r"not causal.*train\.samples = 'prefixes'"):
@@ -146,8 +146,8 @@ def test_bsarec_trains_on_prefixes_publishes_and_refuses_whole_windows(
     )
     assert result.best_metrics["HR@10"] > 0.3  # learns the successor structure (~0.1 popular)
     model, manifest = load_model(Registry(tmp_path / "reg"), "v000001")
-    assert manifest["model"]["type"] == "bsarec" and not model.causal
-    assert manifest["training"]["config"]["train"]["samples"] == "prefixes"
+    assert manifest.model["type"] == "bsarec" and not model.causal
+    assert manifest.training["config"]["train"]["samples"] == "prefixes"
     split = SequenceDataset(synthetic_data).leave_one_out()
     again = evaluate(model, split.test, split.source, EvalConfig(max_length=20))
     assert again["HR@10"] == pytest.approx(result.test_metrics["HR@10"])
@@ -278,7 +278,7 @@ def test_two_gloo_processes_match_one(
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=name)
     versions = Registry(tmp_path / "r2").list()
     assert len(versions) == 1  # only rank 0 publishes
-    manifest = Registry(tmp_path / "r2").manifest("latest")
+    manifest = Registry(tmp_path / "r2").manifest("latest").to_json()
     assert manifest["training"]["world_size"] == 2
     assert manifest["model"]["type"] == ("bsarec" if overrides else "sasrec")
 
@@ -444,7 +444,7 @@ def test_trimming_padding_columns_changes_nothing(model_type: str) -> None:
 def test_eval_refuses_a_dataset_with_another_vocabulary(
     synthetic_data: Path, tmp_path: Path
 ) -> None:
-    from recloop.models.io import check_vocabulary, load_model
+    from recloop.registry.loading import check_vocabulary, load_model
 
     config = config_from_dict({"model": TINY_MODEL, "train": tiny_train(max_steps=2)})
     train(config, synthetic_data, tmp_path / "run", registry_dir=tmp_path / "reg",
@@ -457,7 +457,7 @@ def test_eval_refuses_a_dataset_with_another_vocabulary(
     with pytest.raises(ConfigError, match="vocabulary mismatch: version v000001"):
         check_vocabulary(registry, "v000001", items_sha["sha256"])
     model, manifest = load_model(registry, "latest")
-    assert manifest["id"] == "v000001" and not model.training
+    assert manifest.id == "v000001" and not model.training
     done = subprocess.run(
         [sys.executable, "-m", "recloop.cli", "eval", "--registry", str(tmp_path / "reg"),
          "--data", str(other)],

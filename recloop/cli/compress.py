@@ -156,8 +156,8 @@ def export_command(
     from recloop.compress.export import export_encoder
     from recloop.compress.pipeline import open_dataset
     from recloop.compress.quantize import sample_histories
-    from recloop.models.io import load_model
     from recloop.registry import Registry
+    from recloop.registry.loading import load_model
 
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")

@@ -271,7 +271,7 @@ def _wait_for_swap(http: httpx.Client, version: str) -> None:
 def _compress(registry: Path, data_dir: Path, version: str) -> None:
     from recloop.compress.pipeline import CompressOptions, compress_version
     from recloop.registry import Registry
-    from recloop.serve.runtime import LoadOptions, load_bundle
+    from recloop.serve.bundle import LoadOptions, load_bundle
 
     store = Registry(registry)
     options = CompressOptions("int8", data=data_dir, show_progress=False, command="recloop demo")

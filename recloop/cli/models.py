@@ -35,7 +35,7 @@ def models_show(
     store = Registry(registry, create=False)
     resolved = store.resolve(version)
     store.verify(resolved)
-    print(json.dumps(store.manifest(resolved), indent=2))
+    print(json.dumps(store.manifest(resolved).to_json(), indent=2))
 
 
 @models_app.command("promote")

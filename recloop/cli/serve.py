@@ -1,5 +1,5 @@
 """`recloop serve`: a registry version behind the HTTP API (the options map onto the fields of
-`recloop.serve.service.ServiceConfig` and `recloop.serve.runtime.LoadOptions`, which check them)."""
+`recloop.serve.service.ServiceConfig` and `recloop.serve.bundle.LoadOptions`, which check them)."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
     """The `recloop serve` options as the service's typed config (which validates them)."""
     import os
 
-    from recloop.serve.runtime import LoadOptions
+    from recloop.serve.bundle import LoadOptions
     from recloop.serve.service import ServiceConfig
 
     load = LoadOptions(

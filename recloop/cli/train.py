@@ -92,8 +92,8 @@ def eval_command(
     """Evaluate a registry version on a dataset's leave-one-out split."""
     from recloop.data.dataset import SequenceDataset
     from recloop.evaluate import EvalConfig, evaluate
-    from recloop.models.io import check_vocabulary, load_model
     from recloop.registry import Registry
+    from recloop.registry.loading import check_vocabulary, load_model
 
     if protocol not in ("full", "sampled100"):
         raise ConfigError(f"--protocol must be full or sampled100, got {protocol!r}")
@@ -106,7 +106,7 @@ def eval_command(
     model, manifest = load_model(store, resolved)
     examples = getattr(dataset.leave_one_out(), split)
     config = EvalConfig(
-        max_length=int(manifest["model"].get("max_length", 50)),
+        max_length=int(manifest.model.get("max_length", 50)),
         protocol=protocol,  # type: ignore[arg-type]
         max_users=max_users,
         seed=seed,

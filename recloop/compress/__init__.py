@@ -2,7 +2,7 @@
 
 Every method reads one registry version and publishes one new version whose manifest records
 ``parent`` (the version it came from) and ``method``; ``recloop serve`` and ``recloop eval``
-load it like any other, through :func:`recloop.models.io.load_model`.
+load it like any other, through :func:`recloop.registry.loading.load_model`.
 
 | method             | what it does                                                         |
 |--------------------|----------------------------------------------------------------------|

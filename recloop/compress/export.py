@@ -1,6 +1,6 @@
 """Export of the user encoder: ONNX (+ int8 dense layers through ONNX Runtime), TorchScript.
 
-The ONNX file is the one serving runs: :func:`recloop.serve.engine.export_onnx` (dynamo
+The ONNX file is the one serving runs: :func:`recloop.serve.engines.export.export_onnx` (dynamo
 exporter, dynamic batch and sequence length, ``prepare_query(encode(ids))``) is called as is.
 Each file is checked against the torch model on real or random histories of assorted lengths
 and batch sizes, and the report says by how much it differs (query error, score error, top-10
@@ -38,7 +38,7 @@ from recloop.models.base import SequentialEncoder
 from recloop.models.compressed import QuantizedLinear
 from recloop.models.embeddings import ItemEmbedding
 from recloop.models.parity import Comparison
-from recloop.serve.engine import quiet_export
+from recloop.serve.engines.export import quiet_export
 
 ONNX_FILE = "encoder.onnx"
 ONNX_INT8_FILE = "encoder.int8.onnx"
@@ -106,7 +106,7 @@ def onnx_runner(
     """run(ids [B, L] int64) -> query vectors [B, D]. Inputs other than ``ids`` are weights the
     exporter left as graph inputs (serving's export feeds the item table at run time): they are
     fed from the model's state dict, in its dtypes."""
-    from recloop.serve.engine import TABLE_INPUT, TABLE_KEY
+    from recloop.serve.engines.export import TABLE_INPUT, TABLE_KEY
 
     state = model.state_dict()
     feeds: dict[str, Any] = {}
@@ -225,8 +225,8 @@ def float_dense(model: SequentialEncoder) -> SequentialEncoder:
 
 
 def export_onnx_file(model: SequentialEncoder, path: Path) -> Path:
-    """The serving export (recloop.serve.engine.export_onnx) of `model` to `path`."""
-    from recloop.serve.engine import export_onnx
+    """The serving export (recloop.serve.engines.export.export_onnx) of `model` to `path`."""
+    from recloop.serve.engines.export import export_onnx
 
     return export_onnx(model.eval(), path)
 
@@ -255,7 +255,7 @@ def trace_torchscript(
     model: SequentialEncoder, path: Path, histories: npt.NDArray[np.int64]
 ) -> tuple[Path | None, str | None]:
     """(path, None) if a traced module matches the model on other shapes; (None, why) else."""
-    from recloop.serve.engine import QueryModule
+    from recloop.serve.engines.export import QueryModule
 
     module = QueryModule(model.eval()).eval()
     example = torch.ones((2, max(2, int(model.config.max_length) // 2)), dtype=torch.int64)
@@ -290,7 +290,7 @@ def write_tables(model: SequentialEncoder, path: Path) -> Path:
     against (row 0, padding, is zeros)."""
     from safetensors.numpy import save_file
 
-    from recloop.serve.engine import TABLE_KEY, item_table
+    from recloop.serve.engines.export import TABLE_KEY, item_table
 
     stored = model.state_dict()[TABLE_KEY].detach().cpu().contiguous().numpy()
     save_file({"item_table": stored, "scoring_table": item_table(model)}, str(path))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +47,12 @@ from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder
 from recloop.models.compressed import CompressionSpec, count_dense_parameters
 from recloop.models.factory import MODEL_TYPES, config_to_dict
-from recloop.models.io import check_vocabulary, load_model
-from recloop.registry import WEIGHTS, Registry
+from recloop.registry import WEIGHTS, Manifest, Registry, publish_version
+from recloop.registry.loading import check_vocabulary, load_model
+from recloop.registry.publish import inherited_side_files
 
 METHODS = ("int8", "int4", "prune-magnitude", "prune-structured", "distill")
 PRUNING = ("prune-magnitude", "prune-structured")
-ITEM_COUNTS_FILE = "item_counts.npy"
 # A fine-tune after pruning is short: a few epochs from the pruned weights, smaller steps.
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "lr": 5e-4,
@@ -236,17 +236,17 @@ def _split_metrics(model: SequentialEncoder, dataset: SequenceDataset) -> dict[s
 
 
 def _size_metrics(
-    tensors: dict[str, Any], manifest: dict[str, Any], metrics: dict[str, float]
+    tensors: dict[str, Any], manifest: Manifest, metrics: dict[str, float]
 ) -> dict[str, float]:
     """Weights file size against the parent's, and test NDCG@10 relative to the parent's."""
     weights_bytes = len(safetensors_bytes(tensors, metadata={"format": "pt"}))
-    parent_bytes = int(manifest["files"][WEIGHTS]["bytes"])
+    parent_bytes = manifest.files[WEIGHTS].bytes
     sizes = {
         "compression/weights_bytes": float(weights_bytes),
         "compression/parent_weights_bytes": float(parent_bytes),
         "compression/size_ratio": weights_bytes / parent_bytes,
     }
-    parent_ndcg = (manifest.get("metrics") or {}).get("test/NDCG@10")
+    parent_ndcg = manifest.metrics.get("test/NDCG@10")
     if isinstance(parent_ndcg, int | float) and parent_ndcg > 0 and "test/NDCG@10" in metrics:
         sizes["compression/relative_test_NDCG@10"] = metrics["test/NDCG@10"] / parent_ndcg
     return sizes
@@ -263,16 +263,16 @@ def _publish(
 ) -> str:
     """The compressed version, a child of the parent with the parent's vocabulary files."""
     parent_id, manifest = plan.parent, plan.manifest
-    return registry.publish(
+    return publish_version(
+        registry,
         tensors,
         model=config_to_dict(compressed),
-        dataset=manifest.get("dataset"),
+        dataset=manifest.dataset,
         metrics=metrics,
         parent=parent_id,
         method=method,
         training=training,
-        extra_files=_inherited_files(registry, parent_id, manifest),
-        vocabulary_file=(manifest.get("vocabulary") or {}).get("file"),
+        side=inherited_side_files(registry, parent_id, manifest),
     )
 
 
@@ -282,7 +282,7 @@ def _publish(
 @dataclass
 class _Plan:
     parent: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     dataset: SequenceDataset | None
     train: TrainConfig
 
@@ -293,7 +293,7 @@ def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
     method = options.method
     parent = registry.resolve(ref)
     manifest = registry.manifest(parent)
-    model_json = manifest.get("model") or {}
+    model_json = manifest.model
     _check_parent(parent, manifest, method)
     needs_data = method in PRUNING or method == "distill"
     dataset = open_dataset(registry, parent, manifest, options.data, required=needs_data)
@@ -322,9 +322,9 @@ def _check_options(options: CompressOptions) -> None:
         raise ConfigError(f"a [model] (student) table applies to --method distill, not {method}")
 
 
-def _check_parent(parent: str, manifest: dict[str, Any], method: str) -> None:
+def _check_parent(parent: str, manifest: Manifest, method: str) -> None:
     """The version is a model type compression supports, and `method` applies to it."""
-    model_json = manifest.get("model") or {}
+    model_json = manifest.model
     model_type = model_json.get("type")
     if model_type not in MODEL_TYPES:
         raise ConfigError(
@@ -336,12 +336,12 @@ def _check_parent(parent: str, manifest: dict[str, Any], method: str) -> None:
         raise ConfigError(
             f"--method {method} does not apply to version {parent}: it is quantized already "
             f"(embedding {spec.embedding_bits} bits, dense {spec.linear_bits} bits, "
-            f"method {manifest.get('method')!r}); compress its float parent "
-            f"{manifest.get('parent')} instead"
+            f"method {manifest.method!r}); compress its float parent "
+            f"{manifest.parent} instead"
         )
 
 
-def _train_config(model_json: dict[str, Any], options: CompressOptions) -> TrainConfig:
+def _train_config(model_json: Mapping[str, Any], options: CompressOptions) -> TrainConfig:
     """The fine-tune's / student's [train] table over the method's defaults."""
     train_values: dict[str, Any] = {"max_length": int(model_json.get("max_length", 50))}
     if options.method in PRUNING:
@@ -382,14 +382,14 @@ def _check_student(student: dict[str, Any], train: TrainConfig) -> None:
 def open_dataset(
     registry: Registry,
     parent: str,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     data: Path | None,
     *,
     required: bool,
 ) -> SequenceDataset | None:
     """The dataset given, else the version's own if its directory still exists."""
     if data is None:
-        recorded = (manifest.get("dataset") or {}).get("path")
+        recorded = (manifest.dataset or {}).get("path")
         if recorded and Path(recorded, "manifest.json").is_file():
             data = Path(recorded)
     if data is None:
@@ -401,17 +401,6 @@ def open_dataset(
     dataset = SequenceDataset(Path(data))
     check_vocabulary(registry, parent, dataset.manifest["files"]["items.parquet"]["sha256"])
     return dataset
-
-
-def _inherited_files(
-    registry: Registry, parent: str, manifest: dict[str, Any]
-) -> dict[str, Path | bytes]:
-    files: dict[str, Path | bytes] = {}
-    vocabulary = (manifest.get("vocabulary") or {}).get("file")
-    for name in (vocabulary, ITEM_COUNTS_FILE):
-        if name and name in manifest["files"]:
-            files[name] = registry.file(parent, name)
-    return files
 
 
 def _checked(dataset: SequenceDataset | None) -> SequenceDataset:

@@ -17,6 +17,7 @@ from recloop.config import (
     read_toml,
 )
 from recloop.errors import ConfigError
+from recloop.registry import Manifest
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,11 @@ def load_online_config(path: Path | None, overrides: Sequence[str] = ()) -> Onli
     return config
 
 
-def loss_config(config: OnlineConfig, origin: dict[str, Any]) -> TrainConfig:
+def loss_config(config: OnlineConfig, origin: Manifest) -> TrainConfig:
     """The training loss settings: the config's, with "auto" filled from how the origin
     version was trained (sampled softmax with 256 uniform negatives when it does not say).
     History masking follows the origin's training whenever the loss is the full softmax."""
-    trained = ((origin.get("training") or {}).get("config") or {}).get("train") or {}
+    trained = (origin.training.get("config") or {}).get("train") or {}
     loss = config.loss if config.loss != "auto" else trained.get("loss", "sampled_softmax")
     negatives = config.negatives if config.negatives != "auto" else trained.get("negatives")
     count = config.num_negatives or trained.get("num_negatives") or 256

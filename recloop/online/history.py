@@ -6,22 +6,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from recloop.data.history import UserHistory
 from recloop.data.vocabulary import Vocabulary
+from recloop.registry import Manifest
 
 log = logging.getLogger("recloop.online")
 
 
 def base_history(
-    data: Path | None, origin_manifest: dict[str, Any], vocabulary: Vocabulary
+    data: Path | None, origin_manifest: Manifest, vocabulary: Vocabulary
 ) -> UserHistory | None:
     """`data`, or the dataset the origin version was trained on when it is still there."""
     if data is None:
-        recorded = (origin_manifest.get("dataset") or {}).get("path")
+        recorded = (origin_manifest.dataset or {}).get("path")
         data = Path(recorded) if recorded and Path(recorded).is_dir() else None
     if data is None:
         log.warning("no training dataset: sequences start from the event log alone")

@@ -26,14 +26,12 @@ the uninterrupted run would have taken.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +41,6 @@ from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError
 from recloop.events import EventLog, LoggedEvent, resume_offset
 from recloop.models.factory import config_to_dict
-from recloop.models.io import load_model
 from recloop.online.config import OnlineConfig, loss_config
 from recloop.online.control import crash_point, progress, stop_on_signals
 from recloop.online.history import base_history, padded_chunks
@@ -56,7 +53,6 @@ from recloop.online.prequential import (
     totals_from_ranks,
 )
 from recloop.online.resume import (
-    ITEM_COUNTS_FILE,
     OnlineState,
     find_resume_version,
     load_item_counts,
@@ -65,7 +61,9 @@ from recloop.online.resume import (
     save_learner_state,
     vocabulary_file,
 )
-from recloop.registry import Registry, RowUpdate
+from recloop.registry import Delta, Manifest, Registry, RowUpdate, SideFiles, publish_version
+from recloop.registry.deltas import diff_state
+from recloop.registry.loading import load_model
 from recloop.train.loop import optimizer_step
 from recloop.train.losses import next_item_loss
 
@@ -73,7 +71,6 @@ log = logging.getLogger("recloop.online")
 
 
 TABLE = "item_embedding.weight"
-VOCABULARY_FILE = "items.parquet"
 PLOT_EVERY_SECONDS = 60.0  # RUN/prequential.png is redrawn at most this often, and at the end
 TOKENS_PER_CHUNK = 8192  # padded positions per forward pass of a training step
 CONTEXT_ITEMS = 10  # a user's most recent items taken as a new item's co-occurrence context
@@ -126,10 +123,10 @@ class OnlineLearner:
             self.state.offset = self.offset
         self.model, _ = load_model(registry, self.version)
         self.frozen, _ = load_model(registry, self.state.origin)
-        self.vocabulary = Vocabulary.read(registry.file(self.version, vocabulary_file(manifest)))
+        self.vocabulary = Vocabulary.read(vocabulary_file(registry, manifest))
         self._published_items = self.vocabulary.num_items
         self._published = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.item_counts = load_item_counts(registry, self.version, self.vocabulary.num_items)
+        self.item_counts = load_item_counts(registry, manifest, self.vocabulary.num_items)
 
         self.max_length = int(self.model.config.max_length)
         self.pending = PendingItems(config.admit_after)
@@ -341,12 +338,9 @@ class OnlineLearner:
         if self._unpublished_events == 0 and not force:
             return None
         started = time.perf_counter()
-        changes = self._changes()
-        extra: dict[str, Path | bytes] = {ITEM_COUNTS_FILE: _npy_bytes(self.item_counts)}
-        vocabulary_file = None
-        if self.vocabulary.num_items != self._published_items:
-            extra[VOCABULARY_FILE] = self.vocabulary.parquet_bytes()
-            vocabulary_file = VOCABULARY_FILE
+        changes = diff_state(self._published, self.model.state_dict(), TABLE)
+        grown = self.vocabulary.num_items != self._published_items
+        vocabulary = self.vocabulary.parquet_bytes() if grown else None  # None: the parent's
         parent = self.version
         self.state.offset = self.offset
         self.state.deltas += 1
@@ -354,15 +348,14 @@ class OnlineLearner:
         # resumes from an older offset and ignores this file.
         self._save_learner_state(self.offset)
         crash_point("state-saved")
-        version = self.registry.publish_delta(
-            parent,
-            changes,
+        version = publish_version(
+            self.registry,
+            Delta(parent, changes),
             model=config_to_dict(self.model),
             metrics={f"online/{k}": v for k, v in self.state.totals.summary().items()},
             method="online",
             training={"online": self.state.to_json(), "config": dataclasses.asdict(self.config)},
-            extra_files=extra,
-            vocabulary_file=vocabulary_file,
+            side=SideFiles(vocabulary=vocabulary, item_counts=self.item_counts),
         )
         crash_point("published")
         self.events.commit(self.config.consumer, self.offset)
@@ -389,29 +382,6 @@ class OnlineLearner:
             self.prequential.plot()  # ~0.5 s of matplotlib: not at every publish
             self._last_plot = time.monotonic()
         return version
-
-    def _changes(self) -> dict[str, torch.Tensor | RowUpdate]:
-        """Changed and new item rows, and whole dense tensors that moved; updates the
-        snapshot of what was published."""
-        changes: dict[str, torch.Tensor | RowUpdate] = {}
-        for name, tensor in self.model.state_dict().items():
-            tensor = tensor.detach()
-            old = self._published.get(name)
-            if name == TABLE and old is not None:
-                count = len(old)
-                moved = torch.nonzero((tensor[:count] != old).any(dim=1)).squeeze(1)
-                rows = torch.cat([moved, torch.arange(count, len(tensor))])
-                if len(rows):
-                    values = tensor[rows].clone()
-                    changes[name] = RowUpdate(rows=rows, values=values)
-                    grown = torch.cat([old, torch.zeros(len(tensor) - count, *old.shape[1:])])
-                    grown[rows] = values
-                    self._published[name] = grown
-            elif old is None or old.shape != tensor.shape or not torch.equal(old, tensor):
-                copy = tensor.clone()
-                changes[name] = copy
-                self._published[name] = copy
-        return changes
 
     def _compact(self) -> None:
         # The compacted version records a chain of zero deltas, so a learner restarted from
@@ -479,17 +449,11 @@ class OnlineLearner:
         )
 
 
-def _check_trainable(version: str, manifest: dict[str, Any]) -> None:
-    if (manifest.get("model") or {}).get("compression"):
+def _check_trainable(version: str, manifest: Manifest) -> None:
+    if manifest.model.get("compression"):
         # Quantized codes cannot take gradient steps, and pruned tables cannot grow rows.
         raise ConfigError(
-            f"version {version} is compressed (method {manifest.get('method')!r}); "
+            f"version {version} is compressed (method {manifest.method!r}); "
             f"the online learner needs a plain float model: start it from "
-            f"{manifest.get('parent')} and compress what it publishes"
+            f"{manifest.parent} and compress what it publishes"
         )
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()

@@ -4,7 +4,6 @@ each publish, keyed by the event offset it covers."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -17,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from recloop.errors import RegistryError
 from recloop.online.prequential import PrequentialTotals
-from recloop.registry import Registry
+from recloop.registry import Manifest, Registry
+from recloop.registry.sidefiles import read_item_counts, vocabulary_path
 from recloop.train.checkpoint import flatten_optimizer, restore_optimizer, restore_rng, rng_state
 
 
@@ -43,8 +43,8 @@ class OnlineState:
         }
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> OnlineState | None:
-        data = (manifest.get("training") or {}).get("online")
+    def from_manifest(cls, manifest: Manifest) -> OnlineState | None:
+        data = manifest.training.get("online")
         if not isinstance(data, dict):
             return None
         return cls(
@@ -55,7 +55,7 @@ class OnlineState:
             admitted={str(k): int(v) for k, v in (data.get("admitted") or {}).items()},
             # A full version (a compaction) starts a new chain, whatever count it records:
             # compacted manifests used to copy the count of the chain they ended.
-            deltas=0 if manifest.get("kind") == "full" else int(data.get("deltas", 0)),
+            deltas=0 if manifest.kind == "full" else int(data.get("deltas", 0)),
         )
 
 
@@ -75,23 +75,18 @@ def find_resume_version(registry: Registry, start: str, consumer: str) -> str:
     return version
 
 
-ITEM_COUNTS_FILE = "item_counts.npy"
-
-
-def vocabulary_file(manifest: dict[str, Any]) -> str:
-    """The name of the version's vocabulary side file."""
-    name = (manifest.get("vocabulary") or {}).get("file")
-    if not name:
+def vocabulary_file(registry: Registry, manifest: Manifest) -> Path:
+    """The version's vocabulary side file."""
+    if not manifest.vocabulary_file:
         raise RegistryError("the version records no item vocabulary; the learner needs one")
-    return str(name)
+    return vocabulary_path(registry, manifest.id, manifest)
 
 
-def load_item_counts(registry: Registry, version: str, num_items: int) -> np.ndarray:
+def load_item_counts(registry: Registry, manifest: Manifest, num_items: int) -> np.ndarray:
     """The version's per-item interaction counts [num_items + 1] (zeros where absent)."""
     counts = np.zeros(num_items + 1, dtype=np.int64)
-    if ITEM_COUNTS_FILE in registry.manifest(version).get("files", {}):
-        raw = registry.file(version, ITEM_COUNTS_FILE).read_bytes()
-        loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+    loaded = read_item_counts(registry, manifest.id, manifest)
+    if loaded is not None:
         counts[: min(len(loaded), len(counts))] = loaded[: len(counts)]
     return counts
 

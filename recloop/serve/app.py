@@ -15,12 +15,9 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
-import numpy.typing as npt
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
@@ -35,6 +32,7 @@ from recloop.errors import EngineParityError, RecloopError, RegistryError, Servi
 from recloop.ids import raw_id_problem
 from recloop.serve.batcher import Overloaded
 from recloop.serve.middleware import BodySizeLimit, Receive, RequestMetrics, Scope, Send, send_json
+from recloop.serve.recommender import UnknownItem
 from recloop.serve.schemas import (
     EventBatch,
     EventsAccepted,
@@ -49,15 +47,7 @@ from recloop.serve.schemas import (
     SimilarItems,
     UserEvents,
 )
-from recloop.serve.service import (
-    BadEvents,
-    Service,
-    ServiceConfig,
-    Unavailable,
-    dumps,
-    items_json,
-    recommendations_body,
-)
+from recloop.serve.service import BadEvents, Service, ServiceConfig, Unavailable, dumps
 from recloop.serve.validation import (
     DEFAULT_K,
     MAX_K,
@@ -66,6 +56,9 @@ from recloop.serve.validation import (
     fast_arguments,
     key_matches,
 )
+
+if TYPE_CHECKING:
+    from recloop.events import Event
 
 __all__ = ["FastPath", "ServiceConfig", "create_app"]
 
@@ -132,7 +125,9 @@ def create_app(config: ServiceConfig) -> FastPath:
     _error_handlers(app, service)
     _ops_routes(app, service)
     _recommendation_routes(app, service)
-    _write_routes(app, service)
+    _model_routes(app, service)
+    _event_routes(app, service)
+    _admin_routes(app, service)
     _docs_routes(app, service)
     # Outermost first: metrics see every request, including the ones the size limit refuses.
     app.add_middleware(BodySizeLimit, limit=config.max_body_bytes)
@@ -217,16 +212,7 @@ def _ops_routes(app: FastAPI, service: Service) -> None:
         responses={503: {"model": Readiness, "description": "not ready (loading, rebuilding)"}},
     )
     async def readyz() -> Response:
-        bundle = service.holder.current
-        rebuild = service.logged_state.status() if service.logged_state is not None else None
-        ready = bundle is not None and service.state_ready
-        body = {
-            "ready": ready,
-            "model_version": bundle.version if bundle else None,
-            "state": service.state.status(),
-            "state_rebuild": rebuild,
-            "queue": service.batcher.depth,
-        }
+        ready, body = service.readiness()
         return Response(dumps(body), status_code=200 if ready else 503, media_type=JSON)
 
     @app.get(
@@ -244,10 +230,7 @@ def _ops_routes(app: FastAPI, service: Service) -> None:
         },
     )
     async def metrics() -> Response:
-        service.metrics.queue_depth.set(service.batcher.depth)
-        service.metrics.state_connected.set(1 if service.state.status().get("connected") else 0)
-        data, _ = service.metrics.render()
-        return Response(data, media_type=PROMETHEUS_TEXT)
+        return Response(service.render_metrics(), media_type=PROMETHEUS_TEXT)
 
 
 def _recommendation_routes(app: FastAPI, service: Service) -> None:
@@ -272,10 +255,9 @@ def _recommendation_routes(app: FastAPI, service: Service) -> None:
         responses={**COMMON, **BODY},
     )
     async def sequence_recommendations(request: SequenceRequest) -> Response:
-        bundle = service.bundle
-        sequence, unknown = bundle.catalog.lookup([str(item) for item in request.items])
-        items, fallback = await service.recommend(bundle, sequence, request.k, request.exclude_seen)
-        body = recommendations_body(bundle, None, items, fallback, unknown)
+        items = [str(item) for item in request.items]
+        recommender = service.recommender
+        body = await recommender.for_items(service.bundle, items, request.k, request.exclude_seen)
         return Response(body, media_type=JSON)
 
     @app.get(
@@ -288,23 +270,14 @@ def _recommendation_routes(app: FastAPI, service: Service) -> None:
         item_id: Annotated[RawId, PathParam()],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = DEFAULT_K,
     ) -> Response:
-        bundle = service.bundle
-        dense, unknown = bundle.catalog.lookup([item_id])
-        if unknown:
-            raise HTTPException(404, f"unknown item {item_id!r} (not in model {bundle.version})")
+        try:
+            body = await service.recommender.similar(service.bundle, item_id, k)
+        except UnknownItem as exc:
+            raise HTTPException(404, str(exc)) from None
+        return Response(body, media_type=JSON)
 
-        def search() -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-            vectors = bundle.index.vectors(dense)
-            ids, scores = bundle.index.search(vectors, k, [dense])
-            return ids[0], scores[0]
 
-        ids, scores = await service.batcher.run_in_worker(search)
-        body = (
-            f'{{"model_version":{encode_basestring(bundle.version)},'
-            f'"item_id":{encode_basestring(item_id)},"items":{items_json(bundle, ids, scores)}}}'
-        )
-        return Response(body.encode(), media_type=JSON)
-
+def _model_routes(app: FastAPI, service: Service) -> None:
     @app.get(
         "/v1/model",
         response_model=ModelInfo,
@@ -318,9 +291,7 @@ def _recommendation_routes(app: FastAPI, service: Service) -> None:
         return ModelInfo(**core, details=described)
 
 
-def _write_routes(app: FastAPI, service: Service) -> None:
-    from recloop.events import Event
-
+def _event_routes(app: FastAPI, service: Service) -> None:
     require_key = Depends(key_checker(service, group=None))
 
     @app.get(
@@ -344,28 +315,36 @@ def _write_routes(app: FastAPI, service: Service) -> None:
         responses={**COMMON, **BODY, **KEYED},
     )
     async def post_events(batch: EventBatch) -> EventsAccepted:
-        bundle = service.bundle
-        now = time.time()
-        events = [
-            Event(
-                user_id=str(e.user_id),
-                item_id=str(e.item_id),
-                timestamp=e.timestamp if e.timestamp is not None else now,
-                event_type=e.event_type,
-                value=e.value,
-            )
-            for e in batch.events
-        ]
-        event_ids, durable = await service.accept_events(events)
-        service.metrics.events.inc(len(events))
-        _, unknown = bundle.catalog.lookup([event.item_id for event in events])
+        events = _events(batch)
+        ingested = await service.ingest(events)
         return EventsAccepted(
             accepted=len(events),
             users=len({event.user_id for event in events}),
-            durable=durable,
-            event_ids=event_ids,
-            unknown_items=sorted(set(unknown)),
+            durable=ingested.durable,
+            event_ids=ingested.event_ids,
+            unknown_items=ingested.unknown_items,
         )
+
+
+def _events(batch: EventBatch) -> list[Event]:
+    """The body's events as the event log takes them (no timestamp: now)."""
+    from recloop.events import Event
+
+    now = time.time()
+    return [
+        Event(
+            user_id=str(e.user_id),
+            item_id=str(e.item_id),
+            timestamp=e.timestamp if e.timestamp is not None else now,
+            event_type=e.event_type,
+            value=e.value,
+        )
+        for e in batch.events
+    ]
+
+
+def _admin_routes(app: FastAPI, service: Service) -> None:
+    require_key = Depends(key_checker(service, group=None))
 
     @app.post(
         "/v1/admin/reload",

@@ -1,32 +1,35 @@
-"""Micro-batching: many concurrent requests, one batched forward pass and one index search.
+"""Micro-batching: many concurrent requests, one batched computation off the event loop.
 
-Requests wait on the event loop in a bounded queue. One worker task takes what is queued (up to
-``max_batch``), optionally waits ``max_wait`` seconds for more, and runs encode + search for the
-whole batch in a single worker thread, off the event loop (ONNX Runtime, numpy and faiss release
-the GIL, so the HTTP loop keeps accepting requests meanwhile). While one batch computes, the next
-one fills up, so under load batches grow by themselves and an idle service answers a lone
-request without waiting. ``max_batch=1`` turns batching off (one forward per request).
+The batcher knows nothing of models: a request is an opaque item and the function that
+computes a whole batch of such items (``run(items) -> results``, one result per item, in
+order). Requests wait on the event loop in a bounded queue. One worker task takes what is
+queued (up to ``max_batch``), optionally waits ``max_wait`` seconds for more, and runs each
+function once over its items in a single worker thread, off the event loop (ONNX Runtime, numpy
+and faiss release the GIL, so the HTTP loop keeps accepting requests meanwhile). While one
+batch computes, the next one fills up, so under load batches grow by themselves and an idle
+service answers a lone request without waiting. ``max_batch=1`` turns batching off.
 
-Requests carry the bundle they started on; a batch never mixes bundles, which is what lets a hot
-swap happen with requests in flight.
+A batch groups requests by their function (compared with ``==``: the same bound method of the
+same object is one group), so requests that started on different model versions are never
+computed together, which is what lets a hot swap happen with requests in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-
 from recloop.errors import ServingError
-from recloop.serve.runtime import ModelBundle
 
 T = TypeVar("T")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+# Computes one result per item, in order, on the worker thread. Hashable: it keys its group.
+BatchFunction = Callable[[Sequence[Any]], Sequence[Any]]
 
 
 class Overloaded(ServingError):
@@ -35,11 +38,9 @@ class Overloaded(ServingError):
 
 @dataclass
 class _Pending:
-    bundle: ModelBundle
-    sequence: npt.NDArray[np.int64]
-    k: int
-    exclude: npt.NDArray[np.int64] | None
-    future: asyncio.Future[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]
+    run: BatchFunction
+    item: Any
+    future: asyncio.Future[Any]
 
 
 BatchObserver = Callable[[int, float], None]  # (batch size, seconds of compute)
@@ -66,7 +67,7 @@ class MicroBatcher:
         self._observer = observer
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task[None] | None = None
-        # One compute thread: engines keep per-bucket buffers and are used by one thread.
+        # One compute thread: the work need not be thread-safe (engines reuse their buffers).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recloop-infer")
 
     @property
@@ -89,26 +90,21 @@ class MicroBatcher:
                     pending.future.set_exception(ServingError("service is shutting down"))
         self._executor.shutdown(wait=True)
 
-    async def submit(
-        self,
-        bundle: ModelBundle,
-        sequence: npt.NDArray[np.int64],
-        k: int,
-        exclude: npt.NDArray[np.int64] | None,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Top-k (ids, scores) for one sequence of dense ids (most recent last)."""
+    async def submit(self, run: Callable[[Sequence[Item]], Sequence[Result]], item: Item) -> Result:
+        """``run([item, ...])[i]`` for this item, computed in a batch with the other queued
+        items of the same ``run``. Overloaded when the queue is full."""
         if self._queue is None:
             raise ServingError("the batcher is not running")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Pending(bundle, sequence, k, exclude, future))
+            self._queue.put_nowait(_Pending(run, item, future))
         except asyncio.QueueFull:
             raise Overloaded(f"request queue is full ({self.max_queue} waiting)") from None
-        result: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] = await future
+        result: Result = await future
         return result
 
     async def run_in_worker(self, function: Callable[[], T]) -> T:
-        """Runs other index/engine work (similar items) on the compute thread."""
+        """Runs one piece of other work (similar items) on the compute thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, function)
 
     async def _run(self) -> None:
@@ -120,7 +116,7 @@ class MicroBatcher:
             if len(batch) < self.max_batch and self.max_wait > 0:
                 await asyncio.sleep(self.max_wait)
                 self._drain(batch)
-            for group in _by_bundle(batch):
+            for group in _by_function(batch):
                 started = loop.time()
                 try:
                     results = await loop.run_in_executor(self._executor, _compute, group)
@@ -144,20 +140,16 @@ class MicroBatcher:
                 return
 
 
-def _by_bundle(batch: list[_Pending]) -> list[list[_Pending]]:
-    groups: dict[int, list[_Pending]] = {}
+def _by_function(batch: list[_Pending]) -> list[list[_Pending]]:
+    groups: dict[BatchFunction, list[_Pending]] = {}
     for pending in batch:
-        groups.setdefault(id(pending.bundle), []).append(pending)
+        groups.setdefault(pending.run, []).append(pending)
     return list(groups.values())
 
 
-def _compute(
-    group: list[_Pending],
-) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
-    """Worker thread: one encode and one search for a group that shares a bundle."""
-    bundle = group[0].bundle
-    queries = bundle.engine.encode([pending.sequence for pending in group])
-    k_max = max(pending.k for pending in group)
-    exclude = [pending.exclude for pending in group]
-    ids, scores = bundle.index.search(queries, k_max, exclude)
-    return [(ids[row, : p.k].copy(), scores[row, : p.k].copy()) for row, p in enumerate(group)]
+def _compute(group: list[_Pending]) -> Sequence[Any]:
+    """Worker thread: one call of the group's function over all of its items."""
+    results = group[0].run([pending.item for pending in group])
+    if len(results) != len(group):
+        raise ServingError(f"the batch function gave {len(results)} results for {len(group)} items")
+    return results

@@ -1,24 +1,18 @@
-"""What a chain of registry deltas does to a served model's weights, without touching them.
+"""Serving a chain of registry deltas: moving a live bundle's weights without touching them.
 
 The service holds the weights of the version it serves as a state dict of CPU tensors that no
 one writes to. Moving it along a chain of delta versions (the online learner publishes one
-every few seconds) builds a *new* state dict: tensors a delta does not touch are shared with
-the old one, touched ones are copied once and patched (copy-on-write), so the old version keeps
-serving unchanged until the swap and costs no extra memory for what did not change.
-
-:func:`delta_chain` finds the deltas between two versions, :func:`check_model_change` refuses
-what is more than new weights and a grown item table, :func:`patch_state` applies the changes
-and :func:`model_from_state` puts the result in a model without copying it again. Anything a
-delta path cannot take raises :class:`NotApplicable` with the reason: the caller then loads the
-version in full.
+every few seconds) builds a *new* state dict copy-on-write (``recloop.registry.deltas``), so
+the old version keeps serving unchanged until the swap and costs no extra memory for what did
+not change. What is serving's own: :func:`delta_chain` and :func:`check_model_change` refuse
+what is more than new weights and a grown item table, :func:`patch_state` records what changed
+for the engine and index, :func:`patched_model` builds the model. Anything a delta path cannot
+take raises :class:`NotApplicable` with the reason: the caller then loads the version in full.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,15 +21,15 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from recloop.errors import RegistryError
 from recloop.models.base import SequentialEncoder
-from recloop.models.factory import MODEL_TYPES, build_model
-from recloop.registry import Registry, RowUpdate
-from recloop.serve.engine import TABLE_KEY
+from recloop.models.factory import MODEL_TYPES
+from recloop.registry import Manifest, Registry, RowUpdate, model_from_state
+from recloop.registry.deltas import Change, NotADescendant, apply_copy_on_write
+from recloop.serve.engines.export import TABLE_KEY
 
 # A longer chain means the service fell far behind the learner; a full load is as cheap then.
 MAX_CHAIN = 64
-
-Change = torch.Tensor | RowUpdate
 
 
 class NotApplicable(Exception):
@@ -55,27 +49,13 @@ class PatchedState:
     table_rows: npt.NDArray[np.int64] | None
 
 
-def delta_chain(registry: Registry, current: str, target: str) -> list[tuple[str, dict[str, Any]]]:
+def delta_chain(registry: Registry, current: str, target: str) -> list[tuple[str, Manifest]]:
     """(id, manifest) of each delta from ``current`` (exclusive) to ``target`` (inclusive),
     oldest first. NotApplicable unless ``target`` descends from ``current`` through deltas."""
-    chain: list[tuple[str, dict[str, Any]]] = []
-    version = target
-    while version != current:
-        if len(chain) == MAX_CHAIN:
-            raise NotApplicable(f"{target} is more than {MAX_CHAIN} deltas after {current}")
-        manifest = registry.manifest(version)
-        if manifest.get("kind") != "delta":
-            raise NotApplicable(
-                f"{target} does not descend from {current} through deltas "
-                f"({version} is a {manifest.get('kind')} version)"
-            )
-        parent = manifest.get("parent")
-        if not isinstance(parent, str):
-            raise NotApplicable(f"delta {version} names no parent")
-        chain.append((version, manifest))
-        version = parent
-    chain.reverse()
-    return chain
+    try:
+        return registry.deltas_after(current, target, MAX_CHAIN)
+    except NotADescendant as exc:
+        raise NotApplicable(str(exc)) from None
 
 
 def check_model_change(old: Mapping[str, Any], new: Mapping[str, Any], version: str) -> None:
@@ -116,31 +96,26 @@ def patch_state(
     base: Mapping[str, torch.Tensor],
     deltas: Sequence[tuple[str, Mapping[str, Change], Sequence[str]]],
 ) -> PatchedState:
-    """Applies (version, changes, removed) deltas in order to a copy-on-write view of ``base``.
-
-    ``base`` and its tensors are never written: a tensor is copied the first time a delta
-    patches its rows (allocated at its grown size when rows are added) and patched in place
-    after that, so a chain costs one copy per changed tensor; a replaced tensor is the delta's
-    own (freshly read) tensor. Rows past a tensor's end must extend it without holes.
-    """
-    state = dict(base)
-    owned: set[str] = set()  # tensors this call allocated: safe to write
+    """Applies (version, changes, removed) deltas in order to a copy-on-write view of ``base``
+    (never written; see ``recloop.registry.deltas.apply_copy_on_write``). NotApplicable for
+    a delta that removes or adds tensors (a new architecture) or writes rows it cannot."""
     table_rows: list[npt.NDArray[np.int64]] = []
     table_replaced = False
     for version, changes, removed in deltas:
         if removed:
             raise NotApplicable(f"{version} removes tensors {sorted(removed)[:3]}")
         for name, change in changes.items():
-            if name not in state:
+            if name not in base:
                 raise NotApplicable(f"{version} adds tensor {name!r}: a new architecture")
             if isinstance(change, RowUpdate):
-                state[name] = _patch_rows(state[name], change, name in owned, version, name)
                 if name == TABLE_KEY:
                     table_rows.append(change.rows.numpy())
             else:
-                state[name] = change
                 table_replaced = table_replaced or name == TABLE_KEY
-            owned.add(name)
+    try:
+        state, owned = apply_copy_on_write(base, [(v, changes) for v, changes, _ in deltas])
+    except RegistryError as exc:
+        raise NotApplicable(str(exc)) from None
     rows = None if table_replaced else np.unique(np.concatenate([_NO_ROWS, *table_rows]))
     return PatchedState(state=state, changed=frozenset(owned), table_rows=rows)
 
@@ -148,62 +123,12 @@ def patch_state(
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
-def _patch_rows(
-    tensor: torch.Tensor, update: RowUpdate, owned: bool, version: str, name: str
-) -> torch.Tensor:
-    """``tensor`` with ``update`` written into it: in place when ``owned``, else a copy."""
-    rows, values = update.rows, update.values
-    if rows.dtype != torch.int64 or rows.ndim != 1 or values.dtype != tensor.dtype:
-        raise NotApplicable(
-            f"{version}: row update of {name!r} has rows {rows.dtype} and values "
-            f"{values.dtype} for a {tensor.dtype} tensor"
-        )
-    if list(values.shape) != [len(rows), *tensor.shape[1:]]:
-        raise NotApplicable(
-            f"{version}: row update of {name!r} has values {list(values.shape)} for a tensor "
-            f"of shape {list(tensor.shape)}"
-        )
-    size = len(tensor)
-    index = rows.numpy()
-    top = int(index.max()) + 1 if len(index) else size
-    grown = max(size, top)
-    if len(index) and int(index.min()) < 0:
-        raise NotApplicable(f"{version}: row update of {name!r} writes row {int(index.min())}")
-    # Rows are unique (checked at publish): the new ones are exactly size..grown-1, or a hole.
-    if int(np.count_nonzero(index >= size)) != grown - size:
-        raise NotApplicable(
-            f"{version}: row update of {name!r} grows it from {size} to {grown} rows without "
-            f"writing every one of rows {size}..{grown - 1}"
-        )
-    if not owned or grown > size:  # the first write (or a growth): into a new tensor
-        fresh = tensor.new_empty((grown, *tensor.shape[1:]))
-        fresh[:size] = tensor
-        tensor = fresh
-    tensor.index_copy_(0, rows, values)
-    return tensor
-
-
-def model_from_state(
+def patched_model(
     model_json: Mapping[str, Any], state: Mapping[str, torch.Tensor]
 ) -> SequentialEncoder:
-    """A model in eval mode built from a manifest's ``model`` that uses the tensors of ``state``
-    as its weights (no copy). NotApplicable when the weights do not fit the config."""
+    """The model of ``model_json`` on the patched ``state`` (no copy); NotApplicable when the
+    weights do not fit its config (then a full load says exactly what is wrong)."""
     try:
-        model = copy.deepcopy(_skeleton(json.dumps(model_json, sort_keys=True)))
-        model.load_state_dict(state, strict=True, assign=True)
-    except Exception as exc:  # shapes, names, or a module that cannot be built on "meta"
-        raise NotApplicable(f"the patched weights do not fit the model config: {exc}") from None
-    left = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
-    if left:
-        raise NotApplicable(f"the model has state the registry does not store: {left[:3]}")
-    model.eval()
-    return model
-
-
-@functools.lru_cache(maxsize=4)
-def _skeleton(model_json: str) -> SequentialEncoder:
-    """The model of a config on the "meta" device: structure only, no memory, no init. Built
-    once per config (~10 ms under load), then deep-copied per delta (~2 ms)."""
-    config = json.loads(model_json)
-    with torch.device("meta"):
-        return build_model(str(config.pop("type", "")), config)
+        return model_from_state(model_json, state)
+    except RegistryError as exc:
+        raise NotApplicable(str(exc)) from None

@@ -1,12 +1,12 @@
 """The service behind the HTTP app: model holder, batcher, user state, event log, metrics.
 
 Request path for ``GET /v1/users/{id}/recommendations``: result cache (per user, keyed by model
-version, k and exclude_seen) -> the user's sequence (training history from the dataset + events
-since, from the state store) -> micro-batcher (one encode + one top-k for many requests) ->
-JSON. ``recloop.serve.app`` maps it to HTTP; nothing here knows about routes.
+version, k and exclude_seen) -> the user's events since training, from the state store ->
+:class:`recloop.serve.recommender.Recommender` (sequence, fallback, micro-batched encode +
+top-k, JSON). ``recloop.serve.app`` maps it to HTTP; nothing here knows about routes.
 
 Durability: with an event log, ``POST /v1/events`` is acknowledged only after the append is
-durable, and in-process user state is a fold of that log (:mod:`recloop.serve.state_sync`),
+durable, and in-process user state is a fold of that log (:mod:`recloop.serve.state.sync`),
 rebuilt at start from the last snapshot and the log's tail, so a replica killed at any moment
 restarts with every event it acknowledged. Without an event log, events change the in-process
 state only (the answer says ``durable: false``) and a crash loses those since the last snapshot.
@@ -23,20 +23,20 @@ import zlib
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
-import numpy.typing as npt
 
 from recloop.errors import ConfigError, RecloopError
 from recloop.registry import Registry
 from recloop.serve.batcher import MicroBatcher
+from recloop.serve.bundle import LoadOptions, ModelBundle
+from recloop.serve.holder import ModelHolder
 from recloop.serve.metrics import ServiceMetrics
-from recloop.serve.runtime import LoadOptions, ModelBundle, ModelHolder
-from recloop.serve.state import MemoryStateStore, StateStore, open_state_store
-from recloop.serve.state_sync import LoggedState, every
+from recloop.serve.recommender import Recommender, as_cache_hit
+from recloop.serve.state.base import StateStore
+from recloop.serve.state.factory import open_state_store
+from recloop.serve.state.memory import MemoryStateStore
+from recloop.serve.state.sync import LoggedState, every
 
 if TYPE_CHECKING:
     from recloop.events import Event, EventLog
@@ -59,6 +59,16 @@ class Unavailable(Exception):
 
 class BadEvents(Exception):
     """A batch of events the event log refuses (422): nothing was stored."""
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What POST /v1/events took: the log's event ids (none without a log), whether they are
+    durable, and the item ids the served version does not know (sorted, unique)."""
+
+    event_ids: list[str]
+    durable: bool
+    unknown_items: list[str]
 
 
 @dataclass
@@ -153,6 +163,7 @@ class Service:
             max_queue=config.max_queue,
             observer=self.metrics.observe_batch,
         )
+        self.recommender = Recommender(self.batcher, self.metrics)
         self.state: StateStore = open_state_store(
             config.state_url,
             max_length=config.state_max_length,
@@ -285,6 +296,35 @@ class Service:
             except Exception:  # a bug must not end following for the life of the process
                 log.exception("follow: unexpected error loading %s; still serving the old", target)
 
+    async def ingest(self, events: list[Event]) -> Ingested:
+        """POST /v1/events: :meth:`accept_events`, counted, with the items the served version
+        does not know. Unavailable (before anything is stored) while no model is loaded."""
+        bundle = self.bundle
+        event_ids, durable = await self.accept_events(events)
+        self.metrics.events.inc(len(events))
+        _, unknown = bundle.to_dense([event.item_id for event in events])
+        return Ingested(event_ids, durable, sorted(set(unknown)))
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, the /readyz body): a model is loaded and the user state is rebuilt."""
+        bundle = self.holder.current
+        rebuild = self.logged_state.status() if self.logged_state is not None else None
+        ready = bundle is not None and self.state_ready
+        return ready, {
+            "ready": ready,
+            "model_version": bundle.version if bundle else None,
+            "state": self.state.status(),
+            "state_rebuild": rebuild,
+            "queue": self.batcher.depth,
+        }
+
+    def render_metrics(self) -> bytes:
+        """The Prometheus text, with the gauges that are read when scraped brought up to date."""
+        self.metrics.queue_depth.set(self.batcher.depth)
+        self.metrics.state_connected.set(1 if self.state.status().get("connected") else 0)
+        data, _ = self.metrics.render()
+        return data
+
     async def accept_events(self, events: list[Event]) -> tuple[list[str], bool]:
         """Appends a validated batch to the durable event log, when the service has one, then
         applies it to the user state; returns (event ids, durable).
@@ -348,76 +388,12 @@ class Service:
             hit = await self.state.get_cached(user_id, field_name)
             if hit is not None:
                 self.metrics.cache_hits.inc()
-                return _HIT_PREFIX + hit[len(_CACHED_PREFIX) :]
+                return as_cache_hit(hit)
             self.metrics.cache_misses.inc()
-        sequence, unknown = self.user_sequence(bundle, user_id, recent)
-        items, fallback = await self.recommend(bundle, sequence, k, exclude_seen)
-        body = recommendations_body(bundle, user_id, items, fallback, unknown)
+        body = await self.recommender.for_user(bundle, user_id, recent, k, exclude_seen)
         if self.config.cache:
             self.spawn(self.state.set_cached(user_id, field_name, body))
         return body
-
-    @staticmethod
-    def user_sequence(
-        bundle: ModelBundle, user_id: str, recent: list[str]
-    ) -> tuple[npt.NDArray[np.int64], list[str]]:
-        """Training history + events since, in model ids (unknown items reported)."""
-        history = bundle.history.items(user_id) if bundle.history is not None else _NO_ITEMS
-        if not recent:
-            return history, []
-        dense, unknown = bundle.catalog.lookup(recent)
-        return np.concatenate([history, dense]), unknown
-
-    async def recommend(
-        self,
-        bundle: ModelBundle,
-        sequence: npt.NDArray[np.int64],
-        k: int,
-        exclude_seen: bool,
-    ) -> tuple[str, str | None]:
-        """(JSON array of the top-k items, fallback used or None)."""
-        if len(sequence) == 0:
-            self.metrics.fallbacks.inc()
-            ids = bundle.popular[:k]
-            return items_json(bundle, ids, np.zeros(len(ids), dtype=np.float32)), "popularity"
-        exclude = sequence if exclude_seen else None  # the index de-duplicates (worker thread)
-        window = sequence[-bundle.max_length :]
-        ids, scores = await self.batcher.submit(bundle, window, k, exclude)
-        return items_json(bundle, ids, scores), None
-
-
-_NO_ITEMS = np.zeros(0, dtype=np.int64)
-
-
-def items_json(
-    bundle: ModelBundle, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]
-) -> str:
-    """'[{"item_id":..,"score":..},..]' built directly: json.dumps of a list of dicts was a
-    tenth of the per-request CPU. Padding (id 0: fewer eligible items than k) is dropped."""
-    keep = ids > 0
-    raws = bundle.catalog.raw_strings(ids[keep])
-    parts = [
-        f'{{"item_id":{encode_basestring(raw)},"score":{round(score, 6)!r}}}'
-        for raw, score in zip(raws, scores[keep].tolist(), strict=True)
-    ]
-    return "[" + ",".join(parts) + "]"
-
-
-def recommendations_body(
-    bundle: ModelBundle,
-    user_id: str | None,
-    items_json: str,
-    fallback: str | None,
-    unknown: list[str],
-) -> bytes:
-    """The Recommendations schema as JSON bytes, with "cached":false first (see _HIT_PREFIX)."""
-    user = "null" if user_id is None else encode_basestring(user_id)
-    return (
-        f'{{"cached":false,"model_version":{encode_basestring(bundle.version)},'
-        f'"user_id":{user},"items":{items_json},'
-        f'"fallback":{"null" if fallback is None else encode_basestring(fallback)},'
-        f'"unknown_items":{json.dumps(unknown)}}}'
-    ).encode()
 
 
 def dumps(payload: dict[str, Any]) -> bytes:
@@ -429,7 +405,3 @@ def _digest(recent: list[str]) -> str:
     if not recent:
         return "0"
     return f"{len(recent)}-{zlib.crc32(chr(31).join(recent).encode()):08x}"
-
-
-_CACHED_PREFIX = b'{"cached":false,'
-_HIT_PREFIX = b'{"cached":true,'

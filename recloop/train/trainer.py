@@ -14,7 +14,6 @@ checkpoint with `--resume RUN_DIR`.
 from __future__ import annotations
 
 import csv
-import io
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,15 +381,17 @@ def _publish(
     run_dir: Path,
     training: dict[str, Any],
 ) -> str:
-    from recloop.registry import Registry
+    from recloop.registry import Registry, SideFiles, publish_version
+    from recloop.registry.sidefiles import CURVES_FILE, METRICS_FILE
 
-    extra: dict[str, Path | bytes] = {
-        name: run_dir / name for name in ("metrics.csv", "curves.png") if (run_dir / name).is_file()
-    }
-    extra["items.parquet"] = dataset.directory / "items.parquet"
-    # Interaction counts per item (index = dense id): serving's popularity fallback.
-    extra[ITEM_COUNTS_FILE] = item_counts_npy(dataset)
-    return Registry(registry_dir).publish(
+    side = SideFiles(
+        vocabulary=dataset.directory / "items.parquet",
+        # Interaction counts per item (index = dense id): serving's popularity fallback.
+        item_counts=item_counts(dataset),
+        other={n: run_dir / n for n in (METRICS_FILE, CURVES_FILE) if (run_dir / n).is_file()},
+    )
+    return publish_version(
+        Registry(registry_dir),
         {k: v.detach().contiguous().cpu() for k, v in folded_state_dict(model).items()},
         model=config_to_dict(model),
         dataset={
@@ -404,22 +405,15 @@ def _publish(
         },
         method="train",
         training={**training, "config": config.to_dict()},
-        extra_files=extra,
-        vocabulary_file="items.parquet",
+        side=side,
     )
 
 
-ITEM_COUNTS_FILE = "item_counts.npy"
-
-
-def item_counts_npy(dataset: SequenceDataset) -> bytes:
-    """.npy bytes of int64 counts [num_items + 1] over every event of the dataset."""
-    counts = np.bincount(
-        np.asarray(dataset.sequences.items), minlength=dataset.num_items + 1
-    ).astype(np.int64)
-    buffer = io.BytesIO()
-    np.save(buffer, counts, allow_pickle=False)
-    return buffer.getvalue()
+def item_counts(dataset: SequenceDataset) -> np.ndarray:
+    """int64 counts [num_items + 1] over every event of the dataset."""
+    return np.bincount(np.asarray(dataset.sequences.items), minlength=dataset.num_items + 1).astype(
+        np.int64
+    )
 
 
 def describe_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> str:

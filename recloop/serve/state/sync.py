@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from recloop.errors import ServingError
-from recloop.serve.state import MemoryStateStore, gc_paused
+from recloop.serve.state.base import gc_paused
+from recloop.serve.state.memory import MemoryStateStore
 
 if TYPE_CHECKING:
     from recloop.events import EventLog

@@ -33,15 +33,15 @@ import numpy as np
 import numpy.typing as npt
 
 from recloop.errors import ServingError
-from recloop.serve.index import (
+from recloop.serve.indexes.base import (
     KIND_OPTIONS,
     FloatArray,
     IdArray,
     ItemIndex,
-    build_index,
     check_build_args,
     check_table,
 )
+from recloop.serve.indexes.local import make_local_index
 
 HOST = "127.0.0.1"
 _LENGTH = struct.Struct("!I")
@@ -150,7 +150,7 @@ def serve_shard(
     _exit_with_parent()
     try:
         table = np.load(table_path, allow_pickle=False)
-        index = build_index(table, kind, **json.loads(options_json))
+        index = make_local_index(table, kind, **json.loads(options_json))
     except Exception as exc:  # report any build failure to the parent instead of dying mutely
         _write_json(ready_path, {"error": f"{type(exc).__name__}: {exc}"})
         return
@@ -376,8 +376,9 @@ def start_shard_process(
 ) -> RemoteShard:
     """Starts a shard process serving an index of ``kind`` over ``table`` and connects to it.
 
-    ``options`` are the index options of ``kind`` (see :func:`recloop.serve.index.build_index`);
-    they travel as JSON. ``startup_timeout`` covers the child's import and index build.
+    ``options`` are the index options of ``kind`` (see
+    :func:`recloop.serve.indexes.factory.build_index`); they travel as JSON.
+    ``startup_timeout`` covers the child's import and index build.
     """
     check_build_args(kind, 1, options)
     checked = check_table(table)

@@ -41,7 +41,7 @@ from redis.backoff import NoBackoff
 
 from recloop.errors import ServingError
 from recloop.events.redis_url import redact_url
-from recloop.serve.state import (
+from recloop.serve.state.base import (
     LOGGER_NAME,
     StateStore,
     check_int,

@@ -1,7 +1,6 @@
 """The approximate item index: faiss IVF-Flat with inner product, recall tuned at build time.
 
-Split from :mod:`recloop.serve.index` (the interface, exact and sharded indexes) so that faiss
-loads only when an IVF index is built.
+Its own module so that faiss loads only when an IVF index is built.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recloop.errors import ServingError
-from recloop.serve.index import (
+from recloop.serve.indexes.base import (
     PARALLEL_BUILD_ITEMS,
     RECALL_K,
     RECALL_QUERIES,
