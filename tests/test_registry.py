@@ -16,14 +16,10 @@ import torch
 from rich.console import Console
 
 import recloop.registry.files as registry_files
+from recloop.cli.versions_table import format_versions_table
 from recloop.data.reference import dataset_reference
 from recloop.errors import RecloopError, RegistryError
-from recloop.registry import (
-    MANIFEST,
-    WEIGHTS,
-    Registry,
-    format_versions_table,
-)
+from recloop.registry import MANIFEST, WEIGHTS, Registry
 
 MODEL = {"type": "sasrec", "config": {"dim": 8, "layers": 2}}
 

@@ -15,9 +15,10 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 
+from recloop.cli.versions_table import format_versions_table
 from recloop.errors import RegistryError
 from recloop.models.factory import build_model, config_to_dict
-from recloop.registry import WEIGHTS, Registry, RowUpdate, format_versions_table
+from recloop.registry import WEIGHTS, Registry, RowUpdate
 from recloop.registry.loading import check_vocabulary, load_model
 from tests.test_registry import flip_byte, visible_state
 

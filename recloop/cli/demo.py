@@ -287,8 +287,9 @@ def _compress(registry: Path, data_dir: Path, version: str) -> None:
     # What `recloop serve --version` does: export, parity check against torch, index.
     bundle = load_bundle(store, result.version, LoadOptions())
     try:
+        engine = bundle.describe()["engine"]
         stdout.print(
-            f"{result.version} loads for serving: {bundle.engine.name} engine, parity checked; "
+            f"{result.version} loads for serving: {engine} engine, parity checked; "
             f"also: recloop compress --method prune-structured|distill, recloop export",
             highlight=False,
         )

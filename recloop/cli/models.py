@@ -15,7 +15,8 @@ models_app = typer.Typer(help="List, inspect, promote and roll back model versio
 @models_app.command("list")
 def models_list(registry: RegistryOption, json_output: JsonOption = False) -> None:
     """All versions, oldest first, with their key metrics; broken ones are marked so."""
-    from recloop.registry import Registry, format_versions_table
+    from recloop.cli.versions_table import format_versions_table
+    from recloop.registry import Registry
 
     infos = Registry(registry, create=False).list()
     if json_output:

@@ -20,7 +20,6 @@ from recloop.registry.loading import check_vocabulary, load_model, model_from_st
 from recloop.registry.manifest import FORMAT_VERSION, MANIFEST, Manifest, VersionInfo
 from recloop.registry.publish import Delta, SideFiles, publish_version
 from recloop.registry.store import LATEST, PRODUCTION, Registry
-from recloop.registry.table import format_versions_table
 
 __all__ = [
     "FORMAT_VERSION",
@@ -35,7 +34,6 @@ __all__ = [
     "SideFiles",
     "VersionInfo",
     "check_vocabulary",
-    "format_versions_table",
     "load_model",
     "model_from_state",
     "publish_version",

@@ -14,6 +14,7 @@ import torch
 from recloop.data.sequences import PADDING_ID
 from recloop.errors import EngineParityError
 from recloop.models.base import SequentialEncoder
+from recloop.models.parity import Comparison
 from recloop.serve.engines.base import FloatArray, IdArray, InferenceEngine, model_device
 from recloop.serve.engines.export import QueryModule
 
@@ -132,25 +133,21 @@ def check_parity(
     rows changed) — for an engine whose graph and code passed the full check already."""
     was_training = model.training
     model.eval()
+    comparison = Comparison(atol=atol, rtol=rtol)
     try:
-        max_abs = max_rel = 0.0
-        passed = True
-        samples = 0
         for batch in _parity_batches(engine, num_samples, seed, edge_cases, focus):
-            expected = reference_queries(model, batch)
             actual = np.array(engine.encode(batch), dtype=np.float32)  # copy: encode reuses it
-            error = np.abs(actual - expected)
-            scale = np.abs(expected)
-            if not (np.isfinite(actual).all() and np.isfinite(expected).all()):
-                passed, max_abs, max_rel = False, float("inf"), float("inf")
-            else:
-                max_abs = max(max_abs, float(error.max()))
-                max_rel = max(max_rel, float((error / np.maximum(scale, atol)).max()))
-                passed = passed and bool((error <= atol + rtol * scale).all())
-            samples += len(batch)
+            comparison.add(reference_queries(model, batch), actual)
     finally:
         model.train(was_training)
-    return ParityReport(max_abs, max_rel, samples, passed, atol, rtol)
+    return ParityReport(
+        comparison.max_abs_error,
+        comparison.max_rel_error,
+        comparison.rows,
+        comparison.passed,
+        atol,
+        rtol,
+    )
 
 
 def require_parity(engine: InferenceEngine, model: SequentialEncoder, label: str) -> None:

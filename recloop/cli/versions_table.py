@@ -1,7 +1,5 @@
 """The version list as a rich table, for ``recloop models list``."""
 
-# moves to recloop/cli/ in the CLI split
-
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
