@@ -289,7 +289,6 @@ class _Plan:
 
 def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
     """Every check that does not need the weights; raises before anything is written."""
-    _check_options(options)
     method = options.method
     parent = registry.resolve(ref)
     manifest = registry.manifest(parent)
@@ -301,25 +300,6 @@ def _validate(registry: Registry, ref: str, options: CompressOptions) -> _Plan:
     if method == "distill" and options.student is not None:
         _check_student(options.student, train)
     return _Plan(parent, manifest, dataset, train)
-
-
-def _check_options(options: CompressOptions) -> None:
-    """The method and its options agree with each other."""
-    method = options.method
-    if method not in METHODS:
-        raise ConfigError(f"--method {method!r} is not one of: {', '.join(METHODS)}")
-    if method in PRUNING:
-        if options.sparsity is None:
-            raise ConfigError(f"--method {method} needs --sparsity, a fraction in (0, 1)")
-        check_sparsity(options.sparsity)
-    elif options.sparsity is not None:
-        raise ConfigError(f"--sparsity applies to pruning methods, not to {method}")
-    if options.dense_bits not in (8, 32):
-        raise ConfigError(f"--dense-bits must be 8 or 32, got {options.dense_bits}")
-    if method == "distill" and not options.student:
-        raise ConfigError("--method distill needs a student: a [model] table in --config")
-    if method != "distill" and options.student:
-        raise ConfigError(f"a [model] (student) table applies to --method distill, not {method}")
 
 
 def _check_parent(parent: str, manifest: Manifest, method: str) -> None:
