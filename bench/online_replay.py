@@ -66,7 +66,15 @@ def split_stream(source: Path, past: Path, stream: Path) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-minutes", type=float, default=6.0)
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="train the base model for exactly this many steps (the same model on any machine) "
+        "instead of --train-minutes",
+    )
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--base-only", action="store_true", help="stop after the base model")
     parser.add_argument("overrides", nargs="*", help="online.key=value for the learner")
     args = parser.parse_args()
     if not SOURCE.is_file():
@@ -83,9 +91,14 @@ def main() -> None:
         shutil.rmtree(registry, ignore_errors=True)
         run([*RECLOOP, "prepare", "--format", "s3rec", "--input", str(WORK / "past.txt"),
              "--out", str(data), "--overwrite"], log)  # fmt: skip
+        budget = ["--max-minutes", str(args.train_minutes)]
+        if args.train_steps is not None:
+            budget = [f"train.max_steps={args.train_steps}"]
         run([*RECLOOP, "train", "--config", str(REPO / "configs/beauty/sasrec.toml"),
              "--data", str(data), "--registry", str(registry), "--run-dir", str(WORK / "run"),
-             "--max-minutes", str(args.train_minutes)], log)  # fmt: skip
+             *budget], log)  # fmt: skip
+    if args.base_only:
+        return
     # A fresh learner each run: the base version stays, online versions and the log go.
     online = WORK / "online-registry"
     shutil.rmtree(online, ignore_errors=True)
@@ -131,7 +144,8 @@ def main() -> None:
         "dataset": "amazon-beauty-iclrec/Beauty.txt",
         "past_fraction": PAST_FRACTION,
         "train_config": "configs/beauty/sasrec.toml",
-        "train_minutes": args.train_minutes,
+        "train_minutes": None if args.train_steps is not None else args.train_minutes,
+        "train_steps": args.train_steps,
         "overrides": args.overrides,
     }
     path = write_result("online_replay", config, results, started)
