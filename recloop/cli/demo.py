@@ -242,7 +242,7 @@ def _learn_online(
     stdout.print(
         f"learned {summary.events:,} events in {summary.seconds:.1f}s; published "
         f"{', '.join(summary.published)} (deltas); {summary.admitted} new item admitted\n"
-        f"prequential HR@10 (each event scored before it is learned): online "
+        f"prequential HR@10 (each event scored before it is learned): "
         f"{describe(totals)} "
         f"(plot: {run_dir / 'prequential.png'})",
         highlight=False,

@@ -120,7 +120,7 @@ def _print_summary(summary: RunSummary, run_dir: Path) -> None:
     stdout.print(
         f"{summary.events:,} events in {summary.seconds:.1f}s, offset {summary.offset}, "
         f"{len(summary.published)} version(s) published, newest {summary.version}; "
-        f"{summary.admitted} new item(s); prequential HR@10 online "
+        f"{summary.admitted} new item(s); prequential HR@10 "
         f"{describe(totals)} "
         f"over {totals['scored']:,} events (plot: {run_dir / 'prequential.png'})",
         highlight=False,
