@@ -266,9 +266,12 @@ def torch_view(array: npt.NDArray[Any]) -> torch.Tensor:
 def scores_against(queries: FloatArray, rows: FloatArray) -> FloatArray:
     """queries [B, d] · rows [n, d]ᵀ as a fresh float32 [B, n] array.
 
-    torch's GEMM, not numpy's: on the serving path (one BLAS thread) OpenBLAS took 3x longer
-    than torch on this transposed product (Beauty, B=16, n=12,101: 1.3 ms vs 0.4 ms)."""
-    return (torch_view(queries) @ torch_view(rows).T).numpy()
+    numpy's GEMM (OpenBLAS), not torch's: timed call by call in alternation on the serving
+    path (one BLAS thread, Beauty sizes), torch's took longer at every batch size
+    (bench/serve_profile.py, bench/results/serve-profile-20.json); an earlier measurement
+    that favoured torch timed them one after the other, on a machine whose speed varies."""
+    product: FloatArray = np.matmul(queries, rows.T)
+    return product
 
 
 def top_k(ids: IdArray, scores: FloatArray, k: int) -> tuple[IdArray, FloatArray]:
