@@ -172,9 +172,9 @@ class InferenceEngine(ABC):
 
     def _windows(self, sequences: Sequence[npt.NDArray[np.integer[Any]]]) -> list[IdArray]:
         """The last max_length ids of each sequence, validated as :meth:`_window` does but with
-        one range check for the whole batch: per-row checks were a visible share of an encode, all of it
-        holding the GIL that the HTTP loop waits for. A bad batch is re-checked row by row, so
-        the error names the first bad row and position, as before."""
+        one range check for the whole batch: per-row checks were a visible share of an encode,
+        all of it holding the GIL that the HTTP loop waits for. A bad batch is re-checked row
+        by row, so the error names the first bad row and position, as before."""
         windows = []
         for sequence in sequences:
             array = np.asarray(sequence)
