@@ -77,6 +77,7 @@ from tests.online_helpers import event_log, pattern_events, state_of, train_base
 from tests.redis_server import RedisServer, running_redis
 from tests.serving import API_KEY, config_for, known_user, running_service
 from tests.state_helpers import redis_call, run, state_records
+from tests.warm_interpreter import warm_interpreter
 
 USERS = [f"fault-user-{n}" for n in range(12)]
 ITEMS = [str(n) for n in range(1, 60)]
@@ -275,12 +276,12 @@ def learner_command(registry: Path, events: Path, run_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def run_learner(command: list[str], crash_at: str | None = None) -> int:
+def learner_env(crash_at: str | None = None) -> dict[str, str]:
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop(CRASH_ENV, None)
     if crash_at:
         env[CRASH_ENV] = crash_at
-    return subprocess.run(command, env=env, capture_output=True, timeout=120).returncode
+    return env
 
 
 def test_kill_9_at_any_point_loses_nothing_and_applies_nothing_twice(
@@ -296,17 +297,27 @@ def test_kill_9_at_any_point_loses_nothing_and_applies_nothing_twice(
         runs[name] = learner_command(
             tmp_path / name / "registry", tmp_path / name / "events.db", tmp_path / name / "run"
         )
-    assert run_learner(runs["reference"]) == 0
+    output = tmp_path / "learner.log"
+    # Every `recloop online` but the randomly killed one is forked from an interpreter that has
+    # imported torch: the same process, without eight imports of torch and torch._dynamo.
+    with warm_interpreter(["torch", "torch._dynamo"], learner_env()) as warm:
 
-    # Crash between every pair of steps that matter, then once more at a random moment.
-    for point in ("batch:3", "state-saved:1", "published:1", "committed:1", "batch:9"):
-        assert run_learner(runs["crashed"], point) == -signal.SIGKILL, point
-    quiet = subprocess.DEVNULL
-    process = subprocess.Popen(runs["crashed"], stdout=quiet, stderr=quiet)
-    time.sleep(random.Random(7).uniform(2.0, 4.0))
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert run_learner(runs["crashed"]) == 0
+        def run_learner(crash_at: str | None = None) -> int:
+            return warm.run("recloop.cli", runs["crashed"][3:], learner_env(crash_at), output, 120)
+
+        # The uninterrupted run shares nothing with the crashed one: it runs alongside it.
+        uninterrupted = warm.start("recloop.cli", runs["reference"][3:], learner_env(), output)
+        # Crash between every pair of steps that matter, then once more at a random moment
+        # (a process of its own, started cold, as a user starts it).
+        for point in ("batch:3", "state-saved:1", "published:1", "committed:1", "batch:9"):
+            assert run_learner(point) == -signal.SIGKILL, point
+        quiet = subprocess.DEVNULL
+        process = subprocess.Popen(runs["crashed"], stdout=quiet, stderr=quiet)
+        time.sleep(random.Random(7).uniform(2.0, 4.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        assert run_learner() == 0
+        assert warm.wait(uninterrupted, timeout=120) == 0
 
     reference, crashed = (
         Registry(tmp_path / "reference/registry"),
