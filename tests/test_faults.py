@@ -303,7 +303,8 @@ def test_kill_9_at_any_point_loses_nothing_and_applies_nothing_twice(
     with warm_interpreter(["torch", "torch._dynamo"], learner_env()) as warm:
 
         def run_learner(crash_at: str | None = None) -> int:
-            return warm.run("recloop.cli", runs["crashed"][3:], learner_env(crash_at), output, 120)
+            args, env = runs["crashed"][3:], learner_env(crash_at)
+            return warm.start("recloop.cli", args, env, output).wait(timeout=120)
 
         # The uninterrupted run shares nothing with the crashed one: it runs alongside it.
         uninterrupted = warm.start("recloop.cli", runs["reference"][3:], learner_env(), output)
@@ -317,7 +318,7 @@ def test_kill_9_at_any_point_loses_nothing_and_applies_nothing_twice(
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
         assert run_learner() == 0
-        assert warm.wait(uninterrupted, timeout=120) == 0
+        assert uninterrupted.wait(timeout=120) == 0
 
     reference, crashed = (
         Registry(tmp_path / "reference/registry"),

@@ -21,7 +21,6 @@ from recloop.evaluate import EvalConfig, evaluate, sample_negatives
 from recloop.registry import Registry
 from recloop.train.loop import VALID_NEGATIVES_SEED, lr_at
 from recloop.train.trainer import train
-from tests.processes import run_together
 
 TINY_MODEL = {"type": "sasrec", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0}
 
@@ -260,19 +259,18 @@ def test_two_gloo_processes_match_one(
         *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # The two runs share nothing (own registry, run dir and port): side by side, not in turn.
-    one, two = run_together(
-        [
-            [sys.executable, "-m", "recloop.cli", *common, "--registry", str(tmp_path / "r1"),
-             "--run-dir", str(tmp_path / "one"), "--threads", "1"],
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-             "--master_port", str(_free_port()), "-m", "recloop.cli", *common,
-             "--registry", str(tmp_path / "r2"), "--run-dir", str(tmp_path / "two"),
-             "--threads", "1"],
-        ],
-        env=env, timeout=300,
+    one = subprocess.run(
+        [sys.executable, "-m", "recloop.cli", *common, "--registry", str(tmp_path / "r1"),
+         "--run-dir", str(tmp_path / "one"), "--threads", "1"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_port", str(_free_port()), "-m", "recloop.cli", *common,
+         "--registry", str(tmp_path / "r2"), "--run-dir", str(tmp_path / "two"), "--threads", "1"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
     assert two.returncode == 0, two.stderr
     a = Registry(tmp_path / "r1").load_tensors("latest")
     b = Registry(tmp_path / "r2").load_tensors("latest")
@@ -306,40 +304,41 @@ def test_cli_train_eval_and_models(synthetic_data: Path, tmp_path: Path) -> None
     config = write_config(tmp_path / "exp.toml")
     registry = tmp_path / "reg"
     run = [sys.executable, "-m", "recloop.cli"]
-    # Commands that do not depend on each other run side by side: the bad override fails on
-    # the config before it touches the registry, so it goes alongside the training run ...
-    done, bad = run_together(
-        [
-            [*run, "train", "--config", str(config), "--data", str(synthetic_data),
-             "--registry", str(registry), "--run-dir", str(tmp_path / "run"), "train.max_steps=4",
-             "train.eval_protocol=sampled100"],
-            [*run, "train", "--config", str(config), "--data", str(synthetic_data),
-             "--registry", str(registry), "train.learning_rate=1"],
-        ],
-        timeout=300,
+    done = subprocess.run(
+        [*run, "train", "--config", str(config), "--data", str(synthetic_data),
+         "--registry", str(registry), "--run-dir", str(tmp_path / "run"), "train.max_steps=4",
+         "train.eval_protocol=sampled100"],
+        capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "v000001"
     # Validation under the sampled protocol is reported under its own names; test is full.
     assert "valid: sampled100/HR@10 " in done.stdout
     assert "test:  HR@10 " in done.stdout
-    assert bad.returncode == 2 and "unknown key train.learning_rate" in bad.stderr
-    # ... and eval, promote and list only need the published version (an alias is replaced
-    # atomically, so a reader sees the registry before or after the promotion, whole).
-    evaluated, promoted, listed = run_together(
-        [
-            [*run, "eval", "--registry", str(registry), "--data", str(synthetic_data),
-             "--protocol", "sampled100", "--json"],
-            [*run, "models", "promote", "--registry", str(registry), "v000001"],
-            [*run, "models", "list", "--registry", str(registry)],
-        ],
-        timeout=300,
+    evaluated = subprocess.run(
+        [*run, "eval", "--registry", str(registry), "--data", str(synthetic_data),
+         "--protocol", "sampled100", "--json"],
+        capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads(evaluated.stdout)
     assert metrics["version"] == "v000001" and 0.0 <= metrics["HR@10"] <= 1.0
+    promoted = subprocess.run(
+        [*run, "models", "promote", "--registry", str(registry), "v000001"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
     assert promoted.returncode == 0 and "production is now v000001" in promoted.stdout
+    listed = subprocess.run(
+        [*run, "models", "list", "--registry", str(registry)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
     assert "v000001" in listed.stdout
+    bad = subprocess.run(
+        [*run, "train", "--config", str(config), "--data", str(synthetic_data),
+         "--registry", str(registry), "train.learning_rate=1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "unknown key train.learning_rate" in bad.stderr
 
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:

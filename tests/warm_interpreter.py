@@ -17,12 +17,13 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WarmInterpreter", "warm_interpreter"]
+__all__ = ["WarmInterpreter", "WarmProcess", "warm_interpreter"]
 
 # The parent: imports, then forks one child per request line and answers with JSON lines.
 # It never runs torch code itself, so no intra-op thread pool exists at the fork.
@@ -35,10 +36,11 @@ null = os.open(os.devnull, os.O_RDONLY)
 running = set()
 for line in sys.stdin:
     request = json.loads(line)
-    if request["op"] == "wait":
-        _, status = os.waitpid(request["pid"], 0)
-        running.discard(request["pid"])
-        code = os.waitstatus_to_exitcode(status)
+    if request["op"] == "poll":  # never blocks: the client polls, so one child's wait
+        pid, status = os.waitpid(request["pid"], os.WNOHANG)  # holds up no other request
+        code = os.waitstatus_to_exitcode(status) if pid else None
+        if pid:
+            running.discard(pid)
         print(json.dumps({"returncode": code}), file=replies, flush=True)
         continue
     pid = os.fork()
@@ -75,13 +77,42 @@ for pid in running:  # the test is over (or failed): no child outlives it
 """
 
 
+class WarmProcess:
+    """A child of the warm parent, with the part of ``subprocess.Popen`` the tests use."""
+
+    def __init__(self, parent: WarmInterpreter, pid: int) -> None:
+        self.parent, self.pid = parent, pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.parent.ask({"op": "poll", "pid": self.pid})["returncode"]
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        """The exit status as ``subprocess`` reports it (``-9``: killed by SIGKILL)."""
+        deadline = time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.02)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not yet reaped, so the pid is still this child's
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class WarmInterpreter:
     """Starts children of one warm parent; see the module docstring."""
 
     def __init__(self, parent: subprocess.Popen[bytes]) -> None:
         self.parent = parent
 
-    def _ask(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def ask(self, request: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
         assert self.parent.stdin is not None and self.parent.stdout is not None
         self.parent.stdin.write(json.dumps(request).encode() + b"\n")
         self.parent.stdin.flush()
@@ -94,21 +125,12 @@ class WarmInterpreter:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
-    def start(self, module: str, args: Sequence[str], env: dict[str, str], output: Path) -> int:
-        """The pid of a new child running ``python -m module args``, its output to ``output``."""
+    def start(
+        self, module: str, args: Sequence[str], env: dict[str, str], output: Path
+    ) -> WarmProcess:
+        """A new child running ``python -m module args``, its output appended to ``output``."""
         request = {"op": "start", "module": module, "args": list(args), "env": env}
-        pid: int = self._ask({**request, "output": str(output)}, timeout=60)["pid"]
-        return pid
-
-    def wait(self, pid: int, timeout: float) -> int:
-        """The child's exit status as ``subprocess`` reports it (``-9``: killed by SIGKILL)."""
-        code: int = self._ask({"op": "wait", "pid": pid}, timeout)["returncode"]
-        return code
-
-    def run(
-        self, module: str, args: Sequence[str], env: dict[str, str], output: Path, timeout: float
-    ) -> int:
-        return self.wait(self.start(module, args, env, output), timeout)
+        return WarmProcess(self, self.ask({**request, "output": str(output)})["pid"])
 
 
 @contextmanager
