@@ -28,9 +28,10 @@ __all__ = ["WarmInterpreter", "WarmProcess", "warm_interpreter"]
 # The parent: imports, then forks one child per request line and answers with JSON lines.
 # It never runs torch code itself, so no intra-op thread pool exists at the fork.
 _SERVER = r"""
-import json, os, runpy, signal, sys, traceback
+import json, os, runpy, signal, sys
 for name in sys.argv[1:]:
     __import__(name)
+SERVER = os.getpid()
 replies = os.fdopen(os.dup(1), "w")
 null = os.open(os.devnull, os.O_RDONLY)
 running = set()
@@ -45,35 +46,25 @@ for line in sys.stdin:
         continue
     pid = os.fork()
     if pid == 0:
-        code = 1
-        try:
-            output = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(null, 0)
-            os.dup2(output, 1)
-            os.dup2(output, 2)
-            replies.close()
-            os.environ.clear()
-            os.environ.update(request["env"])
-            sys.argv = [request["module"], *request["args"]]
-            try:
-                runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-                code = 0
-            except SystemExit as exit:  # what the interpreter does with it at exit
-                if isinstance(exit.code, int) or exit.code is None:
-                    code = exit.code or 0
-                else:
-                    print(exit.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        os.dup2(null, 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+        replies.close()
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = [request["module"], *request["args"]]
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        # As `python -m` ends: an exception or SystemExit above leaves the same way, through
+        # the interpreter's own exit (atexit handlers, threads joined, streams flushed).
+        raise SystemExit(0)
     running.add(pid)
     print(json.dumps({"pid": pid}), file=replies, flush=True)
-for pid in running:  # the test is over (or failed): no child outlives it
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+if os.getpid() == SERVER:  # the test is over (or failed): no child outlives it
+    for pid in running:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    os._exit(0)  # nothing to flush or finalize here: skip the seconds torch takes to tear down
 """
 
 
@@ -126,11 +117,38 @@ class WarmInterpreter:
         return answer
 
     def start(
-        self, module: str, args: Sequence[str], env: dict[str, str], output: Path
+        self,
+        module: str,
+        args: Sequence[str],
+        env: dict[str, str],
+        stdout: Path,
+        stderr: Path | None = None,
+        cwd: Path | None = None,
     ) -> WarmProcess:
-        """A new child running ``python -m module args``, its output appended to ``output``."""
-        request = {"op": "start", "module": module, "args": list(args), "env": env}
-        return WarmProcess(self, self.ask({**request, "output": str(output)})["pid"])
+        """A new child running ``python -m module args`` in ``cwd`` (default: this process's),
+        its output appended to ``stdout`` and ``stderr`` (default: the same file)."""
+        request = {
+            "op": "start",
+            "module": module,
+            "args": list(args),
+            "env": env,
+            "stdout": str(stdout),
+            "stderr": str(stderr or stdout),
+            "cwd": str(cwd or Path.cwd()),
+        }
+        return WarmProcess(self, self.ask(request)["pid"])
+
+    def run(
+        self, module: str, args: Sequence[str], scratch: Path, timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        """``subprocess.run([python, -m, module, *args], capture_output=True, text=True)``
+        with this process's environment, the output by way of files under ``scratch``."""
+        scratch.mkdir(parents=True, exist_ok=True)
+        number = len(list(scratch.iterdir()))
+        stdout, stderr = scratch / f"{number}.out", scratch / f"{number}.err"
+        code = self.start(module, args, dict(os.environ), stdout, stderr).wait(timeout)
+        output = [path.read_text() if path.exists() else "" for path in (stdout, stderr)]
+        return subprocess.CompletedProcess([module, *args], code, *output)
 
 
 @contextmanager
