@@ -77,7 +77,7 @@ from tests.online_helpers import event_log, pattern_events, state_of, train_base
 from tests.redis_server import RedisServer, running_redis
 from tests.serving import API_KEY, config_for, known_user, running_service
 from tests.state_helpers import redis_call, run, state_records
-from tests.warm_interpreter import warm_interpreter
+from tests.warm_interpreter import WarmInterpreter, WarmProcess, warm_interpreter
 
 USERS = [f"fault-user-{n}" for n in range(12)]
 ITEMS = [str(n) for n in range(1, 60)]
@@ -112,16 +112,15 @@ class Acknowledged:
 
 @dataclass
 class Replica:
-    process: subprocess.Popen[bytes]
+    process: WarmProcess
     url: str
     log: Path
 
 
-def start_replica(registry: Path, workdir: Path, port: int, onnx_cache: Path) -> Replica:
+def start_replica(
+    warm: WarmInterpreter, registry: Path, workdir: Path, port: int, onnx_cache: Path
+) -> Replica:
     command = [
-        sys.executable,
-        "-m",
-        "recloop.cli",
         "serve",
         "--registry",
         str(registry),
@@ -137,9 +136,7 @@ def start_replica(registry: Path, workdir: Path, port: int, onnx_cache: Path) ->
         str(onnx_cache),  # the module's: one ONNX export for every replica here
         "--no-cache",
     ]
-    env = {**os.environ, "RECLOOP_API_KEY": API_KEY}
-    with (workdir / "serve.log").open("ab") as output:  # the child keeps its own descriptor
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=output)
+    process = warm.start("recloop.cli", command, replica_env(), workdir / "serve.log")
     STARTED.setdefault(workdir, []).append(process)
     replica = Replica(process, f"http://127.0.0.1:{port}", workdir / "events.sqlite")
     wait_ready(replica, timeout=120)
@@ -219,19 +216,38 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
         sys.stderr.write(log.read_text(errors="replace"))
 
 
-STARTED: dict[Path, list[subprocess.Popen[bytes]]] = {}  # replicas by workdir, for teardown
+STARTED: dict[Path, list[WarmProcess]] = {}  # replicas by workdir, for teardown
+
+
+def replica_env() -> dict[str, str]:
+    env = {**os.environ, "RECLOOP_API_KEY": API_KEY}
+    # What `recloop serve` sets before numpy and torch load (--threads 1), set before the warm
+    # interpreter loads them, so the replicas' native thread pools are the ones serve asks for.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def warm_serve() -> Iterator[WarmInterpreter]:
+    """Each `recloop serve` here is forked from an interpreter that has imported torch and the
+    web stack: the same process five times, without five imports of them. Module-scoped, so it
+    outlives `workdir`, whose teardown stops any replica a failed test left running."""
+    with warm_interpreter(["torch", "onnxruntime", "fastapi", "uvicorn"], replica_env()) as warm:
+        yield warm
 
 
 @pytest.mark.slow
 def test_serve_killed_at_random_moments_keeps_every_acknowledged_event(
-    trained: dict[str, Any], workdir: Path
+    trained: dict[str, Any], workdir: Path, warm_serve: WarmInterpreter
 ) -> None:
+    warm = warm_serve
     registry, onnx_cache = trained["registry"], trained["root"] / "onnx-cache"
     rng = random.Random(18)
     acked = Acknowledged()
     port = free_port()
     for cycle in range(CYCLES):
-        replica = start_replica(registry, workdir, port, onnx_cache)
+        replica = start_replica(warm, registry, workdir, port, onnx_cache)
         if cycle:  # every event acknowledged before the last kill is back, in log order
             state, logged = log_fold(replica.log)
             assert served_state(replica.url) == state
@@ -247,7 +263,7 @@ def test_serve_killed_at_random_moments_keeps_every_acknowledged_event(
         assert replica.process.returncode == -signal.SIGKILL
         assert not writer.is_alive()
 
-    replica = start_replica(registry, workdir, port, onnx_cache)
+    replica = start_replica(warm, registry, workdir, port, onnx_cache)
     state, logged = log_fold(replica.log)
     # Every acknowledged event is in the log, as acknowledged ...
     assert acked.events and all(logged[offset] == pair for offset, pair in acked.events.items())
@@ -257,7 +273,7 @@ def test_serve_killed_at_random_moments_keeps_every_acknowledged_event(
     replica.process.send_signal(signal.SIGTERM)
     # uvicorn shuts down gracefully, then re-raises the signal it caught.
     assert replica.process.wait(timeout=60) in (0, -signal.SIGTERM)
-    replica = start_replica(registry, workdir, port, onnx_cache)
+    replica = start_replica(warm, registry, workdir, port, onnx_cache)
     ready = httpx.get(f"{replica.url}/readyz", timeout=5).json()
     assert ready["state_rebuild"]["events"] == 0
     assert ready["state_rebuild"]["applied_offset"] == max(logged)
