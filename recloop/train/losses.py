@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from recloop.config import TrainConfig
 from recloop.models.base import SequentialEncoder
+from recloop.train.sampled import sampled_cross_entropy
 
 
 def next_item_loss(
@@ -136,12 +137,17 @@ def _sampled_softmax(
         neg = picked
         log_q = torch.log(q[neg])
         pos_log_q = torch.log(q[pos].clamp_min(1e-12))
-    pos_logit, neg_logit, hit = _target_and_negative_logits(model, h, pos, neg)
-    pos_logit = pos_logit - pos_log_q  # [T]
-    neg_logit = (neg_logit - log_q).masked_fill(hit, float("-inf"))  # [T, N]
-    logits = torch.cat([pos_logit.unsqueeze(-1), neg_logit], dim=-1)  # [T, 1 + N]
-    zeros = torch.zeros(pos.shape, dtype=torch.long, device=device)
-    return F.cross_entropy(logits, zeros, reduction="sum")
+    embedding = model.item_embedding
+    with torch.autocast(device.type, enabled=False):  # fp32, as the full softmax's loss
+        return sampled_cross_entropy(
+            embedding.prepare_query(h).float(),  # the dot product of model.score, fused
+            embedding.output_vectors(pos).float(),
+            embedding.output_vectors(neg).float(),
+            pos,
+            neg,
+            pos_log_q.float(),
+            log_q.float(),
+        )
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
