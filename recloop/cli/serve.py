@@ -25,7 +25,7 @@ RedisUrlOption = Annotated[
 DataOption = Annotated[
     Path | None, typer.Option(help="Dataset for users' history (default: the version's).")
 ]
-EngineOption = Annotated[str, typer.Option(help="onnx, torch or torch-compiled.")]
+EngineOption = Annotated[str, typer.Option(help="onnx (fast, CPU) or torch (eager; CPU or cuda).")]
 IndexOption = Annotated[str, typer.Option(help="exact, exact-int8 or ivf.")]
 RemoteShardsOption = Annotated[bool, typer.Option(help="Run each shard in its own process.")]
 MinRecallOption = Annotated[float, typer.Option(help="ivf: recall@10 vs exact to reach.")]
