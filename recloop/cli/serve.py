@@ -51,6 +51,10 @@ EventLogOption = Annotated[
 SnapshotEveryOption = Annotated[
     float, typer.Option(help="In-process state: write the snapshot every N s (if changed).")
 ]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(help="Inference threads (default: the cores given / recloop processes here)."),
+]
 ProtectOption = Annotated[
     str,
     typer.Option(help="Read-only endpoints that need the API key too: docs,metrics,model."),
@@ -77,7 +81,7 @@ def serve_command(
     cache_ttl: CacheTtlOption = 60.0,
     state_snapshot: StateSnapshotOption = None,
     follow: FollowOption = None,
-    threads: Annotated[int, typer.Option(help="Inference threads.")] = 1,
+    threads: ThreadsOption = None,
     device: DeviceOption = "cpu",
     cache_dir: CacheDirOption = None,
     max_body_bytes: MaxBodyOption = 1 << 20,
@@ -87,17 +91,24 @@ def serve_command(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve recommendations over HTTP (API key for writes: env RECLOOP_API_KEY)."""
-    _limit_native_threads(threads)
-    config = _service_config(ctx.params)  # the options by name; the config types check them
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port must be in 1..65535, got {port}")
-    _run(config, host, port, log_level)
+    from recloop.threads import claim_threads
+
+    # Registered for as long as it serves, so that a learner started beside it takes its share.
+    with claim_threads("serve", threads) as choice:
+        stderr.print(f"recloop serve: {choice.describe()}", highlight=False)
+        _limit_native_threads(choice.threads)
+        # The options by name (threads as chosen); the config types check them.
+        config = _service_config({**ctx.params, "threads": choice.threads})
+        if not 0 < port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {port}")
+        _run(config, host, port, log_level)
 
 
 def _limit_native_threads(threads: int) -> None:
     """Before numpy/faiss/torch load: their BLAS and OpenMP pools default to one thread per
     core and spin while idle, which on 2 cores takes a whole core from the event loop. The
-    service computes on one inference thread (--threads), so the pools get that many."""
+    service computes on one inference thread with --threads intra-op threads (chosen by
+    recloop.threads unless given), so the pools get that many."""
     import os
 
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -9,10 +9,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from recloop.cli.common import JsonOption, RegistryOption, command_line, stdout
+from recloop.cli.common import JsonOption, RegistryOption, command_line, stderr, stdout
 from recloop.errors import ConfigError
 
 MaxMinutesOption = Annotated[float | None, typer.Option(help="Wall-clock training budget.")]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="torch intra-op threads (default: the cores given / recloop processes here)."
+    ),
+]
 RunDirOption = Annotated[
     Path | None, typer.Option(help="Checkpoints, metrics.csv, curves.png (default runs/...).")
 ]
@@ -29,7 +35,7 @@ def train_command(
     run_dir: RunDirOption = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir exactly.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if any).")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a model, keep the best validation checkpoint, publish it to the registry."""
     import time as _time
@@ -37,44 +43,47 @@ def train_command(
     import torch
 
     from recloop.config import load_config
+    from recloop.threads import claim_threads
     from recloop.train.loop import validation_metric_prefix
     from recloop.train.trainer import describe_metrics, train
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    extra = list(overrides or [])
-    if max_minutes is not None:
-        extra.append(f"train.max_minutes={max_minutes}")
-    experiment = load_config(config, extra)
-    if resume and run_dir is None:
-        raise ConfigError("--resume needs --run-dir (the run to continue)")
-    if run_dir is None:
-        stamp = _time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{stamp}-{experiment.model['type']}"
-    result = train(
-        experiment,
-        data,
-        run_dir,
-        registry_dir=registry,
-        resume=resume,
-        device=device,
-        command=command_line(),
-    )
-    if result.version is None:
-        return  # a non-zero rank under torchrun: rank 0 reports
-    keys = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
-    stdout.print(
-        f"trained {result.steps} steps ({result.epochs:.1f} epochs, "
-        f"{result.tokens_per_second:,.0f} tokens/s, stopped by {result.stopped_by}); "
-        f"best step {result.best_step}",
-        highlight=False,
-    )
-    prefix = validation_metric_prefix(experiment.train)  # "sampled100/" names its protocol
-    valid_keys = tuple(prefix + key for key in keys)
-    stdout.print(f"valid: {describe_metrics(result.best_metrics, valid_keys)}", highlight=False)
-    stdout.print(f"test:  {describe_metrics(result.test_metrics, keys)}", highlight=False)
-    stdout.print(f"run directory: {result.run_dir}", highlight=False)
-    print(result.version)
+    # Registered while it trains (each torchrun rank too), so neighbours take their share.
+    with claim_threads("train", threads) as choice:
+        stderr.print(f"recloop train: {choice.describe()}", highlight=False)
+        torch.set_num_threads(choice.threads)
+        extra = list(overrides or [])
+        if max_minutes is not None:
+            extra.append(f"train.max_minutes={max_minutes}")
+        experiment = load_config(config, extra)
+        if resume and run_dir is None:
+            raise ConfigError("--resume needs --run-dir (the run to continue)")
+        if run_dir is None:
+            stamp = _time.strftime("%Y%m%d-%H%M%S")
+            run_dir = Path("runs") / f"{stamp}-{experiment.model['type']}"
+        result = train(
+            experiment,
+            data,
+            run_dir,
+            registry_dir=registry,
+            resume=resume,
+            device=device,
+            command=command_line(),
+        )
+        if result.version is None:
+            return  # a non-zero rank under torchrun: rank 0 reports
+        keys = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
+        stdout.print(
+            f"trained {result.steps} steps ({result.epochs:.1f} epochs, "
+            f"{result.tokens_per_second:,.0f} tokens/s, stopped by {result.stopped_by}); "
+            f"best step {result.best_step}",
+            highlight=False,
+        )
+        prefix = validation_metric_prefix(experiment.train)  # "sampled100/" names its protocol
+        valid_keys = tuple(prefix + key for key in keys)
+        stdout.print(f"valid: {describe_metrics(result.best_metrics, valid_keys)}", highlight=False)
+        stdout.print(f"test:  {describe_metrics(result.test_metrics, keys)}", highlight=False)
+        stdout.print(f"run directory: {result.run_dir}", highlight=False)
+        print(result.version)
 
 
 def eval_command(
