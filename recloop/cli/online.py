@@ -96,7 +96,6 @@ def online_command(
         raise ConfigError(f"--max-events must be >= 1, got {max_events}")
     # Registered while it learns, so that a server started beside it takes its share.
     with claim_threads("online", threads) as choice:
-        stderr.print(f"recloop online: {choice.describe()}", highlight=False)
         torch.set_num_threads(choice.threads)
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -112,6 +111,8 @@ def online_command(
                 data=data,
                 attributes=attributes,
             )
+            # Said once it really starts: an error before that stays a one-line message.
+            stderr.print(f"recloop online: {choice.describe()}", highlight=False)
             stderr.print(
                 f"learning from {event_log} after offset {learner.offset} on {learner.version}",
                 highlight=False,

@@ -95,13 +95,12 @@ def serve_command(
 
     # Registered for as long as it serves, so that a learner started beside it takes its share.
     with claim_threads("serve", threads) as choice:
-        stderr.print(f"recloop serve: {choice.describe()}", highlight=False)
         _limit_native_threads(choice.threads)
         # The options by name (threads as chosen); the config types check them.
         config = _service_config({**ctx.params, "threads": choice.threads})
         if not 0 < port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {port}")
-        _run(config, host, port, log_level)
+        _run(config, host, port, log_level, choice.describe())
 
 
 def _limit_native_threads(threads: int) -> None:
@@ -155,7 +154,7 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
     )
 
 
-def _run(config: ServiceConfig, host: str, port: int, log_level: str) -> None:
+def _run(config: ServiceConfig, host: str, port: int, log_level: str, threads: str) -> None:
     import logging
 
     from recloop.serve.server import run_server
@@ -163,6 +162,8 @@ def _run(config: ServiceConfig, host: str, port: int, log_level: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     def announce(version: str) -> None:
+        # Said once it really starts: an error before that stays a one-line message.
+        stderr.print(f"recloop serve: {threads}", highlight=False)
         stderr.print(f"recloop serve: {version} at http://{host}:{port} (API docs at /docs)")
 
     # The version is loaded (and verified) before the port is bound: a broken one is an error.

@@ -49,7 +49,6 @@ def train_command(
 
     # Registered while it trains (each torchrun rank too), so neighbours take their share.
     with claim_threads("train", threads) as choice:
-        stderr.print(f"recloop train: {choice.describe()}", highlight=False)
         torch.set_num_threads(choice.threads)
         extra = list(overrides or [])
         if max_minutes is not None:
@@ -60,6 +59,8 @@ def train_command(
         if run_dir is None:
             stamp = _time.strftime("%Y%m%d-%H%M%S")
             run_dir = Path("runs") / f"{stamp}-{experiment.model['type']}"
+        # Said once the config is good: a bad option or key stays a one-line error.
+        stderr.print(f"recloop train: {choice.describe()}", highlight=False)
         result = train(
             experiment,
             data,
