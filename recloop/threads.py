@@ -148,8 +148,11 @@ def runtime_dir() -> Path:
 
 def _private_dir(path: Path) -> Path:
     """``path`` created 0700 if missing; an OSError if it is not a directory of this user's that
-    only they can write (another user must not plant or hide entries)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    only they can write (another user must not plant or hide entries). Missing parents are
+    made 0700 too (``mkdir(parents=True)`` would leave them to the umask)."""
+    for directory in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
     info = path.stat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise PermissionError(errno.EPERM, "not a directory only this user can write", str(path))
@@ -287,9 +290,8 @@ def claim_threads(
     try:
         registration = Registration(command, directory)
     except OSError as error:
-        problem = (
-            f"no registry of recloop processes at {error.filename or directory}: {error.strerror}"
-        )
+        where = error.filename or directory or runtime_dir()
+        problem = f"no registry of recloop processes at {where}: {error.strerror}"
         choice = choose_threads(requested, cores=cores_given())
         if not choice.explicit:
             choice = ThreadChoice(choice.threads, False, choice.cores, (), problem)

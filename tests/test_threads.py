@@ -116,10 +116,11 @@ def test_cores_given_are_the_affinity_capped_by_the_tightest_cgroup_quota(tmp_pa
 
 
 def test_a_live_registration_counts_and_goes_away_when_closed(tmp_path: Path) -> None:
-    directory = tmp_path / "processes"
+    directory = tmp_path / "recloop-user" / "processes"
     with Registration("online", directory) as registration:
         registration.record_threads(2)
-        assert oct(directory.stat().st_mode & 0o777) == "0o700"
+        for made in (directory, directory.parent):  # private, parents included
+            assert oct(made.stat().st_mode & 0o777) == "0o700"
         listed = live_processes(directory)
         assert [(e.pid, e.command, e.threads) for e in listed] == [(os.getpid(), "online", 2)]
         assert registration.others() == []  # this process is not its own neighbour
