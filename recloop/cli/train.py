@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from recloop.cli.common import JsonOption, RegistryOption, command_line, stderr, stdout
 from recloop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from recloop.config import ExperimentConfig
+    from recloop.train.trainer import TrainResult
 
 MaxMinutesOption = Annotated[float | None, typer.Option(help="Wall-clock training budget.")]
 ThreadsOption = Annotated[
@@ -44,8 +48,7 @@ def train_command(
 
     from recloop.config import load_config
     from recloop.threads import claim_threads
-    from recloop.train.loop import validation_metric_prefix
-    from recloop.train.trainer import describe_metrics, train
+    from recloop.train.trainer import train
 
     # Registered while it trains (each torchrun rank too), so neighbours take their share.
     with claim_threads("train", threads) as choice:
@@ -70,21 +73,27 @@ def train_command(
             device=device,
             command=command_line(),
         )
-        if result.version is None:
-            return  # a non-zero rank under torchrun: rank 0 reports
-        keys = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
-        stdout.print(
-            f"trained {result.steps} steps ({result.epochs:.1f} epochs, "
-            f"{result.tokens_per_second:,.0f} tokens/s, stopped by {result.stopped_by}); "
-            f"best step {result.best_step}",
-            highlight=False,
-        )
-        prefix = validation_metric_prefix(experiment.train)  # "sampled100/" names its protocol
-        valid_keys = tuple(prefix + key for key in keys)
-        stdout.print(f"valid: {describe_metrics(result.best_metrics, valid_keys)}", highlight=False)
-        stdout.print(f"test:  {describe_metrics(result.test_metrics, keys)}", highlight=False)
-        stdout.print(f"run directory: {result.run_dir}", highlight=False)
-        print(result.version)
+        if result.version is not None:  # None: a non-zero rank under torchrun (rank 0 reports)
+            _print_trained(result, experiment)
+
+
+def _print_trained(result: TrainResult, experiment: ExperimentConfig) -> None:
+    from recloop.train.loop import validation_metric_prefix
+    from recloop.train.trainer import describe_metrics
+
+    keys = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
+    stdout.print(
+        f"trained {result.steps} steps ({result.epochs:.1f} epochs, "
+        f"{result.tokens_per_second:,.0f} tokens/s, stopped by {result.stopped_by}); "
+        f"best step {result.best_step}",
+        highlight=False,
+    )
+    prefix = validation_metric_prefix(experiment.train)  # "sampled100/" names its protocol
+    valid_keys = tuple(prefix + key for key in keys)
+    stdout.print(f"valid: {describe_metrics(result.best_metrics, valid_keys)}", highlight=False)
+    stdout.print(f"test:  {describe_metrics(result.test_metrics, keys)}", highlight=False)
+    stdout.print(f"run directory: {result.run_dir}", highlight=False)
+    print(result.version)
 
 
 def eval_command(
