@@ -5,8 +5,11 @@ CPU's fp32 peak.
 
 Data: Amazon Beauty from ../shared/data when present (its real, short sequences), otherwise a
 synthetic log of the same size. Batches are built exactly as `recloop train` builds them
-(length buckets, padding trimmed). Each configuration runs in a fresh process: `warmup` steps
-(compilation included) are discarded, then the rate over `steps` timed steps is reported (and
+(length buckets, padding trimmed). Compiled rows wrap the model in `torch.compile` here, with
+batches padded to a few fixed widths (`pad_to_width`): `train.compile` was removed from the
+config because these rows measured slower than eager on CPU, and they are how to re-check
+that. Each configuration runs in a fresh process: `warmup` steps (compilation included) are
+discarded, then the rate over `steps` timed steps is reported (and
 `median_step_tokens_per_second`, the median of the per-step rates).
 
     .venv/bin/python bench/train_speed.py              # bench/results/train_speed.json + .png
