@@ -10,9 +10,12 @@ that never occur in the training part are new items: they join the vocabulary on
 2. `recloop ingest` the stream into a SQLite event log.
 3. `recloop online` over it (test-then-train: each event scored by both models first).
 
-Writes bench/results/online_replay.json and online_replay.png (the learner's prequential plot).
+Each learner setting (SETTINGS, or --settings) replays the whole stream from the same base
+model. Writes bench/results/online_replay[-TAG].json (per setting: events/s, prequential HR@10,
+the learner's time per phase from RUN/timings.json), online_replay[-TAG].png (HR@10 against
+events/s) and one prequential plot per setting.
 
-    .venv/bin/python bench/online_replay.py [--train-minutes 6] [online.key=value ...]
+    .venv/bin/python bench/online_replay.py --train-steps 1923 [--settings NAME ...] [--tag T]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,6 +67,21 @@ def split_stream(source: Path, past: Path, stream: Path) -> dict[str, int]:
     }
 
 
+# Learner settings compared on the same stream and base model: (name, online.key=value ...).
+# "before-20" is the learner as issue 20 found it (every position of every window, 256-event
+# micro-batches, two steps each); the others learn only the new events' positions.
+SETTINGS: dict[str, list[str]] = {
+    "before-20": ["online.train_positions=all"],
+    "new-256x2": [],
+    "new-1024x1": ["online.batch_events=1024", "online.steps_per_batch=1"],
+    "new-1024x1-nofrozen": [
+        "online.batch_events=1024",
+        "online.steps_per_batch=1",
+        "online.score_frozen=false",
+    ],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-minutes", type=float, default=6.0)
@@ -75,13 +94,22 @@ def main() -> None:
     )
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--base-only", action="store_true", help="stop after the base model")
-    parser.add_argument("overrides", nargs="*", help="online.key=value for the learner")
+    parser.add_argument(
+        "--settings",
+        nargs="*",
+        default=None,
+        help=f"names from {sorted(SETTINGS)} (default: all), or NAME=key=value,key=value",
+    )
+    parser.add_argument("--max-events", type=int, default=None, help="stop each learner early")
+    parser.add_argument("--threads", type=int, default=2, help="the learner's --threads")
+    parser.add_argument("--tag", default="", help="result file online_replay<-tag>.json")
     args = parser.parse_args()
     if not SOURCE.is_file():
         raise SystemExit(f"{SOURCE} is absent: this benchmark needs Amazon Beauty")
     started = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
-    log = RESULTS / "online_replay.log"
+    name = "online_replay" + (f"-{args.tag}" if args.tag else "")
+    log = RESULTS / f"{name}.log"
     log.unlink(missing_ok=True)
     data, registry = WORK / "data", WORK / "registry"
     stream = WORK / "stream.jsonl"
@@ -99,28 +127,19 @@ def main() -> None:
              *budget], log)  # fmt: skip
     if args.base_only:
         return
-    # A fresh learner each run: the base version stays, online versions and the log go.
-    online = WORK / "online-registry"
-    shutil.rmtree(online, ignore_errors=True)
-    shutil.copytree(registry, online)
     events = WORK / "events.sqlite"
     for path in (events, *WORK.glob("events.sqlite-*")):
         path.unlink(missing_ok=True)
-    run_dir = WORK / "online"
-    shutil.rmtree(run_dir, ignore_errors=True)
     run([*RECLOOP, "ingest", str(stream), "--event-log", str(events)], log)
-    learner_started = time.perf_counter()
-    summary = run([*RECLOOP, "online", "--registry", str(online), "--event-log", str(events),
-                   "--run-dir", str(run_dir), "--threads", "2", *args.overrides], log)  # fmt: skip
-    learner_seconds = time.perf_counter() - learner_started
-    print(summary, flush=True)
+    settings = chosen_settings(args.settings)
+    rows = {}
+    for label, overrides in settings.items():
+        rows[label] = replay(label, overrides, registry, events, log, args)
+        print(f"{label}: {json.dumps(rows[label]['summary'])}", flush=True)
 
     from recloop.registry import Registry
 
-    reg = Registry(online)
-    newest = reg.list()[-1]
-    manifest = reg.manifest(newest.id).to_json()
-    base = reg.manifest("v000001").to_json()
+    base = Registry(registry).manifest("v000001").to_json()
     results = {
         "split": split,
         "base_model": {
@@ -130,15 +149,7 @@ def main() -> None:
             },
             "training": {k: base["training"].get(k) for k in ("stopped_by", "steps", "epochs")},
         },
-        "online": {
-            "newest_version": newest.id,
-            "versions_published": len(reg.list()) - 1,
-            "prequential": manifest["metrics"],
-            "state": {k: v for k, v in manifest["training"]["online"].items() if k != "admitted"},
-            "new_items_admitted": len(manifest["training"]["online"]["admitted"]),
-            "config": manifest["training"]["config"],
-            "learner_wall_seconds": round(learner_seconds, 1),
-        },
+        "settings": rows,
     }
     config = {
         "dataset": "amazon-beauty-iclrec/Beauty.txt",
@@ -146,11 +157,103 @@ def main() -> None:
         "train_config": "configs/beauty/sasrec.toml",
         "train_minutes": None if args.train_steps is not None else args.train_minutes,
         "train_steps": args.train_steps,
-        "overrides": args.overrides,
+        "learner_threads": args.threads,
+        "max_events": args.max_events,
+        "settings": settings,
     }
-    path = write_result("online_replay", config, results, started)
-    shutil.copy(run_dir / "prequential.png", RESULTS / "online_replay.png")
+    path = write_result(name, config, results, started)
+    plot_settings(rows, RESULTS / f"{name}.png")
+    for label in rows:
+        shutil.copy(WORK / f"online-{label}" / "prequential.png", RESULTS / f"{name}-{label}.png")
     print(f"wrote {path}")
+
+
+def chosen_settings(names: list[str] | None) -> dict[str, list[str]]:
+    if not names:
+        return dict(SETTINGS)
+    chosen = {}
+    for item in names:
+        label, sep, spec = item.partition("=")
+        if sep:
+            chosen[label] = [f"online.{kv}" for kv in spec.split(",") if kv]
+        elif item in SETTINGS:
+            chosen[item] = SETTINGS[item]
+        else:
+            raise SystemExit(f"unknown setting {item!r}: known {sorted(SETTINGS)} or NAME=k=v,...")
+    return chosen
+
+
+def replay(
+    label: str, overrides: list[str], registry: Path, events: Path, log: Path, args: Any
+) -> dict[str, Any]:
+    """One learner over the stream from a fresh copy of the base registry and event log."""
+    online = WORK / f"registry-{label}"
+    shutil.rmtree(online, ignore_errors=True)
+    shutil.copytree(registry, online)
+    log_copy = WORK / f"events-{label}.sqlite"
+    shutil.copy(events, log_copy)
+    run_dir = WORK / f"online-{label}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    limit = ["--max-events", str(args.max_events)] if args.max_events else []
+    learner_started = time.perf_counter()
+    run([*RECLOOP, "online", "--registry", str(online), "--event-log", str(log_copy),
+         "--run-dir", str(run_dir), "--threads", str(args.threads), *limit, *overrides],
+        log)  # fmt: skip
+    process_seconds = time.perf_counter() - learner_started
+
+    from recloop.registry import Registry
+
+    reg = Registry(online)
+    newest = reg.list()[-1]
+    manifest = reg.manifest(newest.id).to_json()
+    timings = json.loads((run_dir / "timings.json").read_text())
+    prequential = manifest["metrics"]
+    shutil.rmtree(online)  # a few hundred MB of versions per setting
+    log_copy.unlink()
+    return {
+        "overrides": overrides,
+        "summary": {
+            "events": timings["events"],
+            "events_per_second": timings["events_per_second"],
+            "events_per_second_with_startup": round(timings["events"] / process_seconds, 1),
+            "online_HR@10": prequential.get("online/online_HR@10"),
+            "frozen_HR@10": prequential.get("online/frozen_HR@10"),
+        },
+        "learner_seconds": timings["seconds"],
+        "process_seconds": round(process_seconds, 1),
+        "timings": timings,
+        "prequential": prequential,
+        "versions_published": len(reg.list()) - 1,
+        "state": {k: v for k, v in manifest["training"]["online"].items() if k != "admitted"},
+        "new_items_admitted": len(manifest["training"]["online"]["admitted"]),
+        "config": manifest["training"]["config"],
+    }
+
+
+def plot_settings(rows: dict[str, Any], path: Path) -> None:
+    """Prequential HR@10 against events/s, one point per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, row in rows.items():
+        rate, hr = row["summary"]["events_per_second"], row["summary"]["online_HR@10"]
+        ax.scatter([rate], [hr], s=40)
+        ax.annotate(label, (rate, hr), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    frozen = [r["summary"]["frozen_HR@10"] for r in rows.values() if r["summary"]["frozen_HR@10"]]
+    if frozen:
+        ax.axhline(frozen[0], color="tab:gray", linestyle="--", label="frozen starting model")
+        ax.legend()
+    ax.set_xscale("log")
+    ax.set_xlabel("learner events/s (one process, log scale)")
+    ax.set_ylabel("prequential HR@10 (online model)")
+    ax.set_title("Online learner settings on the Beauty replay (bench/online_replay.py)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

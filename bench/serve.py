@@ -12,6 +12,10 @@ each with micro-batching on/off and the result cache on/off, plus the same serve
 (GET /v1/users/{id}/recommendations?k=10), users drawn uniformly, so the cache hit ratio is what
 a uniform user mix gives. Cache hits and misses come from the server's /metrics.
 
+On beauty the same run also measures the naive server (bench/naive_server.py: FastAPI +
+torch eager, one request at a time, exact top-k) under the same wrk settings, and writes
+recloop's computed answers ("batching, no cache") over its rate as ``recloop_over_naive``.
+
 Writes bench/results/serve.json and serve.png.
 
     .venv/bin/python bench/serve.py                      # both catalogues
@@ -43,6 +47,8 @@ RECLOOP = [sys.executable, "-m", "recloop.cli"]
 WORK = REPO / "runs" / "bench-serve"
 API_KEY = "bench-key"
 SYNTHETIC_CONFIG = Path(__file__).resolve().parent / "serve-synthetic-1m.toml"
+NAIVE_SERVER = Path(__file__).resolve().parent / "naive_server.py"
+COMPUTED = "batching, no cache"  # recloop's computed answers, the row compared with naive
 
 # The done() hook prints one JSON line with what wrk's summary does not: p99.9 and status errors.
 WRK_SCRIPT = r"""
@@ -134,10 +140,17 @@ def known_users(data: Path, count: int = 20_000) -> list[str]:
 
 
 class Server:
-    def __init__(self, registry: Path, port: int, flags: list[str], log: Path) -> None:
+    def __init__(
+        self, registry: Path, port: int, flags: list[str], log: Path, naive: bool = False
+    ) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        command = [*RECLOOP, "serve", "--registry", str(registry), "--port", str(port),
-                   "--cache-dir", str(WORK / "onnx-cache"), *flags]  # fmt: skip
+        self.naive = naive
+        if naive:
+            command = [sys.executable, str(NAIVE_SERVER), "--registry", str(registry),
+                       "--port", str(port), "--threads", "1"]  # fmt: skip
+        else:
+            command = [*RECLOOP, "serve", "--registry", str(registry), "--port", str(port),
+                       "--cache-dir", str(WORK / "onnx-cache"), *flags]  # fmt: skip
         self.log = open(log, "a")  # noqa: SIM115 (closed in stop)
         self.log.write("$ " + " ".join(command) + "\n")
         self.log.flush()
@@ -148,9 +161,10 @@ class Server:
         deadline = time.monotonic() + 600
         while True:
             if self.process.poll() is not None:
-                raise SystemExit(f"recloop serve exited ({self.process.returncode}), see {log}")
+                raise SystemExit(f"{command[1]} exited ({self.process.returncode}), see {log}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                ready = "/healthz" if naive else "/readyz"
+                if httpx.get(f"{self.url}{ready}", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -160,6 +174,9 @@ class Server:
             time.sleep(0.5)
 
     def counters(self) -> dict[str, float]:
+        if self.naive:  # no /metrics: nothing is cached or batched there
+            return {"recloop_cache_hits_total": 0.0, "recloop_cache_misses_total": 0.0,
+                    "batch_sum": 0.0, "batch_count": 0.0}  # fmt: skip
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         found = {}
         for name in ("recloop_cache_hits_total", "recloop_cache_misses_total"):
@@ -260,6 +277,8 @@ def bench_catalogue(name: str, args: argparse.Namespace, log: Path, port: int) -
     script = WRK_SCRIPT.replace("{USERS}", "{" + ",".join(json.dumps(u) for u in users) + "}")
     out: dict[str, Any] = {"users_in_mix": len(users), "variants": {}}
     for variant, flags in VARIANTS.items():
+        if args.variants and variant not in args.variants:
+            continue
         print(f"[{name}] {variant}", flush=True)
         server = Server(registry, port, [*spec["flags"], *flags], log)  # type: ignore[misc]
         try:
@@ -288,7 +307,35 @@ def bench_catalogue(name: str, args: argparse.Namespace, log: Path, port: int) -
             )
         finally:
             server.stop()
+    if name == "beauty" and args.naive:
+        out["naive"] = bench_naive(registry, script, args, log, port)
+        computed = out["variants"].get(COMPUTED, {}).get("median", {}).get("requests_per_s")
+        if computed:
+            out["recloop_over_naive"] = round(
+                computed / out["naive"]["median"]["requests_per_s"], 2
+            )
+            print(f"  recloop ({COMPUTED}) / naive: {out['recloop_over_naive']}x", flush=True)
     return out
+
+
+def bench_naive(
+    registry: Path, script: str, args: argparse.Namespace, log: Path, port: int
+) -> dict[str, Any]:
+    """bench/naive_server.py under the same wrk settings (same users, connections, runs)."""
+    print("[beauty] naive (FastAPI + torch eager, one request at a time)", flush=True)
+    server = Server(registry, port, [], log, naive=True)
+    try:
+        wrk(server.url, script, args.connections, 2)  # warm-up
+        runs = [wrk(server.url, script, args.connections, args.duration) for _ in range(args.runs)]
+    finally:
+        server.stop()
+    median = median_run(runs)
+    print(
+        f"  {median['requests_per_s']:.0f} req/s  p50 {median['p50_ms']:.2f} ms  "
+        f"p99 {median['p99_ms']:.2f} ms  errors {median['errors']}",
+        flush=True,
+    )
+    return {"median": median, "runs": runs, "server": "bench/naive_server.py, torch 1 thread"}
 
 
 def measured(
@@ -393,6 +440,13 @@ def table(path: Path) -> str:
                 f"| {health['p50_ms']:.2f} | {health['p99_ms']:.2f} | {health['p999_ms']:.2f} "
                 f"| {health['errors']} | | |"
             )
+        naive = out.get("naive", {}).get("median")
+        if naive:
+            lines.append(
+                f"| {catalogue} | exact (torch topk) | naive FastAPI + torch, one at a time "
+                f"| {naive['requests_per_s']:,.0f} | {naive['p50_ms']:.2f} | {naive['p99_ms']:.2f} "
+                f"| {naive['p999_ms']:.2f} | {naive['errors']} | | |"
+            )
         for variant, value in out["variants"].items():
             rows = [(variant + " (saturation)", value["median"])]
             if "at_target" in value:
@@ -421,6 +475,15 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--port", type=int, default=18080)
+    parser.add_argument(
+        "--variants", nargs="*", choices=sorted(VARIANTS), default=None, help="default: all"
+    )
+    parser.add_argument(
+        "--naive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="beauty: also measure bench/naive_server.py (default on)",
+    )
     parser.add_argument("--retrain", action="store_true", help="rebuild the models from scratch")
     parser.add_argument(
         "--name",

@@ -227,6 +227,7 @@ def _learn_online(
     from recloop.events import open_event_log
     from recloop.online.config import OnlineConfig
     from recloop.online.learner import OnlineLearner
+    from recloop.online.prequential import describe
     from recloop.registry import Registry
 
     for start in range(0, len(events), 1000):
@@ -241,8 +242,8 @@ def _learn_online(
     stdout.print(
         f"learned {summary.events:,} events in {summary.seconds:.1f}s; published "
         f"{', '.join(summary.published)} (deltas); {summary.admitted} new item admitted\n"
-        f"prequential HR@10 (each event scored before it is learned): online "
-        f"{totals['online_HR@10']:.4f} vs frozen {totals['frozen_HR@10']:.4f} "
+        f"prequential HR@10 (each event scored before it is learned): "
+        f"{describe(totals)} "
         f"(plot: {run_dir / 'prequential.png'})",
         highlight=False,
     )

@@ -122,13 +122,25 @@ def online_command(
 
 
 def _print_summary(summary: RunSummary, run_dir: Path) -> None:
+    from recloop.online.prequential import describe
+
     totals = summary.totals
     stdout.print(
         f"{summary.events:,} events in {summary.seconds:.1f}s, offset {summary.offset}, "
         f"{len(summary.published)} version(s) published, newest {summary.version}; "
-        f"{summary.admitted} new item(s); prequential HR@10 online "
-        f"{totals['online_HR@10']:.4f} vs frozen {totals['frozen_HR@10']:.4f} "
+        f"{summary.admitted} new item(s); prequential HR@10 "
+        f"{describe(totals)} "
         f"over {totals['scored']:,} events (plot: {run_dir / 'prequential.png'})",
+        highlight=False,
+    )
+    phases = summary.timings["phases"]
+    split = ", ".join(
+        f"{name} {phase['share']:.0%}"
+        for name, phase in sorted(phases.items(), key=lambda item: -item[1]["seconds"])
+    )
+    stdout.print(
+        f"{summary.timings['events_per_second']:,.0f} events/s; time: {split} "
+        f"({run_dir / 'timings.json'})",
         highlight=False,
     )
 

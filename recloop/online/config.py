@@ -28,6 +28,12 @@ class OnlineConfig:
     batch_events: int = 256  # events per micro-batch: one read, one scoring pass, the steps
     steps_per_batch: int = 2  # 2 beat 1 (and 1 with more replay) on bench/online_replay.py
     replay_windows: int = 128  # older users' sequences mixed into every step (0 = none)
+    # Which positions a step learns: "new", only those whose target is one of the micro-batch's
+    # events (replay windows: their last `replay_positions`); "all", every position of every
+    # window, its older ones learned again at each step. "new" costs a few targets per event
+    # instead of a user's whole window (bench/online_replay.py compares the two).
+    train_positions: Literal["new", "all"] = "new"
+    replay_positions: int = 1
     lr: float = 5e-4  # AdamW, dense weights (small: the model is already trained)
     embedding_lr: float = 1e-3  # lazy Adam, item rows
     train_dense: bool = True  # False: only item rows learn (smaller deltas)
@@ -46,13 +52,16 @@ class OnlineConfig:
     promote: bool = False  # move production to each publish (also done when production is
     # the version being fine-tuned, so a service following production follows the learner)
     exclude_seen: bool = True  # prequential ranking masks the user's history items
+    # Also rank every event with the frozen starting model (the prequential comparison); one
+    # more forward and full-catalogue scoring per event, measured by bench/online_replay.py.
+    score_frozen: bool = True
     seed: int = 0
     poll_seconds: float = 0.2  # --follow: wait between empty reads
 
     def __post_init__(self) -> None:
         if self.num_negatives is not None and self.num_negatives < 1:
             raise ConfigError(f"online.num_negatives must be >= 1, got {self.num_negatives}")
-        positive = ("batch_events", "steps_per_batch", "admit_after")
+        positive = ("batch_events", "steps_per_batch", "admit_after", "replay_positions")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"online.{name} must be >= 1, got {getattr(self, name)}")
@@ -73,6 +82,10 @@ class OnlineConfig:
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ConfigError(
                 f"online.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}"
+            )
+        if self.train_positions not in ("new", "all"):
+            raise ConfigError(
+                f"online.train_positions must be 'new' or 'all', got {self.train_positions!r}"
             )
         if not self.consumer.strip():
             raise ConfigError("online.consumer must not be empty")

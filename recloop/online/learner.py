@@ -29,21 +29,21 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from recloop.data.sequences import PADDING_ID
 from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError
 from recloop.events import EventLog, LoggedEvent, resume_offset
 from recloop.models.factory import config_to_dict
 from recloop.online.config import OnlineConfig, loss_config
 from recloop.online.control import crash_point, progress, stop_on_signals
-from recloop.online.history import base_history, padded_chunks
+from recloop.online.history import base_history
 from recloop.online.items import ItemAttributes, PendingItems, initial_row
 from recloop.online.optim import LazyAdam, grow_rows
 from recloop.online.prequential import (
@@ -61,18 +61,17 @@ from recloop.online.resume import (
     save_learner_state,
     vocabulary_file,
 )
+from recloop.online.steps import Sample, train_step
+from recloop.online.timings import PhaseTimes
 from recloop.registry import Delta, Manifest, Registry, RowUpdate, SideFiles, publish_version
 from recloop.registry.deltas import diff_state
 from recloop.registry.loading import load_model
-from recloop.train.loop import optimizer_step
-from recloop.train.losses import next_item_loss
 
 log = logging.getLogger("recloop.online")
 
 
 TABLE = "item_embedding.weight"
 PLOT_EVERY_SECONDS = 60.0  # RUN/prequential.png is redrawn at most this often, and at the end
-TOKENS_PER_CHUNK = 8192  # padded positions per forward pass of a training step
 CONTEXT_ITEMS = 10  # a user's most recent items taken as a new item's co-occurrence context
 
 
@@ -85,6 +84,7 @@ class RunSummary:
     admitted: int  # new items admitted in this run
     totals: dict[str, float | int]
     seconds: float
+    timings: dict[str, Any]  # seconds per phase of the loop (also RUN/timings.json)
 
 
 class OnlineLearner:
@@ -142,6 +142,7 @@ class OnlineLearner:
         self._unpublished_events = 0
         self._last_publish = time.monotonic()
         self._last_plot = time.monotonic()
+        self.times = PhaseTimes()
 
     # ------------------------------------------------------------------ set-up
 
@@ -242,19 +243,26 @@ class OnlineLearner:
         """Test, then train, on one micro-batch; returns its prequential counts."""
         prefixes: list[list[int]] = []
         targets: list[int] = []
-        touched: dict[str, None] = {}
+        new_events: dict[str, int] = {}  # user -> items appended to their sequence in this batch
         for logged in batch:
             before, item = self._observe(logged, admit=True)
-            touched[logged.event.user_id] = None
+            user = logged.event.user_id
+            new_events[user] = new_events.get(user, 0) + (1 if item else 0)
             if before:  # an event with no history cannot be ranked by a sequence model
                 prefixes.append(before)
                 targets.append(item)
         self.model.eval()
-        online = rank_targets(self.model, prefixes, targets, exclude_seen=self.config.exclude_seen)
-        frozen = rank_targets(self.frozen, prefixes, targets, exclude_seen=self.config.exclude_seen)
-        windows = [self.sequences[user] for user in touched]
-        for _ in range(self.config.steps_per_batch):
-            self._train_step(windows + self._replay_sample())
+        exclude = self.config.exclude_seen
+        with self.times.phase("score"):
+            online = rank_targets(self.model, prefixes, targets, exclude_seen=exclude)
+        frozen = None
+        if self.config.score_frozen:
+            with self.times.phase("score_frozen"):
+                frozen = rank_targets(self.frozen, prefixes, targets, exclude_seen=exclude)
+        samples = self._touched_samples(new_events)
+        with self.times.phase("train"):
+            for _ in range(self.config.steps_per_batch):
+                self._train_step(samples + self._replay_sample())
         self.offset = batch[-1].offset
         self._unpublished_events += len(batch)
         totals = totals_from_ranks(online, frozen, len(batch))
@@ -262,65 +270,43 @@ class OnlineLearner:
         self.prequential.append(self.offset, totals, self.state.totals)
         return totals
 
-    def _replay_sample(self) -> list[list[int]]:
+    def _touched_samples(self, new_events: dict[str, int]) -> list[Sample]:
+        """The touched users' windows, each with how many of its last positions to learn:
+        the batch's new events ("new"), or every position ("all")."""
+        every = self.config.train_positions == "all"
+        return [
+            (self.sequences[user], None if every else count)
+            for user, count in new_events.items()
+            if every or count > 0
+        ]
+
+    def _replay_sample(self) -> list[Sample]:
         count = self.config.replay_windows
         if count == 0:
             return []
+        positions = None if self.config.train_positions == "all" else self.config.replay_positions
         users = self._base.users if self._base is not None else None
         if users:
             picks = self._rng.integers(0, len(users), size=count)
-            return [self.sequence(users.raw(int(i))) for i in picks]
+            return [(self.sequence(users.raw(int(i))), positions) for i in picks]
         touched = list(self.sequences)
         if not touched:
             return []
         picks = self._rng.integers(0, len(touched), size=count)
-        return [self.sequences[touched[int(i)]] for i in picks]
+        return [(self.sequences[touched[int(i)]], positions) for i in picks]
 
-    def _train_step(self, sequences: Sequence[Sequence[int]]) -> None:
-        """One optimizer step on every prefix of `sequences` (their last max_length + 1 items).
-
-        Windows are sorted by length and run in chunks, each padded only to its own longest:
-        a batch of mostly short histories then costs its real tokens, not B x max_length.
-        A non-causal model (BSARec) learns each prefix as its own window, with its target at
-        the last position, as it was trained (`train.samples = "prefixes"`).
-        """
-        usable = [s[-(self.max_length + 1) :] for s in sequences if len(s) >= 2]
-        last_only = not self.model.causal
-        if last_only:
-            usable = [s[: end + 1] for s in usable for end in range(1, len(s))]
-        usable.sort(key=len)
-        if not usable:
-            return
-        total_tokens = sum(len(s) - 1 for s in usable)
-        num_items = self.vocabulary.num_items
-
-        def chunk_losses() -> Iterator[torch.Tensor]:
-            # Each chunk's forward runs when the step asks for its loss, after the previous
-            # chunk's backward: one graph at a time.
-            for inputs, targets in padded_chunks(usable, TOKENS_PER_CHUNK, last_only):
-                hidden = self.model(inputs, last_only=last_only)  # [B, W or 1, D]
-                loss_sum, _ = next_item_loss(
-                    self.model, hidden, targets, self._loss_config, num_items, inputs=inputs
-                )
-                yield loss_sum / total_tokens
-
-        def keep_padding_row_zero() -> None:
-            table = self.model.item_embedding.weight
-            if table.grad is not None:
-                table.grad[PADDING_ID] = 0.0
-
-        self.model.train()
+    def _train_step(self, samples: Sequence[Sample]) -> None:
         optimizers: list[torch.optim.Optimizer] = [self.row_optimizer]
         if self.config.train_dense:
             optimizers.insert(0, self.dense_optimizer)
-        optimizer_step(
+        train_step(
             self.model,
+            samples,
             optimizers,
-            chunk_losses(),
+            self._loss_config,
+            num_items=self.vocabulary.num_items,
             grad_clip=self.config.grad_clip,
-            before_step=keep_padding_row_zero,
         )
-        self.model.eval()
 
     # ------------------------------------------------------------------ publishing
 
@@ -337,6 +323,10 @@ class OnlineLearner:
         `force`: publish the model's changes anyway, e.g. rows edited by an operator)."""
         if self._unpublished_events == 0 and not force:
             return None
+        with self.times.phase("publish"):
+            return self._publish()
+
+    def _publish(self) -> str:
         started = time.perf_counter()
         changes = diff_state(self._published, self.model.state_dict(), TABLE)
         grown = self.vocabulary.num_items != self._published_items
@@ -421,7 +411,8 @@ class OnlineLearner:
                     limit = min(limit, max_events - applied)
                     if limit <= 0:
                         break
-                batch = self.events.read(self.offset, limit)
+                with self.times.phase("read"):
+                    batch = self.events.read(self.offset, limit)
                 if not batch:
                     if not follow:
                         break
@@ -436,7 +427,10 @@ class OnlineLearner:
                 if self.due():
                     published.append(self.publish())
             published.append(self.publish())
-        self.prequential.plot()
+        with self.times.phase("plot"):
+            self.prequential.plot()
+        seconds = time.perf_counter() - started
+        timings = self.times.write(self.run_dir, applied, seconds)
         done = [v for v in published if v is not None]
         return RunSummary(
             version=self.version,
@@ -445,7 +439,8 @@ class OnlineLearner:
             published=done,
             admitted=len(self.state.admitted) - admitted_before,
             totals=self.state.totals.summary(),
-            seconds=time.perf_counter() - started,
+            seconds=seconds,
+            timings=timings,
         )
 
 

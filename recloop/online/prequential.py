@@ -34,7 +34,8 @@ class PrequentialTotals:
     """Running sums since the learner's origin version (stored in every published manifest)."""
 
     events: int = 0  # events applied (read from the log and learned from)
-    scored: int = 0  # events with a history, scored by both models
+    scored: int = 0  # events with a history, scored by the online model
+    scored_frozen: int = 0  # of those, scored by the frozen model too (online.score_frozen)
     hits_online: int = 0
     hits_frozen: int = 0
     ndcg_online: float = 0.0
@@ -45,15 +46,19 @@ class PrequentialTotals:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def summary(self) -> dict[str, float | int]:
+        """HR@10 / NDCG@10 of each model over the events it scored (no frozen figures when
+        the frozen model scored nothing)."""
         scored = max(self.scored, 1)
-        return {
+        out: dict[str, float | int] = {
             "events": self.events,
             "scored": self.scored,
             f"online_HR@{K}": self.hits_online / scored,
-            f"frozen_HR@{K}": self.hits_frozen / scored,
             f"online_NDCG@{K}": self.ndcg_online / scored,
-            f"frozen_NDCG@{K}": self.ndcg_frozen / scored,
         }
+        if self.scored_frozen:
+            out[f"frozen_HR@{K}"] = self.hits_frozen / self.scored_frozen
+            out[f"frozen_NDCG@{K}"] = self.ndcg_frozen / self.scored_frozen
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,7 +66,10 @@ class PrequentialTotals:
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> PrequentialTotals:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+        values = {k: v for k, v in (data or {}).items() if k in known}
+        if "scored_frozen" not in values:  # written before scoring the frozen model was optional
+            values["scored_frozen"] = values.get("scored", 0)
+        return cls(**values)
 
 
 @torch.no_grad()
@@ -78,40 +86,55 @@ def rank_targets(
     num_items = int(model.item_embedding.num_items)
     length = int(model.config.max_length)
     # Chunks of users with similar history lengths, so each pads only to its own longest.
-    chunk = max(1, min(128, max_logits // (num_items + 1)))
+    chunk = max(1, min(256, max_logits // (num_items + 1)))
     kept = [[i for i in prefix if i <= num_items][-length:] for prefix in prefixes]
     order = sorted(range(len(kept)), key=lambda index: len(kept[index]))  # similar lengths
     ranks = np.full(len(targets), np.iinfo(np.int64).max, dtype=np.int64)
     for start in range(0, len(order), chunk):
         rows = order[start : start + chunk]
         width = max(1, len(kept[rows[-1]]))  # the longest of the chunk: no wider padding
-        ids = torch.zeros((len(rows), width), dtype=torch.long)  # [B, W], left-padded
+        padded = np.zeros((len(rows), width), dtype=np.int64)  # [B, W], left-padded
         for row, index in enumerate(rows):
             if kept[index]:
-                ids[row, width - len(kept[index]) :] = torch.tensor(kept[index])
+                padded[row, width - len(kept[index]) :] = kept[index]
+        ids = torch.from_numpy(padded)
         logits = model.score(model.encode(ids))  # [B, I + 1]
         if exclude_seen:
             logits.scatter_(1, ids, float("-inf"))  # history items (and padding) masked
         logits[:, PADDING_ID] = float("-inf")
-        for row, index in enumerate(rows):
-            target = targets[index]
-            if 0 < target <= num_items and kept[index]:
-                score = logits[row, target]
-                if torch.isfinite(score):
-                    ranks[index] = int((logits[row] > score).sum())
+        wanted = torch.tensor([targets[index] for index in rows], dtype=torch.long)  # [B]
+        valid = (wanted > 0) & (wanted <= num_items) & (ids[:, -1] != PADDING_ID)
+        score = logits.gather(1, wanted.clamp(0, num_items).unsqueeze(1))  # [B, 1]
+        # Counted in float32 (exact below 2^24 items): a third faster than a bool sum here.
+        above = (logits > score).to(torch.float32).sum(dim=1).to(torch.long)  # [B]
+        valid &= torch.isfinite(score.squeeze(1))
+        picked = np.asarray(rows)[valid.numpy()]
+        ranks[picked] = above[valid].numpy()
     return ranks
 
 
+def describe(totals: dict[str, float | int]) -> str:
+    """'online 0.0962 vs frozen 0.0741' (or without the frozen model when it did not score)."""
+    text = f"online {totals[f'online_HR@{K}']:.4f}"
+    frozen = totals.get(f"frozen_HR@{K}")
+    return f"{text} vs frozen {frozen:.4f}" if frozen is not None else f"{text} (frozen not scored)"
+
+
 def totals_from_ranks(
-    online: npt.NDArray[np.int64], frozen: npt.NDArray[np.int64], events: int
+    online: npt.NDArray[np.int64], frozen: npt.NDArray[np.int64] | None, events: int
 ) -> PrequentialTotals:
+    """The counts of one micro-batch (`frozen` None: the frozen model did not score it)."""
+
     def ndcg(ranks: npt.NDArray[np.int64]) -> float:
         hit = ranks[ranks < K]
         return float(sum(1.0 / math.log2(r + 2) for r in hit.tolist()))
 
+    if frozen is None:
+        frozen = np.zeros(0, dtype=np.int64)
     return PrequentialTotals(
         events=events,
         scored=len(online),
+        scored_frozen=len(frozen),
         hits_online=int((online < K).sum()),
         hits_frozen=int((frozen < K).sum()),
         ndcg_online=ndcg(online),
@@ -127,7 +150,7 @@ class PrequentialLog:
     """
 
     columns = ("offset", "events", "scored", "hits_online", "hits_frozen", "cum_online_hr",
-               "cum_frozen_hr")  # fmt: skip
+               "cum_frozen_hr", "scored_frozen")  # fmt: skip
 
     def __init__(self, run_dir: Path, resume_offset: int) -> None:
         self.path = run_dir / CSV_NAME
@@ -151,11 +174,12 @@ class PrequentialLog:
         tmp.replace(self.path)
 
     def append(self, offset: int, batch: PrequentialTotals, total: PrequentialTotals) -> None:
-        scored = max(total.scored, 1)
+        scored, scored_frozen = max(total.scored, 1), max(total.scored_frozen, 1)
         with self.path.open("a", newline="") as handle:
             csv.writer(handle).writerow(
                 [offset, batch.events, batch.scored, batch.hits_online, batch.hits_frozen,
-                 f"{total.hits_online / scored:.6f}", f"{total.hits_frozen / scored:.6f}"]
+                 f"{total.hits_online / scored:.6f}", f"{total.hits_frozen / scored_frozen:.6f}",
+                 batch.scored_frozen]
             )  # fmt: skip
 
     def plot(self, window: int = 2000) -> Path | None:
@@ -168,15 +192,23 @@ class PrequentialLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        scored = np.array([int(r["scored"]) for r in rows], dtype=np.float64)
+        scored = {
+            "online": np.array([int(r["scored"]) for r in rows], dtype=np.float64),
+            # Rows written before scoring the frozen model was optional lack the column.
+            "frozen": np.array(
+                [int(r.get("scored_frozen") or r["scored"]) for r in rows], dtype=np.float64
+            ),
+        }
         events = np.cumsum([int(r["events"]) for r in rows])
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for name, color in (("online", "tab:blue"), ("frozen", "tab:gray")):
+            if name == "frozen" and not scored[name].any():
+                continue  # online.score_frozen = false
             hits = np.array([int(r[f"hits_{name}"]) for r in rows], dtype=np.float64)
-            ax.plot(events, _sliding(hits, scored, window), color=color,
+            ax.plot(events, _sliding(hits, scored[name], window), color=color,
                     label=f"{name}, last {window} scored events")  # fmt: skip
-            ax.plot(events, np.cumsum(hits) / np.maximum(np.cumsum(scored), 1), color=color,
-                    linestyle="--", label=f"{name}, cumulative")  # fmt: skip
+            ax.plot(events, np.cumsum(hits) / np.maximum(np.cumsum(scored[name]), 1),
+                    color=color, linestyle="--", label=f"{name}, cumulative")  # fmt: skip
         ax.set_xlabel("events streamed")
         ax.set_ylabel(f"prequential HR@{K}")
         ax.set_title("Online learner vs frozen starting model (test-then-train)")

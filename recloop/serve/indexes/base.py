@@ -221,17 +221,29 @@ def normalise_exclude(exclude: Exclude, batch: int, num_items: int) -> list[IdAr
         raise ServingError("exclude must be a sequence with one id array (or None) per query")
     if len(exclude) != batch:
         raise ServingError(f"exclude has {len(exclude)} rows but queries have {batch}")
-    lists = []
+    arrays = []
     for row in exclude:
         if row is None:
-            lists.append(EMPTY_IDS)
+            arrays.append(EMPTY_IDS)
             continue
         array = np.asarray(row)
-        if array.size and not np.issubdtype(array.dtype, np.integer):
+        if array.size and array.dtype.kind not in "iu":  # np.issubdtype(_, np.integer)
             raise ServingError(f"exclude rows must be integer item ids, got dtype {array.dtype}")
-        array = array.astype(np.int64).ravel()
-        lists.append(np.unique(array[(array >= 1) & (array <= num_items)]))
-    return lists
+        arrays.append(array.astype(np.int64, copy=False).ravel())
+    # One np.unique over the whole batch instead of one per row: on the serving path that
+    # was a sixth of an exact search, all of it holding the GIL the HTTP loop waits for.
+    # Keys row * stride + id sort by row, then id; the row boundaries split them back.
+    if batch == 1:
+        only = arrays[0]
+        return [np.unique(only[(only >= 1) & (only <= num_items)])]
+    flat = np.concatenate(arrays)
+    rows = np.repeat(np.arange(batch, dtype=np.int64), [len(array) for array in arrays])
+    valid = (flat >= 1) & (flat <= num_items)
+    stride = num_items + 1
+    keys = np.unique(rows[valid] * stride + flat[valid])
+    bounds = np.searchsorted(keys, np.arange(batch + 1, dtype=np.int64) * stride).tolist()
+    ids = keys % stride
+    return [ids[bounds[row] : bounds[row + 1]] for row in range(batch)]
 
 
 def flatten_exclude(exclude: list[IdArray]) -> tuple[IdArray, IdArray]:
@@ -254,9 +266,12 @@ def torch_view(array: npt.NDArray[Any]) -> torch.Tensor:
 def scores_against(queries: FloatArray, rows: FloatArray) -> FloatArray:
     """queries [B, d] · rows [n, d]ᵀ as a fresh float32 [B, n] array.
 
-    torch's GEMM, not numpy's: on the serving path (one BLAS thread) OpenBLAS took 3x longer
-    than torch on this transposed product (Beauty, B=16, n=12,101: 1.3 ms vs 0.4 ms)."""
-    return (torch_view(queries) @ torch_view(rows).T).numpy()
+    numpy's GEMM (OpenBLAS), not torch's: timed call by call in alternation on the serving
+    path (one BLAS thread, Beauty sizes), torch's took longer at every batch size
+    (bench/serve_profile.py, bench/results/serve-profile-20.json); an earlier measurement
+    that favoured torch timed them one after the other, on a machine whose speed varies."""
+    product: FloatArray = np.matmul(queries, rows.T)
+    return product
 
 
 def top_k(ids: IdArray, scores: FloatArray, k: int) -> tuple[IdArray, FloatArray]:

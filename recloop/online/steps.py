@@ -1,0 +1,97 @@
+"""One optimizer step of the online learner: windows of user sequences, each with the number of
+its last positions to learn, through the model in padded chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from recloop.config import TrainConfig
+from recloop.data.sequences import PADDING_ID
+from recloop.models.base import SequentialEncoder
+from recloop.online.history import padded_chunks
+from recloop.train.loop import optimizer_step
+from recloop.train.losses import next_item_loss
+
+TOKENS_PER_CHUNK = 8192  # padded positions per forward pass of a training step
+
+# A window to learn from and how many of its last positions are targets (None: all of them).
+Sample = tuple[Sequence[int], int | None]
+
+
+def train_step(
+    model: SequentialEncoder,
+    samples: Sequence[Sample],
+    optimizers: Sequence[torch.optim.Optimizer],
+    loss_config: TrainConfig,
+    *,
+    num_items: int,
+    grad_clip: float | None,
+) -> None:
+    """One optimizer step on `samples`: (sequence, the number of its last positions that
+    are targets, None = all of its last max_length + 1 items' positions).
+
+    Windows are sorted by length and run in chunks, each padded only to its own longest:
+    a batch of mostly short histories then costs its real tokens, not B x max_length.
+    A non-causal model (BSARec) learns each target position as its own prefix window, with
+    its target at the last position, as it was trained (`train.samples = "prefixes"`).
+    """
+    singles, several, counts = _windows(model, samples)
+    total_tokens = len(singles) + sum(counts)
+    if total_tokens == 0:
+        return
+
+    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+        for inputs, targets in padded_chunks(singles, TOKENS_PER_CHUNK, last_only=True):
+            yield inputs, targets, True
+        for inputs, targets in padded_chunks(several, TOKENS_PER_CHUNK, False, counts):
+            yield inputs, targets, False
+
+    def chunk_losses() -> Iterator[torch.Tensor]:
+        # Each chunk's forward runs when the step asks for its loss, after the previous
+        # chunk's backward: one graph at a time.
+        for inputs, targets, last_only in chunks():
+            hidden = model(inputs, last_only=last_only)  # [B, W or 1, D]
+            loss_sum, _ = next_item_loss(
+                model, hidden, targets, loss_config, num_items, inputs=inputs
+            )
+            yield loss_sum / total_tokens
+
+    def keep_padding_row_zero() -> None:
+        table = model.item_embedding.weight
+        if table.grad is not None:
+            table.grad[PADDING_ID] = 0.0
+
+    model.train()
+    optimizer_step(
+        model,
+        optimizers,
+        chunk_losses(),
+        grad_clip=grad_clip,
+        before_step=keep_padding_row_zero,
+    )
+    model.eval()
+
+
+def _windows(
+    model: SequentialEncoder, samples: Sequence[Sample]
+) -> tuple[list[Sequence[int]], list[Sequence[int]], list[int]]:
+    """(windows learned at their last position only, other windows, how many of each other
+    window's last positions are targets), each list sorted by window length.
+
+    A window learned at its last position alone runs the last block for that position only
+    (`last_only`), which saves that block's work on every other position.
+    """
+    max_length = int(model.config.max_length)
+    usable = [(s[-(max_length + 1) :], count) for s, count in samples if len(s) >= 2]
+    if not model.causal:
+        usable = [
+            (s[: end + 1], 1)
+            for s, count in usable
+            for end in range(max(1, len(s) - (len(s) if count is None else count)), len(s))
+        ]
+    singles = sorted((s for s, count in usable if count == 1), key=len)
+    several = sorted(((s, count) for s, count in usable if count != 1), key=lambda w: len(w[0]))
+    counts = [len(s) - 1 if count is None else min(count, len(s) - 1) for s, count in several]
+    return singles, [s for s, _ in several], counts
