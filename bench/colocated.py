@@ -8,8 +8,9 @@ dataset and stream.jsonl; run `bench/online_replay.py --base-only` first):
 1. serve alone: `recloop serve` on (a copy of) the base registry, computed answers with no
    result cache (bench/serve.py's "batching, no cache" variant), driven by wrk over known users:
    req/s and p99;
-2. learner alone: `recloop online` over a fresh `recloop ingest` of stream.jsonl into a fresh
-   copy of the registry (as online_replay.py does): events/s, from its own summary;
+2. learner alone: `recloop online` (its default settings, or the online.key=value given) over a
+   fresh `recloop ingest` of stream.jsonl into a fresh copy of the registry (as online_replay.py
+   does): events/s, from its RUN/timings.json (the figure online_replay.py reports);
 3. both: the server started first (as a server runs before a learner joins it), then the
    learner, with wrk runs of --duration back to back for as long as the learner runs: req/s
    (the median run) and events/s together.
@@ -43,7 +44,6 @@ RECLOOP = [sys.executable, "-m", "recloop.cli"]
 REPLAY = REPO / "runs" / "bench-online-replay"
 NO_CACHE = ["--index", "exact", "--no-cache"]  # bench/serve.py's "batching, no cache" on Beauty
 THREADS_LINE = re.compile(r"recloop (serve|online): (threads: (\d+) \(.*\))$", re.MULTILINE)
-SUMMARY = re.compile(r"^([\d,]+) events in ([\d.]+)s", re.MULTILINE)
 
 
 def chosen_threads(text: str, command: str) -> dict[str, Any] | None:
@@ -57,19 +57,21 @@ def chosen_threads(text: str, command: str) -> dict[str, Any] | None:
 class Learner:
     """`recloop online` over a fresh copy of the registry and a fresh ingest of the stream."""
 
-    def __init__(self, replay: Path, scratch: Path, max_events: int | None, log: Path) -> None:
-        registry, self.events = scratch / "online-registry", scratch / "events.sqlite"
+    def __init__(self, replay: Path, scratch: Path, args: argparse.Namespace, log: Path) -> None:
+        self.registry, self.events = scratch / "online-registry", scratch / "events.sqlite"
+        registry = self.registry
         shutil.rmtree(registry, ignore_errors=True)
         shutil.copytree(replay / "registry", registry)
         for path in (self.events, *scratch.glob("events.sqlite-*")):
             path.unlink(missing_ok=True)
-        run_dir = scratch / "online"
+        self.run_dir = run_dir = scratch / "online"
         shutil.rmtree(run_dir, ignore_errors=True)
         run([*RECLOOP, "ingest", str(replay / "stream.jsonl"), "--event-log", str(self.events)],
             log)  # fmt: skip
-        limit = ["--max-events", str(max_events)] if max_events is not None else []
+        limit = ["--max-events", str(args.max_events)] if args.max_events is not None else []
         command = [*RECLOOP, "online", "--registry", str(registry), "--event-log",
-                   str(self.events), "--run-dir", str(run_dir), *limit]  # fmt: skip
+                   str(self.events), "--run-dir", str(run_dir), *limit,
+                   *args.overrides]  # fmt: skip
         self.log = log
         with open(log, "a") as f:
             f.write("$ " + " ".join(command) + "\n")
@@ -87,15 +89,13 @@ class Learner:
             f.write(err + out)
         if self.process.returncode != 0:
             raise SystemExit(f"recloop online failed ({self.process.returncode}), see {self.log}")
-        summary = SUMMARY.search(out)
-        if summary is None:
-            raise SystemExit(f"no summary line in recloop online's output, see {self.log}")
-        events, seconds = int(summary.group(1).replace(",", "")), float(summary.group(2))
+        timings = json.loads((self.run_dir / "timings.json").read_text())
+        shutil.rmtree(self.registry)  # hundreds of MB of versions after a whole replay
         return {
-            "events": events,
-            "seconds": seconds,
-            "events_per_s": round(events / seconds, 1),
-            "wall_seconds": round(wall, 1),
+            "events": timings["events"],
+            "seconds": timings["seconds"],
+            "events_per_s": timings["events_per_second"],
+            "process_wall_seconds": round(wall, 1),
             "threads": chosen_threads(err, "online"),
         }
 
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18090)
     parser.add_argument("--replay", type=Path, default=REPLAY, help="online_replay.py's work dir")
     parser.add_argument("--name", default="colocated", help="writes bench/results/NAME.json")
+    parser.add_argument("overrides", nargs="*", help="online.key=value for the learner")
     args = parser.parse_args()
     if args.duration < 1 or args.runs < 1 or (args.max_events is not None and args.max_events < 1):
         parser.error("--duration, --runs and --max-events must be >= 1")
@@ -149,13 +150,13 @@ def main() -> None:
     serve_alone = {"median": median_run(runs), "runs": runs, "threads": serve_threads}
 
     print("learner alone", flush=True)
-    learner_alone = Learner(replay, scratch, args.max_events, log).finish()
+    learner_alone = Learner(replay, scratch, args, log).finish()
 
     print("serve + learner", flush=True)
     server, serve_threads = start_server(registry, args.port, log)
     try:
         wrk(server.url, script, args.connections, 2)  # warm-up, before the learner starts
-        learner = Learner(replay, scratch, args.max_events, log)
+        learner = Learner(replay, scratch, args, log)
         together_runs = [wrk(server.url, script, args.connections, args.duration)]
         while learner.process.poll() is None:  # load the server for as long as the learner runs
             together_runs.append(wrk(server.url, script, args.connections, args.duration))
@@ -194,6 +195,7 @@ def main() -> None:
         "connections": args.connections,
         "wrk_threads": 1,
         "max_events": args.max_events,
+        "learner_overrides": args.overrides,
         "request": "GET /v1/users/{random known user}/recommendations?k=10",
     }
     path = write_result(args.name, config, results, started)
