@@ -77,6 +77,7 @@ from tests.online_helpers import event_log, pattern_events, state_of, train_base
 from tests.redis_server import RedisServer, running_redis
 from tests.serving import API_KEY, config_for, known_user, running_service
 from tests.state_helpers import redis_call, run, state_records
+from tests.warm_interpreter import WarmInterpreter, WarmProcess, warm_interpreter
 
 USERS = [f"fault-user-{n}" for n in range(12)]
 ITEMS = [str(n) for n in range(1, 60)]
@@ -111,16 +112,15 @@ class Acknowledged:
 
 @dataclass
 class Replica:
-    process: subprocess.Popen[bytes]
+    process: WarmProcess
     url: str
     log: Path
 
 
-def start_replica(registry: Path, workdir: Path, port: int, onnx_cache: Path) -> Replica:
+def start_replica(
+    warm: WarmInterpreter, registry: Path, workdir: Path, port: int, onnx_cache: Path
+) -> Replica:
     command = [
-        sys.executable,
-        "-m",
-        "recloop.cli",
         "serve",
         "--registry",
         str(registry),
@@ -136,9 +136,7 @@ def start_replica(registry: Path, workdir: Path, port: int, onnx_cache: Path) ->
         str(onnx_cache),  # the module's: one ONNX export for every replica here
         "--no-cache",
     ]
-    env = {**os.environ, "RECLOOP_API_KEY": API_KEY}
-    with (workdir / "serve.log").open("ab") as output:  # the child keeps its own descriptor
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=output)
+    process = warm.start("recloop.cli", command, replica_env(), workdir / "serve.log")
     STARTED.setdefault(workdir, []).append(process)
     replica = Replica(process, f"http://127.0.0.1:{port}", workdir / "events.sqlite")
     wait_ready(replica, timeout=120)
@@ -218,19 +216,38 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
         sys.stderr.write(log.read_text(errors="replace"))
 
 
-STARTED: dict[Path, list[subprocess.Popen[bytes]]] = {}  # replicas by workdir, for teardown
+STARTED: dict[Path, list[WarmProcess]] = {}  # replicas by workdir, for teardown
+
+
+def replica_env() -> dict[str, str]:
+    env = {**os.environ, "RECLOOP_API_KEY": API_KEY}
+    # What `recloop serve` sets before numpy and torch load (--threads 1), set before the warm
+    # interpreter loads them, so the replicas' native thread pools are the ones serve asks for.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def warm_serve() -> Iterator[WarmInterpreter]:
+    """Each `recloop serve` here is forked from an interpreter that has imported torch and the
+    web stack: the same process five times, without five imports of them. Module-scoped, so it
+    outlives `workdir`, whose teardown stops any replica a failed test left running."""
+    with warm_interpreter(["torch", "onnxruntime", "fastapi", "uvicorn"], replica_env()) as warm:
+        yield warm
 
 
 @pytest.mark.slow
 def test_serve_killed_at_random_moments_keeps_every_acknowledged_event(
-    trained: dict[str, Any], workdir: Path
+    trained: dict[str, Any], workdir: Path, warm_serve: WarmInterpreter
 ) -> None:
+    warm = warm_serve
     registry, onnx_cache = trained["registry"], trained["root"] / "onnx-cache"
     rng = random.Random(18)
     acked = Acknowledged()
     port = free_port()
     for cycle in range(CYCLES):
-        replica = start_replica(registry, workdir, port, onnx_cache)
+        replica = start_replica(warm, registry, workdir, port, onnx_cache)
         if cycle:  # every event acknowledged before the last kill is back, in log order
             state, logged = log_fold(replica.log)
             assert served_state(replica.url) == state
@@ -246,7 +263,7 @@ def test_serve_killed_at_random_moments_keeps_every_acknowledged_event(
         assert replica.process.returncode == -signal.SIGKILL
         assert not writer.is_alive()
 
-    replica = start_replica(registry, workdir, port, onnx_cache)
+    replica = start_replica(warm, registry, workdir, port, onnx_cache)
     state, logged = log_fold(replica.log)
     # Every acknowledged event is in the log, as acknowledged ...
     assert acked.events and all(logged[offset] == pair for offset, pair in acked.events.items())
@@ -256,7 +273,7 @@ def test_serve_killed_at_random_moments_keeps_every_acknowledged_event(
     replica.process.send_signal(signal.SIGTERM)
     # uvicorn shuts down gracefully, then re-raises the signal it caught.
     assert replica.process.wait(timeout=60) in (0, -signal.SIGTERM)
-    replica = start_replica(registry, workdir, port, onnx_cache)
+    replica = start_replica(warm, registry, workdir, port, onnx_cache)
     ready = httpx.get(f"{replica.url}/readyz", timeout=5).json()
     assert ready["state_rebuild"]["events"] == 0
     assert ready["state_rebuild"]["applied_offset"] == max(logged)
@@ -275,12 +292,12 @@ def learner_command(registry: Path, events: Path, run_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def run_learner(command: list[str], crash_at: str | None = None) -> int:
+def learner_env(crash_at: str | None = None) -> dict[str, str]:
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     env.pop(CRASH_ENV, None)
     if crash_at:
         env[CRASH_ENV] = crash_at
-    return subprocess.run(command, env=env, capture_output=True, timeout=120).returncode
+    return env
 
 
 def test_kill_9_at_any_point_loses_nothing_and_applies_nothing_twice(
@@ -296,17 +313,28 @@ def test_kill_9_at_any_point_loses_nothing_and_applies_nothing_twice(
         runs[name] = learner_command(
             tmp_path / name / "registry", tmp_path / name / "events.db", tmp_path / name / "run"
         )
-    assert run_learner(runs["reference"]) == 0
+    output = tmp_path / "learner.log"
+    # Every `recloop online` but the randomly killed one is forked from an interpreter that has
+    # imported torch: the same process, without eight imports of torch and torch._dynamo.
+    with warm_interpreter(["torch", "torch._dynamo"], learner_env()) as warm:
 
-    # Crash between every pair of steps that matter, then once more at a random moment.
-    for point in ("batch:3", "state-saved:1", "published:1", "committed:1", "batch:9"):
-        assert run_learner(runs["crashed"], point) == -signal.SIGKILL, point
-    quiet = subprocess.DEVNULL
-    process = subprocess.Popen(runs["crashed"], stdout=quiet, stderr=quiet)
-    time.sleep(random.Random(7).uniform(2.0, 4.0))
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert run_learner(runs["crashed"]) == 0
+        def run_learner(crash_at: str | None = None) -> int:
+            args, env = runs["crashed"][3:], learner_env(crash_at)
+            return warm.start("recloop.cli", args, env, output).wait(timeout=120)
+
+        # The uninterrupted run shares nothing with the crashed one: it runs alongside it.
+        uninterrupted = warm.start("recloop.cli", runs["reference"][3:], learner_env(), output)
+        # Crash between every pair of steps that matter, then once more at a random moment
+        # (a process of its own, started cold, as a user starts it).
+        for point in ("batch:3", "state-saved:1", "published:1", "committed:1", "batch:9"):
+            assert run_learner(point) == -signal.SIGKILL, point
+        quiet = subprocess.DEVNULL
+        process = subprocess.Popen(runs["crashed"], stdout=quiet, stderr=quiet)
+        time.sleep(random.Random(7).uniform(2.0, 4.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        assert run_learner() == 0
+        assert uninterrupted.wait(timeout=120) == 0
 
     reference, crashed = (
         Registry(tmp_path / "reference/registry"),

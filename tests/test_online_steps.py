@@ -155,3 +155,41 @@ def test_train_positions_and_replay_positions_are_checked() -> None:
         load_online_config(None, ["online.train_positions=some"])
     with pytest.raises(ConfigError, match=r"online\.replay_positions must be >= 1"):
         OnlineConfig(replay_positions=0)
+
+
+def test_context_targets_are_the_positions_the_main_loss_leaves_out() -> None:
+    from recloop.online.steps import _context_targets
+
+    (chunk,) = list(padded_chunks([[4, 5], [1, 2, 3, 6]], 100, target_counts=[1, 1]))
+    inputs, targets = chunk
+    assert targets.tolist() == [[0, 0, 5], [0, 0, 6]]
+    assert _context_targets(inputs, targets).tolist() == [[0, 0, 0], [2, 3, 0]]
+
+
+def test_context_negatives_learn_every_position_in_one_encoder_pass(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """With context_negatives, a window's older positions move the rows of their targets too
+    (sampled softmax), while the main loss keeps only the new positions."""
+    config = OnlineConfig(
+        batch_events=8, replay_windows=0, context_negatives=4, train_dense=False,
+        steps_per_batch=1,
+    )  # fmt: skip
+    learner = OnlineLearner(registry, event_log(tmp_path / "e.db", []), config, tmp_path / "r")
+    assert learner._context_config is not None
+    from recloop.online import steps
+
+    calls: list[tuple[str, int]] = []
+    real = steps.next_item_loss
+
+    def spy(model: Any, hidden: Any, targets: Any, cfg: Any, *a: Any, **k: Any) -> Any:
+        calls.append((cfg.loss, int((targets > 0).sum())))
+        return real(model, hidden, targets, cfg, *a, **k)
+
+    steps.next_item_loss = spy  # type: ignore[assignment]
+    try:
+        learner._train_step([([3, 4, 5, 6, 7], 1)])
+    finally:
+        steps.next_item_loss = real  # type: ignore[assignment]
+    main = learner._loss_config.loss
+    assert calls == [(main, 1), ("sampled_softmax", 3)]  # 1 new position + 3 older ones

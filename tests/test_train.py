@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from recloop.evaluate import EvalConfig, evaluate, sample_negatives
 from recloop.registry import Registry
 from recloop.train.loop import VALID_NEGATIVES_SEED, lr_at
 from recloop.train.trainer import train
+from tests.warm_interpreter import WarmInterpreter, warm_interpreter
 
 TINY_MODEL = {"type": "sasrec", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0}
 
@@ -300,43 +302,47 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_cli_train_eval_and_models(synthetic_data: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def warm() -> Iterator[WarmInterpreter]:
+    """`recloop` processes forked from an interpreter that has imported torch (and
+    torch._dynamo, which an optimizer imports): each command costs its own work only."""
+    with warm_interpreter(["torch", "torch._dynamo"], dict(os.environ)) as interpreter:
+        yield interpreter
+
+
+def test_cli_train_eval_and_models(
+    synthetic_data: Path, tmp_path: Path, warm: WarmInterpreter
+) -> None:
     config = write_config(tmp_path / "exp.toml")
     registry = tmp_path / "reg"
-    run = [sys.executable, "-m", "recloop.cli"]
-    done = subprocess.run(
-        [*run, "train", "--config", str(config), "--data", str(synthetic_data),
-         "--registry", str(registry), "--run-dir", str(tmp_path / "run"), "train.max_steps=4",
-         "train.eval_protocol=sampled100"],
-        capture_output=True, text=True, timeout=300, check=False,
+
+    def run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return warm.run("recloop.cli", args, tmp_path / "output", timeout)
+
+    done = run(
+        "train", "--config", str(config), "--data", str(synthetic_data),
+        "--registry", str(registry), "--run-dir", str(tmp_path / "run"), "train.max_steps=4",
+        "train.eval_protocol=sampled100", timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "v000001"
     # Validation under the sampled protocol is reported under its own names; test is full.
     assert "valid: sampled100/HR@10 " in done.stdout
     assert "test:  HR@10 " in done.stdout
-    evaluated = subprocess.run(
-        [*run, "eval", "--registry", str(registry), "--data", str(synthetic_data),
-         "--protocol", "sampled100", "--json"],
-        capture_output=True, text=True, timeout=300, check=False,
+    evaluated = run(
+        "eval", "--registry", str(registry), "--data", str(synthetic_data),
+        "--protocol", "sampled100", "--json", timeout=300,
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads(evaluated.stdout)
     assert metrics["version"] == "v000001" and 0.0 <= metrics["HR@10"] <= 1.0
-    promoted = subprocess.run(
-        [*run, "models", "promote", "--registry", str(registry), "v000001"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    promoted = run("models", "promote", "--registry", str(registry), "v000001", timeout=60)
     assert promoted.returncode == 0 and "production is now v000001" in promoted.stdout
-    listed = subprocess.run(
-        [*run, "models", "list", "--registry", str(registry)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    listed = run("models", "list", "--registry", str(registry), timeout=60)
     assert "v000001" in listed.stdout
-    bad = subprocess.run(
-        [*run, "train", "--config", str(config), "--data", str(synthetic_data),
-         "--registry", str(registry), "train.learning_rate=1"],
-        capture_output=True, text=True, timeout=60, check=False,
+    bad = run(
+        "train", "--config", str(config), "--data", str(synthetic_data),
+        "--registry", str(registry), "train.learning_rate=1", timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown key train.learning_rate" in bad.stderr
 

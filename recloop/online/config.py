@@ -34,6 +34,9 @@ class OnlineConfig:
     # instead of a user's whole window (bench/online_replay.py compares the two).
     train_positions: Literal["new", "all"] = "new"
     replay_positions: int = 1
+    # > 0: the positions "new" leaves out are learned too, with a sampled softmax over this
+    # many mixed negatives (log-q corrected): far cheaper per position than the full softmax.
+    context_negatives: int = 0
     lr: float = 5e-4  # AdamW, dense weights (small: the model is already trained)
     embedding_lr: float = 1e-3  # lazy Adam, item rows
     train_dense: bool = True  # False: only item rows learn (smaller deltas)
@@ -65,7 +68,7 @@ class OnlineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"online.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("replay_windows", "compact_every"):
+        for name in ("replay_windows", "compact_every", "context_negatives"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"online.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "embedding_lr", "poll_seconds"):

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recloop.config import TrainConfig
 from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError
 from recloop.events import EventLog, LoggedEvent, resume_offset
@@ -133,6 +134,11 @@ class OnlineLearner:
         self.sequences: dict[str, list[int]] = {}
         self._base = base_history(data, registry.manifest(self.state.origin), self.vocabulary)
         self._loss_config = loss_config(config, registry.manifest(self.state.origin))
+        self._context_config = None
+        if config.context_negatives and config.train_positions == "new":
+            self._context_config = TrainConfig(
+                loss="sampled_softmax", negatives="mixed", num_negatives=config.context_negatives
+            )
         self._rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
         self._build_optimizers()
@@ -306,6 +312,7 @@ class OnlineLearner:
             self._loss_config,
             num_items=self.vocabulary.num_items,
             grad_clip=self.config.grad_clip,
+            context_config=self._context_config,
         )
 
     # ------------------------------------------------------------------ publishing

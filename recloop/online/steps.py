@@ -28,6 +28,7 @@ def train_step(
     *,
     num_items: int,
     grad_clip: float | None,
+    context_config: TrainConfig | None = None,
 ) -> None:
     """One optimizer step on `samples`: (sequence, the number of its last positions that
     are targets, None = all of its last max_length + 1 items' positions).
@@ -36,9 +37,15 @@ def train_step(
     a batch of mostly short histories then costs its real tokens, not B x max_length.
     A non-causal model (BSARec) learns each target position as its own prefix window, with
     its target at the last position, as it was trained (`train.samples = "prefixes"`).
+
+    With `context_config` (a causal model), the positions a sample leaves out are learned
+    too, with that (cheaper, sampled) loss: one encoder pass serves both.
     """
-    singles, several, counts = _windows(model, samples)
+    with_context = context_config is not None and model.causal
+    singles, several, counts = _windows(model, samples, every_position=with_context)
     total_tokens = len(singles) + sum(counts)
+    if with_context:
+        total_tokens = sum(len(s) - 1 for s in several)
     if total_tokens == 0:
         return
 
@@ -56,6 +63,10 @@ def train_step(
             loss_sum, _ = next_item_loss(
                 model, hidden, targets, loss_config, num_items, inputs=inputs
             )
+            if with_context and context_config is not None:
+                context = _context_targets(inputs, targets)
+                extra, _ = next_item_loss(model, hidden, context, context_config, num_items)
+                loss_sum = loss_sum + extra
             yield loss_sum / total_tokens
 
     def keep_padding_row_zero() -> None:
@@ -74,8 +85,17 @@ def train_step(
     model.eval()
 
 
+def _context_targets(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B, W] the next items of the positions `targets` leaves out (0 = none): inputs shifted
+    left by one; the last position's next item is only known where it is a target."""
+    following = torch.zeros_like(inputs)
+    following[:, :-1] = inputs[:, 1:]
+    following[inputs == PADDING_ID] = 0
+    return torch.where(targets > 0, torch.zeros_like(targets), following)
+
+
 def _windows(
-    model: SequentialEncoder, samples: Sequence[Sample]
+    model: SequentialEncoder, samples: Sequence[Sample], every_position: bool = False
 ) -> tuple[list[Sequence[int]], list[Sequence[int]], list[int]]:
     """(windows learned at their last position only, other windows, how many of each other
     window's last positions are targets), each list sorted by window length.
@@ -91,7 +111,10 @@ def _windows(
             for s, count in usable
             for end in range(max(1, len(s) - (len(s) if count is None else count)), len(s))
         ]
-    singles = sorted((s for s, count in usable if count == 1), key=len)
-    several = sorted(((s, count) for s, count in usable if count != 1), key=lambda w: len(w[0]))
+    alone = not every_position  # every position needs the last block on all of them
+    singles = sorted((s for s, count in usable if count == 1 and alone), key=len)
+    several = sorted(
+        ((s, count) for s, count in usable if count != 1 or not alone), key=lambda w: len(w[0])
+    )
     counts = [len(s) - 1 if count is None else min(count, len(s) - 1) for s, count in several]
     return singles, [s for s, _ in several], counts
