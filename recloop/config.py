@@ -80,13 +80,12 @@ class TrainConfig:
     # paper's sampled protocol. The test metrics a run publishes are full ranking either way.
     eval_protocol: ValidationProtocol = "full"
     # Drop all-padding columns of each batch (models count positions from the most recent
-    # item, so outputs do not change); with `compile`, widths are padded up to a few fixed ones.
+    # item, so outputs do not change).
     trim_padding: bool = True
     # Batch windows of similar length together (sorted within runs of 64 batches, then the
     # batches shuffled), so that trimming removes most padding on short-sequence data.
     bucket_by_length: bool = True
     bf16: bool = False
-    compile: bool = False
     seed: int = 42
     num_workers: int = 0  # batch building is ~1 ms; worker processes cost more on 2 cores
     eval_user_batch_size: int = 1024
@@ -201,11 +200,25 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     raw.setdefault(section, {})[name] = value
 
 
+# Keys that existed once, and why they went: a config that still sets one gets the reason, not
+# "unknown key" (an old config should say what to change, not look like a typo).
+REMOVED_KEYS = {
+    "train.compile": (
+        "train.compile was removed: torch.compile measured slower than eager training on CPU "
+        "for the models recloop ships (bench/results/train_speed.json, from "
+        "`python bench/train_speed.py`, whose compiled rows wrap the model in torch.compile "
+        "themselves, so the claim can be re-checked); delete the key (training runs eager)"
+    ),
+}
+
+
 def build_section(cls: type[Any], values: dict[str, Any], section: str, source: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        if f"{section}.{key}" in REMOVED_KEYS:
+            raise ConfigError(f"{source}: {REMOVED_KEYS[f'{section}.{key}']}")
         if key not in known:
             raise ConfigError(
                 f"{source}: unknown key {section}.{key}; known keys: {', '.join(sorted(known))}"

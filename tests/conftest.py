@@ -29,3 +29,15 @@ def write(tmp_path: Path):  # type: ignore[no-untyped-def]
         return path
 
     return _write
+
+
+@pytest.fixture(autouse=True)
+def private_process_registry(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test its own registry of running recloop processes (recloop.threads), inherited by
+    the commands it starts: the thread choice of a test's command never depends on whatever
+    else runs on the machine."""
+    directory = tmp_path_factory.mktemp("processes")
+    monkeypatch.setenv("RECLOOP_RUNTIME_DIR", str(directory))
+    return directory

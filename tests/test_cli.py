@@ -171,6 +171,7 @@ def test_serve_bad_arguments_are_one_line_errors(
         (["--registry", str(tmp_path)], "has no versions yet"),
         (["--registry", str(tmp_path), "--version", "v000007"], "unknown version v000007"),
         (["--registry", str(tmp_path), "--engine", "tensorrt"], "--engine must be"),
+        (["--registry", str(tmp_path), "--engine", "torch-compiled"], "torch-compiled was removed"),
         (["--registry", str(tmp_path), "--index", "hnsw"], "--index must be"),
         (["--registry", str(tmp_path), "--port", "70000"], "--port must be"),
     ]

@@ -135,6 +135,8 @@ def start_replica(
         "--cache-dir",
         str(onnx_cache),  # the module's: one ONNX export for every replica here
         "--no-cache",
+        "--threads",  # as replica_env's thread variables say (the default would be automatic)
+        "1",
     ]
     process = warm.start("recloop.cli", command, replica_env(), workdir / "serve.log")
     STARTED.setdefault(workdir, []).append(process)

@@ -364,6 +364,17 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         config_from_dict({"model": {"type": "sasrec"}, "train": {"batch_size": 0}})
 
 
+def test_train_compile_was_removed_with_the_reason(tmp_path: Path) -> None:
+    # torch.compile measured slower than eager on CPU: the key says so, in a file or override.
+    path = tmp_path / "x.toml"
+    path.write_text('[model]\ntype = "sasrec"\n[train]\ncompile = true\n')
+    reason = r"train\.compile was removed: torch\.compile measured slower than eager"
+    with pytest.raises(ConfigError, match=rf"x\.toml: {reason}.*bench/results/train_speed\.json"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"{reason}.*bench/train_speed\.py"):
+        load_config(None, ["train.compile=false"])
+
+
 def test_not_a_dataset_and_wrong_checkpoint(synthetic_data: Path, tmp_path: Path) -> None:
     from recloop.errors import DatasetError
 

@@ -75,7 +75,10 @@ def online_command(
     attributes: AttributesOption = None,
     follow: FollowOption = False,
     max_events: MaxEventsOption = None,
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch threads (default: the cores given / recloop processes here)."),
+    ] = None,
     overrides: OverridesArgument = None,
 ) -> None:
     """Fine-tune the model on new events and publish delta versions (test-then-train)."""
@@ -87,30 +90,35 @@ def online_command(
     from recloop.online.config import load_online_config
     from recloop.online.learner import OnlineLearner
     from recloop.registry import Registry
+    from recloop.threads import claim_threads
 
     if max_events is not None and max_events < 1:
         raise ConfigError(f"--max-events must be >= 1, got {max_events}")
-    if threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = load_online_config(config, overrides or [])
-    with open_event_log(event_log) as log:
-        learner = OnlineLearner(
-            Registry(registry, create=False),
-            log,
-            settings,
-            run_dir,
-            start=start,
-            data=data,
-            attributes=attributes,
+    # Registered while it learns, so that a server started beside it takes its share.
+    with claim_threads("online", threads) as choice:
+        torch.set_num_threads(choice.threads)
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
         )
-        stderr.print(
-            f"learning from {event_log} after offset {learner.offset} on {learner.version}",
-            highlight=False,
-        )
-        summary = learner.run(follow=follow, max_events=max_events, show_progress=True)
-    _print_summary(summary, run_dir)
+        settings = load_online_config(config, overrides or [])
+        with open_event_log(event_log) as log:
+            learner = OnlineLearner(
+                Registry(registry, create=False),
+                log,
+                settings,
+                run_dir,
+                start=start,
+                data=data,
+                attributes=attributes,
+            )
+            # Said once it really starts: an error before that stays a one-line message.
+            stderr.print(f"recloop online: {choice.describe()}", highlight=False)
+            stderr.print(
+                f"learning from {event_log} after offset {learner.offset} on {learner.version}",
+                highlight=False,
+            )
+            summary = learner.run(follow=follow, max_events=max_events, show_progress=True)
+        _print_summary(summary, run_dir)
 
 
 def _print_summary(summary: RunSummary, run_dir: Path) -> None:

@@ -25,7 +25,7 @@ RedisUrlOption = Annotated[
 DataOption = Annotated[
     Path | None, typer.Option(help="Dataset for users' history (default: the version's).")
 ]
-EngineOption = Annotated[str, typer.Option(help="onnx, torch or torch-compiled.")]
+EngineOption = Annotated[str, typer.Option(help="onnx (fast, CPU) or torch (eager; CPU or cuda).")]
 IndexOption = Annotated[str, typer.Option(help="exact, exact-int8 or ivf.")]
 RemoteShardsOption = Annotated[bool, typer.Option(help="Run each shard in its own process.")]
 MinRecallOption = Annotated[float, typer.Option(help="ivf: recall@10 vs exact to reach.")]
@@ -50,6 +50,10 @@ EventLogOption = Annotated[
 ]
 SnapshotEveryOption = Annotated[
     float, typer.Option(help="In-process state: write the snapshot every N s (if changed).")
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(help="Inference threads (default: the cores given / recloop processes here)."),
 ]
 ProtectOption = Annotated[
     str,
@@ -77,7 +81,7 @@ def serve_command(
     cache_ttl: CacheTtlOption = 60.0,
     state_snapshot: StateSnapshotOption = None,
     follow: FollowOption = None,
-    threads: Annotated[int, typer.Option(help="Inference threads.")] = 1,
+    threads: ThreadsOption = None,
     device: DeviceOption = "cpu",
     cache_dir: CacheDirOption = None,
     max_body_bytes: MaxBodyOption = 1 << 20,
@@ -87,17 +91,23 @@ def serve_command(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve recommendations over HTTP (API key for writes: env RECLOOP_API_KEY)."""
-    _limit_native_threads(threads)
-    config = _service_config(ctx.params)  # the options by name; the config types check them
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port must be in 1..65535, got {port}")
-    _run(config, host, port, log_level)
+    from recloop.threads import claim_threads
+
+    # Registered for as long as it serves, so that a learner started beside it takes its share.
+    with claim_threads("serve", threads) as choice:
+        _limit_native_threads(choice.threads)
+        # The options by name (threads as chosen); the config types check them.
+        config = _service_config({**ctx.params, "threads": choice.threads})
+        if not 0 < port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {port}")
+        _run(config, host, port, log_level, choice.describe())
 
 
 def _limit_native_threads(threads: int) -> None:
     """Before numpy/faiss/torch load: their BLAS and OpenMP pools default to one thread per
     core and spin while idle, which on 2 cores takes a whole core from the event loop. The
-    service computes on one inference thread (--threads), so the pools get that many."""
+    service computes on one inference thread with --threads intra-op threads (chosen by
+    recloop.threads unless given), so the pools get that many."""
     import os
 
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -144,7 +154,7 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
     )
 
 
-def _run(config: ServiceConfig, host: str, port: int, log_level: str) -> None:
+def _run(config: ServiceConfig, host: str, port: int, log_level: str, threads: str) -> None:
     import logging
 
     from recloop.serve.server import run_server
@@ -152,6 +162,8 @@ def _run(config: ServiceConfig, host: str, port: int, log_level: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     def announce(version: str) -> None:
+        # Said once it really starts: an error before that stays a one-line message.
+        stderr.print(f"recloop serve: {threads}", highlight=False)
         stderr.print(f"recloop serve: {version} at http://{host}:{port} (API docs at /docs)")
 
     # The version is loaded (and verified) before the port is bound: a broken one is an error.

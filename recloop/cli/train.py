@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from recloop.cli.common import JsonOption, RegistryOption, command_line, stdout
+from recloop.cli.common import JsonOption, RegistryOption, command_line, stderr, stdout
 from recloop.errors import ConfigError
 
+if TYPE_CHECKING:
+    from recloop.config import ExperimentConfig
+    from recloop.train.trainer import TrainResult
+
 MaxMinutesOption = Annotated[float | None, typer.Option(help="Wall-clock training budget.")]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="torch intra-op threads (default: the cores given / recloop processes here)."
+    ),
+]
 RunDirOption = Annotated[
     Path | None, typer.Option(help="Checkpoints, metrics.csv, curves.png (default runs/...).")
 ]
@@ -29,7 +39,7 @@ def train_command(
     run_dir: RunDirOption = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir exactly.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if any).")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a model, keep the best validation checkpoint, publish it to the registry."""
     import time as _time
@@ -37,31 +47,40 @@ def train_command(
     import torch
 
     from recloop.config import load_config
-    from recloop.train.loop import validation_metric_prefix
-    from recloop.train.trainer import describe_metrics, train
+    from recloop.threads import claim_threads
+    from recloop.train.trainer import train
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    extra = list(overrides or [])
-    if max_minutes is not None:
-        extra.append(f"train.max_minutes={max_minutes}")
-    experiment = load_config(config, extra)
-    if resume and run_dir is None:
-        raise ConfigError("--resume needs --run-dir (the run to continue)")
-    if run_dir is None:
-        stamp = _time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{stamp}-{experiment.model['type']}"
-    result = train(
-        experiment,
-        data,
-        run_dir,
-        registry_dir=registry,
-        resume=resume,
-        device=device,
-        command=command_line(),
-    )
-    if result.version is None:
-        return  # a non-zero rank under torchrun: rank 0 reports
+    # Registered while it trains (each torchrun rank too), so neighbours take their share.
+    with claim_threads("train", threads) as choice:
+        torch.set_num_threads(choice.threads)
+        extra = list(overrides or [])
+        if max_minutes is not None:
+            extra.append(f"train.max_minutes={max_minutes}")
+        experiment = load_config(config, extra)
+        if resume and run_dir is None:
+            raise ConfigError("--resume needs --run-dir (the run to continue)")
+        if run_dir is None:
+            stamp = _time.strftime("%Y%m%d-%H%M%S")
+            run_dir = Path("runs") / f"{stamp}-{experiment.model['type']}"
+        # Said once the config is good: a bad option or key stays a one-line error.
+        stderr.print(f"recloop train: {choice.describe()}", highlight=False)
+        result = train(
+            experiment,
+            data,
+            run_dir,
+            registry_dir=registry,
+            resume=resume,
+            device=device,
+            command=command_line(),
+        )
+        if result.version is not None:  # None: a non-zero rank under torchrun (rank 0 reports)
+            _print_trained(result, experiment)
+
+
+def _print_trained(result: TrainResult, experiment: ExperimentConfig) -> None:
+    from recloop.train.loop import validation_metric_prefix
+    from recloop.train.trainer import describe_metrics
+
     keys = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
     stdout.print(
         f"trained {result.steps} steps ({result.epochs:.1f} epochs, "

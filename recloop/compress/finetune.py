@@ -4,7 +4,7 @@
 own pieces: the same training windows and loader, the same losses (the next-item loss of
 ``cfg.loss`` unless a loss hook is given, e.g. distillation's), the same AdamW groups and
 learning-rate schedule, the same validation to keep the best weights and stop early. Single
-process, on the model's device, without bf16 / torch.compile; no checkpoints (a fine-tune is
+process, on the model's device, without bf16; no checkpoints (a fine-tune is
 minutes).
 """
 

@@ -21,7 +21,6 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recloop.data.sequences import PADDING_ID, Sequences
@@ -355,19 +354,3 @@ def trim_left_padding(batch: Batch) -> Batch:
     if first == 0:
         return batch
     return {k: v[:, first:] if v.dim() == 2 else v for k, v in batch.items()}
-
-
-COMPILE_WIDTHS = (8, 16, 32, 64, 128, 256, 512)
-
-
-def pad_to_width(batch: Batch, widths: Sequence[int] = COMPILE_WIDTHS) -> Batch:
-    """Left-pads a trimmed batch to the smallest of `widths` that holds it (or keeps it as is
-    if none does), so a compiled model sees a handful of shapes instead of one per width."""
-    width = batch["input_ids"].shape[1]
-    target = next((w for w in sorted(widths) if w >= width), width)
-    if target == width:
-        return batch
-    return {
-        k: F.pad(v, (target - width, 0), value=PADDING_ID) if v.dim() == 2 else v
-        for k, v in batch.items()
-    }

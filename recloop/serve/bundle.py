@@ -34,7 +34,7 @@ from recloop.serve.indexes.factory import build_index
 
 log = logging.getLogger("recloop.serve")
 
-EngineKind = Literal["onnx", "torch", "torch-compiled"]
+EngineKind = Literal["onnx", "torch"]
 IndexKind = Literal["exact", "exact-int8", "ivf"]
 
 
@@ -61,10 +61,14 @@ class LoadOptions:
         from recloop.errors import ConfigError
 
         # The first two messages name the `recloop serve` options, as the command always did.
-        if self.engine not in ("onnx", "torch", "torch-compiled"):
+        if str(self.engine) == "torch-compiled":  # a str from the CLI, whatever the Literal says
             raise ConfigError(
-                f"--engine must be onnx, torch or torch-compiled, got {self.engine!r}"
+                "--engine torch-compiled was removed: torch.compile measured slower than eager "
+                "on CPU (bench/results/train_speed.json) and ONNX Runtime is the fast CPU "
+                "engine; choose --engine onnx or --engine torch (eager)"
             )
+        if self.engine not in ("onnx", "torch"):
+            raise ConfigError(f"--engine must be onnx or torch, got {self.engine!r}")
         if self.index not in ("exact", "exact-int8", "ivf"):
             raise ConfigError(f"--index must be exact, exact-int8 or ivf, got {self.index!r}")
         for name in ("shards", "max_batch", "threads"):

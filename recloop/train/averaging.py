@@ -44,8 +44,8 @@ class WeightAverage:
 
     @contextmanager
     def applied(self) -> Iterator[None]:
-        """Inside the block the model holds the averaged parameters (in place, so optimizer,
-        DDP and compiled graphs keep the same tensors); its own come back afterwards."""
+        """Inside the block the model holds the averaged parameters (in place, so optimizer
+        and DDP keep the same tensors); its own come back afterwards."""
         with torch.no_grad():
             own = [p.clone() for p in self._params]
             torch._foreach_copy_(self._params, self._average)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from recloop.config import TrainConfig, ValidationProtocol
-from recloop.data.batches import COMPILE_WIDTHS, WindowConfig, pad_to_width, trim_left_padding
+from recloop.data.batches import WindowConfig, trim_left_padding
 from recloop.errors import ConfigError
 from recloop.evaluate import EvalConfig
 from recloop.models.base import SequentialEncoder
@@ -117,11 +117,11 @@ class LoopPlan:
     context: DistContext
     loss: LossFn
     validate: Callable[[], dict[str, float]]  # metrics named with the select key's prefix
-    forward: torch.nn.Module | None = None  # the model wrapped by DDP / torch.compile, if it is
+    forward: torch.nn.Module | None = None  # the model wrapped by DDP, if it is
     after_step: Callable[[], None] | None = None  # after each step, before the average moves
     on_best: Callable[[TrainState], None] | None = None  # after each improvement (rank 0 saves)
     stop_at_step: int | None = None  # stop there as "interrupted" (tests of resuming)
-    use_runtime: bool = True  # honour train.bf16 / train.compile (False: a plain CPU fine-tune)
+    use_runtime: bool = True  # honour train.bf16 (False: a plain CPU fine-tune)
     rate_columns: bool = True  # history rows carry lr and tokens_per_s (the trainer's CSV)
 
     @property
@@ -186,14 +186,11 @@ def run(state: TrainState, loader: Any, plan: LoopPlan, progress: Progress) -> T
 
 
 def prepare_batch(batch: Batch, plan: LoopPlan) -> Batch:
-    """Left padding trimmed (to a few static widths under torch.compile), tensors on the device,
-    and with `samples = "prefixes"` one target per window, at its end (the rest is never
-    scored)."""
+    """Left padding trimmed, tensors on the device, and with `samples = "prefixes"` one target
+    per window, at its end (the rest is never scored)."""
     cfg = plan.cfg
     if cfg.trim_padding:
         batch = trim_left_padding(batch)
-        if cfg.compile and plan.use_runtime:  # a few static shapes: one compilation each
-            batch = pad_to_width(batch, widths=(*COMPILE_WIDTHS, cfg.max_length))
     device = plan.context.device
     moved = {
         "input_ids": batch["input_ids"].to(device, non_blocking=True),  # [B, L]

@@ -96,7 +96,7 @@ def train(
         context=ctx,
         loss=next_item(cfg, dataset.num_items),
         validate=_validation(model, split, cfg, ctx),
-        forward=_forward_module(model, cfg, ctx),
+        forward=_forward_module(model, ctx),
         on_best=(lambda state: _save_best(run_dir, state.best_weights)) if ctx.is_main else None,
         stop_at_step=stop_at_step,
     )
@@ -205,17 +205,12 @@ def _build_model(
     return model
 
 
-def _forward_module(model: SequentialEncoder, cfg: TrainConfig, ctx: DistContext) -> Any:
-    """The module the loop calls forward on: the model, under DDP and torch.compile if asked."""
-    forward: torch.nn.Module = model
+def _forward_module(model: SequentialEncoder, ctx: DistContext) -> Any:
+    """The module the loop calls forward on: the model, under DDP when distributed. (No
+    torch.compile: it measured slower than eager on CPU, see config.REMOVED_KEYS.)"""
     if ctx.distributed:
-        forward = DistributedDataParallel(model)
-    if cfg.compile:
-        # One static graph per padded width (see loop.prepare_batch); without this, dynamo
-        # switches to a dynamic-shape graph after the second width and recompiles again.
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        forward = torch.compile(forward)  # type: ignore[assignment]
-    return forward
+        return DistributedDataParallel(model)
+    return model
 
 
 def _validation(model: SequentialEncoder, split: Split, cfg: TrainConfig, ctx: DistContext) -> Any:

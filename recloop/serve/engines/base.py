@@ -15,8 +15,9 @@ Engines (one module each):
 - ``onnx`` (:mod:`recloop.serve.engines.onnx`): the model exported with the torch dynamo
   exporter (dynamic batch and length) and run by ONNX Runtime on CPU, reading and writing our
   numpy buffers in place through IOBinding. The default for serving.
-- ``torch`` / ``torch-compiled`` (:mod:`recloop.serve.engines.torch`): the torch module
-  itself, eager or through ``torch.compile``; also runs on CUDA.
+- ``torch`` (:mod:`recloop.serve.engines.torch`): the torch module itself, eager; also runs on
+  CUDA. (A ``torch.compile`` engine was removed with ``train.compile``: compiled torch measured
+  slower than eager on CPU, and ONNX Runtime is the fast CPU engine.)
 
 :func:`recloop.serve.engines.factory.build_engine` checks every new engine against the torch
 reference on random sequences (:mod:`recloop.serve.engines.parity`) and refuses one that
@@ -41,7 +42,7 @@ from recloop.data.sequences import PADDING_ID
 from recloop.errors import ServingError
 from recloop.models.base import SequentialEncoder
 
-ENGINE_KINDS = ("onnx", "torch", "torch-compiled")
+ENGINE_KINDS = ("onnx", "torch")
 MIN_LENGTH_BUCKET = 8  # shorter windows save little compute and would add buckets
 MAX_EXPORT_BATCH = 4096  # upper bound of the exported graph's dynamic batch dimension
 
@@ -88,7 +89,7 @@ class InferenceEngine(ABC):
     a view of a bucket buffer and is only valid until the next call: copy it to keep it.
     """
 
-    name: str  # "onnx" | "torch" | "torch-compiled"
+    name: str  # "onnx" | "torch"
 
     def __init__(
         self, *, dim: int, max_length: int, num_items: int, max_batch: int, label: str
@@ -161,7 +162,7 @@ class InferenceEngine(ABC):
 
     def warmup(self) -> None:
         """Creates and runs every bucket once, so first requests pay no allocation or
-        runtime-side optimisation (ORT and torch.compile specialise on first sight of a shape)."""
+        runtime-side optimisation (ORT specialises on first sight of a shape)."""
         with self._lock:
             for batch in self.batch_sizes:
                 for length in self.lengths:

@@ -74,7 +74,7 @@ class QueryModule(nn.Module):
 
 @contextlib.contextmanager
 def quiet_export(extra_loggers: tuple[str, ...] = ()) -> Iterator[None]:
-    """Silences torch's warnings and log lines during an ONNX export or ``torch.compile``.
+    """Silences torch's warnings and log lines during an ONNX export.
 
     Both are process-global settings, restored on exit; this runs at model load, and hiding
     another thread's warnings for those seconds is harmless.

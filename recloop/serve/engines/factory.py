@@ -65,7 +65,6 @@ def build_engine(
             max_batch=max_batch,
             threads=threads,
             device=device,
-            compile=kind == "torch-compiled",
             label=label,
         )
     if check:

@@ -1,4 +1,4 @@
-"""The ``torch`` / ``torch-compiled`` engine: the torch module itself, on CPU or CUDA."""
+"""The ``torch`` engine: the torch module itself, eager, on CPU or CUDA."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 from recloop.errors import ServingError
 from recloop.models.base import SequentialEncoder
 from recloop.serve.engines.base import Bucket, InferenceEngine, model_shape
-from recloop.serve.engines.export import QueryModule, quiet_export
+from recloop.serve.engines.export import QueryModule
 
 
 class TorchEngine(InferenceEngine):
-    """The torch module itself (eager, or ``torch.compile``d), on CPU or CUDA.
+    """The torch module itself (eager), on CPU or CUDA.
 
     On CPU the module reads the numpy input buffer through a tensor that shares its memory; on
     CUDA each bucket also has a device input tensor, and host buffers are pinned for the copies.
@@ -26,10 +26,9 @@ class TorchEngine(InferenceEngine):
         max_batch: int = 64,
         threads: int | None = None,
         device: str = "cpu",
-        compile: bool = False,
         label: str = "model",
     ) -> None:
-        self.name = "torch-compiled" if compile else "torch"
+        self.name = "torch"
         dim, max_length, num_items = model_shape(model)
         super().__init__(
             dim=dim, max_length=max_length, num_items=num_items, max_batch=max_batch, label=label
@@ -38,13 +37,9 @@ class TorchEngine(InferenceEngine):
         if threads is not None:
             # Process-global: only when asked, since the same process may also train.
             torch.set_num_threads(threads)
-        module = QueryModule(model).to(self.device).eval()
-        self.module: Callable[[torch.Tensor], torch.Tensor] = module
-        if compile:
-            # dynamic=True: one graph for all buckets instead of one compilation per shape.
-            # Quiet: importing inductor warns about deprecated torch internals.
-            with quiet_export():
-                self.module = torch.compile(module, dynamic=True)
+        self.module: Callable[[torch.Tensor], torch.Tensor] = (
+            QueryModule(model).to(self.device).eval()
+        )
 
     def _new_bucket(self, batch: int, length: int) -> Bucket:
         on_cuda = self.device.type == "cuda"
@@ -72,7 +67,6 @@ class TorchEngine(InferenceEngine):
             model,
             max_batch=self.max_batch,
             device=str(self.device),
-            compile=self.name == "torch-compiled",
             label=label,
         )
 
