@@ -4,6 +4,7 @@ its last positions to learn, through the model in padded chunks."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import torch
 
@@ -49,16 +50,10 @@ def train_step(
     if total_tokens == 0:
         return
 
-    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
-        for inputs, targets in padded_chunks(singles, TOKENS_PER_CHUNK, last_only=True):
-            yield inputs, targets, True
-        for inputs, targets in padded_chunks(several, TOKENS_PER_CHUNK, False, counts):
-            yield inputs, targets, False
-
     def chunk_losses() -> Iterator[torch.Tensor]:
         # Each chunk's forward runs when the step asks for its loss, after the previous
         # chunk's backward: one graph at a time.
-        for inputs, targets, last_only in chunks():
+        for inputs, targets, last_only in _chunks(singles, several, counts):
             hidden = model(inputs, last_only=last_only)  # [B, W or 1, D]
             loss_sum, _ = next_item_loss(
                 model, hidden, targets, loss_config, num_items, inputs=inputs
@@ -69,20 +64,31 @@ def train_step(
                 loss_sum = loss_sum + extra
             yield loss_sum / total_tokens
 
-    def keep_padding_row_zero() -> None:
-        table = model.item_embedding.weight
-        if table.grad is not None:
-            table.grad[PADDING_ID] = 0.0
-
     model.train()
     optimizer_step(
         model,
         optimizers,
         chunk_losses(),
         grad_clip=grad_clip,
-        before_step=keep_padding_row_zero,
+        before_step=partial(_keep_padding_row_zero, model),
     )
     model.eval()
+
+
+def _chunks(
+    singles: Sequence[Sequence[int]], several: Sequence[Sequence[int]], counts: Sequence[int]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """(inputs, targets, last_only) of every padded chunk: the single-position windows first."""
+    for inputs, targets in padded_chunks(singles, TOKENS_PER_CHUNK, last_only=True):
+        yield inputs, targets, True
+    for inputs, targets in padded_chunks(several, TOKENS_PER_CHUNK, False, counts):
+        yield inputs, targets, False
+
+
+def _keep_padding_row_zero(model: SequentialEncoder) -> None:
+    table = model.item_embedding.weight
+    if table.grad is not None:
+        table.grad[PADDING_ID] = 0.0
 
 
 def _context_targets(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
