@@ -67,19 +67,35 @@ def split_stream(source: Path, past: Path, stream: Path) -> dict[str, int]:
     }
 
 
-# Learner settings compared on the same stream and base model: (name, online.key=value ...).
-# "before-20" is the learner as issue 20 found it (every position of every window, 256-event
-# micro-batches, two steps each); the others learn only the new events' positions.
+# Learner settings compared on the same stream and base model: (name, online.key=value ...),
+# each spelled out in full so that it does not move with the defaults. "before-20" is the
+# learner as issue 20 found it: the full softmax on every position of every window, 256-event
+# micro-batches, two steps each. "new-only" learns only the micro-batch's new events' positions
+# (and each replay window's last); "context-2k" adds every other position with a 2,048-negative
+# sampled softmax in the same encoder pass (the default); "fast" takes one step per 1,024 events.
+_COMMON = ["online.replay_windows=128", "online.replay_positions=1", "online.score_frozen=true"]
 SETTINGS: dict[str, list[str]] = {
-    "before-20": ["online.train_positions=all"],
-    "new-256x2": [],
-    "new-1024x1": ["online.batch_events=1024", "online.steps_per_batch=1"],
-    "new-1024x1-nofrozen": [
-        "online.batch_events=1024",
-        "online.steps_per_batch=1",
-        "online.score_frozen=false",
+    "before-20": [
+        "online.train_positions=all", "online.context_negatives=0", "online.batch_events=256",
+        "online.steps_per_batch=2", *_COMMON,
     ],
-}
+    "new-only": [
+        "online.train_positions=new", "online.context_negatives=0", "online.batch_events=256",
+        "online.steps_per_batch=2", *_COMMON,
+    ],
+    "context-2k": [
+        "online.train_positions=new", "online.context_negatives=2048",
+        "online.batch_events=256", "online.steps_per_batch=2", *_COMMON,
+    ],
+    "fast": [
+        "online.train_positions=new", "online.context_negatives=0", "online.batch_events=1024",
+        "online.steps_per_batch=1", *_COMMON,
+    ],
+    "fast-nofrozen": [
+        "online.train_positions=new", "online.context_negatives=0", "online.batch_events=1024",
+        "online.steps_per_batch=1", *_COMMON[:2], "online.score_frozen=false",
+    ],
+}  # fmt: skip
 
 
 def main() -> None:
@@ -103,7 +119,11 @@ def main() -> None:
     parser.add_argument("--max-events", type=int, default=None, help="stop each learner early")
     parser.add_argument("--threads", type=int, default=2, help="the learner's --threads")
     parser.add_argument("--tag", default="", help="result file online_replay<-tag>.json")
+    parser.add_argument("--table", action="store_true", help="print the result's table, no run")
     args = parser.parse_args()
+    if args.table:
+        print(table(RESULTS / ("online_replay" + (f"-{args.tag}" if args.tag else "") + ".json")))
+        return
     if not SOURCE.is_file():
         raise SystemExit(f"{SOURCE} is absent: this benchmark needs Amazon Beauty")
     started = time.perf_counter()
@@ -228,6 +248,32 @@ def replay(
         "new_items_admitted": len(manifest["training"]["online"]["admitted"]),
         "config": manifest["training"]["config"],
     }
+
+
+def table(path: Path) -> str:
+    """The result file as a markdown table (the README's figures are copied from this)."""
+    data = json.loads(path.read_text())
+    lines = [
+        f"From `{path.relative_to(REPO)}` (commit {data['commit'][:12]}, {data['date']}; "
+        f"learner --threads {data['config']['learner_threads']}, "
+        f"{data['config']['max_events'] or 'all'} events).",
+        "",
+        "| setting | events | events/s (loop) | events/s (with start-up) | HR@10 online "
+        "| HR@10 frozen | train | score | score frozen | publish |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, row in data["results"]["settings"].items():
+        summary, phases = row["summary"], row["timings"]["phases"]
+        share = {k: f"{phases[k]['share']:.0%}" if k in phases else "" for k in
+                 ("train", "score", "score_frozen", "publish")}  # fmt: skip
+        frozen = summary["frozen_HR@10"]
+        lines.append(
+            f"| {label} | {summary['events']:,} | {summary['events_per_second']:,.0f} "
+            f"| {summary['events_per_second_with_startup']:,.0f} | {summary['online_HR@10']:.4f} "
+            f"| {'' if frozen is None else f'{frozen:.4f}'} | {share['train']} | {share['score']} "
+            f"| {share['score_frozen']} | {share['publish']} |"
+        )
+    return "\n".join(lines)
 
 
 def plot_settings(rows: dict[str, Any], path: Path) -> None:

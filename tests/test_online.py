@@ -207,6 +207,7 @@ def test_deltas_hold_only_rows_that_moved(registry: Registry, tmp_path: Path) ->
     config = OnlineConfig(
         batch_events=40, publish_every_events=40, publish_every_seconds=0, replay_windows=0,
         loss="sampled_softmax", num_negatives=8, train_dense=False,
+        context_negatives=0,  # its 2,048 negatives would reach every row of 120 items
     )  # fmt: skip
     learner = OnlineLearner(registry, log, config, tmp_path / "run")
     base_table = learner.model.item_embedding.weight.detach().clone()

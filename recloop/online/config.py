@@ -35,8 +35,9 @@ class OnlineConfig:
     train_positions: Literal["new", "all"] = "new"
     replay_positions: int = 1
     # > 0: the positions "new" leaves out are learned too, with a sampled softmax over this
-    # many mixed negatives (log-q corrected): far cheaper per position than the full softmax.
-    context_negatives: int = 0
+    # many mixed negatives (log-q corrected): far cheaper per position than the full softmax,
+    # and on the Beauty replay it keeps what learning every position gave (bench/online_replay.py).
+    context_negatives: int = 2048
     lr: float = 5e-4  # AdamW, dense weights (small: the model is already trained)
     embedding_lr: float = 1e-3  # lazy Adam, item rows
     train_dense: bool = True  # False: only item rows learn (smaller deltas)
