@@ -228,6 +228,7 @@ def replay(
     manifest = reg.manifest(newest.id).to_json()
     timings = json.loads((run_dir / "timings.json").read_text())
     prequential = manifest["metrics"]
+    published = len(reg.list()) - 1
     shutil.rmtree(online)  # a few hundred MB of versions per setting
     log_copy.unlink()
     return {
@@ -243,7 +244,7 @@ def replay(
         "process_seconds": round(process_seconds, 1),
         "timings": timings,
         "prequential": prequential,
-        "versions_published": len(reg.list()) - 1,
+        "versions_published": published,
         "state": {k: v for k, v in manifest["training"]["online"].items() if k != "admitted"},
         "new_items_admitted": len(manifest["training"]["online"]["admitted"]),
         "config": manifest["training"]["config"],

@@ -469,7 +469,7 @@ def table(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", action="store_true", help="print the table of serve.json")
+    parser.add_argument("--table", action="store_true", help="print the table of NAME.json")
     parser.add_argument("--only", nargs="*", choices=sorted(CATALOGUES), default=sorted(CATALOGUES))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
@@ -493,7 +493,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.table:
-        print(table(RESULTS / "serve.json"))
+        print(table(RESULTS / f"{args.name}.json"))
         return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: run `make system-deps`")
