@@ -260,19 +260,26 @@ def table(path: Path) -> str:
         f"{data['config']['max_events'] or 'all'} events).",
         "",
         "| setting | events | events/s (loop) | events/s (with start-up) | HR@10 online "
-        "| HR@10 frozen | train | score | score frozen | publish |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| HR@10 frozen | rate vs before-20 | HR@10 vs before-20 | train | score "
+        "| score frozen | publish |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, row in data["results"]["settings"].items():
+    settings = data["results"]["settings"]
+    before = settings.get("before-20", {}).get("summary")
+    for label, row in settings.items():
         summary, phases = row["summary"], row["timings"]["phases"]
         share = {k: f"{phases[k]['share']:.0%}" if k in phases else "" for k in
                  ("train", "score", "score_frozen", "publish")}  # fmt: skip
         frozen = summary["frozen_HR@10"]
+        rate = hr = ""
+        if before:
+            rate = f"{summary['events_per_second'] / before['events_per_second']:.1f}x"
+            hr = f"{summary['online_HR@10'] / before['online_HR@10'] - 1:+.1%}"
         lines.append(
             f"| {label} | {summary['events']:,} | {summary['events_per_second']:,.0f} "
             f"| {summary['events_per_second_with_startup']:,.0f} | {summary['online_HR@10']:.4f} "
-            f"| {'' if frozen is None else f'{frozen:.4f}'} | {share['train']} | {share['score']} "
-            f"| {share['score_frozen']} | {share['publish']} |"
+            f"| {'' if frozen is None else f'{frozen:.4f}'} | {rate} | {hr} | {share['train']} "
+            f"| {share['score']} | {share['score_frozen']} | {share['publish']} |"
         )
     return "\n".join(lines)
 

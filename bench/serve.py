@@ -150,7 +150,7 @@ class Server:
                        "--port", str(port), "--threads", "1"]  # fmt: skip
         else:
             command = [*RECLOOP, "serve", "--registry", str(registry), "--port", str(port),
-                       "--cache-dir", str(WORK / "onnx-cache"), *flags]  # fmt: skip
+                       "--cache-dir", str(WORK / "onnx-cache"), "--threads", "1", *flags]  # fmt: skip
         self.log = open(log, "a")  # noqa: SIM115 (closed in stop)
         self.log.write("$ " + " ".join(command) + "\n")
         self.log.flush()
