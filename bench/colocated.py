@@ -102,7 +102,7 @@ class Learner:
 
 def start_server(registry: Path, port: int, log: Path) -> tuple[Server, dict[str, Any] | None]:
     offset = log.stat().st_size if log.exists() else 0
-    server = Server(registry, port, NO_CACHE, log)
+    server = Server(registry, port, NO_CACHE, log, threads=None)  # automatic, as a user runs it
     with open(log) as f:
         f.seek(offset)
         return server, chosen_threads(f.read(), "serve")

@@ -141,7 +141,13 @@ def known_users(data: Path, count: int = 20_000) -> list[str]:
 
 class Server:
     def __init__(
-        self, registry: Path, port: int, flags: list[str], log: Path, naive: bool = False
+        self,
+        registry: Path,
+        port: int,
+        flags: list[str],
+        log: Path,
+        naive: bool = False,
+        threads: int | None = 1,  # None: recloop serve's automatic choice
     ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.naive = naive
@@ -150,7 +156,9 @@ class Server:
                        "--port", str(port), "--threads", "1"]  # fmt: skip
         else:
             command = [*RECLOOP, "serve", "--registry", str(registry), "--port", str(port),
-                       "--cache-dir", str(WORK / "onnx-cache"), "--threads", "1", *flags]  # fmt: skip
+                       "--cache-dir", str(WORK / "onnx-cache"), *flags]  # fmt: skip
+            if threads is not None:
+                command += ["--threads", str(threads)]
         self.log = open(log, "a")  # noqa: SIM115 (closed in stop)
         self.log.write("$ " + " ".join(command) + "\n")
         self.log.flush()
