@@ -6,11 +6,13 @@
 Each turn reads a micro-batch of events after the current offset and
 1. maps them to dense ids; an unseen item is counted and, after `admit_after` occurrences,
    joins the vocabulary with a row initialised from its co-occurring items or attributes;
-2. scores every event with the online model and the frozen starting model before learning
-   from it (prequential HR@10, logged to RUN/prequential.csv and plotted);
+2. scores every event with the online model (and, with `score_frozen`, the frozen starting
+   model) before learning from it (prequential HR@10, logged to RUN/prequential.csv, plotted);
 3. appends the items to the users' sequences and takes optimizer steps on the touched users'
-   sequences plus a replay sample of other users' (so it does not forget): AdamW on the dense
-   weights, lazy Adam on the item rows (a delta then holds only the rows that moved).
+   sequences plus a replay sample of other users' (so it does not forget): the full softmax
+   on the batch's new events' positions, a sampled softmax on the windows' other positions
+   (`context_negatives`; recloop.online.steps), AdamW on the dense weights, lazy Adam on the
+   item rows. Time per phase goes to RUN/timings.json (recloop.online.timings).
 Every `publish_every_events` events or `publish_every_seconds` seconds it publishes a delta
 version (changed rows, new rows, moved dense weights, grown vocabulary, the event offset it
 covers) and commits that offset; every `compact_every` deltas it compacts the chain.
