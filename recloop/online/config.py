@@ -125,3 +125,13 @@ def loss_config(config: OnlineConfig, origin: Manifest) -> TrainConfig:
         num_negatives=int(count),
         mask_history=mask_history,
     )
+
+
+def context_loss_config(config: OnlineConfig) -> TrainConfig | None:
+    """The loss of the positions "new" leaves out (None: they are not learned): a sampled
+    softmax over `context_negatives` mixed negatives."""
+    if not config.context_negatives or config.train_positions != "new":
+        return None
+    return TrainConfig(
+        loss="sampled_softmax", negatives="mixed", num_negatives=config.context_negatives
+    )

@@ -39,12 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from recloop.config import TrainConfig
 from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError
 from recloop.events import EventLog, LoggedEvent, resume_offset
 from recloop.models.factory import config_to_dict
-from recloop.online.config import OnlineConfig, loss_config
+from recloop.online.config import OnlineConfig, context_loss_config, loss_config
 from recloop.online.control import crash_point, progress, stop_on_signals
 from recloop.online.history import base_history
 from recloop.online.items import ItemAttributes, PendingItems, initial_row
@@ -136,11 +135,7 @@ class OnlineLearner:
         self.sequences: dict[str, list[int]] = {}
         self._base = base_history(data, registry.manifest(self.state.origin), self.vocabulary)
         self._loss_config = loss_config(config, registry.manifest(self.state.origin))
-        self._context_config = None
-        if config.context_negatives and config.train_positions == "new":
-            self._context_config = TrainConfig(
-                loss="sampled_softmax", negatives="mixed", num_negatives=config.context_negatives
-            )
+        self._context_config = context_loss_config(config)
         self._rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
         self._build_optimizers()
