@@ -16,10 +16,12 @@ system-deps:
 
 # torch==2.13.0 is pinned in requirements.lock and installed in the same pip call as the
 # other pins, so nothing can pull in a different (CUDA) torch build.
-$(STAMP): requirements.lock pyproject.toml
+# The sharded extra (TorchRec) goes in with --no-deps: see requirements-sharded.lock.
+$(STAMP): requirements.lock requirements-sharded.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -r requirements-sharded.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

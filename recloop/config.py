@@ -25,6 +25,11 @@ NegativeSampling = Literal["uniform", "in_batch", "mixed"]
 Schedule = Literal["constant", "cosine", "linear"]
 ValidationProtocol = Literal["full", "sampled100"]
 TrainingSamples = Literal["windows", "prefixes"]
+# How the item table is split over the processes (recloop.train.sharding); "none" keeps a
+# whole table in every process (data-parallel only).
+ShardingType = Literal["none", "table_wise", "column_wise", "row_wise"]
+# The sharded table's fused optimizer (state per row); "adam" runs on CUDA only.
+SparseOptimizer = Literal["rowwise_adagrad", "adam"]
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,17 @@ class TrainConfig:
     # Evaluate a seeded random subset of this many users (None = all): full ranking over a
     # million-item catalogue costs O(users x items), so large catalogues evaluate on a sample.
     eval_max_users: int | None = None
+    # Model parallelism (needs the `recloop[sharded]` extra): the item table becomes a TorchRec
+    # EmbeddingCollection sharded over the torchrun processes, updated by a fused sparse
+    # optimizer in the backward pass; the encoder stays data-parallel.
+    sharding: ShardingType = "none"
+    sparse_optimizer: SparseOptimizer = "rowwise_adagrad"
+    sparse_lr: float = 0.05  # the sharded table's learning rate (the schedule scales it)
 
     def __post_init__(self) -> None:
         _check_literals(self)
+        if self.sparse_lr <= 0:
+            raise ConfigError(f"train.sparse_lr must be > 0, got {self.sparse_lr}")
         positive = ("num_negatives", "batch_size", "max_length", "max_epochs", "patience")
         for name in positive:
             if getattr(self, name) < 1:
@@ -137,6 +150,25 @@ class TrainConfig:
             )
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        self._check_sharding()
+
+    def _check_sharding(self) -> None:
+        """What a sharded item table cannot do: every lookup goes through one TorchRec call per
+        step, so losses that draw items after the forward (BCE, the BPR term) are refused, and
+        the attribute-fused table is a different module."""
+        if self.sharding == "none":
+            return
+        refused = {
+            "train.loss = 'bce'": self.loss == "bce",
+            "train.bpr_weight": bool(self.bpr_weight),
+            "train.item_attributes": self.item_attributes,
+        }
+        for what, present in refused.items():
+            if present:
+                raise ConfigError(
+                    f"train.sharding = {self.sharding!r} does not support {what}; use "
+                    "train.loss = 'sampled_softmax' (or 'full_softmax' on a small catalogue)"
+                )
 
 
 @dataclass(frozen=True)

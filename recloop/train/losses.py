@@ -16,6 +16,7 @@ and add a pairwise term against uniformly drawn items (``bpr_weight``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,12 +34,14 @@ def next_item_loss(
     config: TrainConfig,
     num_items: int,
     inputs: torch.Tensor | None = None,
+    negatives: Negatives | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [B, Lq, D], targets [B, Lq] (0 = no target) -> (loss sum, token count).
 
     Lq is the window's length L, or 1 for windows trained at their last position only
     (`train.samples = "prefixes"`). ``inputs`` [B, L] are the windows' input items;
-    ``config.mask_history`` needs them.
+    ``config.mask_history`` needs them. ``negatives``: the sampled softmax's, drawn
+    beforehand (:func:`draw_negatives`); None draws them here.
     """
     mask = targets > 0  # [B, Lq]
     tokens = mask.sum()
@@ -66,7 +69,7 @@ def next_item_loss(
         neg_logit = model.score(h, neg.unsqueeze(-1)).squeeze(-1).float()  # [T]
         loss = F.softplus(-pos_logit) + F.softplus(neg_logit)
         return loss.sum(), tokens
-    return _sampled_softmax(model, h, pos, config, num_items), tokens
+    return _sampled_softmax(model, h, pos, config, num_items, negatives), tokens
 
 
 def _uniform_bpr(
@@ -109,44 +112,63 @@ def history_exclusions(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.where(keep, seen, torch.zeros_like(seen))
 
 
-def _sampled_softmax(
-    model: SequentialEncoder,
-    h: torch.Tensor,
-    pos: torch.Tensor,
-    config: TrainConfig,
-    num_items: int,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Negatives:
+    """A step's shared sampled-softmax negatives [N], with log q of each negative [N] and of
+    each position's target [T] (the log-q correction)."""
+
+    ids: torch.Tensor
+    log_q: torch.Tensor
+    pos_log_q: torch.Tensor
+
+
+def draw_negatives(pos: torch.Tensor, config: TrainConfig, num_items: int) -> Negatives:
+    """`config.num_negatives` negatives for the targets `pos` [T], as `config.negatives` says.
+
+    A sharded table draws them before the forward pass (one lookup per step fetches every row
+    the step reads), so drawing is separate from the loss."""
     n = config.num_negatives
     device = pos.device
     if config.negatives == "uniform":
         neg = torch.randint(1, num_items + 1, (n,), device=device)  # [N]
         log_q = torch.full((n,), -math.log(num_items), device=device)
         pos_log_q = torch.full(pos.shape, -math.log(num_items), device=device)
-    else:
-        # In-batch: negatives are other positions' targets, so each item is drawn with
-        # probability proportional to its frequency among this batch's targets.
-        counts = torch.bincount(pos, minlength=num_items + 1).float()
-        q = counts / counts.sum()
-        take = n if config.negatives == "in_batch" else n // 2
-        picked = pos[torch.randint(0, pos.numel(), (take,), device=device)]  # [take]
-        if config.negatives == "mixed":  # half in-batch, half uniform (Yang et al. 2020)
-            uniform = torch.randint(1, num_items + 1, (n - take,), device=device)
-            picked = torch.cat([picked, uniform])
-            q = 0.5 * q + 0.5 / num_items
-            q[0] = 0.0
-        neg = picked
-        log_q = torch.log(q[neg])
-        pos_log_q = torch.log(q[pos].clamp_min(1e-12))
+        return Negatives(neg, log_q, pos_log_q)
+    # In-batch: negatives are other positions' targets, so each item is drawn with
+    # probability proportional to its frequency among this batch's targets.
+    counts = torch.bincount(pos, minlength=num_items + 1).float()
+    q = counts / counts.sum()
+    take = n if config.negatives == "in_batch" else n // 2
+    picked = pos[torch.randint(0, pos.numel(), (take,), device=device)]  # [take]
+    if config.negatives == "mixed":  # half in-batch, half uniform (Yang et al. 2020)
+        uniform = torch.randint(1, num_items + 1, (n - take,), device=device)
+        picked = torch.cat([picked, uniform])
+        q = 0.5 * q + 0.5 / num_items
+        q[0] = 0.0
+    return Negatives(picked, torch.log(q[picked]), torch.log(q[pos].clamp_min(1e-12)))
+
+
+def _sampled_softmax(
+    model: SequentialEncoder,
+    h: torch.Tensor,
+    pos: torch.Tensor,
+    config: TrainConfig,
+    num_items: int,
+    negatives: Negatives | None = None,
+) -> torch.Tensor:
+    if negatives is None:
+        negatives = draw_negatives(pos, config, num_items)
+    neg = negatives.ids
     embedding = model.item_embedding
-    with torch.autocast(device.type, enabled=False):  # fp32, as the full softmax's loss
+    with torch.autocast(pos.device.type, enabled=False):  # fp32, as the full softmax's loss
         return sampled_cross_entropy(
             embedding.prepare_query(h).float(),  # the dot product of model.score, fused
             embedding.output_vectors(pos).float(),
             embedding.output_vectors(neg).float(),
             pos,
             neg,
-            pos_log_q.float(),
-            log_q.float(),
+            negatives.pos_log_q.float(),
+            negatives.log_q.float(),
         )
 
 

@@ -1,0 +1,1 @@
+"""Model parallelism: the item table sharded over processes with TorchRec (`train.sharding`)."""
