@@ -15,16 +15,15 @@ from safetensors.torch import load_file
 
 pytest.importorskip("torchrec", reason="needs the recloop[sharded] extra (make setup has it)")
 
-from recloop.config import ConfigError, config_from_dict  # noqa: E402
-from recloop.data.dataset import SequenceDataset  # noqa: E402
-from recloop.data.prepare import prepare, with_source_order  # noqa: E402
-from recloop.data.synthetic import SyntheticConfig, generate_events  # noqa: E402
-from recloop.evaluate import EvalConfig, evaluate  # noqa: E402
-from recloop.registry import Registry  # noqa: E402
-from recloop.registry.loading import load_model  # noqa: E402
-from recloop.train import sharding  # noqa: E402, F401
-from recloop.train.sharding import spec  # noqa: E402
-from recloop.train.trainer import train  # noqa: E402
+from recloop.config import ConfigError, config_from_dict
+from recloop.data.dataset import SequenceDataset
+from recloop.data.prepare import prepare, with_source_order
+from recloop.data.synthetic import SyntheticConfig, generate_events
+from recloop.evaluate import EvalConfig, evaluate
+from recloop.registry import Registry
+from recloop.registry.loading import load_model
+from recloop.train.sharding import spec
+from recloop.train.trainer import train
 
 MODEL = {"type": "sasrec", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0}
 
@@ -64,7 +63,9 @@ def test_learns_publishes_shards_and_loads_into_one_process(
         {"model": MODEL, "train": sharded_train(max_steps=60, eval_every_steps=20)}
     )
     registry = tmp_path / "reg"
-    result = train(config, synthetic_data, tmp_path / "run", registry_dir=registry, show_progress=False)
+    result = train(
+        config, synthetic_data, tmp_path / "run", registry_dir=registry, show_progress=False
+    )
     # The synthetic log's successor structure is learnt through the sharded table too
     # (popularity is ~0.1 HR@10; the unsharded run's test asserts > 0.3 the same way).
     assert result.best_metrics["HR@10"] > 0.3
@@ -102,8 +103,12 @@ def test_resume_of_a_sharded_run_is_exact(synthetic_data: Path, tmp_path: Path) 
     assert a.keys() == b.keys() and any(k.startswith("optimizer/") for k in a)
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    dense_a = load_file(str(tmp_path / "a" / "checkpoints" / "step-000000012" / "model.safetensors"))
-    dense_b = load_file(str(tmp_path / "b" / "checkpoints" / "step-000000012" / "model.safetensors"))
+    dense_a = load_file(
+        str(tmp_path / "a" / "checkpoints" / "step-000000012" / "model.safetensors")
+    )
+    dense_b = load_file(
+        str(tmp_path / "b" / "checkpoints" / "step-000000012" / "model.safetensors")
+    )
     for name in dense_a:
         assert torch.equal(dense_a[name], dense_b[name]), name
     assert resumed.test_metrics == straight.test_metrics
@@ -126,7 +131,7 @@ def test_two_gloo_processes_match_one_and_refuse_another_world_size(
     config_path = tmp_path / "exp.toml"
     config_path.write_text(
         '[model]\ntype = "sasrec"\ndim = 16\nnum_blocks = 1\nnum_heads = 1\ndropout = 0.0\n'
-        '[train]\nbatch_size = 32\nmax_length = 20\neval_every_steps = 4\nwarmup_steps = 2\n'
+        "[train]\nbatch_size = 32\nmax_length = 20\neval_every_steps = 4\nwarmup_steps = 2\n"
         'lr = 3e-3\nseed = 3\nsharding = "row_wise"\nsparse_lr = 0.05\n'
     )
     common = ["train", "--data", str(synthetic_data), "--config", str(config_path)]
@@ -152,7 +157,11 @@ def test_two_gloo_processes_match_one_and_refuse_another_world_size(
     assert len([name for name in manifest["files"] if ".shard-" in name]) == 2
     # Resharding on load: the 2-shard version into 4 processes and into 1, the 1-shard one
     # into 2 (column-wise, so the blocks read cut across the stored shards).
-    for source, processes, layout in ((2, 4, "row_wise"), (2, 1, "row_wise"), (1, 2, "column_wise")):
+    for source, processes, layout in (
+        (2, 4, "row_wise"),
+        (2, 1, "row_wise"),
+        (1, 2, "column_wise"),
+    ):
         gathered, shards = _reshard(tmp_path, runs[source], processes, layout, env)
         assert shards == (processes if layout != "table_wise" else 1)
         assert torch.equal(gathered, runs[source].load_tensors("latest")["item_embedding.weight"])

@@ -34,7 +34,7 @@ from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
 from recloop.models.embeddings import folded_state_dict, with_item_attributes
 from recloop.models.factory import build_model, config_to_dict
-from recloop.registry.shards import ShardedTable
+from recloop.registry.sharded import ShardedTable
 from recloop.train import checkpoint
 from recloop.train.distributed import DistContext, init_distributed
 from recloop.train.loop import (

@@ -104,7 +104,7 @@ class ShardedModel:
         if world_size > 1 and rows.requires_grad:
             # Each rank's loss is scaled for DDP, which averages the encoder's gradients over
             # ranks; the table's gradients are summed over ranks by the all-to-all instead.
-            rows.register_hook(lambda grad: grad / world_size)
+            rows.register_hook(lambda grad: grad / world_size)  # type: ignore[no-untyped-call]
         self.embedding.bind(needed, rows)
         return negatives
 

@@ -144,7 +144,7 @@ class ShardedTraining:
     def write_publish_shards(self, run_dir: Path) -> list[Path]:
         """Collective. Writes this rank's shards for the registry; returns every shard's
         file in plan order (rank 0 publishes them)."""
-        from recloop.registry.shards import write_shard
+        from recloop.registry.sharded import write_shard
 
         directory = run_dir / "publish"
         directory.mkdir(parents=True, exist_ok=True)

@@ -232,7 +232,8 @@ def _table_group(ctx: DistContext) -> Any:
     if not dist.is_initialized():
         if ctx.distributed:
             raise ConfigError("a sharded table needs the process group joined first")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        store = dist.HashStore()  # type: ignore[attr-defined]
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
         return dist.group.WORLD
     return dist.new_group(backend=backend)
 
