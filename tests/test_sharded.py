@@ -214,3 +214,18 @@ def test_the_memory_estimate_counts_what_each_layout_keeps() -> None:
     assert spec.bytes_per_row(64, sharded=False) == 4 * 64 * 4
     assert spec.bytes_per_row(64, sharded=True) == 64 * 4 + 4
     assert spec.bytes_per_row(64, sharded=True, sparse_optimizer="adam") == 3 * 64 * 4
+
+
+def test_a_table_too_big_for_this_machine_is_refused_before_allocating() -> None:
+    import torch.distributed as dist
+
+    from recloop.config import TrainConfig
+    from recloop.train.distributed import DistContext
+    from recloop.train.sharding.table import ShardedItemTable
+
+    context = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    too_big = 10**10  # 2.5 TB of fp32 rows at dim 64
+    cfg = TrainConfig(sharding="row_wise", loss="sampled_softmax")
+    with pytest.raises(ConfigError, match=r"no plan fits a \[10,000,000,000, 64\] table"):
+        ShardedItemTable(too_big, 64, cfg, context, init_std=0.02)
+    assert not dist.is_initialized()
