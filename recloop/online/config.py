@@ -61,11 +61,18 @@ class OnlineConfig:
     score_frozen: bool = True
     seed: int = 0
     poll_seconds: float = 0.2  # --follow: wait between empty reads
+    # Under torchrun: "row_wise" shards the item table over the processes (TorchRec, fused
+    # row-wise Adagrad at embedding_lr), each learning the events of its own users
+    # (recloop.online.sharded). `table_headroom` rows are reserved for admitted items.
+    sharding: Literal["none", "row_wise"] = "none"
+    table_headroom: int = 4096
 
     def __post_init__(self) -> None:
         if self.num_negatives is not None and self.num_negatives < 1:
             raise ConfigError(f"online.num_negatives must be >= 1, got {self.num_negatives}")
-        positive = ("batch_events", "steps_per_batch", "admit_after", "replay_positions")
+        positive = (
+            "batch_events", "steps_per_batch", "admit_after", "replay_positions", "table_headroom"
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"online.{name} must be >= 1, got {getattr(self, name)}")
@@ -87,6 +94,8 @@ class OnlineConfig:
             raise ConfigError(
                 f"online.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}"
             )
+        if self.sharding not in ("none", "row_wise"):
+            raise ConfigError(f"online.sharding must be 'none' or 'row_wise', got {self.sharding!r}")
         if self.train_positions not in ("new", "all"):
             raise ConfigError(
                 f"online.train_positions must be 'new' or 'all', got {self.train_positions!r}"

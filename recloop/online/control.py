@@ -13,12 +13,17 @@ from typing import Any
 # Fault injection for the crash-safety tests: "<point>:<n>" kills this process with SIGKILL
 # the n-th time it reaches <point> (batch, state-saved, published, committed).
 CRASH_ENV = "RECLOOP_ONLINE_CRASH_AT"
+# Under torchrun: only the process of this rank crashes (unset: every process).
+CRASH_RANK_ENV = "RECLOOP_ONLINE_CRASH_RANK"
 _crash_counts: dict[str, int] = {}
 
 
 def crash_point(name: str) -> None:
     spec = os.environ.get(CRASH_ENV)
     if not spec:
+        return
+    rank = os.environ.get(CRASH_RANK_ENV)
+    if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     point, _, nth = spec.partition(":")
     if point != name:

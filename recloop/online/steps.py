@@ -86,8 +86,8 @@ def _chunks(
 
 
 def _keep_padding_row_zero(model: SequentialEncoder) -> None:
-    table = model.item_embedding.weight
-    if table.grad is not None:
+    table = getattr(model.item_embedding, "weight", None)  # None: a sharded table's rows
+    if table is not None and table.grad is not None:
         table.grad[PADDING_ID] = 0.0
 
 

@@ -154,6 +154,27 @@ class ShardedItemTable:
             if local.shard.row_offset == 0:
                 local.weight[0].zero_()
 
+    @torch.no_grad()
+    def write_row(self, row_id: int, values: torch.Tensor) -> None:
+        """Sets one row (a new item's initial row) in whichever local shard holds it; a no-op
+        on the ranks that do not hold it (every rank calls it, only the owner writes)."""
+        if not 0 < row_id < self.num_rows:
+            raise ConfigError(
+                f"sharded table: row {row_id} is outside its {self.num_rows:,} rows (raise the "
+                "table's capacity)"
+            )
+        for local in self.local:
+            s = local.shard
+            if s.row_offset <= row_id < s.row_offset + s.rows:
+                local.weight[row_id - s.row_offset] = values[s.col_offset : s.col_offset + s.cols]
+
+    def row_blocks(self) -> list[tuple[int, torch.Tensor]]:
+        """(first row id, rows) of each local shard; row-wise sharding only (each shard holds
+        whole rows), which is what changed-row publishing needs."""
+        if any(local.shard.cols != self.dim for local in self.local):
+            raise ConfigError("sharded table: whole rows per shard need train.sharding = row_wise")
+        return [(local.shard.row_offset, local.weight) for local in self.local]
+
     # ------------------------------------------------------------------ state
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
