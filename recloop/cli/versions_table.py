@@ -36,13 +36,19 @@ def format_versions_table(infos: Sequence[VersionInfo]) -> Table:
             "[bold green]production[/]" if info.is_production else "",
             info.id,
             info.created_at.replace("T", " ")[:16],  # to the minute, to keep rows narrow
-            f"{info.kind} (depth {info.chain_depth})" if info.chain_depth else info.kind,
+            _kind(info),
             info.method,
             info.parent or "-",
             info.model_type,
             ", ".join(f"{k}={_format_metric(v)}" for k, v in _headline(info.metrics)) or "-",
         )
     return table
+
+
+def _kind(info: VersionInfo) -> str:
+    """The kind column: full, delta (depth 3), full, sharded row_wise x2."""
+    kind = f"{info.kind} (depth {info.chain_depth})" if info.chain_depth else info.kind
+    return f"{kind}, sharded {info.sharding}" if info.sharding else kind
 
 
 def _headline(metrics: Mapping[str, Any]) -> list[tuple[str, Any]]:

@@ -47,7 +47,7 @@ from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder
 from recloop.models.compressed import CompressionSpec, count_dense_parameters
 from recloop.models.factory import MODEL_TYPES, config_to_dict
-from recloop.registry import WEIGHTS, Manifest, Registry, publish_version
+from recloop.registry import Manifest, Registry, publish_version
 from recloop.registry.loading import check_vocabulary, load_model
 from recloop.registry.publish import inherited_side_files
 
@@ -240,7 +240,7 @@ def _size_metrics(
 ) -> dict[str, float]:
     """Weights file size against the parent's, and test NDCG@10 relative to the parent's."""
     weights_bytes = len(safetensors_bytes(tensors, metadata={"format": "pt"}))
-    parent_bytes = manifest.files[WEIGHTS].bytes
+    parent_bytes = manifest.weights_bytes  # a sharded parent's shard files count too
     sizes = {
         "compression/weights_bytes": float(weights_bytes),
         "compression/parent_weights_bytes": float(parent_bytes),

@@ -50,6 +50,19 @@ def write_json(path: Path, data: Any, *, durable: bool) -> None:
             os.fsync(f.fileno())
 
 
+def check_tensors(tensors: Mapping[str, torch.Tensor], *, allow_empty: bool = False) -> None:
+    """RegistryError unless `tensors` can be written as a weights file, named."""
+    if not tensors and not allow_empty:
+        raise RegistryError("publish needs at least one tensor")
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise RegistryError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        if tensor.layout != torch.strided:
+            raise RegistryError(f"tensor {name!r} is {tensor.layout}; only dense tensors are saved")
+
+
 def write_weights(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     try:

@@ -18,6 +18,10 @@ Keys, in the order they are written (strict JSON)::
     training        free dict: step, wall time, command line, ...
     tensors         {name: {"dtype": "float32", "shape": [..]}}  the version's FULL tensors (for a
                     delta: after applying it, so readers know final shapes without applying)
+    sharding        (sharded versions only) {tensor: {"type", "world_size", "shape",
+                    "shards": [{"rank", "offsets", "sizes"}], "files": [one per shard]}}: the
+                    tensor is stored as those shard files, not in weights.safetensors (see
+                    sharded.py); ``tensors`` still lists it whole, as readers load it
     files           {name: {"bytes": int, "sha256": hex}} for every file except manifest.json
     recloop_version the package version that wrote it
     delta           (delta only) {tensor: {"mode": "replace"} | {"mode": "rows", "rows":
@@ -48,6 +52,8 @@ import torch
 
 from recloop import __version__
 from recloop.errors import RegistryError, undecodable
+from recloop.registry.files import WEIGHTS
+from recloop.registry.shards import TableSharding
 
 MANIFEST = "manifest.json"
 FORMAT = "recloop-model"
@@ -134,6 +140,7 @@ class Manifest:
     delta: Mapping[str, DeltaSpec] | None = None
     removed: tuple[str, ...] | None = None
     format_version: int = FORMAT_VERSION
+    sharding: Mapping[str, TableSharding] | None = None  # None: every tensor in the weights
 
     @property
     def model_type(self) -> str:
@@ -147,12 +154,26 @@ class Manifest:
     def vocabulary_file(self) -> str | None:
         return self.vocabulary.file if self.vocabulary is not None else None
 
+    @property
+    def shard_files(self) -> tuple[str, ...]:
+        """The files holding sharded tensors (none for an unsharded version)."""
+        return tuple(name for table in (self.sharding or {}).values() for name in table.files)
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of the stored tensors: the weights file plus any shard files."""
+        names = (WEIGHTS, *self.shard_files)
+        return sum(self.files[name].bytes for name in names if name in self.files)
+
     def replace(self, **changes: Any) -> Manifest:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as written to disk, keys in their documented order."""
         lineage = {} if self.base is None else {"base": self.base, "chain_depth": self.chain_depth}
+        sharding = {}
+        if self.sharding is not None:
+            sharding["sharding"] = {name: t.to_json() for name, t in self.sharding.items()}
         out: dict[str, Any] = {
             "format": FORMAT,
             "format_version": self.format_version,
@@ -168,6 +189,7 @@ class Manifest:
             "metrics": self.metrics,
             "training": self.training,
             "tensors": {name: meta.to_json() for name, meta in self.tensors.items()},
+            **sharding,
             "files": {name: meta.to_json() for name, meta in self.files.items()},
             "recloop_version": self.recloop_version,
         }
@@ -240,6 +262,7 @@ def parse_manifest(data: Any, version_id: str) -> Manifest:
         delta=_delta(data["delta"]) if is_delta else None,
         removed=tuple(str(name) for name in data.get("removed") or []) if is_delta else None,
         format_version=int(data.get("format_version", FORMAT_VERSION)),
+        sharding=_sharding(data.get("sharding"), files, data["tensors"]),
     )
 
 
@@ -293,6 +316,30 @@ def _delta(delta: dict[str, Any]) -> dict[str, DeltaSpec]:
     return out
 
 
+def _sharding(
+    sharding: Any, files: Mapping[str, FileMeta], tensors: Mapping[str, Any]
+) -> dict[str, TableSharding] | None:
+    """The sharded tables (None when absent: manifests from before sharding read unchanged).
+    Each must be a listed tensor whose shard files are all listed, so verify() covers them."""
+    if sharding is None:
+        return None
+    if not isinstance(sharding, dict):
+        raise _Invalid("has a bad 'sharding' (expected {tensor: plan})")
+    out = {}
+    for name, entry in sharding.items():
+        try:
+            table = TableSharding.from_json(entry)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise _Invalid(f"has a bad 'sharding' entry for {name!r} ({exc})") from None
+        if name not in tensors:
+            raise _Invalid(f"shards tensor {name!r}, which its 'tensors' does not list")
+        unlisted = [file for file in table.files if file not in files]
+        if unlisted:
+            raise _Invalid(f"does not list shard file {unlisted[0]} of {name!r} in 'files'")
+        out[name] = table
+    return out
+
+
 def _vocabulary(vocabulary: Any) -> VocabularyRef | None:
     if vocabulary is None:
         return None
@@ -332,6 +379,7 @@ class VersionInfo:
     metrics: dict[str, Any]
     is_production: bool
     chain_depth: int = 0  # deltas between this version and its base; 0 for a full version
+    sharding: str | None = None  # "row_wise x2" for a sharded version, else None
     problem: str | None = None  # why its manifest cannot be read; None for a healthy version
 
     @property
@@ -355,6 +403,7 @@ class VersionInfo:
             metrics=dict(manifest.metrics),
             is_production=is_production,
             chain_depth=manifest.chain_depth or 0,
+            sharding=", ".join(t.describe() for t in (manifest.sharding or {}).values()) or None,
         )
 
     @classmethod

@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from recloop.errors import RegistryError
 from recloop.registry.deltas import Change
 from recloop.registry.manifest import Manifest
+from recloop.registry.sharded import ShardedTable
 from recloop.registry.sidefiles import ITEM_COUNTS_FILE, VOCABULARY_FILE, item_counts_bytes
 from recloop.registry.store import Registry
 
@@ -60,11 +62,15 @@ def publish_version(
     training: Mapping[str, Any] | None = None,
     dataset: Mapping[str, Any] | None = None,
     parent: str | None = None,
+    sharded: ShardedTable | None = None,
 ) -> str:
-    """Publishes a full version (`weights` a state dict) or a delta (`weights` a Delta, which
-    names its parent; its dataset is the parent's); returns the new version's id."""
+    """Publishes a full version (`weights` a state dict, plus the `sharded` table its ranks
+    wrote, if any) or a delta (`weights` a Delta, which names its parent; its dataset is the
+    parent's); returns the new version's id."""
     vocabulary_file = side.vocabulary_name if side.vocabulary is not None else None
     if isinstance(weights, Delta):
+        if sharded is not None:
+            raise RegistryError("a delta is never sharded: its rows are published whole")
         return registry.publish_delta(
             weights.parent,
             weights.changes,
@@ -86,6 +92,7 @@ def publish_version(
         training=training,
         extra_files=side.extra_files(),
         vocabulary_file=vocabulary_file,
+        sharded=sharded,
     )
 
 

@@ -27,7 +27,7 @@ class TableShard:
     rows: int
     cols: int
 
-    def to_json(self) -> dict[str, int]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "rank": self.rank,
             "offsets": [self.row_offset, self.col_offset],
@@ -75,7 +75,7 @@ class ShardingPlan:
         )
 
     def check_tiles(self) -> None:
-        """ConfigError unless the shards cover the [rows, dim] table exactly once."""
+        """RegistryError unless the shards cover the [rows, dim] table exactly once."""
         covered = sum(shard.rows * shard.cols for shard in self.shards)
         for shard in self.shards:
             inside = (
@@ -91,6 +91,34 @@ class ShardingPlan:
                 f"sharding plan: its {len(self.shards)} shards do not tile the "
                 f"[{self.num_rows}, {self.dim}] table exactly"
             )
+
+
+@dataclass(frozen=True)
+class TableSharding:
+    """What a sharded version's manifest records of one table: its plan, and the file of
+    each shard of ``plan.shards`` (same order), named relative to the version directory."""
+
+    plan: ShardingPlan
+    files: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.plan.to_json(), "files": list(self.files)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TableSharding:
+        """The recorded sharding; KeyError/TypeError/ValueError when malformed (the manifest
+        reader turns them into an error naming the file and table)."""
+        files = data["files"]
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise TypeError("'files' must be a list of file names")
+        plan = ShardingPlan.from_json(data)
+        if len(files) != len(plan.shards):
+            raise ValueError(f"{len(plan.shards)} shards but {len(files)} files")
+        return cls(plan, tuple(files))
+
+    def describe(self) -> str:
+        """A short summary for version lists: "row_wise x2"."""
+        return f"{self.plan.sharding_type} x{self.plan.world_size}"
 
 
 def _overlap(shards: Sequence[TableShard]) -> bool:

@@ -113,3 +113,16 @@ def _check_file_name(name: str) -> None:
         )
     if name in _RESERVED_NAMES:
         raise RegistryError(f"extra file name {name!r} is reserved by the registry")
+
+
+def inherited_vocabulary(
+    parent_id: str, parent: Manifest, vocabulary_file: str | None, extra: Mapping[str, Any]
+) -> VocabularyRef | None:
+    """The vocabulary a delta inherits from its parent: none when it brings its own."""
+    inherited = parent.vocabulary if vocabulary_file is None else None
+    if inherited is not None and inherited.file in extra:
+        raise RegistryError(
+            f"extra file {inherited.file!r} would shadow the vocabulary inherited from "
+            f"{parent_id}; pass vocabulary_file={inherited.file!r} to replace it"
+        )
+    return inherited

@@ -5,6 +5,7 @@ Layout::
     ROOT/
       versions/v000001/          one immutable version
         weights.safetensors      tensors (safetensors, never pickle)
+        <tensor>.shard-00000-of-00002.safetensors ...  a sharded table's files (sharded.py)
         items.parquet ...        side files the publisher gave (see sidefiles.py)
         manifest.json            written last into the temp dir; lists every other file
       aliases.json               {"production": id, "history": [...], "log": [...]}
@@ -43,11 +44,13 @@ import torch
 from recloop.errors import RegistryError
 from recloop.fsutil import fsync_dir
 from recloop.registry import deltas
+from recloop.registry import sharded as sharded_io
 from recloop.registry.aliases import TMP_PREFIX, Aliases
 from recloop.registry.deltas import Change, RowUpdate
 from recloop.registry.files import (
     WEIGHTS,
     TensorReader,
+    check_tensors,
     link_or_copy,
     open_weights,
     sha256,
@@ -61,14 +64,20 @@ from recloop.registry.manifest import (
     Manifest,
     TensorMeta,
     VersionInfo,
-    VocabularyRef,
     check_method,
     jsonable,
     model_json,
     new_manifest,
     read_manifest,
 )
-from recloop.registry.sidefiles import check_extra_files, vocabulary_ref, write_extras
+from recloop.registry.sharded import BlockReader, ShardedTable
+from recloop.registry.shards import TENSOR_NAME
+from recloop.registry.sidefiles import (
+    check_extra_files,
+    inherited_vocabulary,
+    vocabulary_ref,
+    write_extras,
+)
 
 # Refs that name a moving pointer rather than a version.
 LATEST = "latest"
@@ -110,13 +119,22 @@ class Registry:
         training: Mapping[str, Any] | None = None,
         extra_files: Mapping[str, Path | bytes] | None = None,
         vocabulary_file: str | None = None,
+        sharded: ShardedTable | None = None,
     ) -> str:
-        """Writes a new full version atomically and returns its id (``v000001``, ...)."""
+        """Writes a new full version atomically and returns its id (``v000001``, ...).
+
+        `sharded` is a table stored as the shard files its ranks wrote (see sharded.py); it
+        is not one of `tensors`, and loads gathered like any other tensor."""
         extra = dict(extra_files or {})
         # Validate everything cheap before touching the disk, so bad arguments leave no trace.
-        _check_tensors(tensors)
+        check_tensors(tensors, allow_empty=sharded is not None)
         check_extra_files(extra, vocabulary_file)
         check_method(method)
+        metas = {name: TensorMeta.of(t) for name, t in tensors.items()}
+        if sharded is not None:
+            metas[sharded.name] = sharded_io.check_table(
+                sharded, tensors, {*extra, WEIGHTS, MANIFEST}
+            )
         manifest = new_manifest(
             kind="full",
             method=method,
@@ -125,16 +143,18 @@ class Registry:
             dataset=jsonable(dict(dataset), "dataset") if dataset is not None else None,
             metrics=jsonable(dict(metrics or {}), "metrics"),
             training=jsonable(dict(training or {}), "training"),
-            tensors={name: TensorMeta.of(t) for name, t in tensors.items()},
+            tensors=metas,
         )
 
         def fill(tmp: Path) -> tuple[Manifest, dict[str, FileMeta]]:
             write_weights(tensors, tmp / WEIGHTS)
             write_extras(extra, tmp)
+            done = manifest
+            if sharded is not None:
+                done = done.replace(sharding=sharded_io.install(sharded, tmp))
             if vocabulary_file is None:
-                return manifest, {}
-            vocabulary = vocabulary_ref(tmp / vocabulary_file, manifest.dataset)
-            return manifest.replace(vocabulary=vocabulary), {}
+                return done, {}
+            return done.replace(vocabulary=vocabulary_ref(tmp / vocabulary_file, done.dataset)), {}
 
         return self._write_version(fill)
 
@@ -167,7 +187,7 @@ class Registry:
         source = self._read_manifest(parent_id)
         base, depth = deltas.chain_position(parent_id, source)
         plan = deltas.plan_delta(source.tensors, changes, removed)
-        inherited = _inherited_vocabulary(parent_id, source, vocabulary_file, extra)
+        inherited = inherited_vocabulary(parent_id, source, vocabulary_file, extra)
         manifest = new_manifest(
             kind="delta",
             method=method,
@@ -222,7 +242,8 @@ class Registry:
 
         def fill(tmp: Path) -> tuple[Manifest, dict[str, FileMeta]]:
             write_weights(tensors, tmp / WEIGHTS)
-            names = [name for name in source.files if name != WEIGHTS]
+            # A sharded table is gathered into the new weights file: its shards are not linked.
+            names = [n for n in source.files if n != WEIGHTS and n not in source.shard_files]
             return manifest, {
                 name: self._link_file(version_id, source, name, tmp) for name in names
             }
@@ -339,10 +360,28 @@ class Registry:
         if verify:
             for version_id, manifest in chain:
                 self._verify(version_id, manifest)
-        tensors = deltas.materialise(chain, self._open_weights)
+        opener = sharded_io.sharded_opener(self._open_weights, self.path, chain)
+        tensors = deltas.materialise(chain, opener)
         if torch.device(device).type == "cpu":
             return tensors
         return {name: t.to(device) for name, t in tensors.items()}
+
+    def table_reader(
+        self, ref: str, name: str = TENSOR_NAME, *, verify: bool = True
+    ) -> BlockReader:
+        """(row_start, row_end, col_start, col_end) -> that block of 2-d tensor `name`, read
+        from just the files it overlaps without assembling the table (how N training processes
+        load a version written by M); see sharded.table_reader. With `verify` each file is
+        checked against its sha256 before it is first read."""
+        version_id = self.resolve(ref)
+        manifest = self._read_manifest(version_id)
+
+        def verify_file(name: str) -> None:
+            if verify:
+                self._verify_file(version_id, name, _listed(version_id, manifest, name))
+
+        load = lambda: self.load_tensors(version_id, verify=verify)  # noqa: E731
+        return sharded_io.table_reader(self.path(version_id), manifest, name, verify_file, load)
 
     def read_delta(self, ref: str) -> tuple[dict[str, Change], Sequence[str]]:
         """(changes, removed) that delta version `ref` itself stores, as given to
@@ -355,10 +394,7 @@ class Registry:
         manifest = self._read_manifest(version_id)
         if not manifest.is_delta:
             raise RegistryError(f"version {version_id} is kind {manifest.kind!r}, not a delta")
-        meta = manifest.files.get(WEIGHTS)
-        if meta is None:
-            raise RegistryError(f"version {version_id}: manifest does not list {WEIGHTS}")
-        self._verify_file(version_id, WEIGHTS, meta)
+        self._verify_file(version_id, WEIGHTS, _listed(version_id, manifest, WEIGHTS))
         with self._open_weights(version_id) as read:
             return deltas.read_changes(version_id, manifest, read)
 
@@ -468,29 +504,11 @@ class Registry:
         return removed
 
 
-def _inherited_vocabulary(
-    parent_id: str, parent: Manifest, vocabulary_file: str | None, extra: Mapping[str, Any]
-) -> VocabularyRef | None:
-    """The vocabulary a delta inherits from its parent: none when it brings its own."""
-    inherited = parent.vocabulary if vocabulary_file is None else None
-    if inherited is not None and inherited.file in extra:
-        raise RegistryError(
-            f"extra file {inherited.file!r} would shadow the vocabulary inherited from "
-            f"{parent_id}; pass vocabulary_file={inherited.file!r} to replace it"
-        )
-    return inherited
-
-
-def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
-    if not tensors:
-        raise RegistryError("publish needs at least one tensor")
-    for name, tensor in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise RegistryError(f"tensor names must be non-empty strings, got {name!r}")
-        if not isinstance(tensor, torch.Tensor):
-            raise RegistryError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
-        if tensor.layout != torch.strided:
-            raise RegistryError(f"tensor {name!r} is {tensor.layout}; only dense tensors are saved")
+def _listed(version_id: str, manifest: Manifest, name: str) -> FileMeta:
+    meta = manifest.files.get(name)
+    if meta is None:
+        raise RegistryError(f"version {version_id}: manifest does not list {name}")
+    return meta
 
 
 __all__ = ["LATEST", "PRODUCTION", "Registry", "RowUpdate", "VersionInfo"]

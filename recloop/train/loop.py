@@ -40,7 +40,7 @@ from recloop.evaluate import EvalConfig
 from recloop.models.base import SequentialEncoder
 from recloop.train.averaging import WeightAverage, averaged, weight_average
 from recloop.train.distributed import DistContext, agree, all_reduce_sum
-from recloop.train.losses import next_item_loss
+from recloop.train.losses import Negatives, next_item_loss
 from recloop.train.progress import Progress
 
 Batch = dict[str, torch.Tensor]
@@ -118,6 +118,12 @@ class LoopPlan:
     loss: LossFn
     validate: Callable[[], dict[str, float]]  # metrics named with the select key's prefix
     forward: torch.nn.Module | None = None  # the model wrapped by DDP, if it is
+    # Before each forward pass: may add entries to the batch (a sharded table looks up the
+    # step's rows there and adds the negatives it drew; see recloop.train.sharding).
+    before_forward: Callable[[TrainState, Batch], Batch] | None = None
+    # Tensors kept with the best weights besides the model's state dict (a sharded table's
+    # own shards, which the model's state dict does not hold), under "sharded/" names.
+    keep_with_best: Callable[[], dict[str, torch.Tensor]] | None = None
     after_step: Callable[[], None] | None = None  # after each step, before the average moves
     on_best: Callable[[TrainState], None] | None = None  # after each improvement (rank 0 saves)
     stop_at_step: int | None = None  # stop there as "interrupted" (tests of resuming)
@@ -210,6 +216,8 @@ def train_step(state: TrainState, plan: LoopPlan, batch: Batch) -> tuple[int, fl
     use_bf16 = cfg.bf16 and plan.use_runtime
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     last_only = cfg.samples == "prefixes"
+    if plan.before_forward is not None:
+        batch = plan.before_forward(state, batch)
     with autocast:
         hidden = forward(batch["input_ids"], batch["timestamps"], last_only=last_only)
         loss_total, tokens = plan.loss(state.model, hidden, batch)  # hidden [B, L or 1, D]
@@ -273,6 +281,8 @@ def evaluate_and_keep_best(state: TrainState, plan: LoopPlan, *, elapsed: float)
         metrics = plan.validate()
         value = float(metrics[plan.select_key])
         weights = copy.deepcopy(state.model.state_dict()) if value > state.best_value else None
+        if weights is not None and plan.keep_with_best is not None:
+            weights.update(plan.keep_with_best())
     state.model.train()
     row: dict[str, Any] = {
         "step": state.step,
@@ -319,7 +329,14 @@ def next_item(cfg: TrainConfig, num_items: int) -> LossFn:
         model: SequentialEncoder, hidden: torch.Tensor, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         targets = batch["target_ids"]  # [B, L or 1]
-        return next_item_loss(model, hidden, targets, cfg, num_items, inputs=batch["input_ids"])
+        negatives = None
+        if "negative_ids" in batch:  # drawn before the forward (a sharded table's step)
+            negatives = Negatives(
+                batch["negative_ids"], batch["negative_log_q"], batch["target_log_q"]
+            )
+        return next_item_loss(
+            model, hidden, targets, cfg, num_items, inputs=batch["input_ids"], negatives=negatives
+        )
 
     return loss
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import csv
 import sys
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from recloop.evaluate import EvalConfig, evaluate
 from recloop.models.base import SequentialEncoder
 from recloop.models.embeddings import folded_state_dict, with_item_attributes
 from recloop.models.factory import build_model, config_to_dict
+from recloop.registry.sharded import ShardedTable
 from recloop.train import checkpoint
 from recloop.train.distributed import DistContext, init_distributed
 from recloop.train.loop import (
@@ -46,6 +49,7 @@ from recloop.train.loop import (
     window_config,
 )
 from recloop.train.progress import Progress
+from recloop.train.sharding.run import BEST_PREFIX, ShardedTraining, build_sharded_model
 
 
 @dataclass
@@ -89,34 +93,59 @@ def train(
     dataset = SequenceDataset(data_dir)
     split = dataset.leave_one_out()
     loader = _loader(split, cfg, ctx)
-    model = _build_model(config, dataset, ctx)
+    model, sharded = _build_model(config, dataset, ctx)
     plan = LoopPlan(
         cfg,
         steps_per_epoch=len(loader),
         context=ctx,
         loss=next_item(cfg, dataset.num_items),
-        validate=_validation(model, split, cfg, ctx),
+        validate=_validation(model, split, cfg, ctx, sharded),
         forward=_forward_module(model, ctx),
-        on_best=(lambda state: _save_best(run_dir, state.best_weights)) if ctx.is_main else None,
+        on_best=_on_best(run_dir, ctx, sharded),
         stop_at_step=stop_at_step,
+        before_forward=sharded.before_forward if sharded else None,
+        keep_with_best=sharded.keep_with_best if sharded else None,
     )
     state = TrainState.start(model, cfg, plan.total_steps, fused=ctx.device.type == "cuda")
     if resume:
-        _resume(state, run_dir)
+        _resume(state, run_dir, sharded)
 
     # ---- the loop
     progress = Progress(plan.total_steps, state.step, enabled=show_progress and ctx.is_main)
     run(state, loader, plan, progress)
+    table_entry = sharded.save_checkpoint(run_dir, state.step) if sharded else None
     if ctx.is_main:
-        _save_run(run_dir, state, config)
+        _save_run(run_dir, state, config, table_entry)
 
     # ---- the best weights, tested and published
     if state.best_weights is not None:
-        model.load_state_dict(state.best_weights)
+        best = sharded.restore_best(state.best_weights) if sharded else state.best_weights
+        model.load_state_dict(best)
     test_metrics, version = _test_and_publish(
-        model, dataset, split, config, state, plan, run_dir, registry_dir, command
+        model, dataset, split, config, state, plan, run_dir, registry_dir, command, sharded
     )
+    if sharded is not None:
+        sharded.table.close()
     return _result(run_dir, state, plan, test_metrics, version)
+
+
+def _on_best(
+    run_dir: Path, ctx: DistContext, sharded: ShardedTraining | None
+) -> Callable[[TrainState], None] | None:
+    """Saves the best weights as they improve: rank 0 the dense ones, every rank its shards."""
+    if sharded is None and not ctx.is_main:
+        return None
+
+    def save(state: TrainState) -> None:
+        weights = state.best_weights
+        if weights is None:
+            return
+        if sharded is not None:
+            sharded.save_best(run_dir, weights)
+        if ctx.is_main:
+            _save_best(run_dir, {k: v for k, v in weights.items() if not k.startswith(BEST_PREFIX)})
+
+    return save
 
 
 def _test_and_publish(
@@ -129,19 +158,28 @@ def _test_and_publish(
     run_dir: Path,
     registry_dir: Path | None,
     command: str | None,
+    sharded: ShardedTraining | None = None,
 ) -> tuple[dict[str, float], str | None]:
     """Full-ranking test metrics of the kept weights (every rank), published by rank 0;
-    nothing for an interrupted run (it resumes instead)."""
+    nothing for an interrupted run (it resumes instead). A sharded table is published as one
+    file per shard, each written by the rank that holds it."""
     if state.stopped_by == "interrupted":
         return {}, None
     ctx = plan.context
-    test_metrics = _evaluate_on(model, split, split.test, eval_config(config.train, "full"), ctx)
+    test_config = eval_config(config.train, "full")
+    test_metrics = _evaluate_on(model, split, split.test, test_config, ctx, sharded)
     version = None
+    shards = None
+    if sharded is not None and registry_dir is not None:
+        files = sharded.write_publish_shards(run_dir)
+        shards = ShardedTable(plan=sharded.plan, files=tuple(files))
     if ctx.is_main and registry_dir is not None:
         training = _training_summary(state, plan, command)
+        if sharded is not None:
+            training["sharding"] = sharded.describe()
         version = _publish(
             registry_dir, model, dataset, config, state.best_metrics, test_metrics, run_dir,
-            training=training,
+            training=training, shards=shards,
         )  # fmt: skip
     return test_metrics, version
 
@@ -193,16 +231,21 @@ def _loader(split: Split, cfg: TrainConfig, ctx: DistContext) -> Any:
 
 def _build_model(
     config: ExperimentConfig, dataset: SequenceDataset, ctx: DistContext
-) -> SequentialEncoder:
+) -> tuple[SequentialEncoder, ShardedTraining | None]:
+    """The model, and with train.sharding its sharded table (the model then holds no table)."""
     cfg = config.train
     model_config = {k: v for k, v in config.model.items() if k != "type"}
     model_config.setdefault("max_length", cfg.max_length)
     model_config["num_items"] = dataset.num_items
+    if cfg.sharding != "none":
+        sharded = build_sharded_model(str(config.model["type"]), model_config, cfg, ctx)
+        check_samples(sharded.model, cfg)
+        return sharded.model, sharded
     model = build_model(str(config.model["type"]), model_config).to(ctx.device)
     check_samples(model, cfg)
     if cfg.item_attributes:
         with_item_attributes(model, _attribute_ids(dataset), model.config.init_std)
-    return model
+    return model, None
 
 
 def _forward_module(model: SequentialEncoder, ctx: DistContext) -> Any:
@@ -213,13 +256,19 @@ def _forward_module(model: SequentialEncoder, ctx: DistContext) -> Any:
     return model
 
 
-def _validation(model: SequentialEncoder, split: Split, cfg: TrainConfig, ctx: DistContext) -> Any:
+def _validation(
+    model: SequentialEncoder,
+    split: Split,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    sharded: ShardedTraining | None,
+) -> Any:
     """The loop's validation: metrics named with the protocol's prefix."""
     config = validation_eval_config(cfg)
     prefix = validation_metric_prefix(cfg)
 
     def validate() -> dict[str, float]:
-        metrics = _evaluate_on(model, split, split.valid, config, ctx)
+        metrics = _evaluate_on(model, split, split.valid, config, ctx, sharded)
         return {prefix + k: v for k, v in metrics.items()}
 
     return validate
@@ -231,26 +280,33 @@ def _evaluate_on(
     examples: EvalExamples,
     config: EvalConfig,
     ctx: DistContext,
+    sharded: ShardedTraining | None = None,
 ) -> dict[str, float]:
-    """Metrics over every rank's shard, all-reduced (floats only)."""
-    metrics = evaluate(
-        model,
-        examples,
-        split.source,
-        config,
-        device=ctx.device,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
+    """Metrics over every rank's shard, all-reduced (floats only); a sharded table is
+    gathered for the evaluation (collective)."""
+    with sharded.whole_table() if sharded is not None else nullcontext():
+        metrics = evaluate(
+            model,
+            examples,
+            split.source,
+            config,
+            device=ctx.device,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
     return {k: v for k, v in metrics.items() if isinstance(v, float)}
 
 
-def _resume(state: TrainState, run_dir: Path) -> None:
+def _resume(state: TrainState, run_dir: Path, sharded: ShardedTraining | None) -> None:
     """The state of the run's latest checkpoint, and its best weights so far."""
     found = checkpoint.latest_checkpoint(run_dir)
     if found is None:
         raise ConfigError(f"{run_dir}: no checkpoint to resume from")
     saved = checkpoint.load_checkpoint(found, state.model, state.optimizer)
+    if sharded is not None:
+        sharded.load_checkpoint(found, saved.get("sharded"))
+    elif saved.get("sharded"):
+        raise ConfigError(f"{found}: a sharded run's checkpoint; resume it with its train.sharding")
     state.step, state.epoch, state.batch_in_epoch = (
         saved["step"], saved["epoch"], saved["batch_in_epoch"]
     )  # fmt: skip
@@ -260,9 +316,16 @@ def _resume(state: TrainState, run_dir: Path) -> None:
     if state.average is not None:
         state.average.load_state_dict(checkpoint.load_average(found), saved["average_updates"])
     state.best_weights = _load_best(run_dir) if state.best_step else None
+    if sharded is not None and state.best_weights is not None:
+        state.best_weights.update(sharded.load_best(run_dir))
 
 
-def _save_run(run_dir: Path, state: TrainState, config: ExperimentConfig) -> None:
+def _save_run(
+    run_dir: Path,
+    state: TrainState,
+    config: ExperimentConfig,
+    table_entry: dict[str, Any] | None = None,
+) -> None:
     """The checkpoint to resume from (the last weights, not the best), metrics.csv, curves.png."""
     saved: dict[str, Any] = {
         "step": state.step,
@@ -275,6 +338,8 @@ def _save_run(run_dir: Path, state: TrainState, config: ExperimentConfig) -> Non
         "history": state.history,
         "config": config.to_dict(),
     }
+    if table_entry is not None:  # the sharded table's rank files (written by every rank)
+        saved["sharded"] = table_entry
     if state.average is not None:
         saved["average_updates"] = state.average.updates
     kept = state.average.state_dict() if state.average is not None else None
@@ -375,6 +440,7 @@ def _publish(
     test_metrics: dict[str, float],
     run_dir: Path,
     training: dict[str, Any],
+    shards: ShardedTable | None = None,
 ) -> str:
     from recloop.registry import Registry, SideFiles, publish_version
     from recloop.registry.sidefiles import CURVES_FILE, METRICS_FILE
@@ -401,6 +467,7 @@ def _publish(
         method="train",
         training={**training, "config": config.to_dict()},
         side=side,
+        sharded=shards,
     )
 
 

@@ -77,10 +77,10 @@ class LookupItemEmbedding(ItemEmbedding):
 class ShardedModel:
     """A model whose item table is a :class:`ShardedItemTable`: the binding between them."""
 
-    def __init__(self, model: SequentialEncoder, table: ShardedItemTable) -> None:
+    def __init__(self, model: SequentialEncoder, table: ShardedItemTable, num_items: int) -> None:
         base = model.item_embedding
         self.embedding = LookupItemEmbedding(
-            base.num_items, base.dim, normalize=base.normalize, temperature=base.temperature
+            num_items, base.dim, normalize=base.normalize, temperature=base.temperature
         )
         model.item_embedding = self.embedding  # the dense weight is dropped here
         self.model, self.table = model, table
@@ -99,7 +99,13 @@ class ShardedModel:
             negatives = draw_negatives(positives, cfg, num_items)
             everything = torch.cat([input_ids.reshape(-1), positives, negatives.ids])
             needed = torch.unique(everything[everything != PADDING_ID])  # sorted
-        self.embedding.bind(needed, self.table.lookup(needed))
+        rows = self.table.lookup(needed)
+        world_size = self.table.context.world_size
+        if world_size > 1 and rows.requires_grad:
+            # Each rank's loss is scaled for DDP, which averages the encoder's gradients over
+            # ranks; the table's gradients are summed over ranks by the all-to-all instead.
+            rows.register_hook(lambda grad: grad / world_size)  # type: ignore[no-untyped-call]
+        self.embedding.bind(needed, rows)
         return negatives
 
     @contextmanager
@@ -110,6 +116,3 @@ class ShardedModel:
             yield
         finally:
             self.embedding.bind_table(None)
-
-    def dense_state(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()

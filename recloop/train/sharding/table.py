@@ -90,7 +90,11 @@ class ShardedItemTable:
         self.sharding_type = cfg.sharding
         self.context = ctx
         self.group = _table_group(ctx)
-        self._dmp, self.plan = _shard(num_rows, dim, cfg, ctx, self.group)
+        try:
+            self._dmp, self.plan = _shard(num_rows, dim, cfg, ctx, self.group)
+        except BaseException:
+            self.close()  # a refused plan leaves no process group behind
+            raise
         self.local = self._local_shards()
         self.initialise(cfg.seed, init_std)
         self.set_lr(cfg.sparse_lr)
@@ -232,7 +236,8 @@ def _table_group(ctx: DistContext) -> Any:
     if not dist.is_initialized():
         if ctx.distributed:
             raise ConfigError("a sharded table needs the process group joined first")
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        store = dist.HashStore()  # type: ignore[attr-defined]
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
         return dist.group.WORLD
     return dist.new_group(backend=backend)
 
@@ -242,11 +247,17 @@ def _shard(
 ) -> tuple[Any, ShardingPlan]:
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.storage_reservations import (
         FixedPercentageStorageReservation,
     )
-    from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
+    from torchrec.distributed.planner.types import (
+        KernelConfig,
+        ParameterConstraints,
+        PlannerError,
+        TopologyFactory,
+        TrainerConfig,
+    )
     from torchrec.distributed.types import ShardingEnv
 
     sharder = EmbeddingCollectionSharder(fused_params=_fused_params(cfg))
@@ -257,11 +268,13 @@ def _shard(
         # whole table in one slice when it fits).
         min_partition=max(1, dim // world_size) if cfg.sharding == "column_wise" else None,
     )
-    topology = Topology(
-        world_size=world_size,
-        compute_device=ctx.device.type,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
-        ddr_cap=_memory_per_process(world_size),
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=world_size,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+            ddr_cap_bytes=_memory_per_process(world_size),
+        ),
+        kernel_config=KernelConfig(compute_device=ctx.device.type),
     )
     planner = EmbeddingShardingPlanner(
         topology=topology,
