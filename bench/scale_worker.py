@@ -31,8 +31,6 @@ import torch
 from torch import nn
 
 from recloop.config import TrainConfig
-from recloop.models.base import SequentialEncoder
-from recloop.models.embeddings import ItemEmbedding
 from recloop.models.factory import build_model
 from recloop.train.distributed import DistContext, init_distributed, shutdown
 
@@ -45,7 +43,6 @@ MODEL: dict[str, int | float] = {
     "num_heads": 1,
     "dropout": 0.5,
 }
-INIT_STD = 0.02
 # A multiplier coprime to every catalogue size used (a prime above any of them): it scatters
 # the popularity ranks over the ids, so the popular items are not all in the first shard.
 SCATTER = 2_654_435_761
@@ -72,22 +69,6 @@ def zipf_windows(
     return (ranks - 1) * SCATTER % num_items + 1
 
 
-def encoder_without_table(num_items: int) -> SequentialEncoder:
-    """SASRec whose item embedding is a weightless placeholder of the catalogue's size:
-    building it with the real num_items would allocate the whole dense table on every rank
-    before ShardedModel drops it, and that transient would be the sharded run's peak."""
-    model = build_model("sasrec", {**MODEL, "num_items": 1})
-    base = model.item_embedding
-    model.item_embedding = ItemEmbedding(
-        num_items,
-        base.dim,
-        normalize=base.normalize,
-        temperature=base.temperature,
-        weight=nn.Parameter(torch.empty(0, base.dim)),
-    )
-    return model
-
-
 class Cell:
     """The model, its optimizers and one training step, for either mode."""
 
@@ -110,13 +91,15 @@ class Cell:
         torch.manual_seed(args.seed)  # the same dense initialisation on every rank
         self.sharded: Any = None
         if sharded:
-            from recloop.train.sharding.embedding import ShardedModel
-            from recloop.train.sharding.table import ShardedItemTable
+            from recloop.train.sharding.run import build_sharded_model
 
-            self.model = encoder_without_table(args.items)
-            table = ShardedItemTable(args.items + 1, DIM, self.cfg, ctx, init_std=INIT_STD)
-            self.sharded = ShardedModel(self.model, table)
-            self.table_rows_here = sum(local.shard.rows for local in table.local)
+            # As `recloop train` builds it: the dense part around a one-item table, so the
+            # whole [items + 1, dim] table is never allocated on any rank.
+            training = build_sharded_model(
+                "sasrec", {**MODEL, "num_items": args.items}, self.cfg, ctx
+            )
+            self.sharded, self.model = training.sharded, training.model
+            self.table_rows_here = sum(local.shard.rows for local in training.table.local)
         else:
             self.model = build_model("sasrec", {**MODEL, "num_items": args.items})
             self.table_rows_here = args.items + 1
