@@ -72,12 +72,12 @@ ESTIMATE_METHOD = (
     "the scored items, and autograd sums two [rows, D] gradients) + D x 4 for foreach AdamW's "
     "sqrt(v) temporary + D x 4 for DDP's gradient bucket (2 processes only); sharded = D x 4 "
     "+ 4 steady (weight and row-wise Adagrad's one value per row; the fused update leaves no "
-    "gradient table) + D x 4 for the seeded initialisation's copy of the shard. base = the "
+    "gradient table) + D x 4 kept as a margin for transients (lookup buffers, fbgemm's workspace; "
+    "the seeded initialisation fills the shard block by block, no second copy). base = the "
     "largest measured (peak RSS - rows x peak bytes per row) of the cells of the same mode and "
     f"processes run so far ({DEFAULT_BASE / GIB:.2f} GiB before any). A cell runs when "
-    f"processes x estimate <= {FIT_FRACTION} x the machine's memory. Measured on this machine "
-    "(1M items, replicated, 1 process): peak 1.83 GiB, i.e. 1,525 bytes per row over a "
-    "0.41 GiB base, against 1,536 modelled."
+    f"processes x estimate <= {FIT_FRACTION} x the machine's memory; each cell records its "
+    "measured peak beside its estimate."
 )
 
 

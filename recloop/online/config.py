@@ -95,7 +95,9 @@ class OnlineConfig:
                 f"online.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}"
             )
         if self.sharding not in ("none", "row_wise"):
-            raise ConfigError(f"online.sharding must be 'none' or 'row_wise', got {self.sharding!r}")
+            raise ConfigError(
+                f"online.sharding must be 'none' or 'row_wise', got {self.sharding!r}"
+            )
         if self.train_positions not in ("new", "all"):
             raise ConfigError(
                 f"online.train_positions must be 'new' or 'all', got {self.train_positions!r}"

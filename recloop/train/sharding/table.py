@@ -136,7 +136,7 @@ class ShardedItemTable:
     def initialise(self, seed: int, std: float) -> None:
         """N(0, std) rows (row 0 zero) that depend on `seed` only, not on the world size."""
         for local in self.local:
-            local.weight.copy_(_seeded_rows(local.shard, self.dim, seed, std))
+            _fill_seeded_rows(local.weight, local.shard, self.dim, seed, std)
 
     @torch.no_grad()
     def load(self, read: RowReader) -> None:
@@ -233,8 +233,11 @@ def _local_tensors(value: Any) -> Iterator[torch.Tensor]:
         yield value
 
 
-def _seeded_rows(shard: TableShard, dim: int, seed: int, std: float) -> torch.Tensor:
-    out = torch.empty(shard.rows, shard.cols)
+def _fill_seeded_rows(
+    target: torch.Tensor, shard: TableShard, dim: int, seed: int, std: float
+) -> None:
+    """Writes N(0, std) rows into `target` (the shard's view), one block of rows at a time, so
+    the peak is one block, not a second copy of the shard."""
     first = shard.row_offset // _INIT_BLOCK
     last = (shard.row_offset + shard.rows - 1) // _INIT_BLOCK
     for block in range(first, last + 1):
@@ -242,13 +245,12 @@ def _seeded_rows(shard: TableShard, dim: int, seed: int, std: float) -> torch.Te
         rows = torch.randn(_INIT_BLOCK, dim, generator=generator).mul_(std)
         start = max(block * _INIT_BLOCK, shard.row_offset)
         end = min((block + 1) * _INIT_BLOCK, shard.row_offset + shard.rows)
-        out[start - shard.row_offset : end - shard.row_offset] = rows[
+        target[start - shard.row_offset : end - shard.row_offset] = rows[
             start - block * _INIT_BLOCK : end - block * _INIT_BLOCK,
             shard.col_offset : shard.col_offset + shard.cols,
         ]
     if shard.row_offset == 0:
-        out[0].zero_()
-    return out
+        target[0].zero_()
 
 
 def _table_group(ctx: DistContext) -> Any:
