@@ -4,7 +4,7 @@ turns them into delta versions."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,6 +13,7 @@ from recloop.errors import ConfigError
 
 if TYPE_CHECKING:
     from recloop.online.learner import RunSummary
+    from recloop.train.distributed import DistContext
 
 EventLogOption = Annotated[str, typer.Option(help="The event log: a path (SQLite) or redis://...")]
 FromOption = Annotated[
@@ -101,16 +102,18 @@ def online_command(
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
         )
         settings = load_online_config(config, overrides or [])
+        context = _distributed(settings.sharding)
         with open_event_log(event_log) as log:
-            learner = OnlineLearner(
-                Registry(registry, create=False),
-                log,
-                settings,
-                run_dir,
-                start=start,
-                data=data,
-                attributes=attributes,
-            )
+            arguments = (Registry(registry, create=False), log, settings, run_dir)
+            options: dict[str, Any] = {"start": start, "data": data, "attributes": attributes}
+            if context is not None:
+                from recloop.online.sharded import ShardedOnlineLearner
+
+                learner: OnlineLearner = ShardedOnlineLearner(
+                    *arguments, context=context, **options
+                )
+            else:
+                learner = OnlineLearner(*arguments, **options)
             # Said once it really starts: an error before that stays a one-line message.
             stderr.print(f"recloop online: {choice.describe()}", highlight=False)
             stderr.print(
@@ -118,7 +121,24 @@ def online_command(
                 highlight=False,
             )
             summary = learner.run(follow=follow, max_events=max_events, show_progress=True)
-        _print_summary(summary, run_dir)
+        if context is None or context.is_main:
+            _print_summary(summary, run_dir)
+
+
+def _distributed(sharding: str) -> DistContext | None:
+    """The process group of a sharded learner under torchrun (None: one plain process)."""
+    import os
+
+    from recloop.train.distributed import init_distributed
+
+    if sharding == "none":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                "recloop online under torchrun needs online.sharding='row_wise' (one process "
+                "otherwise learns every event)"
+            )
+        return None
+    return init_distributed("cpu")
 
 
 def _print_summary(summary: RunSummary, run_dir: Path) -> None:

@@ -109,9 +109,11 @@ class ShardedModel:
         return negatives
 
     @contextmanager
-    def whole_table(self) -> Iterator[None]:
-        """The gathered table bound for the block (collective: every rank enters it)."""
-        self.embedding.bind_table(self.table.gather())
+    def whole_table(self, rows: int | None = None) -> Iterator[None]:
+        """The gathered table (its first `rows` rows: a table with headroom for new items)
+        bound for the block (collective: every rank enters it)."""
+        table = self.table.gather()
+        self.embedding.bind_table(table if rows is None else table[:rows])
         try:
             yield
         finally:

@@ -13,6 +13,7 @@ calls :meth:`ShardedItemTable.lookup` the same number of times, each with its ow
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -283,6 +284,8 @@ def _shard(
     )
     from torchrec.distributed.types import ShardingEnv
 
+    # The planner logs a page of statistics at INFO for every plan; warnings still show.
+    logging.getLogger("torchrec").setLevel(logging.WARNING)
     sharder = EmbeddingCollectionSharder(fused_params=_fused_params(cfg))
     world_size = ctx.world_size
     constraints = ParameterConstraints(
