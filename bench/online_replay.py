@@ -96,6 +96,11 @@ SETTINGS: dict[str, list[str]] = {
         "online.steps_per_batch=1", *_COMMON[:2], "online.score_frozen=false",
     ],
 }  # fmt: skip
+# The learner under torchrun with its item table sharded (issue 21), next to "context-2k":
+# the same learning, with online.sharding = "row_wise", in 1 process and in 2.
+SETTINGS["sharded-1p"] = [*SETTINGS["context-2k"], "online.sharding=row_wise"]
+SETTINGS["sharded-2p"] = [*SETTINGS["context-2k"], "online.sharding=row_wise"]
+PROCESSES = {"sharded-1p": 1, "sharded-2p": 2}  # torchrun processes (the rest: plain recloop)
 
 
 def main() -> None:
@@ -215,9 +220,15 @@ def replay(
     run_dir = WORK / f"online-{label}"
     shutil.rmtree(run_dir, ignore_errors=True)
     limit = ["--max-events", str(args.max_events)] if args.max_events else []
+    processes = PROCESSES.get(label)
+    launcher, threads = RECLOOP, args.threads
+    if processes is not None:  # under torchrun, the threads shared by its processes
+        launcher = [sys.executable, "-m", "torch.distributed.run",
+                    f"--nproc_per_node={processes}", "-m", "recloop.cli"]  # fmt: skip
+        threads = max(1, args.threads // processes)
     learner_started = time.perf_counter()
-    run([*RECLOOP, "online", "--registry", str(online), "--event-log", str(log_copy),
-         "--run-dir", str(run_dir), "--threads", str(args.threads), *limit, *overrides],
+    run([*launcher, "online", "--registry", str(online), "--event-log", str(log_copy),
+         "--run-dir", str(run_dir), "--threads", str(threads), *limit, *overrides],
         log)  # fmt: skip
     process_seconds = time.perf_counter() - learner_started
 
@@ -233,6 +244,7 @@ def replay(
     log_copy.unlink()
     return {
         "overrides": overrides,
+        "processes": processes or 1,
         "summary": {
             "events": timings["events"],
             "events_per_second": timings["events_per_second"],
