@@ -229,3 +229,20 @@ def test_a_table_too_big_for_this_machine_is_refused_before_allocating() -> None
     with pytest.raises(ConfigError, match=r"no plan fits a \[10,000,000,000, 64\] table"):
         ShardedItemTable(too_big, 64, cfg, context, init_std=0.02)
     assert not dist.is_initialized()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (NCCL, fbgemm's GPU kernels)"
+)
+def test_the_gpu_path_trains_a_sharded_table_with_adam_and_bf16(
+    synthetic_data: Path, tmp_path: Path
+) -> None:
+    config = config_from_dict(
+        {"model": MODEL, "train": sharded_train(sparse_optimizer="adam", bf16=True, max_steps=8)}
+    )
+    result = train(
+        config, synthetic_data, tmp_path / "run", registry_dir=tmp_path / "reg",
+        device="cuda", show_progress=False,
+    )  # fmt: skip
+    assert result.steps == 8 and result.version is not None
+    assert Registry(tmp_path / "reg").manifest("latest").to_json()["training"]["sharding"]

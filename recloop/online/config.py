@@ -62,9 +62,14 @@ class OnlineConfig:
     seed: int = 0
     poll_seconds: float = 0.2  # --follow: wait between empty reads
     # Under torchrun: "row_wise" shards the item table over the processes (TorchRec, fused
-    # row-wise Adagrad at embedding_lr), each learning the events of its own users
-    # (recloop.online.sharded). `table_headroom` rows are reserved for admitted items.
+    # row-wise Adagrad at `table_lr`: fbgemm's CPU kernels have no Adam), each learning the
+    # events of its own users (recloop.online.sharded). `table_headroom` rows are reserved
+    # for admitted items.
     sharding: Literal["none", "row_wise"] = "none"
+    table_lr: float = 0.01
+    # The Adagrad state is multiplied by this before each step (1 = plain Adagrad, whose steps
+    # shrink as 1/sqrt(steps): an online learner would slowly stop learning).
+    table_state_decay: float = 0.99
     table_headroom: int = 4096
 
     def __post_init__(self) -> None:
@@ -79,7 +84,7 @@ class OnlineConfig:
         for name in ("replay_windows", "compact_every", "context_negatives"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"online.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "embedding_lr", "poll_seconds"):
+        for name in ("lr", "embedding_lr", "table_lr", "poll_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"online.{name} must be > 0, got {getattr(self, name)}")
         if self.publish_every_events < 1:
@@ -93,6 +98,10 @@ class OnlineConfig:
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ConfigError(
                 f"online.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}"
+            )
+        if not 0 < self.table_state_decay <= 1:
+            raise ConfigError(
+                f"online.table_state_decay must be in (0, 1], got {self.table_state_decay}"
             )
         if self.sharding not in ("none", "row_wise"):
             raise ConfigError(

@@ -9,7 +9,7 @@ replicated and identical (admission is deterministic). What is partitioned is th
 user belongs to one process (crc32 of the id), which alone scores that user's events and
 learns from them, so every event is learned exactly once; the replay sample is split too.
 The item table is a row-wise :class:`ShardedItemTable` with capacity for `table_headroom`
-admissions, trained by its fused row-wise Adagrad at `embedding_lr`; the encoder's gradients
+admissions, trained by its fused row-wise Adagrad at `table_lr`; the encoder's gradients
 are averaged over processes before AdamW steps, so the dense weights stay identical.
 
 Publishing is collective: each process saves its optimizer and RNG state keyed by the offset,
@@ -126,7 +126,7 @@ class ShardedOnlineLearner(OnlineLearner):
         table_config = TrainConfig(
             sharding="row_wise",
             loss="sampled_softmax",
-            sparse_lr=config.embedding_lr,
+            sparse_lr=config.table_lr,
             seed=config.seed,
         )
         capacity = weight.shape[0] + config.table_headroom
@@ -259,6 +259,8 @@ class ShardedOnlineLearner(OnlineLearner):
         lookup's backward) and AdamW. A process with nothing to learn still takes part."""
         ctx, num_items = self.context, self.vocabulary.num_items
         needed = torch.arange(1, num_items + 1)
+        if self.config.table_state_decay < 1:  # before the lookup, which saves the state
+            self.sharded.table.decay_optimizer_state(self.config.table_state_decay)
         rows = self.sharded.table.lookup(needed)  # collective, differentiable
         bound = rows.detach().requires_grad_()
         self.sharded.embedding.bind(needed, bound)

@@ -116,6 +116,15 @@ class ShardedItemTable:
         rows: torch.Tensor = self._dmp(features)[FEATURE_NAME].values()
         return rows
 
+    @torch.no_grad()
+    def decay_optimizer_state(self, factor: float) -> None:
+        """Multiplies the row-wise Adagrad state by `factor` (< 1) before the next update:
+        state = factor x state + mean(g^2) is RMSprop's running average (up to its scale), so
+        the steps of rows learned at every step do not shrink as 1/sqrt(t) over a stream that
+        never ends (fbgemm's CPU kernels have no Adam or RMSprop)."""
+        for state in self.optimizer_state().values():
+            state.mul_(factor)
+
     def set_lr(self, lr: float) -> None:
         for group in self._dmp.fused_optimizer.param_groups:
             group["lr"] = lr
