@@ -20,7 +20,7 @@ def test_peak_bytes_per_row_adds_the_transients_to_the_steady_state() -> None:
     assert bytes_per_row(dim, sharded=False) == 1024  # weight, gradient, two moments
     assert scale.peak_bytes_per_row(dim, "replicated", 1) == 1024 + 2 * 256
     assert scale.peak_bytes_per_row(dim, "replicated", 2) == 1024 + 3 * 256  # + DDP bucket
-    assert scale.peak_bytes_per_row(dim, "sharded", 2) == 260 + 256  # + the init copy
+    assert scale.peak_bytes_per_row(dim, "sharded", 2) == 260 + scale.SHARDED_MARGIN
 
 
 def test_sharded_ranks_hold_their_share_of_the_rows_and_replicated_ranks_all() -> None:
@@ -29,7 +29,7 @@ def test_sharded_ranks_hold_their_share_of_the_rows_and_replicated_ranks_all() -
     assert scale.rows_per_rank(items, "sharded", 2) == items // 2 + 1
     base = GIB // 2
     per_rank = scale.estimate_per_rank(items, "sharded", 2, base)
-    assert per_rank == base + (items // 2 + 1) * 516
+    assert per_rank == base + (items // 2 + 1) * (260 + scale.SHARDED_MARGIN)
 
 
 @pytest.mark.parametrize(("mode", "procs"), [("replicated", 1), ("replicated", 2), ("sharded", 2)])
