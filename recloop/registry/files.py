@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,31 @@ def verify_file(directory: Path, version_id: str, name: str, size: int, digest: 
             f"version {version_id} is corrupt: file {name} does not match its sha256 "
             "in the manifest"
         )
+
+
+def remove_stale_temps(root: Path, prefix: str, max_age_seconds: float) -> int:
+    """Removes the entries of `root` named `prefix`* (publishes that crashed) last modified
+    over `max_age_seconds` ago; returns how many were removed.
+
+    Age is the newest mtime of the entry and its direct children, so a publish still writing
+    a large file is not mistaken for a crashed one.
+    """
+    cutoff = time.time() - max_age_seconds
+    removed = 0
+    for entry in root.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        try:
+            newest = entry.stat().st_mtime
+            if entry.is_dir():
+                newest = max([newest, *(c.stat().st_mtime for c in entry.iterdir())])
+        except FileNotFoundError:
+            continue  # its publish just finished (renamed) or another gc removed it
+        if newest >= cutoff:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -53,6 +52,7 @@ from recloop.registry.files import (
     check_tensors,
     link_or_copy,
     open_weights,
+    remove_stale_temps,
     sha256,
     verify_file,
     write_json,
@@ -478,30 +478,9 @@ class Registry:
     # ------------------------------------------------------------------ housekeeping
 
     def gc(self, max_age_seconds: float = 3600) -> int:
-        """Removes temp dirs/files of publishes that crashed over `max_age_seconds` ago.
-
-        Age is the newest mtime of the entry and its direct children, so a publish still writing
-        a large file is not mistaken for a crashed one. Returns how many entries were removed.
-        """
-        cutoff = time.time() - max_age_seconds
-        removed = 0
-        for entry in self.root.iterdir():
-            if not entry.name.startswith(TMP_PREFIX):
-                continue
-            try:
-                newest = entry.stat().st_mtime
-                if entry.is_dir():
-                    newest = max([newest, *(c.stat().st_mtime for c in entry.iterdir())])
-            except FileNotFoundError:
-                continue  # its publish just finished (renamed) or another gc removed it
-            if newest >= cutoff:
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        """Removes temp dirs/files of publishes that crashed over `max_age_seconds` ago
+        (files.remove_stale_temps); returns how many entries were removed."""
+        return remove_stale_temps(self.root, TMP_PREFIX, max_age_seconds)
 
 
 def _listed(version_id: str, manifest: Manifest, name: str) -> FileMeta:

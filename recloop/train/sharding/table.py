@@ -278,53 +278,24 @@ def _table_group(ctx: DistContext) -> Any:
 def _shard(
     num_rows: int, dim: int, cfg: TrainConfig, ctx: DistContext, group: Any
 ) -> tuple[Any, ShardingPlan]:
+    """The table sharded by DistributedModelParallel as the planner proposes, and its plan."""
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
-    from torchrec.distributed.planner.storage_reservations import (
-        FixedPercentageStorageReservation,
-    )
-    from torchrec.distributed.planner.types import (
-        KernelConfig,
-        ParameterConstraints,
-        PlannerError,
-        TopologyFactory,
-        TrainerConfig,
-    )
+    from torchrec.distributed.planner.types import PlannerError
     from torchrec.distributed.types import ShardingEnv
 
     # The planner logs a page of statistics at INFO for every plan; warnings still show.
     logging.getLogger("torchrec").setLevel(logging.WARNING)
     sharder = EmbeddingCollectionSharder(fused_params=_fused_params(cfg))
-    world_size = ctx.world_size
-    constraints = ParameterConstraints(
-        sharding_types=[cfg.sharding],
-        # Column-wise: one slice of columns per process (TorchRec's default keeps the
-        # whole table in one slice when it fits).
-        min_partition=max(1, dim // world_size) if cfg.sharding == "column_wise" else None,
-    )
-    topology = TopologyFactory.create_topology(
-        trainer_config=TrainerConfig(
-            world_size=world_size,
-            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
-            ddr_cap_bytes=_memory_per_process(world_size),
-        ),
-        kernel_config=KernelConfig(compute_device=ctx.device.type),
-    )
-    planner = EmbeddingShardingPlanner(
-        topology=topology,
-        constraints={TABLE_NAME: constraints},
-        storage_reservation=FixedPercentageStorageReservation(0.15),
-    )
     holder = _TableHolder(num_rows, dim)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchRec's planner warns about its own defaults
-            plan = planner.collective_plan(holder, [sharder], group)
+            plan = _planner(dim, cfg, ctx).collective_plan(holder, [sharder], group)
     except PlannerError as exc:
         raise ConfigError(
             f"train.sharding = {cfg.sharding!r}: no plan fits a [{num_rows:,}, {dim}] table "
-            f"on {world_size} process(es): {str(exc).splitlines()[0]}"
+            f"on {ctx.world_size} process(es): {str(exc).splitlines()[0]}"
         ) from None
     env = ShardingEnv.from_process_group(group)
     dmp = DistributedModelParallel(
@@ -341,7 +312,42 @@ def _shard(
         )
         for meta in weight.metadata().shards_metadata
     )
-    return dmp, ShardingPlan(cfg.sharding, world_size, num_rows, dim, shards)
+    return dmp, ShardingPlan(cfg.sharding, ctx.world_size, num_rows, dim, shards)
+
+
+def _planner(dim: int, cfg: TrainConfig, ctx: DistContext) -> Any:
+    """TorchRec's planner held to the configured sharding type, on this machine's memory."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.storage_reservations import (
+        FixedPercentageStorageReservation,
+    )
+    from torchrec.distributed.planner.types import (
+        KernelConfig,
+        ParameterConstraints,
+        TopologyFactory,
+        TrainerConfig,
+    )
+
+    world_size = ctx.world_size
+    constraints = ParameterConstraints(
+        sharding_types=[cfg.sharding],
+        # Column-wise: one slice of columns per process (TorchRec's default keeps the
+        # whole table in one slice when it fits).
+        min_partition=max(1, dim // world_size) if cfg.sharding == "column_wise" else None,
+    )
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=world_size,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+            ddr_cap_bytes=_memory_per_process(world_size),
+        ),
+        kernel_config=KernelConfig(compute_device=ctx.device.type),
+    )
+    return EmbeddingShardingPlanner(
+        topology=topology,
+        constraints={TABLE_NAME: constraints},
+        storage_reservation=FixedPercentageStorageReservation(0.15),
+    )
 
 
 def _fused_params(cfg: TrainConfig) -> dict[str, Any]:
