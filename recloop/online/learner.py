@@ -283,8 +283,12 @@ class OnlineLearner:
             if every or count > 0
         ]
 
+    def _replay_count(self) -> int:
+        """Replay windows per step (a sharded learner's process draws its share)."""
+        return self.config.replay_windows
+
     def _replay_sample(self) -> list[Sample]:
-        count = self.config.replay_windows
+        count = self._replay_count()
         if count == 0:
             return []
         positions = None if self.config.train_positions == "all" else self.config.replay_positions

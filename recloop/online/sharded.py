@@ -219,12 +219,7 @@ class ShardedOnlineLearner(OnlineLearner):
         if self.config.score_frozen:
             with self.times.phase("score_frozen"):
                 frozen = rank_targets(self.frozen, prefixes, targets, exclude_seen=exclude)
-        every = self.config.train_positions == "all"
-        samples: list[Sample] = [
-            (self.sequences[user], None if every else count)
-            for user, count in new_events.items()
-            if every or count > 0
-        ]
+        samples = self._touched_samples(new_events)  # this process's users only
         with self.times.phase("train"):
             for _ in range(self.config.steps_per_batch):
                 self._train_step(samples + self._replay_sample())
@@ -236,22 +231,10 @@ class ShardedOnlineLearner(OnlineLearner):
         self.prequential.append(self.offset, totals, self.state.totals)
         return totals
 
-    def _replay_sample(self) -> list[Sample]:
-        """This process's share of `replay_windows`, drawn from its own RNG."""
+    def _replay_count(self) -> int:
+        """This process's share of `replay_windows` (each draws from its own RNG)."""
         ctx, count = self.context, self.config.replay_windows
-        share = count // ctx.world_size + (1 if ctx.rank < count % ctx.world_size else 0)
-        if share == 0:
-            return []
-        positions = None if self.config.train_positions == "all" else self.config.replay_positions
-        users = self._base.users if self._base is not None else None
-        if users:
-            picks = self._rng.integers(0, len(users), size=share)
-            return [(self.sequence(users.raw(int(i))), positions) for i in picks]
-        touched = sorted(self.sequences)
-        if not touched:
-            return []
-        picks = self._rng.integers(0, len(touched), size=share)
-        return [(self.sequences[touched[int(i)]], positions) for i in picks]
+        return count // ctx.world_size + (1 if ctx.rank < count % ctx.world_size else 0)
 
     def _train_step(self, samples: Sequence[Sample]) -> None:
         """One collective step: every row bound through one lookup, the local loss's gradients
