@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from recloop.data.prepare import prepare, with_source_order
+from recloop.data.synthetic import SyntheticConfig, generate_events
+
 # CI and developers have the shared datasets at this path, relative to the repository.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -41,3 +44,14 @@ def private_process_registry(
     directory = tmp_path_factory.mktemp("processes")
     monkeypatch.setenv("RECLOOP_RUNTIME_DIR", str(directory))
     return directory
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset with learnable successor structure (one per test module)."""
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    config = SyntheticConfig(
+        num_users=400, num_items=120, num_topics=8, mean_length=12.0, max_length=40, seed=1
+    )
+    prepare(with_source_order(generate_events(config)), {"kind": "synthetic"}, out)
+    return out

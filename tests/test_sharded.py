@@ -17,8 +17,6 @@ pytest.importorskip("torchrec", reason="needs the recloop[sharded] extra (make s
 
 from recloop.config import ConfigError, config_from_dict
 from recloop.data.dataset import SequenceDataset
-from recloop.data.prepare import prepare, with_source_order
-from recloop.data.synthetic import SyntheticConfig, generate_events
 from recloop.evaluate import EvalConfig, evaluate
 from recloop.registry import Registry
 from recloop.registry.loading import load_model
@@ -44,16 +42,6 @@ def sharded_train(**overrides: object) -> dict[str, object]:
     }
     values.update(overrides)
     return values
-
-
-@pytest.fixture(scope="module")
-def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    config = SyntheticConfig(
-        num_users=400, num_items=120, num_topics=8, mean_length=12.0, max_length=40, seed=1
-    )
-    prepare(with_source_order(generate_events(config)), {"kind": "synthetic"}, out)
-    return out
 
 
 def test_learns_publishes_shards_and_loads_into_one_process(

@@ -41,16 +41,6 @@ def tiny_train(**overrides: object) -> dict[str, object]:
     return values
 
 
-@pytest.fixture(scope="module")
-def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    config = SyntheticConfig(
-        num_users=400, num_items=120, num_topics=8, mean_length=12.0, max_length=40, seed=1
-    )
-    prepare(with_source_order(generate_events(config)), {"kind": "synthetic"}, out)
-    return out
-
-
 def checkpoint_weights(run_dir: Path, kind: str = "model") -> dict[str, torch.Tensor]:
     """The latest checkpoint's "model" weights, or its weight "average" ({} when none)."""
     name = (run_dir / "LATEST").read_text().strip()
