@@ -25,7 +25,7 @@ def main(registry_dir: str, ref: str, sharding: str, out: str) -> None:
     gathered = table.gather()
     if context.is_main:
         save_file({"table": gathered, "shards": torch.tensor(len(table.plan.shards))}, out)
-    table.close()
+    table.close()  # every process together: none tears its groups down under another's feet
     shutdown(context)
 
 

@@ -94,7 +94,8 @@ class ShardedItemTable:
         try:
             self._dmp, self.plan = _shard(num_rows, dim, cfg, ctx, self.group)
         except BaseException:
-            self.close()  # a refused plan leaves no process group behind
+            if not ctx.distributed:
+                self.close()  # a refused plan leaves no process group of its own behind
             raise
         self.local = self._local_shards()
         self.initialise(cfg.seed, init_std)
@@ -224,9 +225,16 @@ class ShardedItemTable:
         return local
 
     def close(self) -> None:
-        """Leaves the process group a single-process run created for the table."""
-        if not self.context.distributed and dist.is_initialized():
+        """Leaves the table's process group: a single process destroys the one it created;
+        several wait for each other first, so none tears down gloo's connections while
+        another still uses them (a process exiting mid-teardown can abort)."""
+        if not dist.is_initialized():
+            return
+        if not self.context.distributed:
             dist.destroy_process_group()
+            return
+        dist.barrier(group=self.group)
+        dist.destroy_process_group(self.group)
 
 
 def _required(saved: dict[str, torch.Tensor], name: str, what: str) -> torch.Tensor:
