@@ -146,7 +146,7 @@ def launch(items: int, mode: str, procs: int, args: argparse.Namespace) -> dict[
     worker_args = [
         str(WORKER), "--items", str(items), "--mode", mode, "--steps", str(args.steps),
         "--warmup", str(args.warmup), "--batch", str(args.batch), "--negatives",
-        str(args.negatives), "--threads", str(threads), "--out", str(out),
+        str(args.negatives), "--loss", args.loss, "--threads", str(threads), "--out", str(out),
     ]  # fmt: skip
     if procs == 1:
         command = [sys.executable, *worker_args]
@@ -288,6 +288,12 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _loss(config: dict[str, Any]) -> str:
+    if config.get("loss") == "full_softmax":
+        return "full softmax"
+    return f"{config['negatives']} uniform negatives"
+
+
 def table(path: Path) -> str:
     """The markdown table, from a result file this script wrote."""
     payload = json.loads(path.read_text())
@@ -295,7 +301,7 @@ def table(path: Path) -> str:
     lines = [
         f"From `bench/results/{path.name}` (commit {payload['commit'][:12]}, {payload['date']}; "
         f"SASRec dim {DIM}, global batch {config['batch']} x {MAX_LENGTH}, "
-        f"{config['negatives']} uniform negatives, {config['steps']} timed steps after "
+        f"{_loss(config)}, {config['steps']} timed steps after "
         f"{config['warmup']} warm-up; epoch = {config['events_per_item']} events per item; "
         f"machine {estimate['machine_memory_gib']:.1f} GiB).",
         "",
@@ -351,6 +357,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128, help="global windows per step")
     parser.add_argument("--negatives", type=int, default=512)
+    parser.add_argument(
+        "--loss",
+        choices=("sampled_softmax", "full_softmax"),
+        default="sampled_softmax",
+        help="full_softmax: how the sharded full softmax's cost grows (FULL_SOFTMAX_MAX_ITEMS)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="per cell")
     parser.add_argument("--cell-timeout", type=int, default=3600, help="seconds per cell")
     parser.add_argument("--quick", action="store_true", help="10k and 100k items, 5 steps")
@@ -380,6 +392,7 @@ def main() -> None:
         "model": {"type": "sasrec", **MODEL},
         "batch": args.batch,
         "negatives": args.negatives,
+        "loss": args.loss,
         "negative_sampling": "uniform, shared by the rank's batch (sampled softmax, log-q)",
         "steps": args.steps,
         "warmup": args.warmup,

@@ -80,7 +80,7 @@ class Cell:
         self.args, self.ctx = args, ctx
         sharded = args.mode == "sharded"
         self.cfg = TrainConfig(
-            loss="sampled_softmax",
+            loss=args.loss,
             num_negatives=args.negatives,
             negatives="uniform",
             batch_size=args.batch,
@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, required=True)
     parser.add_argument("--batch", type=int, required=True, help="global windows per step")
     parser.add_argument("--negatives", type=int, required=True)
+    parser.add_argument("--loss", choices=("sampled_softmax", "full_softmax"), required=True)
     parser.add_argument("--threads", type=int, required=True, help="torch threads per rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
