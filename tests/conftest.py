@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from recloop.data.prepare import prepare, with_source_order
 from recloop.data.synthetic import SyntheticConfig, generate_events
+from recloop.registry import Registry
 
 # CI and developers have the shared datasets at this path, relative to the repository.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -55,3 +57,18 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     prepare(with_source_order(generate_events(config)), {"kind": "synthetic"}, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """(dataset dir, registry dir, version): a tiny SASRec trained on synthetic data."""
+    from tests.online_helpers import train_base
+
+    return train_base(tmp_path_factory.mktemp("online-base"))
+
+
+@pytest.fixture
+def registry(base: tuple[Path, Path, str], tmp_path: Path) -> Registry:
+    """A private copy of the base registry, so each test publishes on its own."""
+    shutil.copytree(base[1], tmp_path / "registry")
+    return Registry(tmp_path / "registry")

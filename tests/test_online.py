@@ -4,7 +4,6 @@ The learner under kill -9 at every publish step: tests/test_faults.py."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -28,24 +27,11 @@ from recloop.online.prequential import CSV_NAME, PLOT_NAME
 from recloop.online.resume import OnlineState
 from recloop.registry import WEIGHTS, Manifest, Registry
 from recloop.registry.loading import load_model
-from tests.online_helpers import NUM_ITEMS, event_log, pattern_events, state_of, train_base
+from tests.online_helpers import NUM_ITEMS, event_log, pattern_events, state_of
 from tests.redis_server import running_redis
 from tests.serving import make_dataset, train_version
 
 FAST = OnlineConfig(batch_events=64, publish_every_events=256, publish_every_seconds=0)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """(dataset dir, registry dir, version): a tiny SASRec trained on synthetic data."""
-    return train_base(tmp_path_factory.mktemp("online-base"))
-
-
-@pytest.fixture
-def registry(base: tuple[Path, Path, str], tmp_path: Path) -> Registry:
-    """A private copy of the base registry, so each test publishes on its own."""
-    shutil.copytree(base[1], tmp_path / "registry")
-    return Registry(tmp_path / "registry")
 
 
 def published_offset(registry: Registry) -> int:

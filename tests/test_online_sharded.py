@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -21,14 +20,7 @@ from recloop.events import Event, SqliteEventLog
 from recloop.online.control import CRASH_ENV, CRASH_RANK_ENV
 from recloop.online.sharded import owner
 from recloop.registry import Registry
-from tests.online_helpers import event_log, pattern_events, state_of, train_base
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("online-sharded")
-    data, registry, version = train_base(root)
-    return {"data": data, "registry": registry, "v1": version}
+from tests.online_helpers import event_log, pattern_events, state_of
 
 
 def _port() -> int:
@@ -64,13 +56,13 @@ def test_users_are_split_between_processes_the_same_way_every_time() -> None:
 
 
 def test_two_processes_killed_at_any_step_lose_nothing_and_apply_nothing_twice(
-    trained: dict[str, Any], tmp_path: Path
+    base: tuple[Path, Path, str], tmp_path: Path
 ) -> None:
     events = pattern_events(500)
     events += [Event(str(u), "sku-new", 2e9 + u) for u in range(3)]
     events += pattern_events(200, seed=1)
     for name in ("reference", "crashed"):
-        shutil.copytree(trained["registry"], tmp_path / name / "registry")
+        shutil.copytree(base[1], tmp_path / name / "registry")
         event_log(tmp_path / name / "events.db", events).close()
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -4,7 +4,6 @@ optional scoring, and the learner's time per phase."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,7 @@ from recloop.online.prequential import CSV_NAME, PLOT_NAME, PrequentialTotals, r
 from recloop.online.steps import Sample
 from recloop.online.timings import TIMINGS_NAME
 from recloop.registry import Registry
-from tests.online_helpers import event_log, pattern_events, train_base
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    return train_base(tmp_path_factory.mktemp("online-steps-base"))
-
-
-@pytest.fixture
-def registry(base: tuple[Path, Path, str], tmp_path: Path) -> Registry:
-    shutil.copytree(base[1], tmp_path / "registry")
-    return Registry(tmp_path / "registry")
+from tests.online_helpers import event_log, pattern_events
 
 
 def test_padded_chunks_put_targets_on_the_last_counted_positions_only() -> None:

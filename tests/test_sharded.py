@@ -22,26 +22,20 @@ from recloop.registry import Registry
 from recloop.registry.loading import load_model
 from recloop.train.sharding import spec
 from recloop.train.trainer import train
+from tests.test_train import tiny_train
 
 MODEL = {"type": "sasrec", "dim": 16, "num_blocks": 1, "num_heads": 1, "dropout": 0.0}
 
 
 def sharded_train(**overrides: object) -> dict[str, object]:
-    values: dict[str, object] = {
-        "batch_size": 32,
-        "max_length": 20,
-        "lr": 3e-3,
-        "warmup_steps": 2,
-        "max_steps": 12,
-        "eval_every_steps": 4,
-        "seed": 7,
+    """test_train's tiny run with its item table sharded row-wise, sampled softmax."""
+    sharded: dict[str, object] = {
         "sharding": "row_wise",
         "loss": "sampled_softmax",
         "num_negatives": 32,
         "sparse_lr": 0.05,
     }
-    values.update(overrides)
-    return values
+    return tiny_train(**{**sharded, **overrides})
 
 
 def test_learns_publishes_shards_and_loads_into_one_process(

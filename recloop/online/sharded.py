@@ -68,15 +68,13 @@ class AgreedReads:
     def read(self, after: int, limit: int) -> list[LoggedEvent]:
         batch = self.events.read(after, limit)
         stopping = self.stop is not None and self.stop.is_set()
-        mine = torch.tensor([batch[-1].offset if batch else after, 1 if stopping else 0])
-        last, stop = (
-            _all_reduce(mine[:1], dist.ReduceOp.MIN),
-            _all_reduce(mine[1:], dist.ReduceOp.MAX),
-        )
-        if int(stop.item()) and self.stop is not None:
+        # One all-reduce: the max of -last is the min of the last offsets.
+        mine = torch.tensor([-(batch[-1].offset if batch else after), 1 if stopping else 0])
+        agreed = _all_reduce(mine, dist.ReduceOp.MAX)
+        if int(agreed[1]) and self.stop is not None:
             self.stop.set()
             return []
-        return [e for e in batch if e.offset <= int(last.item())]
+        return [e for e in batch if e.offset <= -int(agreed[0])]
 
     def __getattr__(self, name: str) -> Any:  # commit, last_offset, committed, ...
         return getattr(self.events, name)
@@ -164,8 +162,7 @@ class ShardedOnlineLearner(OnlineLearner):
         super()._restore_learner_state()
         if (state_dir(self.run_dir, self.offset) / "state.json").is_file():
             saved = load_file(str(self._table_state_file(self.offset)))
-            for name, target in self.sharded.table.optimizer_state().items():
-                target.copy_(saved[name])
+            self.sharded.table.restore_optimizer(saved)
 
     def _prune_learner_states(self, keep_offset: int) -> None:
         super()._prune_learner_states(keep_offset)
@@ -389,13 +386,13 @@ def _all_reduce(tensor: torch.Tensor, op: Any) -> torch.Tensor:
 
 
 def _sum_totals(mine: PrequentialTotals) -> PrequentialTotals:
+    """The micro-batch's counts summed over processes (float64 holds the int counts exactly)."""
     names = [f.name for f in dataclasses.fields(mine)]
     values = torch.tensor([float(getattr(mine, n)) for n in names], dtype=torch.float64)
     summed = _all_reduce(values, dist.ReduceOp.SUM).tolist()
-    kinds = {f.name: f.type for f in dataclasses.fields(mine)}
     return PrequentialTotals(
         **{
-            n: (v if "float" in str(kinds[n]) else round(v))
+            n: round(v) if isinstance(getattr(mine, n), int) else v
             for n, v in zip(names, summed, strict=True)
         }
     )

@@ -112,8 +112,7 @@ class ShardedModel:
     def whole_table(self, rows: int | None = None) -> Iterator[None]:
         """The gathered table (its first `rows` rows: a table with headroom for new items)
         bound for the block (collective: every rank enters it)."""
-        table = self.table.gather()
-        self.embedding.bind_table(table if rows is None else table[:rows])
+        self.embedding.bind_table(self.table.gather(rows))
         try:
             yield
         finally:

@@ -23,7 +23,7 @@ from recloop.models.factory import build_model
 from recloop.train.checkpoint import restore_rng, rng_state
 from recloop.train.distributed import DistContext
 from recloop.train.sharding.embedding import ShardedModel
-from recloop.train.sharding.spec import ShardingPlan, check_sharding
+from recloop.train.sharding.spec import ShardingPlan
 from recloop.train.sharding.table import ShardedItemTable
 
 BEST_PREFIX = "sharded/"
@@ -36,7 +36,6 @@ def build_sharded_model(
     """The model with its item table sharded. The dense part is built with a one-item table
     (so the [num_items + 1, dim] table is never allocated whole), then told the real size."""
     num_items = int(model_config["num_items"])
-    check_sharding(cfg, num_items, ctx.device.type)
     model = build_model(model_type, {**model_config, "num_items": 1}).to(ctx.device)
     model.config = dataclasses.replace(model.config, num_items=num_items)
     table = ShardedItemTable(
@@ -78,7 +77,7 @@ class ShardedTraining:
     def restore_best(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Puts the kept shards back into the table; returns the dense rest."""
         shards = {k[len(BEST_PREFIX) :]: v for k, v in weights.items() if k.startswith(BEST_PREFIX)}
-        self.table.restore(shards, {})
+        self.table.restore_weights(shards)
         return {k: v for k, v in weights.items() if not k.startswith(BEST_PREFIX)}
 
     @contextmanager
@@ -138,7 +137,8 @@ class ShardedTraining:
             if k.startswith(_OPTIMIZER_PREFIX)
         }
         weights = {k: v for k, v in tensors.items() if k.startswith("shard.")}
-        self.table.restore(weights, optimizer)
+        self.table.restore_weights(weights)
+        self.table.restore_optimizer(optimizer)
         restore_rng({k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")})
 
     def write_publish_shards(self, run_dir: Path) -> list[Path]:

@@ -18,7 +18,6 @@ __all__ = ["ShardingPlan", "TableShard"]
 TABLE_NAME = "item_table"
 FEATURE_NAME = "item"
 
-SHARDING_TYPES = ("table_wise", "column_wise", "row_wise")
 # TorchRec's fused optimizers that fbgemm's CPU kernels implement; the CUDA kernels add Adam.
 # (fbgemm-gpu-cpu 1.8.0 raises "Optimizer adam is not supported in CPU mode".)
 OPTIMIZERS_BY_DEVICE = {"cpu": ("rowwise_adagrad",), "cuda": ("rowwise_adagrad", "adam")}
@@ -38,8 +37,6 @@ def check_sharding(cfg: TrainConfig, num_items: int, device_type: str) -> None:
     catalogue cannot take."""
     if cfg.sharding == "none":
         return
-    if cfg.sharding not in SHARDING_TYPES:  # the config's Literal already refuses others
-        raise ConfigError(f"train.sharding must be one of {['none', *SHARDING_TYPES]}")
     optimizers = OPTIMIZERS_BY_DEVICE.get(device_type, ())
     if cfg.sparse_optimizer not in optimizers:
         raise ConfigError(

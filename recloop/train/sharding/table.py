@@ -133,11 +133,13 @@ class ShardedItemTable:
     # ------------------------------------------------------------------ whole table
 
     @torch.no_grad()
-    def gather(self) -> torch.Tensor:
-        """The whole table [num_rows, dim] on every rank (collective; row 0 zero)."""
+    def gather(self, rows: int | None = None) -> torch.Tensor:
+        """The table's first `rows` rows (all by default) on every rank (collective; row 0
+        zero): a table with headroom for new items gathers only the rows in use."""
+        end = self.num_rows if rows is None else min(rows, self.num_rows)
         parts = [
-            self.lookup(torch.arange(start, min(start + _GATHER_CHUNK, self.num_rows)))
-            for start in range(0, self.num_rows, _GATHER_CHUNK)
+            self.lookup(torch.arange(start, min(start + _GATHER_CHUNK, end)))
+            for start in range(0, end, _GATHER_CHUNK)
         ]
         table = torch.cat(parts).float()
         table[0].zero_()
@@ -208,12 +210,16 @@ class ShardedItemTable:
         return {name: t.detach().clone() for name, t in self.local_weights().items()}
 
     @torch.no_grad()
-    def restore(self, weights: dict[str, torch.Tensor], optimizer: dict[str, torch.Tensor]) -> None:
-        """Copies saved shards (and optimizer state, when given) back in place."""
+    def restore_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copies saved shards (named as :meth:`local_weights` names them) back in place."""
         for name, target in self.local_weights().items():
             target.copy_(_required(weights, name, "shard"))
-        for name, target in self.optimizer_state().items() if optimizer else ():
-            target.copy_(_required(optimizer, name, "optimizer state"))
+
+    @torch.no_grad()
+    def restore_optimizer(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies saved fused optimizer state (as :meth:`optimizer_state` names it) back."""
+        for name, target in self.optimizer_state().items():
+            target.copy_(_required(state, name, "optimizer state"))
 
     def _local_shards(self) -> list[LocalShard]:
         weight = self._dmp.state_dict()[_WEIGHT_KEY]
