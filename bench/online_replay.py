@@ -70,10 +70,25 @@ def split_stream(source: Path, past: Path, stream: Path) -> dict[str, int]:
 # Learner settings compared on the same stream and base model: (name, online.key=value ...),
 # each spelled out in full so that it does not move with the defaults. "before-20" is the
 # learner as issue 20 found it: the full softmax on every position of every window, 256-event
-# micro-batches, two steps each. "new-only" learns only the micro-batch's new events' positions
-# (and each replay window's last); "context-2k" adds every other position with a 2,048-negative
-# sampled softmax in the same encoder pass (the default); "fast" takes one step per 1,024 events.
-_COMMON = ["online.replay_windows=128", "online.replay_positions=1", "online.score_frozen=true"]
+# micro-batches, two steps each, fp32. "new-only" learns only the micro-batch's new events'
+# positions (and each replay window's last); "context-2k" adds every other position with a
+# 2,048-negative sampled softmax in the same encoder pass (the default after stop 28); "fast"
+# takes one step per 1,024 events. "default" is today's default: context-2k with bf16 matmul
+# operands in both losses (where the CPU has them), 64 replay windows instead of 128 and twice
+# the learning rates, picked on the first 24,000 events (--max-events 24000 --tag
+# lr-validation); "default-nofrozen" the same without scoring the frozen model, and
+# "context-half" the same learning half the older positions per step (online.context_fraction).
+_BEFORE = [
+    "online.replay_windows=128", "online.replay_positions=1", "online.lr=0.0005",
+    "online.embedding_lr=0.001", "online.bf16=false", "online.context_fraction=1",
+]  # fmt: skip
+_COMMON = [*_BEFORE, "online.score_frozen=true"]
+_DEFAULT = [
+    "online.train_positions=new", "online.context_negatives=2048", "online.batch_events=256",
+    "online.steps_per_batch=2", "online.replay_windows=64", "online.replay_positions=1",
+    "online.lr=0.001", "online.embedding_lr=0.002", "online.bf16=auto",
+    "online.context_fraction=1",
+]  # fmt: skip
 SETTINGS: dict[str, list[str]] = {
     "before-20": [
         "online.train_positions=all", "online.context_negatives=0", "online.batch_events=256",
@@ -93,7 +108,12 @@ SETTINGS: dict[str, list[str]] = {
     ],
     "fast-nofrozen": [
         "online.train_positions=new", "online.context_negatives=0", "online.batch_events=1024",
-        "online.steps_per_batch=1", *_COMMON[:2], "online.score_frozen=false",
+        "online.steps_per_batch=1", *_BEFORE, "online.score_frozen=false",
+    ],
+    "default": [*_DEFAULT, "online.score_frozen=true"],
+    "default-nofrozen": [*_DEFAULT, "online.score_frozen=false"],
+    "context-half": [
+        *_DEFAULT[:-1], "online.context_fraction=0.5", "online.score_frozen=false"
     ],
 }  # fmt: skip
 # The learner under torchrun with its item table sharded (issue 21), next to "context-2k":

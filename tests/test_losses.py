@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from recloop.config import TrainConfig
 from recloop.errors import ConfigError
 from recloop.models.factory import build_model
-from recloop.train.losses import chunked_cross_entropy, history_exclusions, next_item_loss
+from recloop.train.losses import (
+    Negatives,
+    chunked_cross_entropy,
+    distinct_negatives,
+    history_exclusions,
+    next_item_loss,
+)
+from recloop.train.sampled import accidental_hits, sampled_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
@@ -169,3 +176,86 @@ def test_bpr_term_adds_the_pairwise_loss_against_uniform_negatives() -> None:
         TrainConfig(bpr_weight=0.5, loss="sampled_softmax")
     with pytest.raises(ConfigError, match="bpr_weight"):
         TrainConfig(bpr_weight=-1.0)
+
+
+def _sampled_reference(
+    query: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    pos_ids: torch.Tensor,
+    neg_ids: torch.Tensor,
+    pos_log_q: torch.Tensor,
+    neg_log_q: torch.Tensor,
+) -> torch.Tensor:
+    """The sampled softmax written the plain autograd way: [T, 1 + N] logits, hits masked."""
+    target = (query * positives).sum(dim=1, keepdim=True) - pos_log_q.unsqueeze(1)  # [T, 1]
+    others = query @ negatives.T - neg_log_q.unsqueeze(0)  # [T, N]
+    others = others.masked_fill(neg_ids.unsqueeze(0) == pos_ids.unsqueeze(1), float("-inf"))
+    logits = torch.cat([target, others], dim=1)
+    zeros = torch.zeros(len(query), dtype=torch.long)
+    return F.cross_entropy(logits, zeros, reduction="sum")
+
+
+def _sampled_case() -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    query = (torch.randn(300, 32) * 0.5).requires_grad_()
+    positives = (torch.randn(300, 32) * 0.5).requires_grad_()
+    negatives = (torch.randn(500, 32) * 0.5).requires_grad_()
+    pos_ids = torch.randint(1, 200, (300,))
+    neg_ids = torch.randint(1, 200, (500,))  # many accidental hits: ids repeat
+    return query, positives, negatives, pos_ids, neg_ids, torch.randn(300), torch.randn(500)
+
+
+@pytest.mark.parametrize("chunk", [1, 64, 1000])
+def test_fused_sampled_softmax_matches_the_autograd_reference(chunk: int) -> None:
+    case = _sampled_case()
+    reference = _sampled_reference(*case)
+    ref_grads = torch.autograd.grad(reference * 0.5, case[:3])
+    loss = sampled_cross_entropy(*case, chunk=chunk)
+    grads = torch.autograd.grad(loss * 0.5, case[:3])
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-4)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_operands_keep_the_sampled_softmax_close() -> None:
+    """As for the full softmax: bf16 operands for the [c, N] matmuls, fp32 for the rest."""
+    case = _sampled_case()
+    reference = _sampled_reference(*case)
+    ref_grads = torch.autograd.grad(reference, case[:3])
+    loss = sampled_cross_entropy(*case, chunk=128, matmul_dtype=torch.bfloat16)
+    grads = torch.autograd.grad(loss, case[:3])
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, rtol=1e-3, atol=0.0)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == torch.float32
+        assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_accidental_hits_are_every_negative_equal_to_its_rows_target() -> None:
+    pos_ids = torch.tensor([5, 2, 9, 5, 7])
+    neg_ids = torch.tensor([5, 1, 9, 5, 3, 2])  # 5 twice: both copies are hits
+    rows, columns = accidental_hits(pos_ids, neg_ids)
+    found = sorted(zip(rows.tolist(), columns.tolist(), strict=True))
+    expected = [(r, c) for r in range(5) for c in range(6) if pos_ids[r] == neg_ids[c]]
+    assert found == expected
+    assert rows.tolist() == sorted(rows.tolist())
+
+
+def test_merging_repeated_negatives_keeps_the_loss_and_gradients() -> None:
+    """k copies of a negative are one column with log k added to its logit (log q - log k)."""
+    query, positives, _, pos_ids, neg_ids, pos_log_q, _ = _sampled_case()
+    neg_log_q = -torch.log(torch.full((len(neg_ids),), 200.0))  # q depends on the id only
+    drawn = Negatives(neg_ids, neg_log_q, pos_log_q)
+    table = (torch.randn(201, 32) * 0.5).requires_grad_()  # row i: item i's vector
+    repeated = sampled_cross_entropy(
+        query, positives, table[neg_ids], pos_ids, neg_ids, pos_log_q, neg_log_q
+    )
+    want = torch.autograd.grad(repeated, (query, table))
+    ids, log_q = distinct_negatives(drawn)
+    assert len(ids) < len(neg_ids) and torch.equal(ids, torch.unique(neg_ids))
+    merged = sampled_cross_entropy(query, positives, table[ids], pos_ids, ids, pos_log_q, log_q)
+    got = torch.autograd.grad(merged, (query, table))
+    torch.testing.assert_close(merged, repeated, rtol=1e-5, atol=1e-4)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -181,3 +181,49 @@ def test_context_negatives_learn_every_position_in_one_encoder_pass(
         steps.next_item_loss = real  # type: ignore[assignment]
     main = learner._loss_config.loss
     assert calls == [(main, 1), ("sampled_softmax", 3)]  # 1 new position + 3 older ones
+
+
+def test_a_context_fraction_learns_a_random_share_of_the_older_positions(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """online.context_fraction < 1: each step's sampled loss sees about that share of the
+    older positions (never the new ones), weighted by 1 / fraction."""
+    config = OnlineConfig(
+        batch_events=8, replay_windows=0, context_negatives=4, train_dense=False,
+        steps_per_batch=1, context_fraction=0.5,
+    )  # fmt: skip
+    learner = OnlineLearner(registry, event_log(tmp_path / "e.db", []), config, tmp_path / "r")
+    from recloop.online import steps
+
+    seen: list[tuple[str, int]] = []
+    real = steps.next_item_loss
+
+    def spy(model: Any, hidden: Any, targets: Any, cfg: Any, *a: Any, **k: Any) -> Any:
+        seen.append((cfg.loss, int((targets > 0).sum())))
+        return real(model, hidden, targets, cfg, *a, **k)
+
+    monkeypatch.setattr(steps, "next_item_loss", spy)
+    length = int(learner.model.config.max_length)
+    windows = [(list(range(1 + i, length + 2 + i)), 1) for i in range(20)]  # full windows
+    learner._train_step(windows)
+    (main, news), (context, older) = seen
+    assert (main, news) == (learner._loss_config.loss, 20)
+    everything = 20 * (length - 1)  # each window's positions but its new one
+    assert context == "sampled_softmax" and 0.35 * everything <= older <= 0.65 * everything
+    with pytest.raises(ConfigError, match=r"online\.context_fraction must be in \(0, 1\]"):
+        OnlineConfig(context_fraction=0.0)
+    with pytest.raises(ConfigError, match=r"online\.context_fraction must be in \(0, 1\]"):
+        load_online_config(None, ["online.context_fraction=1.5"])
+
+
+def test_bf16_auto_follows_the_cpu_and_true_or_false_are_kept(registry: Registry) -> None:
+    from recloop.online.config import context_loss_config, loss_config
+    from recloop.train.precision import native_bf16
+
+    origin = registry.manifest(registry.list()[0].id)
+    assert loss_config(OnlineConfig(), origin).bf16 == native_bf16()
+    assert loss_config(OnlineConfig(bf16=True), origin).bf16 is True
+    context = context_loss_config(OnlineConfig(bf16=False))
+    assert context is not None and context.bf16 is False
+    with pytest.raises(ConfigError, match=r"online\.bf16"):
+        load_online_config(None, ["online.bf16='sometimes'"])

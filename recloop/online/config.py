@@ -18,6 +18,7 @@ from recloop.config import (
 )
 from recloop.errors import ConfigError
 from recloop.registry import Manifest
+from recloop.train.precision import resolve_bf16
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,10 @@ class OnlineConfig:
     consumer: str = "online-learner"  # the event-log consumer name; one learner per name
     batch_events: int = 256  # events per micro-batch: one read, one scoring pass, the steps
     steps_per_batch: int = 2  # 2 beat 1 (and 1 with more replay) on bench/online_replay.py
-    replay_windows: int = 128  # older users' sequences mixed into every step (0 = none)
+    # Older users' sequences mixed into every step (0 = none). 64 with the learning rates
+    # below beat 128 with half of them on the first 24,000 Beauty replay events, at about a
+    # sixth less work per event (bench/results/online_replay-lr-validation.json).
+    replay_windows: int = 64
     # Which positions a step learns: "new", only those whose target is one of the micro-batch's
     # events (replay windows: their last `replay_positions`); "all", every position of every
     # window, its older ones learned again at each step. "new" costs a few targets per event
@@ -38,8 +42,15 @@ class OnlineConfig:
     # many mixed negatives (log-q corrected): far cheaper per position than the full softmax,
     # and on the Beauty replay it keeps what learning every position gave (bench/online_replay.py).
     context_negatives: int = 2048
-    lr: float = 5e-4  # AdamW, dense weights (small: the model is already trained)
-    embedding_lr: float = 1e-3  # lazy Adam, item rows
+    # The share of those positions learned at each step (a random draw, weighted by
+    # 1 / share): a touched user's older positions are relearned at every step anyway.
+    context_fraction: float = 1.0
+    # bf16 operands for the losses' catalogue-wide matmuls (the full softmax on the new
+    # positions, the sampled softmax against its negatives); the softmax and the gradients'
+    # sums stay fp32. "auto": on where the CPU has native bf16 (recloop.train.precision).
+    bf16: bool | Literal["auto"] = "auto"
+    lr: float = 1e-3  # AdamW, dense weights (the base model's own training rate)
+    embedding_lr: float = 2e-3  # lazy Adam, item rows
     train_dense: bool = True  # False: only item rows learn (smaller deltas)
     # "auto": the loss (and negatives) the starting model was trained with, from its manifest;
     # fine-tuning a full-softmax model with sampled softmax shifts its scores (measured on the
@@ -99,6 +110,10 @@ class OnlineConfig:
             raise ConfigError(
                 f"online.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}"
             )
+        if not 0 < self.context_fraction <= 1:
+            raise ConfigError(
+                f"online.context_fraction must be in (0, 1], got {self.context_fraction}"
+            )
         if not 0 < self.table_state_decay <= 1:
             raise ConfigError(
                 f"online.table_state_decay must be in (0, 1], got {self.table_state_decay}"
@@ -144,6 +159,7 @@ def loss_config(config: OnlineConfig, origin: Manifest) -> TrainConfig:
         negatives=negatives or "uniform",
         num_negatives=int(count),
         mask_history=mask_history,
+        bf16=resolve_bf16(config.bf16),
     )
 
 
@@ -153,5 +169,8 @@ def context_loss_config(config: OnlineConfig) -> TrainConfig | None:
     if not config.context_negatives or config.train_positions != "new":
         return None
     return TrainConfig(
-        loss="sampled_softmax", negatives="mixed", num_negatives=config.context_negatives
+        loss="sampled_softmax",
+        negatives="mixed",
+        num_negatives=config.context_negatives,
+        bf16=resolve_bf16(config.bf16),
     )

@@ -314,6 +314,7 @@ class OnlineLearner:
             num_items=self.vocabulary.num_items,
             grad_clip=self.config.grad_clip,
             context_config=self._context_config,
+            context_fraction=self.config.context_fraction,
         )
 
     # ------------------------------------------------------------------ publishing

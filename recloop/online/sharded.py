@@ -253,6 +253,7 @@ class ShardedOnlineLearner(OnlineLearner):
             num_items=num_items,
             grad_clip=None,
             context_config=self._context_config,
+            context_fraction=self.config.context_fraction,
         )
         dense = [p for p in self.model.parameters() if p.requires_grad]
         _average_gradients(dense, ctx)

@@ -30,6 +30,7 @@ def train_step(
     num_items: int,
     grad_clip: float | None,
     context_config: TrainConfig | None = None,
+    context_fraction: float = 1.0,
 ) -> None:
     """One optimizer step on `samples`: (sequence, the number of its last positions that
     are targets, None = all of its last max_length + 1 items' positions).
@@ -40,7 +41,9 @@ def train_step(
     its target at the last position, as it was trained (`train.samples = "prefixes"`).
 
     With `context_config` (a causal model), the positions a sample leaves out are learned
-    too, with that (cheaper, sampled) loss: one encoder pass serves both.
+    too, with that (cheaper, sampled) loss: one encoder pass serves both. `context_fraction`
+    < 1 learns a random share of them each step, weighted by 1 / fraction (the same expected
+    gradient): a user's older positions come back at every step that touches the user.
     """
     with_context = context_config is not None and model.causal
     singles, several, counts = _windows(model, samples, every_position=with_context)
@@ -59,9 +62,9 @@ def train_step(
                 model, hidden, targets, loss_config, num_items, inputs=inputs
             )
             if with_context and context_config is not None:
-                context = _context_targets(inputs, targets)
-                extra, _ = next_item_loss(model, hidden, context, context_config, num_items)
-                loss_sum = loss_sum + extra
+                loss_sum = loss_sum + _context_loss(
+                    model, hidden, inputs, targets, context_config, num_items, context_fraction
+                )
             yield loss_sum / total_tokens
 
     model.train()
@@ -83,6 +86,24 @@ def _chunks(
         yield inputs, targets, True
     for inputs, targets in padded_chunks(several, TOKENS_PER_CHUNK, False, counts):
         yield inputs, targets, False
+
+
+def _context_loss(
+    model: SequentialEncoder,
+    hidden: torch.Tensor,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig,
+    num_items: int,
+    fraction: float,
+) -> torch.Tensor:
+    """The sampled loss of the positions `targets` leaves out (a random `fraction` of them,
+    weighted by 1 / fraction)."""
+    context = _context_targets(inputs, targets)
+    if fraction < 1.0:
+        context = context.masked_fill(torch.rand(context.shape) >= fraction, PADDING_ID)
+    extra, _ = next_item_loss(model, hidden, context, config, num_items)
+    return extra / fraction
 
 
 def _keep_padding_row_zero(model: SequentialEncoder) -> None:
