@@ -17,13 +17,15 @@ Settings are timed in alternation, --rounds times each, in one process, so that 
 whose speed drifts affects all of them alike; medians are reported. Writes
 bench/results/online-profile.json.
 
-    .venv/bin/python bench/online_profile.py --settings context-2k default-nofrozen
+    .venv/bin/python bench/online_profile.py --settings context-2k default \\
+        "default-fp32=KEY=VALUE,...,bf16=false" default-nofrozen   # NAME=...: as online_replay
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import shutil
 import statistics
 import sys
@@ -38,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_result
-from bench.online_replay import SETTINGS, WORK
+from bench.common import REPO, RESULTS, write_result
+from bench.online_replay import WORK, chosen_settings
 from recloop.events import open_event_log
 from recloop.models.base import SequentialEncoder
 from recloop.online import learner as learner_module
@@ -117,24 +119,34 @@ def profile_once(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", nargs="+", default=["context-2k", "default-nofrozen"])
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["context-2k", "default-nofrozen"],
+        help="names from bench/online_replay.py's SETTINGS, or NAME=key=value,key=value",
+    )
     parser.add_argument("--skip", type=int, default=20_480, help="events replayed untimed first")
     parser.add_argument("--events", type=int, default=6_144, help="events timed")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="online-profile")
+    parser.add_argument("--table", action="store_true", help="print the result's table, no run")
     args = parser.parse_args()
+    if args.table:
+        print(table(RESULTS / f"{args.name}.json"))
+        return
     if not (WORK / "events.sqlite").is_file():
         raise SystemExit(f"{WORK}/events.sqlite is absent: run bench/online_replay.py first")
     started = time.perf_counter()
     timer = PartTimer()
     instrument(timer)
-    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in args.settings}
+    settings = chosen_settings(args.settings)
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in settings}
     for round_index in range(args.rounds):
         print(f"round {round_index + 1}/{args.rounds}", flush=True)
-        for label in args.settings:
+        for label, overrides in settings.items():
             runs[label].append(
-                profile_once(label, SETTINGS[label], args.skip, args.events, timer, args.threads)
+                profile_once(label, overrides, args.skip, args.events, timer, args.threads)
             )
     results = {}
     for label, rows in runs.items():
@@ -149,11 +161,30 @@ def main() -> None:
             "shares": {part: round(value / total, 3) for part, value in median.items()},
             "runs": rows,
         }
-    config = {"settings": {label: SETTINGS[label] for label in args.settings},
+    config = {"settings": settings,
               "skip": args.skip, "events": args.events, "rounds": args.rounds,
               "threads": args.threads}  # fmt: skip
     path = write_result(args.name, config, results, started)
     print(f"wrote {path}")
+
+
+def table(path: Path) -> str:
+    """The result file as a markdown table: median seconds per part (and share of the run)."""
+    data = json.loads(path.read_text())
+    config = data["config"]
+    parts = [*PARTS, "other"]
+    lines = [
+        f"From `{path.relative_to(REPO)}` (commit {data['commit'][:12]}, {data['date']}; "
+        f"{config['events']:,} events after the first {config['skip']:,}, median of "
+        f"{config['rounds']} rounds, --threads {config['threads']}).",
+        "",
+        "| setting | events/s | " + " | ".join(parts) + " |",
+        "|---|---|" + "---|" * len(parts),
+    ]
+    for label, row in data["results"].items():
+        cells = [f"{row['parts'][p]:.2f} s ({row['shares'][p]:.0%})" for p in parts]
+        lines.append(f"| {label} | {row['events_per_second']:,.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -73,10 +73,10 @@ def split_stream(source: Path, past: Path, stream: Path) -> dict[str, int]:
 # micro-batches, two steps each, fp32. "new-only" learns only the micro-batch's new events'
 # positions (and each replay window's last); "context-2k" adds every other position with a
 # 2,048-negative sampled softmax in the same encoder pass (the default after stop 28); "fast"
-# takes one step per 1,024 events. "default" is today's default: context-2k with bf16 matmul
-# operands in both losses (where the CPU has them), 64 replay windows instead of 128 and twice
-# the learning rates, picked on the first 24,000 events (--max-events 24000 --tag
-# lr-validation); "default-nofrozen" the same without scoring the frozen model, and
+# takes one step per 1,024 events. "default" is today's default: context-2k with 64 replay
+# windows instead of 128 and twice the learning rates, picked on the first 24,000 events
+# (--max-events 24000 --tag lr-validation); "default-nofrozen" the same without scoring the
+# frozen model, and
 # "context-half" the same learning half the older positions per step (online.context_fraction).
 _BEFORE = [
     "online.replay_windows=128", "online.replay_positions=1", "online.lr=0.0005",
@@ -86,7 +86,7 @@ _COMMON = [*_BEFORE, "online.score_frozen=true"]
 _DEFAULT = [
     "online.train_positions=new", "online.context_negatives=2048", "online.batch_events=256",
     "online.steps_per_batch=2", "online.replay_windows=64", "online.replay_positions=1",
-    "online.lr=0.001", "online.embedding_lr=0.002", "online.bf16=auto",
+    "online.lr=0.001", "online.embedding_lr=0.002", "online.bf16=false",
     "online.context_fraction=1",
 ]  # fmt: skip
 SETTINGS: dict[str, list[str]] = {
