@@ -108,6 +108,37 @@ def test_a_batch_never_mixes_bundles() -> None:
     assert tags == [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0]  # each answered by its own bundle
 
 
+def test_max_wait_gathers_company_for_a_lone_request_but_never_delays_a_backlog() -> None:
+    async def scenario() -> tuple[list[int], float]:
+        gate = threading.Event()
+        engine = FakeEngine(tag=1.0, gate=gate)
+        target = bundle(engine)
+        batcher = MicroBatcher(max_batch=8, max_wait=0.3)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        # From an empty queue: the first request waits max_wait, so the second one joins it.
+        pair = [asyncio.ensure_future(ask(batcher, target, np.array([i]), 1)) for i in (1, 2)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(*pair)
+        # A backlog: 3 requests queue while one batch computes; they go as soon as it ends.
+        gate.clear()
+        busy = asyncio.ensure_future(ask(batcher, target, np.array([3]), 1))
+        await asyncio.sleep(0.35)  # past max_wait: the worker now computes `busy` on the gate
+        backlog = [asyncio.ensure_future(ask(batcher, target, np.array([i]), 1)) for i in (4, 5, 6)]
+        await asyncio.sleep(0)
+        released = loop.time()
+        gate.set()
+        await asyncio.gather(busy, *backlog)
+        waited = loop.time() - released
+        await batcher.stop()
+        return engine.batches, waited
+
+    batches, waited = run(scenario())
+    assert batches == [2, 1, 3]
+    assert waited < 0.2, f"the backlog waited {waited:.3f} s (max_wait is 0.3 s)"
+
+
 def test_a_full_queue_refuses_with_overloaded() -> None:
     async def scenario() -> tuple[int, int]:
         gate = threading.Event()

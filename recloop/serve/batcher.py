@@ -3,7 +3,8 @@
 The batcher knows nothing of models: a request is an opaque item and the function that
 computes a whole batch of such items (``run(items) -> results``, one result per item, in
 order). Requests wait on the event loop in a bounded queue. One worker task takes what is
-queued (up to ``max_batch``), optionally waits ``max_wait`` seconds for more, and runs each
+queued (up to ``max_batch``), waits ``max_wait`` seconds for more when the queue was empty
+(not when a backlog built up while the last batch computed), and runs each
 function once over its items in a single worker thread, off the event loop (ONNX Runtime, numpy
 and faiss release the GIL, so the HTTP loop keeps accepting requests meanwhile). While one
 batch computes, the next one fills up, so under load batches grow by themselves and an idle
@@ -111,9 +112,14 @@ class MicroBatcher:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
+            # A backlog (requests that queued while the last batch computed) goes at once:
+            # waiting max_wait for more would idle the compute thread on every batch under
+            # load (~0.5 ms of each ~2 ms batch on this machine). Only a batch that starts
+            # from an empty queue waits for company.
+            backlog = not self._queue.empty()
             batch = [await self._queue.get()]
             self._drain(batch)
-            if len(batch) < self.max_batch and self.max_wait > 0:
+            if not backlog and len(batch) < self.max_batch and self.max_wait > 0:
                 await asyncio.sleep(self.max_wait)
                 self._drain(batch)
             for group in _by_function(batch):
