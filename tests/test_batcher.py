@@ -7,6 +7,7 @@ indexes, as the recommender submits it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Awaitable
 from typing import Any, cast
@@ -171,3 +172,25 @@ def test_a_full_queue_refuses_with_overloaded() -> None:
 def test_bad_batcher_options(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ServingError, match=message):
         MicroBatcher(**options)
+
+
+def test_batch_items_json_equals_items_json_per_request() -> None:
+    """The compute thread's one-lookup JSON for a batch is, request by request, what
+    items_json gives (padding id 0 dropped, scores rounded alike, per-request k kept)."""
+    from recloop.serve.recommender import batch_items_json, items_json
+
+    class Catalog:
+        def to_raw(self, ids: npt.NDArray[np.int64]) -> list[str]:
+            return [f'item"{int(i)}' for i in ids]  # a quote: the text must be escaped
+
+    target = cast(ModelBundle, Catalog())
+    results = [
+        (np.array([3, 1, 2], dtype=np.int64), np.array([0.5, 0.25, 1 / 3], dtype=np.float32)),
+        (np.array([7, 0, 0], dtype=np.int64), np.array([2.0, -np.inf, -np.inf], np.float32)),
+        (np.array([9], dtype=np.int64), np.array([-1.125], dtype=np.float32)),
+        (np.array([0], dtype=np.int64), np.array([-np.inf], dtype=np.float32)),
+    ]
+    bodies = batch_items_json(target, results)
+    assert bodies == [items_json(target, ids, scores) for ids, scores in results]
+    assert json.loads(bodies[1]) == [{"item_id": 'item"7', "score": 2.0}]
+    assert bodies[3] == "[]"
