@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -17,7 +17,7 @@ import numpy.typing as npt
 import pytest
 
 from recloop.errors import ServingError
-from recloop.serve.batcher import MicroBatcher, Overloaded
+from recloop.serve.batcher import MicroBatcher, Overloaded, SecondStage
 from recloop.serve.bundle import ModelBundle, TopK
 
 
@@ -48,7 +48,13 @@ class FakeIndex:
 
 
 def bundle(engine: FakeEngine) -> ModelBundle:
-    members = {"engine": engine, "index": FakeIndex(), "top_items": ModelBundle.top_items}
+    members = {
+        "engine": engine,
+        "index": FakeIndex(),
+        "top_items": ModelBundle.top_items,
+        "encode_batch": ModelBundle.encode_batch,
+        "search_batch": ModelBundle.search_batch,
+    }
     fake: Any = type("FakeBundle", (), members)()
     return cast(ModelBundle, fake)
 
@@ -194,3 +200,38 @@ def test_batch_items_json_equals_items_json_per_request() -> None:
     assert bodies == [items_json(target, ids, scores) for ids, scores in results]
     assert json.loads(bodies[1]) == [{"item_id": 'item"7', "score": 2.0}]
     assert bodies[3] == "[]"
+
+
+def test_a_second_stage_overlaps_the_next_batch_and_reports_its_errors() -> None:
+    """A batch function that returns a SecondStage: its rest runs on the second-stage thread
+    while the compute thread already runs the next batch's first stage, each request gets its
+    own result, and an error in the rest reaches that batch's requests only."""
+    next_first_ran = threading.Event()
+    firsts: list[list[int]] = []
+
+    def two_stages(items: Sequence[int]) -> SecondStage[int]:
+        firsts.append(list(items))
+        if len(firsts) == 2:
+            next_first_ran.set()
+
+        def rest() -> list[int]:
+            # Batch 1 finishes only once batch 2's first stage ran: the stages overlap.
+            if items[0] == 1 and not next_first_ran.wait(timeout=5):
+                raise ServingError("the second stage did not overlap the next batch")
+            if items[0] == 3:
+                raise ServingError("second stage failed")
+            return [item * 10 for item in items]
+
+        return SecondStage(rest)
+
+    async def scenario() -> list[Any]:
+        batcher = MicroBatcher(max_batch=1, max_wait=0.0)
+        batcher.start()
+        calls = [batcher.submit(two_stages, item) for item in (1, 2, 3, 4)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    first, second, failed, fourth = run(scenario())
+    assert (first, second, fourth) == (10, 20, 40)
+    assert isinstance(failed, ServingError) and "second stage failed" in str(failed)

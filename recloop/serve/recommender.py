@@ -23,7 +23,7 @@ from json.encoder import encode_basestring
 import numpy as np
 
 from recloop.errors import ServingError
-from recloop.serve.batcher import MicroBatcher
+from recloop.serve.batcher import MicroBatcher, SecondStage
 from recloop.serve.bundle import FloatArray, IdArray, ModelBundle, TopK
 from recloop.serve.metrics import ServiceMetrics
 
@@ -101,9 +101,11 @@ class TopItemsJson:
 
     bundle: ModelBundle
 
-    def __call__(self, requests: Sequence[TopK]) -> list[str]:
-        results = self.bundle.top_items(requests)
-        return batch_items_json(self.bundle, results)
+    def __call__(self, requests: Sequence[TopK]) -> SecondStage[str]:
+        """Encodes on the compute thread; search and JSON follow on the second-stage thread,
+        overlapping the next batch's encode."""
+        bundle, queries = self.bundle, self.bundle.encode_batch(requests)
+        return SecondStage(lambda: batch_items_json(bundle, bundle.search_batch(requests, queries)))
 
 
 def batch_items_json(
