@@ -8,9 +8,10 @@ Two parts, both on the model bench/serve.py trains (runs/bench-serve/beauty):
   alternation (numpy vs torch GEMM, one np.unique per batch vs per row), so that a machine
   whose speed changes from second to second affects both alike; medians are reported.
 - server: the real app under uvicorn (uvloop, httptools, no result cache) driven by wrk with
-  bench/serve.py's user mix: per request, the compute thread's time (whole batch, engine,
-  index) and how busy it was, and the event loop's own time by function (cProfile, main
-  thread only; the profiler slows the loop, so compare its rows with each other).
+  bench/serve.py's user mix: per request, the time of the batcher's two threads (first stage:
+  encode; second stage: search + JSON; engine and index within them) and how busy each was,
+  and the event loop's own time by function (cProfile, main thread only; the profiler slows
+  the loop, so compare its rows with each other).
 
 Writes bench/results/NAME.json (default serve-profile).
 
@@ -125,7 +126,9 @@ def server(registry: Path, users: list[str], duration: int, port: int) -> dict[s
     app = create_app(config)
     bundle = app.service.holder.current
     assert bundle is not None
-    spent: dict[str, list[int]] = {"batch": [], "encode": [], "search": [], "size": []}
+    spent: dict[str, list[int]] = {
+        "batch": [], "second": [], "encode": [], "search": [], "size": []
+    }  # fmt: skip
 
     def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -145,6 +148,8 @@ def server(registry: Path, users: list[str], duration: int, port: int) -> dict[s
         return timed("batch", compute)(group)
 
     batcher_module._compute = batch_compute
+    # The second stage (search + JSON) runs on its own thread since issue 20: timed apart.
+    batcher_module._finish = timed("second", batcher_module._finish)
     script = WORK / "profile-wrk.lua"
     script.write_text(
         WRK_SCRIPT.replace("{USERS}", "{" + ",".join(json.dumps(u) for u in users) + "}")
@@ -209,11 +214,13 @@ def server(registry: Path, users: list[str], duration: int, port: int) -> dict[s
         "p99_ms": raw["p99_us"] / 1000,
         "mean_batch_size": round(float(np.mean(spent["size"])), 2) if spent["size"] else None,
         "compute_thread_us_per_request": {
-            "whole_batch": per_request("batch"),
+            "first_stage_encode_thread": per_request("batch"),
+            "second_stage_search_thread": per_request("second"),
             "engine_encode": per_request("encode"),
             "index_search": per_request("search"),
         },
-        "compute_thread_busy_fraction": round(sum(spent["batch"]) / 1e9 / duration, 3),
+        "encode_thread_busy_fraction": round(sum(spent["batch"]) / 1e9 / duration, 3),
+        "search_thread_busy_fraction": round(sum(spent["second"]) / 1e9 / duration, 3),
         "event_loop_us_per_request": round(
             sum(value[2] for value in stats.values()) * 1e6 / requests, 1
         ),

@@ -148,7 +148,17 @@ class ModelBundle:
     def top_items(self, requests: Sequence[TopK]) -> list[tuple[IdArray, FloatArray]]:
         """Worker thread: one encode and one search for the whole batch; per request its top-k
         (ids, scores), padded with id 0 when fewer items are eligible."""
-        queries = self.engine.encode([request.sequence for request in requests])
+        return self.search_batch(requests, self.encode_batch(requests))
+
+    def encode_batch(self, requests: Sequence[TopK]) -> FloatArray:
+        """The first half of :meth:`top_items`: the requests' query vectors [B, D], a copy (the
+        engine's result is a buffer it reuses), so the search may run on another thread."""
+        return np.array(self.engine.encode([request.sequence for request in requests]))
+
+    def search_batch(
+        self, requests: Sequence[TopK], queries: FloatArray
+    ) -> list[tuple[IdArray, FloatArray]]:
+        """The second half of :meth:`top_items`: each request's top-k from its query vector."""
         k_max = max(request.k for request in requests)
         exclude = [request.exclude for request in requests]
         ids, scores = self.index.search(queries, k_max, exclude)
