@@ -48,9 +48,9 @@ class OnlineConfig:
     # bf16 operands for the losses' catalogue-wide matmuls (the full softmax on the new
     # positions, the sampled softmax against its negatives); the softmax and the gradients'
     # sums stay fp32. "auto": on where the CPU has native bf16 (recloop.train.precision).
-    # Off by default: on this avx512_bf16 CPU the sampled softmax alone ran 1.6x faster with
-    # it, but the learner's losses took 19% longer per step (its chunks are smaller, and the
-    # casts cost more than the matmuls save: bench/results/online-profile.json).
+    # Off by default: on an avx512_bf16 CPU the learner's losses took 19% longer per step with
+    # it (bench/results/online-profile-bf16.json), the casts costing more than the matmuls
+    # save, although the sampled softmax alone ran faster with it in a microbenchmark.
     bf16: bool | Literal["auto"] = False
     lr: float = 1e-3  # AdamW, dense weights (the base model's own training rate)
     embedding_lr: float = 2e-3  # lazy Adam, item rows

@@ -1,10 +1,11 @@
 """Whether bf16 matmul operands pay on this machine.
 
 On a CPU with native bf16 dot products (avx512_bf16 or AMX, which oneDNN reports as bf16
-support) a [384, 64] x [64, 12,101] matmul ran 4.3x faster with bf16 operands than in fp32
-(measured here on an AMD EPYC with avx512_bf16: 2.3 against 10.1 ms). Without them oneDNN
+support) a large matmul runs several times faster with bf16 operands than in fp32 (a [384, 64]
+x [64, 12,101] one, timed in a scratch script on this project's AMD EPYC). Without them oneDNN
 emulates bf16 and the same matmul gets slower, so "auto" settings turn bf16 on only where it
-is native. CUDA devices with bf16 (Ampere and later) count as native.
+is native; whether the casts around a matmul leave a gain is for each caller to measure.
+CUDA devices with bf16 (Ampere and later) count as native.
 """
 
 from __future__ import annotations
