@@ -16,6 +16,7 @@ from recloop.serve.indexes.base import ItemIndex, exact_search, measure_recall
 from recloop.serve.indexes.exact import ExactIndex
 from recloop.serve.indexes.factory import build_index
 from recloop.serve.indexes.ivf import IVFIndex, probe_queries
+from recloop.serve.indexes.milvus import MilvusIndex
 from recloop.serve.indexes.remote import (
     RemoteShard,
     decode,
@@ -74,6 +75,7 @@ IMPLEMENTATIONS: dict[str, Factory] = {
     "sharded-exact": lambda t: build_index(t, "exact", shards=3),
     "sharded-ivf": lambda t: build_index(t, "ivf", shards=2, min_recall=0.9),
     "sharded-remote": half_remote,
+    "milvus": MilvusIndex,  # milvus-lite in a temporary folder the index owns
 }
 
 

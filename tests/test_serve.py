@@ -266,6 +266,20 @@ def test_torch_engine_and_ivf_index_serve_the_same_api(trained: dict[str, Any]) 
         assert len(body["items"]) == 3 and body["cached"] is False
 
 
+def test_milvus_index_serves_the_same_api(trained: dict[str, Any], tmp_path: Path) -> None:
+    uri = str(tmp_path / "items.db")  # --index-uri: a milvus-lite file
+    load = LoadOptions(engine="torch", index="milvus", index_uri=uri)
+    exact = LoadOptions(engine="torch")
+    body = {"items": ["1", "2"], "k": 5}
+    with running_service(config_for(trained, load=exact, cache=False)) as url:
+        expected = httpx.post(f"{url}/v1/recommendations", json=body).json()["items"]
+    with running_service(config_for(trained, load=load, cache=False)) as url:
+        model = httpx.get(f"{url}/v1/model").json()
+        assert model["index"] == "milvus" and model["details"]["index_recall_at_10"] >= 0.99
+        found = httpx.post(f"{url}/v1/recommendations", json=body).json()["items"]
+        assert [item["item_id"] for item in found] == [item["item_id"] for item in expected]
+
+
 def test_a_bad_event_batch_stores_nothing(client: httpx.Client) -> None:
     # The first event is valid, the second lacks item_id: 422 naming the field, and the valid
     # one is not stored either (the user stays unknown).

@@ -207,6 +207,25 @@ def test_an_applied_delta_answers_like_a_full_load(
         assert recall_at_k(found, truth) >= MIN_RECALL
 
 
+def test_a_delta_upserts_into_the_served_milvus_collection(versions: dict[str, Any]) -> None:
+    holder = holder_at(versions, versions["v1"], engine="torch", index="milvus")
+    served = holder.current
+    assert served is not None and served.details["index_recall_at_10"] >= 0.99
+    applied, _ = holder.load(versions["v2"])
+    try:
+        assert applied.details["applied_delta"] is True and applied.index.kind == "milvus"
+        assert applied.index.num_items == NUM_ITEMS + 3 == served.index.num_items + 3
+        queries = encode(applied, sequences(NUM_ITEMS + 3))
+        found, _ = applied.index.search(queries, 10)
+        truth, _ = exact_search(item_table(applied.model), queries, 10)
+        # FLAT is exact; Milvus's float sums may only swap near-ties at the cut.
+        assert recall_at_k(found, truth) >= 0.99
+        assert served.index.search(queries, 10)[0].max() <= NUM_ITEMS  # never a new item
+    finally:
+        served.close()
+        applied.close()
+
+
 def test_a_chain_of_deltas_is_applied_at_once(versions: dict[str, Any]) -> None:
     registry = versions["registry"]
     holder = holder_at(versions, versions["v1"], engine="torch")

@@ -26,7 +26,11 @@ DataOption = Annotated[
     Path | None, typer.Option(help="Dataset for users' history (default: the version's).")
 ]
 EngineOption = Annotated[str, typer.Option(help="onnx (fast, CPU) or torch (eager; CPU or cuda).")]
-IndexOption = Annotated[str, typer.Option(help="exact, exact-int8 or ivf.")]
+IndexOption = Annotated[str, typer.Option(help="exact, exact-int8, ivf or milvus.")]
+IndexUriOption = Annotated[
+    str | None,
+    typer.Option(help="milvus: http://host:19530 or a milvus-lite .db file (default: a temp one)."),
+]
 RemoteShardsOption = Annotated[bool, typer.Option(help="Run each shard in its own process.")]
 MinRecallOption = Annotated[float, typer.Option(help="ivf: recall@10 vs exact to reach.")]
 MaxBatchOption = Annotated[int, typer.Option(help="Requests per micro-batch (1 = off).")]
@@ -71,6 +75,7 @@ def serve_command(
     data: DataOption = None,
     engine: EngineOption = "onnx",
     index: IndexOption = "exact",
+    index_uri: IndexUriOption = None,
     shards: Annotated[int, typer.Option(help="Item index shards.")] = 1,
     remote_shards: RemoteShardsOption = False,
     min_recall: MinRecallOption = 0.95,
@@ -124,6 +129,7 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
     load = LoadOptions(
         engine=options["engine"],
         index=options["index"],
+        index_uri=options["index_uri"],
         shards=options["shards"],
         remote_shards=options["remote_shards"],
         max_batch=max(options["max_batch"], 1),

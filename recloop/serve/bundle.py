@@ -29,13 +29,13 @@ from recloop.registry.sidefiles import read_item_counts, vocabulary_path
 from recloop.serve.engines.base import InferenceEngine
 from recloop.serve.engines.export import item_table
 from recloop.serve.engines.factory import build_engine, warmup
-from recloop.serve.indexes.base import ItemIndex
+from recloop.serve.indexes.base import ItemIndex, check_index_uri
 from recloop.serve.indexes.factory import build_index
 
 log = logging.getLogger("recloop.serve")
 
 EngineKind = Literal["onnx", "torch"]
-IndexKind = Literal["exact", "exact-int8", "ivf"]
+IndexKind = Literal["exact", "exact-int8", "ivf", "milvus"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class LoadOptions:
     rebuild_drift: float = 0.1
     data: Path | None = None  # prepared dataset for known users' history; None = the version's
     cache_dir: Path | None = None  # exported ONNX files, keyed by weights and config
+    # milvus: a server URI or a milvus-lite .db file; None = a milvus-lite file the index owns.
+    index_uri: str | None = None
 
     def __post_init__(self) -> None:
         from recloop.errors import ConfigError
@@ -69,8 +71,19 @@ class LoadOptions:
             )
         if self.engine not in ("onnx", "torch"):
             raise ConfigError(f"--engine must be onnx or torch, got {self.engine!r}")
-        if self.index not in ("exact", "exact-int8", "ivf"):
-            raise ConfigError(f"--index must be exact, exact-int8 or ivf, got {self.index!r}")
+        if self.index not in ("exact", "exact-int8", "ivf", "milvus"):
+            raise ConfigError(
+                f"--index must be exact, exact-int8, ivf or milvus, got {self.index!r}"
+            )
+        if self.index_uri is not None and self.index != "milvus":
+            raise ConfigError(
+                f"index_uri (--index-uri) applies to --index milvus only, not {self.index!r}"
+            )
+        if self.index_uri is not None:
+            try:
+                check_index_uri(self.index_uri)
+            except ServingError as exc:
+                raise ConfigError(str(exc)) from None
         for name in ("shards", "max_batch", "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -197,11 +210,12 @@ class ModelBundle:
 
     @property
     def needs_close(self) -> bool:
-        """Whether :meth:`close` must run to release something (index shard processes).
+        """Whether :meth:`close` must run to release something (index shard processes, a
+        Milvus collection and client).
         Everything else is freed with the bundle, so a replaced bundle without processes
         need not be kept alive, with all its memory, until a delayed close."""
         shards = getattr(self.index, "shards", [self.index])
-        return any(shard.kind == "remote" for shard in shards)
+        return any(shard.kind in ("remote", "milvus") for shard in shards)
 
     def close(self) -> None:
         close = getattr(self.index, "close", None)
@@ -271,6 +285,10 @@ def index_for(
 ) -> ItemIndex:
     """The index over ``table`` for ``options``; an IVF is tuned on queries from ``encode``."""
     index_options: dict[str, Any] = {}
+    if options.index == "milvus":  # exact (FLAT): recall is measured on real queries, not tuned
+        index_options["uri"] = options.index_uri
+        num_items = int(table.shape[0]) - 1
+        index_options["tune_queries"] = _sample_queries(encode, history, max_length, num_items)
     if options.index == "ivf":
         index_options["min_recall"] = options.min_recall
         if not options.remote_shards:  # remote shards take JSON options only

@@ -10,7 +10,8 @@ Conventions shared by every index (and relied on by the service):
   padded with id 0 and score ``-inf``.
 
 Implementations, one module each: ``exact`` (blocked matmul, optionally int8 rows), ``ivf``
-(faiss ``IndexIVFFlat``, nprobe tuned to a recall target), ``sharded`` (contiguous id ranges
+(faiss ``IndexIVFFlat``, nprobe tuned to a recall target), ``milvus`` (a Milvus collection
+behind an alias, through pymilvus; milvus-lite by default), ``sharded`` (contiguous id ranges
 searched concurrently), ``remote`` (a shard in another process).
 :func:`recloop.serve.indexes.factory.build_index` is the factory the service uses.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ FloatArray = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]
 Exclude = Sequence[npt.ArrayLike | None] | None
 
-KINDS = ("exact", "exact-int8", "ivf")
+KINDS = ("exact", "exact-int8", "ivf", "milvus")
 # The options build_index accepts for each kind (all JSON-able, so remote shards can take them).
 KIND_OPTIONS: dict[str, frozenset[str]] = {
     "exact": frozenset({"block_rows"}),
@@ -39,7 +41,10 @@ KIND_OPTIONS: dict[str, frozenset[str]] = {
     "ivf": frozenset(
         {"nlist", "nprobe", "min_recall", "tune_queries", "threads", "train_threads", "seed"}
     ),
+    "milvus": frozenset({"uri", "alias", "tune_queries", "seed"}),
 }
+# Kinds whose index lives outside this process and shards itself: one per service, in-process.
+UNSHARDED_KINDS = frozenset({"milvus"})
 # Exact search scores at most this many floats at once (16 MiB): bounded memory for any batch.
 SCORE_BUDGET = 1 << 22
 RECALL_K = 10  # recall@10 is what min_recall targets
@@ -51,6 +56,8 @@ TRAIN_POINTS_PER_LIST = 39
 PARALLEL_BUILD_ITEMS = 100_000
 RERANK_MARGIN = 16  # int8 scans keep k + max(k, this) candidates for the float32 re-rank
 EMPTY_IDS = np.zeros(0, dtype=np.int64)
+# Milvus servers and clusters; anything else must be a milvus-lite database file.
+SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://")
 
 
 # --------------------------------------------------------------------------- interface
@@ -381,6 +388,16 @@ def measure_recall(
     return recall_at_k(found, truth)
 
 
+def probe_queries(table: FloatArray, seed: int, count: int = RECALL_QUERIES) -> FloatArray:
+    """Sampled table rows plus Gaussian noise (half the rows' spread): realistic queries."""
+    rng = np.random.default_rng(seed + 1)
+    num_items = len(table) - 1
+    ids = 1 + rng.choice(num_items, size=min(count, num_items), replace=False)
+    rows = table[ids]
+    noise = rng.normal(0.0, 0.5 * float(rows.std()) + 1e-12, size=rows.shape)
+    return np.ascontiguousarray(rows + noise, dtype=np.float32)
+
+
 def positive_int(name: str, value: Any, upper: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ServingError(f"{name} must be an integer >= 1, got {value!r}")
@@ -389,12 +406,34 @@ def positive_int(name: str, value: Any, upper: int | None = None) -> int:
     return int(value)
 
 
-def check_build_args(kind: str, shards: int, options: dict[str, Any]) -> None:
+def check_index_uri(uri: str) -> str:
+    """A Milvus server URI or a milvus-lite file path ending in .db whose folder exists."""
+    if not isinstance(uri, str) or not uri:
+        raise ServingError(f"index_uri (--index-uri) must be a non-empty string, got {uri!r}")
+    if uri.startswith(SERVER_SCHEMES):
+        return uri
+    path = Path(uri)
+    if path.suffix != ".db" or "://" in uri:
+        raise ServingError(
+            "index_uri (--index-uri) must be a Milvus server URI (http://host:19530) or a "
+            f"milvus-lite file ending in .db, got {uri!r}"
+        )
+    if not path.parent.is_dir():
+        raise ServingError(f"index_uri (--index-uri): folder {str(path.parent)!r} does not exist")
+    return uri
+
+
+def check_build_args(kind: str, shards: int, options: dict[str, Any], remote: bool = False) -> None:
     """Raises ServingError naming a bad kind, shard count or option of build_index."""
     if kind not in KINDS:
         raise ServingError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ServingError(f"shards must be an integer >= 1, got {shards!r}")
+    if kind in UNSHARDED_KINDS and (shards != 1 or remote):
+        raise ServingError(
+            f"a {kind} index cannot be sharded or remote here (Milvus shards itself): "
+            f"shards must be 1 and remote false, got shards={shards}, remote={remote}"
+        )
     unknown = sorted(set(options) - KIND_OPTIONS[kind])
     if unknown:
         allowed = ", ".join(sorted(KIND_OPTIONS[kind]))

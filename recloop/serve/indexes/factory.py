@@ -21,15 +21,16 @@ def build_index(
     remote: bool = False,
     **options: Any,
 ) -> ItemIndex:
-    """The index the service searches: ``kind`` in ``exact``, ``exact-int8``, ``ivf``.
+    """The index the service searches: ``kind`` in ``exact``, ``exact-int8``, ``ivf``, ``milvus``.
 
-    ``shards > 1`` splits the catalogue into contiguous ranges (:class:`ShardedIndex`);
-    ``remote=True`` runs every shard in its own process
-    (:class:`recloop.serve.indexes.remote.RemoteShard`). ``options`` go to each shard's index:
-    ``block_rows`` (exact kinds), ``rerank`` (exact-int8); for ivf ``nlist``, ``nprobe``,
-    ``min_recall``, ``threads``, ``train_threads``, ``seed``.
+        ``shards > 1`` splits the catalogue into contiguous ranges (:class:`ShardedIndex`);
+        ``remote=True`` runs every shard in its own process
+        (:class:`recloop.serve.indexes.remote.RemoteShard`). ``options`` go to each shard's index:
+        ``block_rows`` (exact kinds), ``rerank`` (exact-int8); for ivf ``nlist``, ``nprobe``,
+        ``min_recall``, ``threads``, ``train_threads``, ``seed``; for milvus (one shard, in-process
+    client) ``uri``, ``alias``, ``tune_queries``, ``seed``.
     """
-    check_build_args(kind, shards, options)
+    check_build_args(kind, shards, options, remote)
     checked = check_table(table)
     if shards > len(checked) - 1:
         raise ServingError(

@@ -21,7 +21,6 @@ from recloop.errors import ServingError
 from recloop.serve.indexes.base import (
     PARALLEL_BUILD_ITEMS,
     RECALL_K,
-    RECALL_QUERIES,
     TRAIN_POINTS_PER_LIST,
     FloatArray,
     IdArray,
@@ -33,6 +32,7 @@ from recloop.serve.indexes.base import (
     flatten_exclude,
     measure_recall,
     positive_int,
+    probe_queries,
     recall_at_k,
 )
 
@@ -226,13 +226,3 @@ class IVFIndex(ItemIndex):
 
     def drift(self) -> float:
         return self.moved / max(1, self.num_items)
-
-
-def probe_queries(table: FloatArray, seed: int, count: int = RECALL_QUERIES) -> FloatArray:
-    """Sampled table rows plus Gaussian noise (half the rows' spread): realistic queries."""
-    rng = np.random.default_rng(seed + 1)
-    num_items = len(table) - 1
-    ids = 1 + rng.choice(num_items, size=min(count, num_items), replace=False)
-    rows = table[ids]
-    noise = rng.normal(0.0, 0.5 * float(rows.std()) + 1e-12, size=rows.shape)
-    return np.ascontiguousarray(rows + noise, dtype=np.float32)

@@ -17,6 +17,10 @@ def make_local_index(table: npt.ArrayLike, kind: str, **options: Any) -> ItemInd
         from recloop.serve.indexes.ivf import IVFIndex
 
         return IVFIndex(table, **options)
+    if kind == "milvus":  # pymilvus and grpc load only for a Milvus index too
+        from recloop.serve.indexes.milvus import MilvusIndex
+
+        return MilvusIndex(table, **options)
     if kind == "exact-int8":
         return ExactIndex(table, quantize="int8", **options)
     return ExactIndex(table, **options)
