@@ -29,8 +29,9 @@ class OnlineConfig:
     batch_events: int = 256  # events per micro-batch: one read, one scoring pass, the steps
     steps_per_batch: int = 2  # 2 beat 1 (and 1 with more replay) on bench/online_replay.py
     # Older users' sequences mixed into every step (0 = none). 64 with the learning rates
-    # below beat 128 with half of them on the first 24,000 Beauty replay events, at about a
-    # sixth less work per event (bench/results/online_replay-lr-validation.json).
+    # below beat 128 with half of them on the first 24,000 Beauty replay events
+    # (bench/results/online_replay-lr-validation.json); replay windows are short, so the step
+    # costs about the same either way (bench/results/online-profile.json).
     replay_windows: int = 64
     # Which positions a step learns: "new", only those whose target is one of the micro-batch's
     # events (replay windows: their last `replay_positions`); "all", every position of every

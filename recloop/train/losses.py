@@ -153,8 +153,7 @@ def distinct_negatives(negatives: Negatives) -> tuple[torch.Tensor, torch.Tensor
 
     k copies of an item add k equal terms to every position's softmax denominator, which is
     one term with log k added to its logit: log q - log k. Loss and gradients are the same,
-    with M <= N columns to compute; in-batch and mixed draws repeat popular items often (on
-    the Beauty replay, 2,048 mixed draws held about a fifth repeats)."""
+    with M <= N columns to compute; in-batch and mixed draws repeat popular items often."""
     ids, inverse, counts = torch.unique(negatives.ids, return_inverse=True, return_counts=True)
     log_q = torch.empty(len(ids), dtype=negatives.log_q.dtype, device=ids.device)
     log_q.scatter_(0, inverse, negatives.log_q)  # every copy of an id has the same q
