@@ -261,6 +261,15 @@ def flatten_exclude(exclude: list[IdArray]) -> tuple[IdArray, IdArray]:
     return rows[order], ids[order]
 
 
+def mask_excluded(ids: IdArray, scores: FloatArray, exclude: list[IdArray], num_items: int) -> None:
+    """Sets scores[b, j] to -inf in place where candidate ids[b, j] is in exclude[b]: one
+    membership test over (row, id) keys, for indexes that over-fetch and then filter."""
+    ex_rows, ex_ids = flatten_exclude(exclude)
+    width = num_items + 1
+    keys = np.arange(len(ids), dtype=np.int64)[:, None] * width + ids
+    scores[np.isin(keys, ex_rows * width + ex_ids)] = -np.inf
+
+
 # --------------------------------------------------------------------------- top-k helpers
 
 

@@ -29,7 +29,7 @@ from recloop.serve.indexes.base import (
     check_table,
     exact_search,
     finish,
-    flatten_exclude,
+    mask_excluded,
     measure_recall,
     positive_int,
     probe_queries,
@@ -187,10 +187,7 @@ class IVFIndex(ItemIndex):
         scores[labels < 0] = -np.inf  # faiss pads with label -1 and -FLT_MAX
         labels[labels < 0] = 0
         if extra:
-            ex_rows, ex_ids = flatten_exclude(exclude)
-            width = self.num_items + 1
-            keys = np.arange(len(labels), dtype=np.int64)[:, None] * width + labels
-            scores[np.isin(keys, ex_rows * width + ex_ids)] = -np.inf
+            mask_excluded(labels, scores, exclude, self.num_items)
         return finish(labels, scores, k)
 
     def _vectors(self, ids: IdArray) -> FloatArray:

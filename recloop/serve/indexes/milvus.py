@@ -37,7 +37,7 @@ from recloop.serve.indexes.base import (
     check_table,
     exact_search,
     finish,
-    flatten_exclude,
+    mask_excluded,
     probe_queries,
     recall_at_k,
 )
@@ -178,10 +178,7 @@ class MilvusIndex(ItemIndex):
             )
         ids, scores = self._query(queries, fetch, None)
         if extra:
-            ex_rows, ex_ids = flatten_exclude(exclude)
-            width = self.num_items + 1
-            keys = np.arange(len(ids), dtype=np.int64)[:, None] * width + ids
-            scores[np.isin(keys, ex_rows * width + ex_ids)] = -np.inf
+            mask_excluded(ids, scores, exclude, self.num_items)
         return finish(ids, scores, k)
 
     def _query(
