@@ -101,7 +101,8 @@ def _context_loss(
     weighted by 1 / fraction)."""
     context = _context_targets(inputs, targets)
     if fraction < 1.0:
-        context = context.masked_fill(torch.rand(context.shape) >= fraction, PADDING_ID)
+        drop = torch.rand(context.shape, device=context.device) >= fraction
+        context = context.masked_fill(drop, PADDING_ID)
     extra, _ = next_item_loss(model, hidden, context, config, num_items)
     return extra / fraction
 

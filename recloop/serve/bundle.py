@@ -75,11 +75,11 @@ class LoadOptions:
             raise ConfigError(
                 f"--index must be exact, exact-int8, ivf or milvus, got {self.index!r}"
             )
-        if self.index_uri is not None and self.index != "milvus":
-            raise ConfigError(
-                f"index_uri (--index-uri) applies to --index milvus only, not {self.index!r}"
-            )
         if self.index_uri is not None:
+            if self.index != "milvus":
+                raise ConfigError(
+                    f"index_uri (--index-uri) applies to --index milvus only, not {self.index!r}"
+                )
             try:
                 check_index_uri(self.index_uri)
             except ServingError as exc:

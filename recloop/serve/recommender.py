@@ -115,11 +115,7 @@ def batch_items_json(
     ids = np.concatenate([found for found, _ in results])
     scores = np.concatenate([values for _, values in results])
     keep = ids > 0  # padding: fewer eligible items than k
-    raws = bundle.to_raw(ids[keep])
-    parts = [
-        f'{{"item_id":{encode_basestring(raw)},"score":{round(score, 6)!r}}}'
-        for raw, score in zip(raws, scores[keep].tolist(), strict=True)
-    ]
+    parts = _item_parts(bundle, ids[keep], scores[keep])
     starts = np.cumsum([0] + [len(found) for found, _ in results[:-1]])
     counts = np.add.reduceat(keep.astype(np.int64), starts)  # kept items per request
     bodies: list[str] = []
@@ -134,12 +130,15 @@ def items_json(bundle: ModelBundle, ids: IdArray, scores: FloatArray) -> str:
     """'[{"item_id":..,"score":..},..]' built directly. Padding (id 0: fewer eligible items
     than k) is dropped."""
     keep = ids > 0
-    raws = bundle.to_raw(ids[keep])
-    parts = [
+    return "[" + ",".join(_item_parts(bundle, ids[keep], scores[keep])) + "]"
+
+
+def _item_parts(bundle: ModelBundle, ids: IdArray, scores: FloatArray) -> list[str]:
+    """'{"item_id":..,"score":..}' of each (dense id, score), the ids translated in one lookup."""
+    return [
         f'{{"item_id":{encode_basestring(raw)},"score":{round(score, 6)!r}}}'
-        for raw, score in zip(raws, scores[keep].tolist(), strict=True)
+        for raw, score in zip(bundle.to_raw(ids), scores.tolist(), strict=True)
     ]
-    return "[" + ",".join(parts) + "]"
 
 
 def recommendations_body(
