@@ -10,7 +10,7 @@ DEMO_DIR ?= demo-run
 
 setup: $(STAMP)
 
-# redis-server and wrk (Debian packages), for the Redis tests and the serving benchmark.
+# redis-server, wrk and nginx (Debian packages), for the Redis and cluster tests and the serving benchmarks.
 system-deps:
 	./scripts/ensure-system-deps.sh
 

@@ -356,3 +356,25 @@ def test_serve_refuses_a_broken_version_before_binding_its_port(
     long_ref = "v" + "1" * 300  # once a 500-style OSError (file name too long)
     done = run_here(capsys, "serve", "--registry", str(registry), "--version", long_ref)
     one_error_line(done, "is not a version reference")
+
+
+def test_serve_refuses_an_unreachable_redis_or_index_before_binding_its_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replica pointed at a Redis or a Milvus server it cannot reach says which, exit 2,
+    instead of coming up with empty shared state or no index behind a balancer."""
+    from recloop.serve.server import free_port
+    from tests.serving import make_dataset, train_version
+
+    data = make_dataset(tmp_path / "data")
+    registry = tmp_path / "registry"
+    train_version(data, registry, tmp_path / "run", seed=1, steps=3)
+    nobody = free_port()
+    redis_url = f"redis://127.0.0.1:{nobody}/0"
+    done = run_here(capsys, "serve", "--registry", str(registry), "--redis-url", redis_url)
+    one_error_line(done, f"Redis at {redis_url} is unreachable")
+    milvus = f"http://127.0.0.1:{nobody}"
+    done = run_here(
+        capsys, "serve", "--registry", str(registry), "--index", "milvus", "--index-uri", milvus
+    )
+    one_error_line(done, f"index_uri {milvus!r}: cannot connect to Milvus")

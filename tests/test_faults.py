@@ -31,7 +31,8 @@ Redis
     queues, and connects and replays once Redis is up.
     test_redis_backend_shares_state_and_survives_an_outage: two replicas of the HTTP service share
     one Redis (an event posted to one changes the other's answer); Redis stops mid-run: the
-    replica keeps answering from the last known state and /readyz says disconnected.
+    replica keeps answering from the last known state, /readyz says not ready (and why), requests
+    from a balancer that ask for a ready replica get 503 at once; Redis back, ready again.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from recloop.events import Event, SqliteEventLog
 from recloop.online.control import CRASH_ENV
 from recloop.online.prequential import CSV_NAME
 from recloop.registry import Registry
+from recloop.serve.app import REQUIRE_READY_HEADER
 from recloop.serve.server import free_port
 from recloop.serve.state.base import LOGGER_NAME, StateStore
 from recloop.serve.state.redis import RedisStateStore
@@ -79,6 +81,7 @@ from tests.serving import API_KEY, config_for, known_user, running_service
 from tests.state_helpers import redis_call, run, state_records
 from tests.warm_interpreter import WarmInterpreter, WarmProcess, warm_interpreter
 
+REQUIRE_READY = REQUIRE_READY_HEADER.decode()
 USERS = [f"fault-user-{n}" for n in range(12)]
 ITEMS = [str(n) for n in range(1, 60)]
 CYCLES = 3
@@ -498,5 +501,25 @@ def test_redis_backend_shares_state_and_survives_an_outage(
             during = httpx.get(f"{second}/v1/users/{user}/recommendations", params={"k": 5})
             assert during.status_code == 200
             assert top not in [item["item_id"] for item in during.json()["items"]]
-            ready = httpx.get(f"{second}/readyz").json()
-            assert ready["ready"] is True and ready["state"]["connected"] is False
+            # Not ready, so a balancer sends users elsewhere: /readyz says 503 and why, and a
+            # request that asks for a ready replica (nginx's header) is refused at once.
+            ready = httpx.get(f"{second}/readyz")
+            assert ready.status_code == 503
+            body = ready.json()
+            assert body["ready"] is False and body["state"]["connected"] is False
+            assert "state store (Redis) is unreachable" in body["reason"]
+            gated = httpx.get(
+                f"{second}/v1/users/{user}/recommendations", headers={REQUIRE_READY: "1"}
+            )
+            assert gated.status_code == 503 and "replica not ready" in gated.json()["detail"]
+            assert gated.headers["retry-after"] == "1"
+
+            redis_server.start()  # back (empty): ready again once the store reconnects
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{second}/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "not ready again after Redis came back"
+                time.sleep(0.05)
+            gated = httpx.get(
+                f"{second}/v1/users/{user}/recommendations", headers={REQUIRE_READY: "1"}
+            )
+            assert gated.status_code == 200

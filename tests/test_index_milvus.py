@@ -137,3 +137,33 @@ def test_index_uri_reaches_the_load_options_and_is_checked(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"index_uri \(--index-uri\): folder"):
         LoadOptions(index="milvus", index_uri="/no/such/folder/items.db")
     assert LoadOptions(index="milvus", index_uri="http://milvus:19530").index_uri
+
+
+def test_milvus_failures_make_it_unavailable_until_a_probe_succeeds(
+    table: Table, tmp_path: Path
+) -> None:
+    """What the service's /readyz reports: a failed search marks the index unavailable (with
+    Milvus's reason), a probe that Milvus answers clears it. The failure here is real: the
+    collection behind the alias is dropped by another client, then built again."""
+    uri = str(tmp_path / "items.db")
+    queries = probe_queries(table, seed=5, count=4)
+    index = MilvusIndex(table, uri=uri, alias="served")
+    try:
+        assert index.unavailable() is None
+        index._store.client.drop_alias("served")
+        index._store.client.drop_collection(index.collection)
+        with pytest.raises(ServingError, match="milvus search on 'served' failed"):
+            index.search(queries, K)
+        reason = index.unavailable()
+        assert reason is not None and "served" in reason
+        index.probe()  # still gone
+        assert index.unavailable() is not None
+        rebuilt = MilvusIndex(table, uri=uri, alias="served")  # e.g. an operator's restore
+        try:
+            index.probe()
+            assert index.unavailable() is None
+            assert np.array_equal(index.search(queries, K)[0], brute_force(table, queries, K)[0])
+        finally:
+            rebuilt.close()
+    finally:
+        index.close()

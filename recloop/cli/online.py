@@ -20,7 +20,7 @@ FromOption = Annotated[
     str, typer.Option("--from", help="Version to fine-tune (resumes this learner's own).")
 ]
 OnlineConfigOption = Annotated[
-    Path | None, typer.Option(help="TOML file with an [online] section.")
+    Path | None, typer.Option(help="TOML file with an \\[online] section.")
 ]
 OnlineRunDirOption = Annotated[
     Path, typer.Option(help="Learner state, prequential.csv and its plot.")

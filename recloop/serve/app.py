@@ -413,6 +413,17 @@ _USER_RECS_ROUTE = "/v1/users/{user_id}/recommendations"
 _HEALTHY = b'{"status":"ok"}'
 
 
+# Sent by a load balancer (deploy/nginx/recloop.conf): "answer only if /readyz would say ready,
+# else 503 at once", so the balancer moves the request to a ready replica and marks this one
+# failed for a while. Open-source nginx has no active health checks; this is how readiness
+# reaches it. Clients that come direct get what the replica has (last known state).
+REQUIRE_READY_HEADER = b"x-recloop-require-ready"
+
+
+def _wants_ready(scope: Scope) -> bool:
+    return any(name == REQUIRE_READY_HEADER for name, _ in scope["headers"])
+
+
 def _announces_body(scope: Scope) -> bool:
     """A GET with a body (which no client of this route sends) goes to FastAPI, so that the
     body size limit refuses it there as it would any other request."""
@@ -436,6 +447,12 @@ class FastPath:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and _wants_ready(scope):
+            reason = self.service.not_ready()
+            if reason is not None:  # the balancer retries another replica (deploy/nginx)
+                await send_json(send, 503, dumps({"detail": f"replica not ready: {reason}"}))
+                self.service.metrics.observe_request("not-ready", 503, 0.0)
+                return
         if scope["type"] == "http" and scope["method"] == "GET":
             if scope["path"] == "/healthz":  # liveness: the HTTP stack's own ceiling
                 await send_json(send, 200, _HEALTHY)

@@ -130,6 +130,7 @@ class StateRebuild(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
+    reason: str | None = None  # why not ready (None when ready)
     model_version: str | None
     state: dict[str, object]
     state_rebuild: StateRebuild | None = None

@@ -36,12 +36,15 @@ from recloop.serve.recommender import Recommender, as_cache_hit
 from recloop.serve.state.base import StateStore
 from recloop.serve.state.factory import open_state_store
 from recloop.serve.state.memory import MemoryStateStore
+from recloop.serve.state.redis import RedisStateStore
 from recloop.serve.state.sync import LoggedState, every
 
 if TYPE_CHECKING:
     from recloop.events import Event, EventLog
 
 log = logging.getLogger("recloop.serve")
+
+INDEX_PROBE_SECONDS = 1.0  # how often an unavailable item index is asked again
 
 # Endpoints that answer without the API key unless the service is told otherwise.
 PROTECTABLE = frozenset({"docs", "metrics", "model"})
@@ -170,6 +173,8 @@ class Service:
             cache_ttl=config.cache_ttl,
             snapshot_path=config.state_snapshot,
         )
+        if isinstance(self.state, RedisStateStore):
+            self.state.check_reachable()  # before the port is bound: exit 2 naming Redis
         self.event_log: EventLog | None = None
         self.logged_state: LoggedState | None = None
         self._log_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recloop-log")
@@ -226,6 +231,7 @@ class Service:
             self._tasks.append(loop.create_task(every(self.config.snapshot_seconds, snapshot)))
         if self.config.follow_seconds:
             self._tasks.append(loop.create_task(self._follow()))
+        self._tasks.append(loop.create_task(every(INDEX_PROBE_SECONDS, self._probe_index)))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -296,6 +302,13 @@ class Service:
             except Exception:  # a bug must not end following for the life of the process
                 log.exception("follow: unexpected error loading %s; still serving the old", target)
 
+    async def _probe_index(self) -> None:
+        """Asks an index that failed (a Milvus server away) again, off the event loop, so that
+        readiness comes back without a request having to fail first."""
+        bundle = self.holder.current
+        if bundle is not None and bundle.index.unavailable() is not None:
+            await asyncio.get_running_loop().run_in_executor(None, bundle.index.probe)
+
     async def ingest(self, events: list[Event]) -> Ingested:
         """POST /v1/events: :meth:`accept_events`, counted, with the items the served version
         does not know. Unavailable (before anything is stored) while no model is loaded."""
@@ -305,13 +318,31 @@ class Service:
         _, unknown = bundle.to_dense([event.item_id for event in events])
         return Ingested(event_ids, durable, sorted(set(unknown)))
 
+    def not_ready(self) -> str | None:
+        """Why this replica should get no traffic now, or None when it is ready: no model
+        loaded, user state still rebuilt from the log, the shared state store (Redis) or the
+        item index (a Milvus server) unreachable. A replica that is not ready still answers
+        what it can (last known state); readiness tells a balancer to send users elsewhere."""
+        bundle = self.holder.current
+        if bundle is None:
+            return "no model loaded yet"
+        if not self.state_ready:
+            return "user state is being rebuilt from the event log"
+        if isinstance(self.state, RedisStateStore) and not self.state.connected:
+            return "the state store (Redis) is unreachable"
+        index_problem = bundle.index.unavailable()
+        if index_problem is not None:
+            return f"the item index is unavailable: {index_problem}"
+        return None
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """(ready, the /readyz body): a model is loaded and the user state is rebuilt."""
+        """(ready, the /readyz body): see :meth:`not_ready`."""
         bundle = self.holder.current
         rebuild = self.logged_state.status() if self.logged_state is not None else None
-        ready = bundle is not None and self.state_ready
-        return ready, {
-            "ready": ready,
+        reason = self.not_ready()
+        return reason is None, {
+            "ready": reason is None,
+            "reason": reason,
             "model_version": bundle.version if bundle else None,
             "state": self.state.status(),
             "state_rebuild": rebuild,

@@ -123,6 +123,16 @@ class ItemIndex(ABC):
     def close(self) -> None:  # noqa: B027 (a deliberate no-op default)
         """Releases resources (remote processes, thread pools). Local indexes: nothing to do."""
 
+    def unavailable(self) -> str | None:
+        """Why searches fail now (a vector database that stopped answering), or None. The
+        service reports it in /readyz so that a balancer sends traffic elsewhere. In-process
+        indexes are always available."""
+        return None
+
+    def probe(self) -> None:  # noqa: B027 (a deliberate no-op default)
+        """Checks again whether an unavailable index answers (clears :meth:`unavailable`
+        when it does); blocking, called off the event loop. In-process: nothing to check."""
+
     @abstractmethod
     def _search(
         self, queries: FloatArray, k: int, exclude: list[IdArray]

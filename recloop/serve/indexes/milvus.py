@@ -58,6 +58,7 @@ class _Store:
         self.client, self.alias, self.collection, self.tmp = client, alias, collection, tmp
         self.users = 1
         self.lock = threading.Lock()
+        self.error: str | None = None  # the last failed call's error, until one succeeds
 
     def acquire(self) -> _Store:
         with self.lock:
@@ -163,6 +164,18 @@ class MilvusIndex(ItemIndex):
         self._closed = True
         self._store.release()
 
+    def unavailable(self) -> str | None:
+        return self._store.error
+
+    def probe(self) -> None:
+        store = self._store
+        try:
+            store.client.describe_collection(store.alias)
+        except MilvusException as exc:
+            store.error = str(exc)
+        else:
+            store.error = None
+
     def _search(
         self, queries: FloatArray, k: int, exclude: list[IdArray]
     ) -> tuple[IdArray, FloatArray]:
@@ -199,7 +212,9 @@ class MilvusIndex(ItemIndex):
                 search_params={"metric_type": "IP"},
             )
         except MilvusException as exc:
+            store.error = str(exc)
             raise ServingError(f"milvus search on {store.alias!r} failed: {exc}") from None
+        store.error = None
         ids = np.zeros((len(queries), limit), dtype=np.int64)
         scores = np.full((len(queries), limit), -np.inf, dtype=np.float32)
         for row, found in enumerate(hits):

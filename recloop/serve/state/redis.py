@@ -115,6 +115,11 @@ class RedisStateStore(StateStore):
         self._down_since: float | None = None
         self._last_error: str | None = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether Redis answered last time (False while an outage is ridden out)."""
+        return self._connected
+
     # ------------------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -145,6 +150,28 @@ class RedisStateStore(StateStore):
         self._connected = True
         # debug, not info: the info line is reserved for "Redis is back" after an outage.
         log.debug("state store: connected to Redis at %s", redact_url(self.url))
+
+    def check_reachable(self, timeout: float = 2.0) -> None:
+        """Blocking PING before a service binds its port: a replica started against a Redis it
+        cannot reach is an error that names it (a one-line exit), not a replica that comes up
+        with empty user state. Outages after start are ridden out (see the module docstring)."""
+        import redis as sync_redis
+
+        client = sync_redis.Redis.from_url(
+            self.url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        try:
+            client.ping()
+        except redis.exceptions.AuthenticationError as exc:
+            raise ServingError(
+                f"state store: Redis at {redact_url(self.url)} rejected the credentials: {exc}"
+            ) from exc
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise ServingError(
+                f"state store: Redis at {redact_url(self.url)} is unreachable: {describe(exc)}"
+            ) from exc
+        finally:
+            client.close()
 
     async def close(self) -> None:
         task, self._reconnect_task = self._reconnect_task, None
