@@ -30,7 +30,8 @@ CompressDataOption = Annotated[
 CompressConfigOption = Annotated[
     Path | None,
     typer.Option(
-        help="TOML: \\[model] (the student, for distill; a training config fits), \\[train], \\[distill]."
+        help="TOML: \\[model] (the student, for distill; a training config fits), "
+        "\\[train], \\[distill]."
     ),
 ]
 DenseBitsOption = Annotated[
