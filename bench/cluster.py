@@ -183,6 +183,7 @@ class Cluster:
     follow_seconds: float = 0.2
     serve_flags: list[str] = field(default_factory=list)  # e.g. --index milvus
     threads: int = 1
+    onnx_cache: Path | None = None  # default: workdir/onnx-cache
     replicas: dict[str, Replica] = field(default_factory=dict)
     nginx: Nginx | None = None
     learner: Process | None = None
@@ -201,7 +202,8 @@ class Cluster:
             "serve", "--registry", str(self.registry), "--version", self.version,
             "--follow", str(self.follow_seconds), "--redis-url", self.redis_url,
             "--event-log", self.redis_url, "--port", str(port),
-            "--threads", str(self.threads), "--cache-dir", str(self.workdir / "onnx-cache"),
+            "--threads", str(self.threads),
+            "--cache-dir", str(self.onnx_cache or self.workdir / "onnx-cache"),
             *self.serve_flags,
         ]  # fmt: skip
 

@@ -25,6 +25,11 @@ class EngineParityError(ServingError):
     """An inference engine's outputs disagree with the reference torch model: refuse it."""
 
 
+class IndexUnavailable(ServingError):
+    """The item index cannot answer now (a vector database that went away): the request may
+    succeed on another replica or later (HTTP 503), unlike a bug in the serving code."""
+
+
 def undecodable(exc: UnicodeDecodeError) -> str:
     """Where and why bytes are not UTF-8, for a message: "line 3 (byte offset 17): not valid
     UTF-8 (byte 0xff: invalid start byte)"."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recloop.errors import ConfigError, ServingError
+from recloop.errors import ConfigError, IndexUnavailable, ServingError
 from recloop.serve.bundle import LoadOptions
 from recloop.serve.indexes import milvus
 from recloop.serve.indexes.base import probe_queries
@@ -152,7 +152,7 @@ def test_milvus_failures_make_it_unavailable_until_a_probe_succeeds(
         assert index.unavailable() is None
         index._store.client.drop_alias("served")
         index._store.client.drop_collection(index.collection)
-        with pytest.raises(ServingError, match="milvus search on 'served' failed"):
+        with pytest.raises(IndexUnavailable, match="milvus search on 'served' failed"):
             index.search(queries, K)
         reason = index.unavailable()
         assert reason is not None and "served" in reason

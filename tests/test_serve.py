@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
+from pymilvus import MilvusClient
 
 from recloop.data.dataset import SequenceDataset
 from recloop.registry import Registry
 from recloop.registry.loading import load_model
 from recloop.serve.bundle import LoadOptions
+from recloop.serve.indexes import milvus
 from recloop.serve.schemas import Recommendations
 from recloop.serve.validation import fast_arguments
 from tests.serving import (
     API_KEY,
+    TINY_MODEL,
     config_for,
     known_user,
     make_dataset,
@@ -278,6 +283,30 @@ def test_milvus_index_serves_the_same_api(trained: dict[str, Any], tmp_path: Pat
         assert model["index"] == "milvus" and model["details"]["index_recall_at_10"] >= 0.99
         found = httpx.post(f"{url}/v1/recommendations", json=body).json()["items"]
         assert [item["item_id"] for item in found] == [item["item_id"] for item in expected]
+
+        # Milvus loses the collection (as when its server goes away): 503 naming the index, not
+        # ready (so a balancer moves traffic), and ready again once Milvus answers.
+        user, _, _ = known_user(trained)
+        other = MilvusClient(uri=uri)
+        other.drop_collection(other.describe_alias(milvus.DEFAULT_ALIAS)["collection_name"])
+        failed = httpx.get(f"{url}/v1/users/{user}/recommendations")
+        assert failed.status_code == 503 and "milvus search" in failed.json()["detail"]
+        assert httpx.post(f"{url}/v1/recommendations", json=body).status_code == 503
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503
+        assert "item index is unavailable" in ready.json()["reason"]
+        dim = TINY_MODEL["dim"]  # the trained fixture's model
+        table = np.zeros((model["num_items"] + 1, dim), dtype=np.float32)
+        restored = milvus.MilvusIndex(table, uri=uri)  # same alias: Milvus answers again
+        try:
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{url}/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "not ready again after Milvus came back"
+                time.sleep(0.1)
+            assert httpx.get(f"{url}/v1/users/{user}/recommendations").status_code == 200
+        finally:
+            other.close()
+            restored.close()
 
 
 def test_a_bad_event_batch_stores_nothing(client: httpx.Client) -> None:

@@ -28,7 +28,13 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from recloop.errors import EngineParityError, RecloopError, RegistryError, ServingError
+from recloop.errors import (
+    EngineParityError,
+    IndexUnavailable,
+    RecloopError,
+    RegistryError,
+    ServingError,
+)
 from recloop.ids import raw_id_problem
 from recloop.serve.batcher import Overloaded
 from recloop.serve.middleware import BodySizeLimit, Receive, RequestMetrics, Scope, Send, send_json
@@ -171,6 +177,10 @@ def _error_handlers(app: FastAPI, service: Service) -> None:
     async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)}
         return JSONResponse({"detail": exc.detail}, status_code=503, headers=headers)
+
+    @app.exception_handler(IndexUnavailable)
+    async def index_unavailable(request: Request, exc: IndexUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(BadEvents)
     async def bad_events(request: Request, exc: BadEvents) -> JSONResponse:
@@ -481,6 +491,8 @@ class FastPath:
             status, body = 503, dumps({"detail": str(exc)})
         except Unavailable as exc:
             status, body = 503, dumps({"detail": exc.detail})
+        except IndexUnavailable as exc:  # another replica (nginx retries) or a later try
+            status, body = 503, dumps({"detail": str(exc)})
         except Exception:  # logged, answered 500; the process keeps serving
             log.exception("GET %s failed", _USER_RECS_ROUTE)
             status, body = 500, b'{"detail":"internal error"}'

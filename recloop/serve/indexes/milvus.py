@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from pymilvus import DataType, MilvusClient, MilvusException
 
-from recloop.errors import ServingError
+from recloop.errors import IndexUnavailable, ServingError
 from recloop.serve.indexes.base import (
     RECALL_K,
     FloatArray,
@@ -213,7 +213,7 @@ class MilvusIndex(ItemIndex):
             )
         except MilvusException as exc:
             store.error = str(exc)
-            raise ServingError(f"milvus search on {store.alias!r} failed: {exc}") from None
+            raise IndexUnavailable(f"milvus search on {store.alias!r} failed: {exc}") from None
         store.error = None
         ids = np.zeros((len(queries), limit), dtype=np.int64)
         scores = np.full((len(queries), limit), -np.inf, dtype=np.float32)
