@@ -86,8 +86,8 @@ class Load:
     """Client threads sending recommendations and events through nginx until stopped; every
     status is counted (a transport error counts as status 0)."""
 
-    def __init__(self, base: str, users: list[str], items: list[str]) -> None:
-        self.base, self.users, self.items = base, users, items
+    def __init__(self, base: str, users: list[str], items: list[str] | None) -> None:
+        self.base, self.users, self.items = base, users, items  # items None: no events
         self.statuses: Counter[int] = Counter()
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -100,7 +100,7 @@ class Load:
                 n += 1
                 user = self.users[(worker * 7 + n) % len(self.users)]
                 try:
-                    if n % 5 == 0:
+                    if self.items and n % 5 == 0:
                         event = {"user_id": user, "item_id": self.items[n % len(self.items)]}
                         status = client.post(
                             "/v1/events", json={"events": [event]}, headers=HEADERS
@@ -182,19 +182,22 @@ def test_two_replicas_behind_nginx_with_redis_and_the_learner(
                 )
                 assert sent.status_code == 200
                 reg = Registry(registry, create=False)
-                wait_until(
-                    lambda: reg.resolve("latest") != v1,
-                    120,
-                    f"learner publish\n{learner_log(cluster)}",
-                )
+                # Recommendations go on while the replicas move along the deltas: none fails.
+                with Load(nginx.url, users, None) as moving:
+                    wait_until(
+                        lambda: reg.resolve("latest") != v1,
+                        120,
+                        f"learner publish\n{learner_log(cluster)}",
+                    )
 
-                # Both replicas end up on what the learner published last (a delta chain on v1).
-                def both_on_latest() -> bool:
-                    latest = reg.resolve("latest")
-                    served = {client.get(f"{r.url}/v1/model").json()["version"] for r in (a, b)}
-                    return served == {latest}
+                    # Both replicas end up on what the learner published last.
+                    def both_on_latest() -> bool:
+                        latest = reg.resolve("latest")
+                        served = {client.get(f"{r.url}/v1/model").json()["version"] for r in (a, b)}
+                        return served == {latest}
 
-                wait_until(both_on_latest, 60, "both replicas following the learner's deltas")
+                    wait_until(both_on_latest, 60, "both replicas following the learner's deltas")
+                assert set(moving.statuses) == {200}, moving.statuses
                 version = reg.resolve("latest")
                 while version != v1:  # every step a delta of the one before, back to v1
                     manifest = reg.manifest(version)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -17,13 +14,6 @@ from recloop.serve.indexes.exact import ExactIndex
 from recloop.serve.indexes.factory import build_index
 from recloop.serve.indexes.ivf import IVFIndex, probe_queries
 from recloop.serve.indexes.milvus import MilvusIndex
-from recloop.serve.indexes.remote import (
-    RemoteShard,
-    decode,
-    encode,
-    handle,
-    start_shard_process,
-)
 from recloop.serve.indexes.sharded import ShardedIndex, split_table
 
 Table = npt.NDArray[np.float32]
@@ -60,13 +50,6 @@ def brute_force(
     return order + 1, np.take_along_axis(scores, order, axis=1).astype(np.float32)
 
 
-def half_remote(table: Table) -> ItemIndex:
-    """Two shards: the first in this process, the second in a shard process."""
-    (_, first), (_, second) = split_table(table, 2)
-    local = ExactIndex(first)
-    return ShardedIndex([local, start_shard_process(second, "exact")], offsets=[0, len(first) - 1])
-
-
 IMPLEMENTATIONS: dict[str, Factory] = {
     "exact": lambda t: ExactIndex(t, block_rows=300),  # several blocks, one partial
     "exact-int8": lambda t: ExactIndex(t, quantize="int8", block_rows=300),
@@ -74,7 +57,6 @@ IMPLEMENTATIONS: dict[str, Factory] = {
     "ivf": lambda t: IVFIndex(t, min_recall=0.95),
     "sharded-exact": lambda t: build_index(t, "exact", shards=3),
     "sharded-ivf": lambda t: build_index(t, "ivf", shards=2, min_recall=0.9),
-    "sharded-remote": half_remote,
     "milvus": MilvusIndex,  # milvus-lite in a temporary folder the index owns
 }
 
@@ -272,87 +254,6 @@ def test_sharded_rejects_gapped_offsets(table: Table) -> None:
     parts = [ExactIndex(part) for _, part in split_table(table, 2)]
     with pytest.raises(ServingError, match="offsets must make contiguous id ranges"):
         ShardedIndex(parts, offsets=[0, 5])
-
-
-# --------------------------------------------------------------------------- remote shards
-
-
-def test_remote_shards_match_exact_and_survive_bad_requests(table: Table, queries: Table) -> None:
-    index = build_index(table, "exact", shards=2, remote=True)
-    try:
-        assert isinstance(index, ShardedIndex)
-        shard = index.shards[0]
-        assert isinstance(shard, RemoteShard) and shard.shard_kind == "exact"
-        expected, _ = ExactIndex(table).search(queries, K)
-        assert np.array_equal(index.search(queries, K)[0], expected)
-
-        # Bad requests that skip the client's checks get error replies; the shard lives on.
-        with pytest.raises(ServingError, match="unknown op 'explode'"):
-            shard._call({"op": "explode"})
-        with pytest.raises(ServingError, match="k must be >= 1, got 0"):
-            shard._call({"op": "search", "k": 0}, {"queries": queries})
-        with pytest.raises(ServingError, match="queries have dim 3"):
-            shard._call({"op": "search", "k": 2}, {"queries": queries[:, :3].copy()})
-
-        # Several threads share the connection (a lock keeps request/reply pairs together).
-        results: list[bool] = []
-
-        def search_many() -> None:
-            for _ in range(5):
-                results.append(np.array_equal(index.search(queries, K)[0], expected))
-
-        threads = [threading.Thread(target=search_many) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert results == [True] * 20
-        processes = [s._process for s in index.shards if isinstance(s, RemoteShard)]
-        pids = [p.pid for p in processes if p is not None]
-    finally:
-        index.close()
-    for pid in pids:  # closed and reaped
-        assert pid is not None
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-    with pytest.raises(ServingError, match="is closed"):
-        shard.search(queries, K)
-    index.close()  # idempotent
-
-
-def test_remote_single_shard_is_a_remote_ivf(table: Table, queries: Table) -> None:
-    index = build_index(table, "ivf", remote=True, min_recall=0.9)
-    try:
-        assert isinstance(index, RemoteShard) and index.kind == "remote"
-        assert index.shard_kind == "ivf" and index.recall is not None and index.recall >= 0.9
-        assert measure_recall(index, ExactIndex(table), queries) >= 0.9
-    finally:
-        index.close()
-
-
-def test_remote_build_failure_is_reported(table: Table) -> None:
-    with pytest.raises(ServingError, match=r"failed to build its index: .*nlist must be <= 2000"):
-        start_shard_process(table, "ivf", nlist=10**6)
-
-
-def test_wire_format_round_trip_and_rejections() -> None:
-    arrays: dict[str, npt.NDArray[Any]] = {
-        "a": np.arange(6, dtype=np.int64).reshape(2, 3),
-        "b": np.ones((0, 4), np.float32),
-    }
-    header, decoded = decode(encode({"op": "x", "k": 3}, arrays))
-    assert header == {"op": "x", "k": 3}
-    assert np.array_equal(decoded["a"], arrays["a"]) and decoded["b"].shape == (0, 4)
-    frame = encode({"op": "search"}, {"queries": np.zeros((1, 2), np.float32)})
-    index = ExactIndex(np.ones((3, 2), np.float32))
-    for bad in (b"", b"\x00\x00\x00\x09{}", b"\x00\x00\x00\x02[]", frame[:-1], frame + b"\x00"):
-        reply, stop = handle(index, bad)
-        assert decode(reply)[0]["ok"] is False and not stop
-    evil = b'{"op": "search", "arrays": [{"name": "queries", "dtype": "object", "shape": [1]}]}'
-    reply, _ = handle(index, len(evil).to_bytes(4, "big") + evil + b"\x00" * 8)
-    assert "dtype" in decode(reply)[0]["error"]
-    reply, stop = handle(index, encode({"op": "close"}))
-    assert decode(reply)[0]["ok"] is True and stop
 
 
 # --------------------------------------------------------------------------- bad parameters

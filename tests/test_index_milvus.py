@@ -109,7 +109,7 @@ def test_milvus_updated_upserts_without_showing_new_items_to_the_old_index(table
         ({"uri": ""}, r"index_uri \(--index-uri\) must be a non-empty string"),
         ({"uri": "http://127.0.0.1:1"}, r"index_uri 'http://127.0.0.1:1': cannot connect"),
         ({"alias": "bad-name"}, "alias must be a Milvus name"),
-        ({"shards": 2}, "a milvus index cannot be sharded or remote"),
+        ({"shards": 2}, "a milvus index cannot be sharded"),
         ({"nprobe": 4}, "unknown option.*'milvus': nprobe"),
     ],
 )
@@ -124,7 +124,7 @@ def test_index_uri_reaches_the_load_options_and_is_checked(tmp_path: Path) -> No
     uri = str(tmp_path / "items.db")
     options = {
         "engine": "torch", "index": "milvus", "index_uri": uri, "shards": 1,
-        "remote_shards": False, "max_batch": 8, "threads": 1, "device": "cpu",
+        "max_batch": 8, "threads": 1, "device": "cpu",
         "min_recall": 0.95, "data": None, "cache_dir": None, "registry": tmp_path,
         "version": "auto", "redis_url": None, "state_snapshot": None, "cache": True,
         "cache_ttl": 60.0, "max_wait_us": 500, "max_queue": 64, "max_body_bytes": 1 << 20,

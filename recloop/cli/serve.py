@@ -31,7 +31,6 @@ IndexUriOption = Annotated[
     str | None,
     typer.Option(help="milvus: http://host:19530 or a milvus-lite .db file (default: a temp one)."),
 ]
-RemoteShardsOption = Annotated[bool, typer.Option(help="Run each shard in its own process.")]
 MinRecallOption = Annotated[float, typer.Option(help="ivf: recall@10 vs exact to reach.")]
 MaxBatchOption = Annotated[int, typer.Option(help="Requests per micro-batch (1 = off).")]
 MaxWaitOption = Annotated[int, typer.Option(help="Wait for more requests (microseconds).")]
@@ -77,7 +76,6 @@ def serve_command(
     index: IndexOption = "exact",
     index_uri: IndexUriOption = None,
     shards: Annotated[int, typer.Option(help="Item index shards.")] = 1,
-    remote_shards: RemoteShardsOption = False,
     min_recall: MinRecallOption = 0.95,
     max_batch: MaxBatchOption = 32,
     max_wait_us: MaxWaitOption = 500,
@@ -131,7 +129,6 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
         index=options["index"],
         index_uri=options["index_uri"],
         shards=options["shards"],
-        remote_shards=options["remote_shards"],
         max_batch=max(options["max_batch"], 1),
         threads=options["threads"],
         device=options["device"],

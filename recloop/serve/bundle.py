@@ -45,7 +45,6 @@ class LoadOptions:
     engine: EngineKind = "onnx"
     index: IndexKind = "exact"
     shards: int = 1
-    remote_shards: bool = False
     max_batch: int = 64
     threads: int = 1
     device: str = "cpu"
@@ -90,8 +89,6 @@ class LoadOptions:
                 raise ConfigError(
                     f"{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {value!r}"
                 )
-        if not isinstance(self.remote_shards, bool):
-            raise ConfigError(f"remote_shards must be true or false, got {self.remote_shards!r}")
         if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"device (--device) must be cpu or cuda[:N], got {self.device!r}")
         recall, drift = self.min_recall, self.rebuild_drift
@@ -210,12 +207,12 @@ class ModelBundle:
 
     @property
     def needs_close(self) -> bool:
-        """Whether :meth:`close` must run to release something (index shard processes, a
-        Milvus collection and client).
+        """Whether :meth:`close` must run to release something (a Milvus collection and
+        client).
         Everything else is freed with the bundle, so a replaced bundle without processes
         need not be kept alive, with all its memory, until a delayed close."""
         shards = getattr(self.index, "shards", [self.index])
-        return any(shard.kind in ("remote", "milvus") for shard in shards)
+        return any(shard.kind == "milvus" for shard in shards)
 
     def close(self) -> None:
         close = getattr(self.index, "close", None)
@@ -291,14 +288,12 @@ def index_for(
         index_options["tune_queries"] = _sample_queries(encode, history, max_length, num_items)
     if options.index == "ivf":
         index_options["min_recall"] = options.min_recall
-        if not options.remote_shards:  # remote shards take JSON options only
-            num_items = int(table.shape[0]) - 1
-            index_options["tune_queries"] = _sample_queries(encode, history, max_length, num_items)
+        num_items = int(table.shape[0]) - 1
+        index_options["tune_queries"] = _sample_queries(encode, history, max_length, num_items)
     return build_index(
         table,
         kind=options.index,
         shards=options.shards,
-        remote=options.remote_shards,
         **index_options,
     )
 

@@ -87,8 +87,6 @@ def apply_deltas(
     started = time.perf_counter()
     if current.model is None or not current.state:
         raise NotApplicable(f"the served bundle of {current.version} keeps no weights")
-    if options.remote_shards:
-        raise NotApplicable("remote index shards are only built by a full load")
     chain = delta_chain(registry, current.version, target)
     for version, manifest in chain:
         check_model_change(current.manifest.model, manifest.model, version)

@@ -11,8 +11,9 @@ Conventions shared by every index (and relied on by the service):
 
 Implementations, one module each: ``exact`` (blocked matmul, optionally int8 rows), ``ivf``
 (faiss ``IndexIVFFlat``, nprobe tuned to a recall target), ``milvus`` (a Milvus collection
-behind an alias, through pymilvus; milvus-lite by default), ``sharded`` (contiguous id ranges
-searched concurrently), ``remote`` (a shard in another process).
+behind an alias, through pymilvus; milvus-lite by default: the index outside the serving
+process, on an engine that shards and replicates itself), ``sharded`` (contiguous id ranges
+searched concurrently).
 :func:`recloop.serve.indexes.factory.build_index` is the factory the service uses.
 """
 
@@ -34,7 +35,7 @@ IdArray = npt.NDArray[np.int64]
 Exclude = Sequence[npt.ArrayLike | None] | None
 
 KINDS = ("exact", "exact-int8", "ivf", "milvus")
-# The options build_index accepts for each kind (all JSON-able, so remote shards can take them).
+# The options build_index accepts for each kind.
 KIND_OPTIONS: dict[str, frozenset[str]] = {
     "exact": frozenset({"block_rows"}),
     "exact-int8": frozenset({"block_rows", "rerank"}),
@@ -102,8 +103,7 @@ class ItemIndex(ABC):
     def updated(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> ItemIndex:
         """A new index: this one with :meth:`add` applied (copy-on-write). This index is left
         exactly as it is, so searches running on it meanwhile see no change; with nothing to
-        change, this index itself. Raises ServingError for an index that cannot be copied
-        (remote shards): build a new one instead.
+        change, this index itself.
         """
         checked_ids, checked = check_add(ids, vectors, self.num_items, self.dim)
         if not len(checked_ids):
@@ -121,7 +121,7 @@ class ItemIndex(ABC):
         """Bytes this index holds for its items (see each implementation for what counts)."""
 
     def close(self) -> None:  # noqa: B027 (a deliberate no-op default)
-        """Releases resources (remote processes, thread pools). Local indexes: nothing to do."""
+        """Releases resources (thread pools, a Milvus client). Most indexes: nothing to do."""
 
     def unavailable(self) -> str | None:
         """Why searches fail now (a vector database that stopped answering), or None. The
@@ -442,16 +442,16 @@ def check_index_uri(uri: str) -> str:
     return uri
 
 
-def check_build_args(kind: str, shards: int, options: dict[str, Any], remote: bool = False) -> None:
+def check_build_args(kind: str, shards: int, options: dict[str, Any]) -> None:
     """Raises ServingError naming a bad kind, shard count or option of build_index."""
     if kind not in KINDS:
         raise ServingError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ServingError(f"shards must be an integer >= 1, got {shards!r}")
-    if kind in UNSHARDED_KINDS and (shards != 1 or remote):
+    if kind in UNSHARDED_KINDS and shards != 1:
         raise ServingError(
-            f"a {kind} index cannot be sharded or remote here (Milvus shards itself): "
-            f"shards must be 1 and remote false, got shards={shards}, remote={remote}"
+            f"a {kind} index cannot be sharded here (Milvus shards itself): "
+            f"shards must be 1, got {shards}"
         )
     unknown = sorted(set(options) - KIND_OPTIONS[kind])
     if unknown:

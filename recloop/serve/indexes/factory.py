@@ -1,8 +1,7 @@
-"""build_index: the index the service searches, local or sharded, in-process or remote."""
+"""build_index: the index the service searches, one of a kind or sharded."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy.typing as npt
@@ -18,35 +17,26 @@ def build_index(
     kind: str = "exact",
     *,
     shards: int = 1,
-    remote: bool = False,
     **options: Any,
 ) -> ItemIndex:
     """The index the service searches: ``kind`` in ``exact``, ``exact-int8``, ``ivf``, ``milvus``.
 
-        ``shards > 1`` splits the catalogue into contiguous ranges (:class:`ShardedIndex`);
-        ``remote=True`` runs every shard in its own process
-        (:class:`recloop.serve.indexes.remote.RemoteShard`). ``options`` go to each shard's index:
-        ``block_rows`` (exact kinds), ``rerank`` (exact-int8); for ivf ``nlist``, ``nprobe``,
-        ``min_recall``, ``threads``, ``train_threads``, ``seed``; for milvus (one shard, in-process
-    client) ``uri``, ``alias``, ``tune_queries``, ``seed``.
+    ``shards > 1`` splits the catalogue into contiguous ranges (:class:`ShardedIndex`), searched
+    concurrently. ``options`` go to each shard's index: ``block_rows`` (exact kinds),
+    ``rerank`` (exact-int8); for ivf ``nlist``, ``nprobe``, ``min_recall``, ``threads``,
+    ``train_threads``, ``seed``; for milvus (one shard: Milvus shards itself) ``uri``,
+    ``alias``, ``tune_queries``, ``seed``.
     """
-    check_build_args(kind, shards, options, remote)
+    check_build_args(kind, shards, options)
     checked = check_table(table)
     if shards > len(checked) - 1:
         raise ServingError(
             f"shards must be <= the number of items ({len(checked) - 1}), got {shards}"
         )
-    make: Callable[[FloatArray], ItemIndex]
-    if remote:
-        from recloop.serve.indexes.remote import start_shard_process
 
-        def make(part: FloatArray) -> ItemIndex:
-            return start_shard_process(part, kind, **options)
-    else:
-
-        def make(part: FloatArray) -> ItemIndex:
-            return make_local_index(part, kind, **options)
+    def make(part: FloatArray) -> ItemIndex:
+        return make_local_index(part, kind, **options)
 
     if shards == 1:
         return make(checked)
-    return ShardedIndex.build(checked, shards=shards, make_shard=make, concurrent=remote)
+    return ShardedIndex.build(checked, shards=shards, make_shard=make)

@@ -235,6 +235,7 @@ class MilvusIndex(ItemIndex):
 
     def _add(self, ids: IdArray, vectors: FloatArray) -> None:
         _upsert(self._store.client, self._store.alias, ids, vectors)
+        self._store.client.flush(self._store.alias)  # where the upsert went; see _create
         self.num_items = int(ids.max(initial=self.num_items))
 
     def _updated(self, ids: IdArray, vectors: FloatArray) -> MilvusIndex:
@@ -281,6 +282,10 @@ def _create(client: MilvusClient, collection: str, table: FloatArray) -> None:
         collection, schema=schema, index_params=params, consistency_level="Strong"
     )
     _upsert(client, collection, np.arange(1, len(table), dtype=np.int64), table[1:], insert=True)
+    # Sealed segments are searched through their index; rows still in a growing segment are
+    # searched another way that cost ~85 ms per call on 12k items here against 7 ms once
+    # flushed (milvus-lite 3.2.2, one query; measured in a scratch run, issue 22).
+    client.flush(collection)
     client.load_collection(collection)
 
 

@@ -80,29 +80,17 @@ class ShardedIndex(ItemIndex):
         *,
         shards: int,
         make_shard: Callable[[FloatArray], ItemIndex],
-        concurrent: bool = False,
     ) -> ShardedIndex:
-        """Splits ``table`` into ``shards`` ranges and builds one index per range.
-
-        ``concurrent`` builds them on threads (worth it when each build waits on a process).
-        """
+        """Splits ``table`` into ``shards`` ranges and builds one index per range."""
         parts = [part for _, part in split_table(table, positive_int("shards", shards))]
-        if not concurrent or len(parts) == 1:
-            built: list[ItemIndex] = []
-            try:
-                for part in parts:
-                    built.append(make_shard(part))
-            except BaseException:
-                close_all(built)
-                raise
-            return cls(built)
-        with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="shard-build") as pool:
-            futures = [pool.submit(make_shard, part) for part in parts]
-        failures = [f.exception() for f in futures if f.exception() is not None]
-        if failures:  # close the shards that did start (remote processes) before raising
-            close_all([f.result() for f in futures if f.exception() is None])
-            raise failures[0]  # type: ignore[misc]
-        return cls([f.result() for f in futures])
+        built: list[ItemIndex] = []
+        try:
+            for part in parts:
+                built.append(make_shard(part))
+        except BaseException:
+            close_all(built)
+            raise
+        return cls(built)
 
     def _ranges(self) -> list[tuple[int, int]]:
         """(first global id - 1, last global id) of every shard."""
@@ -156,19 +144,19 @@ class ShardedIndex(ItemIndex):
         for s, shard in enumerate(self.shards):
             mask = owner == s
             shards.append(shard.updated(ids[mask] - self.offsets[s], vectors[mask]))
-        # Unchanged shards are shared: local ones close as a no-op, so closing either
-        # sharded index leaves them working for the other (remote shards cannot update).
+        # Unchanged shards are shared: they close as a no-op, so closing either sharded
+        # index leaves them working for the other.
         return ShardedIndex(shards)
 
     def drift(self) -> float:
         return max(shard.drift() for shard in self.shards)
 
     def memory_bytes(self) -> int:
-        """The sum over shards (remote shards report their own process's index)."""
+        """The sum over shards."""
         return sum(shard.memory_bytes() for shard in self.shards)
 
     def close(self) -> None:
-        """Closes every shard (stopping remote processes) and the search thread pool."""
+        """Closes every shard and the search thread pool."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
