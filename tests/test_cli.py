@@ -178,6 +178,11 @@ def test_serve_bad_arguments_are_one_line_errors(
             ["--registry", str(tmp_path), "--index", "milvus", "--index-uri", "milvus.example"],
             "index_uri (--index-uri) must be a Milvus server URI",
         ),
+        (["--registry", str(tmp_path), "--index-alias", "a"], "applies to --index milvus only"),
+        (
+            ["--registry", str(tmp_path), "--index", "milvus", "--index-alias", "1-bad"],
+            "index_alias (--index-alias) must be a Milvus name",
+        ),
         (["--registry", str(tmp_path), "--port", "70000"], "--port must be"),
     ]
     (tmp_path / "versions").mkdir()

@@ -123,7 +123,8 @@ def test_index_uri_reaches_the_load_options_and_is_checked(tmp_path: Path) -> No
 
     uri = str(tmp_path / "items.db")
     options = {
-        "engine": "torch", "index": "milvus", "index_uri": uri, "shards": 1,
+        "engine": "torch", "index": "milvus", "index_uri": uri, "index_alias": "replica_1",
+        "shards": 1,
         "max_batch": 8, "threads": 1, "device": "cpu",
         "min_recall": 0.95, "data": None, "cache_dir": None, "registry": tmp_path,
         "version": "auto", "redis_url": None, "state_snapshot": None, "cache": True,
@@ -132,6 +133,7 @@ def test_index_uri_reaches_the_load_options_and_is_checked(tmp_path: Path) -> No
     }  # fmt: skip
     config = _service_config(options)
     assert config.load.index == "milvus" and config.load.index_uri == uri
+    assert config.load.index_alias == "replica_1"
     with pytest.raises(ConfigError, match=r"--index-uri\) applies to --index milvus only"):
         LoadOptions(index="exact", index_uri=uri)
     with pytest.raises(ConfigError, match=r"index_uri \(--index-uri\): folder"):

@@ -273,7 +273,7 @@ def test_torch_engine_and_ivf_index_serve_the_same_api(trained: dict[str, Any]) 
 
 def test_milvus_index_serves_the_same_api(trained: dict[str, Any], tmp_path: Path) -> None:
     uri = str(tmp_path / "items.db")  # --index-uri: a milvus-lite file
-    load = LoadOptions(engine="torch", index="milvus", index_uri=uri)
+    load = LoadOptions(engine="torch", index="milvus", index_uri=uri, index_alias="replica_1")
     exact = LoadOptions(engine="torch")
     body = {"items": ["1", "2"], "k": 5}
     with running_service(config_for(trained, load=exact, cache=False)) as url:
@@ -284,11 +284,19 @@ def test_milvus_index_serves_the_same_api(trained: dict[str, Any], tmp_path: Pat
         found = httpx.post(f"{url}/v1/recommendations", json=body).json()["items"]
         assert [item["item_id"] for item in found] == [item["item_id"] for item in expected]
 
+        # A second replica on the same Milvus with its own alias comes and goes: this one's
+        # collection is untouched (one alias per replica, as deploy/README.md says).
+        second = LoadOptions(engine="torch", index="milvus", index_uri=uri, index_alias="replica_2")
+        with running_service(config_for(trained, load=second, cache=False)) as other_url:
+            assert httpx.post(f"{other_url}/v1/recommendations", json=body).status_code == 200
+        again = httpx.post(f"{url}/v1/recommendations", json=body).json()["items"]
+        assert [item["item_id"] for item in again] == [item["item_id"] for item in expected]
+
         # Milvus loses the collection (as when its server goes away): 503 naming the index, not
         # ready (so a balancer moves traffic), and ready again once Milvus answers.
         user, _, _ = known_user(trained)
         other = MilvusClient(uri=uri)
-        other.drop_collection(other.describe_alias(milvus.DEFAULT_ALIAS)["collection_name"])
+        other.drop_collection(other.describe_alias("replica_1")["collection_name"])
         failed = httpx.get(f"{url}/v1/users/{user}/recommendations")
         assert failed.status_code == 503 and "milvus search" in failed.json()["detail"]
         assert httpx.post(f"{url}/v1/recommendations", json=body).status_code == 503
@@ -297,7 +305,7 @@ def test_milvus_index_serves_the_same_api(trained: dict[str, Any], tmp_path: Pat
         assert "item index is unavailable" in ready.json()["reason"]
         dim = TINY_MODEL["dim"]  # the trained fixture's model
         table = np.zeros((model["num_items"] + 1, dim), dtype=np.float32)
-        restored = milvus.MilvusIndex(table, uri=uri)  # same alias: Milvus answers again
+        restored = milvus.MilvusIndex(table, uri=uri, alias="replica_1")  # Milvus answers again
         try:
             deadline = time.monotonic() + 10
             while httpx.get(f"{url}/readyz").status_code != 200:

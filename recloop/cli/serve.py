@@ -31,6 +31,10 @@ IndexUriOption = Annotated[
     str | None,
     typer.Option(help="milvus: http://host:19530 or a milvus-lite .db file (default: a temp one)."),
 ]
+IndexAliasOption = Annotated[
+    str | None,
+    typer.Option(help="milvus: the alias to search (one per replica on a shared server)."),
+]
 MinRecallOption = Annotated[float, typer.Option(help="ivf: recall@10 vs exact to reach.")]
 MaxBatchOption = Annotated[int, typer.Option(help="Requests per micro-batch (1 = off).")]
 MaxWaitOption = Annotated[int, typer.Option(help="Wait for more requests (microseconds).")]
@@ -75,6 +79,7 @@ def serve_command(
     engine: EngineOption = "onnx",
     index: IndexOption = "exact",
     index_uri: IndexUriOption = None,
+    index_alias: IndexAliasOption = None,
     shards: Annotated[int, typer.Option(help="Item index shards.")] = 1,
     min_recall: MinRecallOption = 0.95,
     max_batch: MaxBatchOption = 32,
@@ -128,6 +133,7 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
         engine=options["engine"],
         index=options["index"],
         index_uri=options["index_uri"],
+        index_alias=options["index_alias"],
         shards=options["shards"],
         max_batch=max(options["max_batch"], 1),
         threads=options["threads"],

@@ -29,7 +29,7 @@ from recloop.registry.sidefiles import read_item_counts, vocabulary_path
 from recloop.serve.engines.base import InferenceEngine
 from recloop.serve.engines.export import item_table
 from recloop.serve.engines.factory import build_engine, warmup
-from recloop.serve.indexes.base import ItemIndex, check_index_uri
+from recloop.serve.indexes.base import MILVUS_NAME, ItemIndex, check_index_uri
 from recloop.serve.indexes.factory import build_index
 
 log = logging.getLogger("recloop.serve")
@@ -57,6 +57,9 @@ class LoadOptions:
     cache_dir: Path | None = None  # exported ONNX files, keyed by weights and config
     # milvus: a server URI or a milvus-lite .db file; None = a milvus-lite file the index owns.
     index_uri: str | None = None
+    # milvus: the alias searches go through; a full load replaces the collection behind it.
+    # Replicas sharing one Milvus server need one alias each (see deploy/README.md).
+    index_alias: str | None = None  # None: recloop_items
 
     def __post_init__(self) -> None:
         from recloop.errors import ConfigError
@@ -83,6 +86,17 @@ class LoadOptions:
                 check_index_uri(self.index_uri)
             except ServingError as exc:
                 raise ConfigError(str(exc)) from None
+        if self.index_alias is not None:
+            if self.index != "milvus":
+                raise ConfigError(
+                    f"index_alias (--index-alias) applies to --index milvus only, "
+                    f"not {self.index!r}"
+                )
+            if not isinstance(self.index_alias, str) or not MILVUS_NAME.fullmatch(self.index_alias):
+                raise ConfigError(
+                    f"index_alias (--index-alias) must be a Milvus name "
+                    f"([A-Za-z_][A-Za-z0-9_]*), got {self.index_alias!r}"
+                )
         for name in ("shards", "max_batch", "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -284,6 +298,8 @@ def index_for(
     index_options: dict[str, Any] = {}
     if options.index == "milvus":  # exact (FLAT): recall is measured on real queries, not tuned
         index_options["uri"] = options.index_uri
+        if options.index_alias is not None:
+            index_options["alias"] = options.index_alias
         num_items = int(table.shape[0]) - 1
         index_options["tune_queries"] = _sample_queries(encode, history, max_length, num_items)
     if options.index == "ivf":

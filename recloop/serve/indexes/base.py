@@ -19,6 +19,7 @@ searched concurrently).
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ IdArray = npt.NDArray[np.int64]
 Exclude = Sequence[npt.ArrayLike | None] | None
 
 KINDS = ("exact", "exact-int8", "ivf", "milvus")
+MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")  # collection and alias names
 # The options build_index accepts for each kind.
 KIND_OPTIONS: dict[str, frozenset[str]] = {
     "exact": frozenset({"block_rows"}),

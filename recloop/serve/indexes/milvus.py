@@ -14,7 +14,6 @@ the old collection or the new one, never an empty or half-built one.
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 import tempfile
 import threading
@@ -28,6 +27,7 @@ from pymilvus import DataType, MilvusClient, MilvusException
 
 from recloop.errors import IndexUnavailable, ServingError
 from recloop.serve.indexes.base import (
+    MILVUS_NAME,
     RECALL_K,
     FloatArray,
     IdArray,
@@ -47,7 +47,6 @@ DEFAULT_ALIAS = "recloop_items"
 # over-fetch can cover are searched row by row with an `id not in [...]` filter instead.
 MAX_TOPK = 16384
 INSERT_BYTES = 16 << 20  # rows per insert call: well under grpc's 64 MiB message limit
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 
 
 class _Store:
@@ -109,7 +108,7 @@ class MilvusIndex(ItemIndex):
         seed: int = 0,
     ) -> None:
         checked = check_table(table)
-        if not isinstance(alias, str) or not _NAME.fullmatch(alias):
+        if not isinstance(alias, str) or not MILVUS_NAME.fullmatch(alias):
             raise ServingError(
                 f"alias must be a Milvus name ([A-Za-z_][A-Za-z0-9_]*), got {alias!r}"
             )
