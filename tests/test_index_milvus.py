@@ -12,7 +12,7 @@ import pytest
 from recloop.errors import ConfigError, IndexUnavailable, ServingError
 from recloop.serve.bundle import LoadOptions
 from recloop.serve.indexes import milvus
-from recloop.serve.indexes.base import probe_queries
+from recloop.serve.indexes.base import probe_queries, recall_at_k
 from recloop.serve.indexes.factory import build_index
 from recloop.serve.indexes.milvus import MilvusIndex
 from tests.test_index import DIM, NUM_ITEMS, K, Table, brute_force, clustered_table
@@ -42,6 +42,37 @@ def test_milvus_is_exact_and_measures_its_recall(
         assert np.array_equal(index.search(queries[:4], K, exclude[:4])[0], truth[:4])
     finally:
         index.close()
+
+
+def test_milvus_ann_index_type_measures_what_it_gives_up(table: Table) -> None:
+    """IVF_FLAT through milvus-lite (faiss): nlist and nprobe reach it, and recall says so."""
+    queries = probe_queries(table, seed=7, count=32)
+    truth, _ = brute_force(table, queries, K, [np.empty(0, np.int64)] * len(queries))
+    params = {"nlist": 64}
+    full = MilvusIndex(table, index_type="IVF_FLAT", index_params=params,
+                       search_params={"nprobe": 64}, tune_queries=queries)  # fmt: skip
+    one = MilvusIndex(table, index_type="IVF_FLAT", index_params=params,
+                      search_params={"nprobe": 1}, tune_queries=queries)  # fmt: skip
+    try:
+        # Every list probed: exact up to faiss float ties; one list of 64: recall well below.
+        assert full.index_type == "IVF_FLAT" and full.recall is not None and full.recall > 0.95
+        assert recall_at_k(full.search(queries, K)[0], truth) > 0.95
+        assert one.recall is not None and one.recall < 0.95  # measured: nlist reached faiss
+    finally:
+        full.close()
+        one.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"index_type": "DISKANN"}, "index_type must be one of FLAT, IVF_FLAT"),
+        ({"index_params": [("nlist", 4)]}, "index_params must be a dict"),
+    ],
+)
+def test_milvus_bad_index_arguments(table: Table, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ServingError, match=message):
+        MilvusIndex(table, **kwargs)  # type: ignore[arg-type]
 
 
 def test_milvus_reload_swaps_the_alias_atomically(table: Table, tmp_path: Path) -> None:

@@ -47,6 +47,11 @@ DEFAULT_ALIAS = "recloop_items"
 # over-fetch can cover are searched row by row with an `id not in [...]` filter instead.
 MAX_TOPK = 16384
 INSERT_BYTES = 16 << 20  # rows per insert call: well under grpc's 64 MiB message limit
+# Index types a collection may be built with. FLAT (the default) is exact; the others are ANN
+# types that milvus-lite (through faiss) and Milvus servers both accept. On milvus-lite every
+# search also walks every row in Python (dedup by primary key, tombstones) whatever the index
+# type, so ANN saves little there (bench/scale_catalogue.py).
+INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "HNSW")
 
 
 class _Store:
@@ -81,12 +86,15 @@ class _Store:
 
 
 class MilvusIndex(ItemIndex):
-    """Items 1..N in a Milvus collection (FLAT, inner product): exact search in Milvus.
+    """Items 1..N in a Milvus collection (inner product; FLAT by default: exact search).
 
     ``uri``: see the module docstring; ``alias``: the name searches go through (builds on the
-    same URI and alias replace each other atomically). FLAT is exact, so ``recall`` is ~1.0;
-    it is measured anyway at build (recall@10 vs exact on ``tune_queries``, else perturbed
-    table rows, as IVF tunes) so the load reports what Milvus really returns.
+    same URI and alias replace each other atomically). ``index_type`` (one of INDEX_TYPES)
+    with its build ``index_params`` (e.g. ``{"nlist": 1024}``) and ``search_params`` (e.g.
+    ``{"nprobe": 16}``, ``{"ef": 64}``) picks an ANN index instead. FLAT is exact, so
+    ``recall`` is ~1.0; it is measured anyway at build (recall@10 vs exact on
+    ``tune_queries``, else perturbed table rows, as IVF tunes) so the load reports what Milvus
+    really returns, and what an ANN setting gives up.
 
     Exclusions over-fetch ``k + max(len(exclude[b]))`` and filter, one batched call (row by row
     with an ``id not in [...]`` filter past Milvus's topk bound). ``add`` upserts in place;
@@ -106,12 +114,24 @@ class MilvusIndex(ItemIndex):
         alias: str = DEFAULT_ALIAS,
         tune_queries: npt.ArrayLike | None = None,
         seed: int = 0,
+        index_type: str = "FLAT",
+        index_params: dict[str, Any] | None = None,
+        search_params: dict[str, Any] | None = None,
     ) -> None:
         checked = check_table(table)
         if not isinstance(alias, str) or not MILVUS_NAME.fullmatch(alias):
             raise ServingError(
                 f"alias must be a Milvus name ([A-Za-z_][A-Za-z0-9_]*), got {alias!r}"
             )
+        if index_type not in INDEX_TYPES:
+            raise ServingError(
+                f"index_type must be one of {', '.join(INDEX_TYPES)}, got {index_type!r}"
+            )
+        for name, params in (("index_params", index_params), ("search_params", search_params)):
+            if params is not None and not isinstance(params, dict):
+                raise ServingError(f"{name} must be a dict of Milvus parameters, got {params!r}")
+        self.index_type = index_type
+        self.search_params: dict[str, Any] = dict(search_params or {})
         self.num_items = len(checked) - 1
         self.dim = checked.shape[1]
         tmp = None
@@ -119,7 +139,8 @@ class MilvusIndex(ItemIndex):
             tmp = tempfile.mkdtemp(prefix="recloop-milvus-")
             uri = str(Path(tmp) / "items.db")
         try:
-            self._store = _build(check_index_uri(uri), alias, checked, tmp)
+            index = (index_type, dict(index_params or {}))
+            self._store = _build(check_index_uri(uri), alias, checked, tmp, index)
         except BaseException:  # nothing half-made stays behind: not the folder, not a client
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -208,7 +229,7 @@ class MilvusIndex(ItemIndex):
                 limit=limit,
                 filter=expression,
                 output_fields=["id"],
-                search_params={"metric_type": "IP"},
+                search_params={"metric_type": "IP", "params": self.search_params},
             )
         except MilvusException as exc:
             store.error = str(exc)
@@ -246,12 +267,14 @@ class MilvusIndex(ItemIndex):
         return clone
 
 
-def _build(uri: str, alias: str, table: FloatArray, tmp: str | None) -> _Store:
+def _build(
+    uri: str, alias: str, table: FloatArray, tmp: str | None, index: tuple[str, dict[str, Any]]
+) -> _Store:
     """A new collection with the table's items, published under ``alias``."""
     client = _connect(uri)
     collection = f"{alias}_{uuid.uuid4().hex[:12]}"
     try:
-        _create(client, collection, table)
+        _create(client, collection, table, index)
         _publish(client, alias, collection)
     except MilvusException as exc:
         with contextlib.suppress(MilvusException):  # the alias still names the old one
@@ -268,23 +291,30 @@ def _connect(uri: str) -> MilvusClient:
         raise ServingError(f"index_uri {uri!r}: cannot connect to Milvus: {exc}") from None
 
 
-def _create(client: MilvusClient, collection: str, table: FloatArray) -> None:
+def _create(
+    client: MilvusClient, collection: str, table: FloatArray, index: tuple[str, dict[str, Any]]
+) -> None:
     """The collection with every item row, indexed and loaded (searchable in full)."""
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=table.shape[1])
-    params = client.prepare_index_params()
-    # FLAT: exact, and accepted by milvus-lite and servers alike.
-    params.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
     # Strong consistency: an upsert is searchable as soon as it returns, as ItemIndex.add says.
-    client.create_collection(
-        collection, schema=schema, index_params=params, consistency_level="Strong"
-    )
+    client.create_collection(collection, schema=schema, consistency_level="Strong")
     _upsert(client, collection, np.arange(1, len(table), dtype=np.int64), table[1:], insert=True)
-    # Sealed segments are searched through their index; rows still in a growing segment are
-    # searched another way that cost ~85 ms per call on 12k items here against 7 ms once
-    # flushed (milvus-lite 3.2.2, one query; measured in a scratch run, issue 22).
+    # Flushed, then indexed, then loaded. milvus-lite searches rows still in its memtable by
+    # brute force in Python (200k unflushed rows: ~2 s a search, flushed: ~0.1 s), and an index
+    # declared at create_collection is built by a background thread after each flush, so
+    # searches right after the load could meet segments still without it; create_index on the
+    # flushed segments builds them before it returns.
     client.flush(collection)
+    params = client.prepare_index_params()
+    # FLAT (the default): exact, and accepted by milvus-lite and servers alike. Build
+    # parameters nested under "params" (one JSON value): pymilvus 3 sends a flat dict as one
+    # key each, which milvus-lite 3.2 ignores (it reads only "params": IVF kept nlist 128).
+    index_type, index_params = index
+    nested = {"params": index_params} if index_params else {}
+    params.add_index(field_name="vector", index_type=index_type, metric_type="IP", params=nested)
+    client.create_index(collection, params)
     client.load_collection(collection)
 
 
