@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-run
 
-.PHONY: setup system-deps test demo lint format bench-prepare bench-serve clean
+.PHONY: setup system-deps test demo lint format bench-prepare bench-serve bench-deps clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): requirements.lock requirements-sharded.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -r requirements-sharded.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Benchmark-only packages (requirements-bench.lock): the Milvus server bench/scale_serve.py runs.
+bench-deps: setup system-deps
+	$(PY) -m pip install --quiet --no-deps -r requirements-bench.lock
 
 test: setup system-deps
 	$(PY) -m pytest -q

@@ -184,6 +184,8 @@ class Cluster:
     serve_flags: list[str] = field(default_factory=list)  # e.g. --index milvus
     threads: int = 1
     onnx_cache: Path | None = None  # default: workdir/onnx-cache
+    # A shared Milvus server (--index-uri in serve_flags): each replica its own --index-alias.
+    alias_per_replica: bool = False
     replicas: dict[str, Replica] = field(default_factory=dict)
     nginx: Nginx | None = None
     learner: Process | None = None
@@ -197,14 +199,15 @@ class Cluster:
             env[name] = str(self.threads)
         return env
 
-    def serve_args(self, port: int) -> list[str]:
+    def serve_args(self, port: int, name: str) -> list[str]:
+        alias = ["--index-alias", f"replica_{name}"] if self.alias_per_replica else []
         return [
             "serve", "--registry", str(self.registry), "--version", self.version,
             "--follow", str(self.follow_seconds), "--redis-url", self.redis_url,
             "--event-log", self.redis_url, "--port", str(port),
             "--threads", str(self.threads),
             "--cache-dir", str(self.onnx_cache or self.workdir / "onnx-cache"),
-            *self.serve_flags,
+            *self.serve_flags, *alias,
         ]  # fmt: skip
 
     def start_replica(self, name: str, port: int | None = None) -> Replica:
@@ -213,7 +216,8 @@ class Cluster:
             name, port or free_port(), self.workdir / f"{name}.log"
         )
         self.replicas[name] = replica
-        replica.process = self.launch(self.serve_args(replica.port), self.env(), replica.log)
+        args = self.serve_args(replica.port, name)
+        replica.process = self.launch(args, self.env(), replica.log)
         wait_for(f"{replica.url}/readyz", replica.process, READY_TIMEOUT, name, replica.log)
         return replica
 

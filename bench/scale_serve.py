@@ -12,7 +12,10 @@ replicas with --redis-url for user state and events, nginx with deploy/nginx/rec
     (timing only: the quality of the vectors does not matter, their geometry does for the ANN
     index), users whose recent events (20 items of one cluster) are written to Redis;
   each with the index in-process (faiss IVF, nprobe tuned at load to recall@10 >= 0.95 vs
-  exact) and in Milvus (milvus-lite here, FLAT: exact), recall@10 as each replica measured it.
+  exact) and in Milvus (IVF_FLAT, nprobe tuned to the same target: --index milvus-ivf), recall@10
+  as each replica measured it. Milvus is one real Milvus server (standalone, the `milvus`
+  package's embedded build: `make bench-deps`) shared by the replicas, each with its own alias,
+  as deploy/README.md describes; `--milvus lite` uses milvus-lite per replica instead.
 - freshness across replicas (beauty, cache on): an event POSTed to replica A, then GETs to
   replica B until its answer reflects the event (not cached, the item excluded as seen).
 - promote: replicas follow `production` (--follow 0.2); `production` moves between two full
@@ -29,6 +32,7 @@ Writes bench/results/NAME.json (default scale_serve), NAME.png and NAME.log.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -54,8 +58,10 @@ SCALE = WORK.parent / "bench-scale-serve"
 HEADERS = {"X-API-Key": API_KEY}
 INDEXES = {
     "ivf": ["--index", "ivf", "--min-recall", "0.95"],
-    "milvus": ["--index", "milvus"],
+    "milvus-ivf": ["--index", "milvus-ivf", "--min-recall", "0.95"],
+    "milvus": ["--index", "milvus"],  # FLAT: exact
 }
+DEFAULT_INDEXES = ["ivf", "milvus-ivf"]
 MODES = ("direct, 1 replica", "nginx, 1 replica", "nginx, 2 replicas")
 SYNTHETIC_USERS = 20_000
 
@@ -142,6 +148,37 @@ CATALOGUES: dict[str, Callable[[Path], tuple[Path, list[str], Callable[[str], No
 
 
 @contextmanager
+def milvus_server(workdir: Path) -> Iterator[str]:
+    """A Milvus standalone server (the `milvus` package) on 127.0.0.1; yields its URI."""
+    from milvus import MilvusServer
+    from pymilvus import MilvusClient
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    server = MilvusServer()
+    server.set_base_dir(str(workdir))
+    server.listen_port = free_port()
+    server.start()
+    uri = f"http://127.0.0.1:{server.listen_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # its health check can pass a moment before the proxy takes clients
+            try:
+                MilvusClient(uri=uri).close()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.stop()
+
+
+MILVUS: dict[str, str | None] = {"uri": None}  # the server's URI while the run has one
+
+
+@contextmanager
 def running_cluster(
     name: str, registry: Path, flags: list[str], replicas: int = 2
 ) -> Iterator[Cluster]:
@@ -164,6 +201,9 @@ def running_cluster(
             serve_flags=flags,
             onnx_cache=registry.parent / "onnx-cache",  # one export per catalogue, kept
         )
+        if MILVUS["uri"] is not None and any(f.startswith("milvus") for f in flags):
+            cluster.serve_flags += ["--index-uri", MILVUS["uri"]]
+            cluster.alias_per_replica = True
         try:
             for n in range(replicas):
                 started = time.perf_counter()
@@ -413,7 +453,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="print the table of NAME.json")
     parser.add_argument("--only", nargs="*", choices=sorted(CATALOGUES), default=sorted(CATALOGUES))
-    parser.add_argument("--indexes", nargs="*", choices=sorted(INDEXES), default=sorted(INDEXES))
+    parser.add_argument("--indexes", nargs="*", choices=sorted(INDEXES), default=DEFAULT_INDEXES)
+    parser.add_argument(
+        "--milvus",
+        choices=("server", "lite"),
+        default="server",
+        help="server: one Milvus standalone server for the run (make bench-deps); lite: "
+        "milvus-lite in each replica",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
@@ -433,10 +480,13 @@ def main() -> None:
     log = RESULTS / f"{args.name}.log"
     log.unlink(missing_ok=True)
     results: dict[str, Any] = {"throughput": {}}
-    for catalogue in args.only:
-        for index in args.indexes:
-            key = f"{catalogue} / {index}"
-            results["throughput"][key] = throughput(catalogue, index, args, log)
+    with contextlib.ExitStack() as stack:
+        if args.milvus == "server" and any(i.startswith("milvus") for i in args.indexes):
+            MILVUS["uri"] = stack.enter_context(milvus_server(SCALE / "milvus-server"))
+        for catalogue in args.only:
+            for index in args.indexes:
+                key = f"{catalogue} / {index}"
+                results["throughput"][key] = throughput(catalogue, index, args, log)
     if args.freshness:
         results["freshness"] = freshness(args, log)
     config: dict[str, Any] = {
@@ -446,7 +496,11 @@ def main() -> None:
         "request": "GET /v1/users/{random user}/recommendations?k=10, --no-cache",
         "replicas": "recloop serve --threads 1 --redis-url (state) --event-log (Redis stream)",
         "nginx": "deploy/nginx/recloop.conf, worker_processes auto",
-        "milvus": "milvus-lite (embedded, one per replica), FLAT",
+        "milvus": (
+            "one Milvus standalone server (pip milvus==2.3.5), an alias per replica"
+            if args.milvus == "server"
+            else "milvus-lite (embedded, one per replica)"
+        ),
     }
     path = write_result(args.name, config, results, started)
     plot(results, RESULTS / f"{args.name}.png")

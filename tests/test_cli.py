@@ -173,12 +173,12 @@ def test_serve_bad_arguments_are_one_line_errors(
         (["--registry", str(tmp_path), "--engine", "tensorrt"], "--engine must be"),
         (["--registry", str(tmp_path), "--engine", "torch-compiled"], "torch-compiled was removed"),
         (["--registry", str(tmp_path), "--index", "hnsw"], "--index must be"),
-        (["--registry", str(tmp_path), "--index-uri", "x.db"], "applies to --index milvus only"),
+        (["--registry", str(tmp_path), "--index-uri", "x.db"], "milvus or milvus-ivf only"),
         (
             ["--registry", str(tmp_path), "--index", "milvus", "--index-uri", "milvus.example"],
             "index_uri (--index-uri) must be a Milvus server URI",
         ),
-        (["--registry", str(tmp_path), "--index-alias", "a"], "applies to --index milvus only"),
+        (["--registry", str(tmp_path), "--index-alias", "a"], "milvus or milvus-ivf only"),
         (
             ["--registry", str(tmp_path), "--index", "milvus", "--index-alias", "1-bad"],
             "index_alias (--index-alias) must be a Milvus name",

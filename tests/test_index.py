@@ -58,6 +58,7 @@ IMPLEMENTATIONS: dict[str, Factory] = {
     "sharded-exact": lambda t: build_index(t, "exact", shards=3),
     "sharded-ivf": lambda t: build_index(t, "ivf", shards=2, min_recall=0.9),
     "milvus": MilvusIndex,  # milvus-lite in a temporary folder the index owns
+    "milvus-ivf": lambda t: build_index(t, "milvus-ivf", min_recall=0.95),
 }
 
 

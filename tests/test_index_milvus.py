@@ -165,7 +165,7 @@ def test_index_uri_reaches_the_load_options_and_is_checked(tmp_path: Path) -> No
     config = _service_config(options)
     assert config.load.index == "milvus" and config.load.index_uri == uri
     assert config.load.index_alias == "replica_1"
-    with pytest.raises(ConfigError, match=r"--index-uri\) applies to --index milvus only"):
+    with pytest.raises(ConfigError, match=r"--index-uri\) applies to --index milvus or milvus-ivf"):
         LoadOptions(index="exact", index_uri=uri)
     with pytest.raises(ConfigError, match=r"index_uri \(--index-uri\): folder"):
         LoadOptions(index="milvus", index_uri="/no/such/folder/items.db")
@@ -198,5 +198,26 @@ def test_milvus_failures_make_it_unavailable_until_a_probe_succeeds(
             assert np.array_equal(index.search(queries, K)[0], brute_force(table, queries, K)[0])
         finally:
             rebuilt.close()
+    finally:
+        index.close()
+
+
+def test_milvus_ivf_tunes_nprobe_to_the_recall_target(table: Table) -> None:
+    """--index milvus-ivf: IVF_FLAT with the in-process IVF's list count, nprobe doubled at
+    build until recall@10 on the serving queries reaches min_recall, reported like IVF's."""
+    from recloop.serve.bundle import index_details
+    from recloop.serve.indexes.base import default_nlist, recall_at_k
+
+    queries = probe_queries(table, seed=7, count=64)
+    index = build_index(table, "milvus-ivf", min_recall=0.95, tune_queries=queries)
+    try:
+        assert isinstance(index, MilvusIndex) and index.index_type == "IVF_FLAT"
+        nlist = default_nlist(NUM_ITEMS)
+        assert index.index_params == {"nlist": nlist} and 1 <= index.nprobe <= nlist
+        assert index.recall is not None and index.recall >= 0.95
+        truth, _ = brute_force(table, queries, K)
+        found = index.search(queries, K)[0]
+        assert recall_at_k(found, truth) >= 0.95  # what the tuning claims, measured again
+        assert index_details(index)["index_nprobe"] == index.nprobe
     finally:
         index.close()

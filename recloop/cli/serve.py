@@ -26,7 +26,9 @@ DataOption = Annotated[
     Path | None, typer.Option(help="Dataset for users' history (default: the version's).")
 ]
 EngineOption = Annotated[str, typer.Option(help="onnx (fast, CPU) or torch (eager; CPU or cuda).")]
-IndexOption = Annotated[str, typer.Option(help="exact, exact-int8, ivf or milvus.")]
+IndexOption = Annotated[
+    str, typer.Option(help="exact, exact-int8, ivf, milvus (exact) or milvus-ivf.")
+]
 IndexUriOption = Annotated[
     str | None,
     typer.Option(help="milvus: http://host:19530 or a milvus-lite .db file (default: a temp one)."),
@@ -35,7 +37,9 @@ IndexAliasOption = Annotated[
     str | None,
     typer.Option(help="milvus: the alias to search (one per replica on a shared server)."),
 ]
-MinRecallOption = Annotated[float, typer.Option(help="ivf: recall@10 vs exact to reach.")]
+MinRecallOption = Annotated[
+    float, typer.Option(help="ivf, milvus-ivf: recall@10 vs exact to reach.")
+]
 MaxBatchOption = Annotated[int, typer.Option(help="Requests per micro-batch (1 = off).")]
 MaxWaitOption = Annotated[int, typer.Option(help="Wait for more requests (microseconds).")]
 MaxQueueOption = Annotated[int, typer.Option(help="Queued requests before 503.")]

@@ -35,7 +35,8 @@ from recloop.serve.indexes.factory import build_index
 log = logging.getLogger("recloop.serve")
 
 EngineKind = Literal["onnx", "torch"]
-IndexKind = Literal["exact", "exact-int8", "ivf", "milvus"]
+IndexKind = Literal["exact", "exact-int8", "ivf", "milvus", "milvus-ivf"]
+MILVUS_KINDS = ("milvus", "milvus-ivf")
 
 
 @dataclass(frozen=True)
@@ -73,23 +74,24 @@ class LoadOptions:
             )
         if self.engine not in ("onnx", "torch"):
             raise ConfigError(f"--engine must be onnx or torch, got {self.engine!r}")
-        if self.index not in ("exact", "exact-int8", "ivf", "milvus"):
+        if self.index not in ("exact", "exact-int8", "ivf", *MILVUS_KINDS):
             raise ConfigError(
-                f"--index must be exact, exact-int8, ivf or milvus, got {self.index!r}"
+                f"--index must be exact, exact-int8, ivf, milvus or milvus-ivf, got {self.index!r}"
             )
         if self.index_uri is not None:
-            if self.index != "milvus":
+            if self.index not in MILVUS_KINDS:
                 raise ConfigError(
-                    f"index_uri (--index-uri) applies to --index milvus only, not {self.index!r}"
+                    f"index_uri (--index-uri) applies to --index milvus or milvus-ivf only, "
+                    f"not {self.index!r}"
                 )
             try:
                 check_index_uri(self.index_uri)
             except ServingError as exc:
                 raise ConfigError(str(exc)) from None
         if self.index_alias is not None:
-            if self.index != "milvus":
+            if self.index not in MILVUS_KINDS:
                 raise ConfigError(
-                    f"index_alias (--index-alias) applies to --index milvus only, "
+                    f"index_alias (--index-alias) applies to --index milvus or milvus-ivf only, "
                     f"not {self.index!r}"
                 )
             if not isinstance(self.index_alias, str) or not MILVUS_NAME.fullmatch(self.index_alias):
@@ -296,15 +298,14 @@ def index_for(
 ) -> ItemIndex:
     """The index over ``table`` for ``options``; an IVF is tuned on queries from ``encode``."""
     index_options: dict[str, Any] = {}
-    if options.index == "milvus":  # exact (FLAT): recall is measured on real queries, not tuned
+    num_items = int(table.shape[0]) - 1
+    if options.index in MILVUS_KINDS:  # milvus (FLAT): recall measured; milvus-ivf: tuned
         index_options["uri"] = options.index_uri
         if options.index_alias is not None:
             index_options["alias"] = options.index_alias
-        num_items = int(table.shape[0]) - 1
         index_options["tune_queries"] = _sample_queries(encode, history, max_length, num_items)
-    if options.index == "ivf":
+    if options.index in ("ivf", "milvus-ivf"):
         index_options["min_recall"] = options.min_recall
-        num_items = int(table.shape[0]) - 1
         index_options["tune_queries"] = _sample_queries(encode, history, max_length, num_items)
     return build_index(
         table,

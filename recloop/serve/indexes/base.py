@@ -19,6 +19,7 @@ searched concurrently).
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ FloatArray = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]
 Exclude = Sequence[npt.ArrayLike | None] | None
 
-KINDS = ("exact", "exact-int8", "ivf", "milvus")
+KINDS = ("exact", "exact-int8", "ivf", "milvus", "milvus-ivf")
 MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")  # collection and alias names
 # The options build_index accepts for each kind.
 KIND_OPTIONS: dict[str, frozenset[str]] = {
@@ -45,9 +46,10 @@ KIND_OPTIONS: dict[str, frozenset[str]] = {
         {"nlist", "nprobe", "min_recall", "tune_queries", "threads", "train_threads", "seed"}
     ),
     "milvus": frozenset({"uri", "alias", "tune_queries", "seed"}),
+    "milvus-ivf": frozenset({"uri", "alias", "tune_queries", "seed", "nlist", "min_recall"}),
 }
 # Kinds whose index lives outside this process and shards itself: one per service, in-process.
-UNSHARDED_KINDS = frozenset({"milvus"})
+UNSHARDED_KINDS = frozenset({"milvus", "milvus-ivf"})
 # Exact search scores at most this many floats at once (16 MiB): bounded memory for any batch.
 SCORE_BUDGET = 1 << 22
 RECALL_K = 10  # recall@10 is what min_recall targets
@@ -442,6 +444,13 @@ def check_index_uri(uri: str) -> str:
     if not path.parent.is_dir():
         raise ServingError(f"index_uri (--index-uri): folder {str(path.parent)!r} does not exist")
     return uri
+
+
+def default_nlist(num_items: int) -> int:
+    """≈ 4·sqrt(N) lists, at most N/39 (faiss wants >= 39 training points per list)."""
+    if num_items < 100:  # too few items for clustering to pay off: one list = exact
+        return 1
+    return int(np.clip(round(4 * math.sqrt(num_items)), 1, max(1, num_items // 39)))
 
 
 def check_build_args(kind: str, shards: int, options: dict[str, Any]) -> None:

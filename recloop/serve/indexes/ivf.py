@@ -27,6 +27,7 @@ from recloop.serve.indexes.base import (
     ItemIndex,
     check_queries,
     check_table,
+    default_nlist,
     exact_search,
     finish,
     mask_excluded,
@@ -35,13 +36,6 @@ from recloop.serve.indexes.base import (
     probe_queries,
     recall_at_k,
 )
-
-
-def default_nlist(num_items: int) -> int:
-    """≈ 4·sqrt(N) lists, at most N/39 (faiss wants >= 39 training points per list)."""
-    if num_items < 100:  # too few items for clustering to pay off: one list = exact
-        return 1
-    return int(np.clip(round(4 * math.sqrt(num_items)), 1, max(1, num_items // 39)))
 
 
 def default_nprobe(nlist: int) -> int:

@@ -17,10 +17,12 @@ def make_local_index(table: npt.ArrayLike, kind: str, **options: Any) -> ItemInd
         from recloop.serve.indexes.ivf import IVFIndex
 
         return IVFIndex(table, **options)
-    if kind == "milvus":  # pymilvus and grpc load only for a Milvus index too
-        from recloop.serve.indexes.milvus import MilvusIndex
+    if kind in ("milvus", "milvus-ivf"):  # pymilvus and grpc load only for a Milvus index too
+        from recloop.serve.indexes.milvus import MilvusIndex, milvus_ivf
 
-        return MilvusIndex(table, **options)
+        return (
+            milvus_ivf(table, **options) if kind == "milvus-ivf" else MilvusIndex(table, **options)
+        )
     if kind == "exact-int8":
         return ExactIndex(table, quantize="int8", **options)
     return ExactIndex(table, **options)
