@@ -186,6 +186,7 @@ class Cluster:
     onnx_cache: Path | None = None  # default: workdir/onnx-cache
     # A shared Milvus server (--index-uri in serve_flags): each replica its own --index-alias.
     alias_per_replica: bool = False
+    ready_timeout: float = READY_TIMEOUT  # a replica's load (index builds) must end within it
     replicas: dict[str, Replica] = field(default_factory=dict)
     nginx: Nginx | None = None
     learner: Process | None = None
@@ -218,7 +219,7 @@ class Cluster:
         self.replicas[name] = replica
         args = self.serve_args(replica.port, name)
         replica.process = self.launch(args, self.env(), replica.log)
-        wait_for(f"{replica.url}/readyz", replica.process, READY_TIMEOUT, name, replica.log)
+        wait_for(f"{replica.url}/readyz", replica.process, self.ready_timeout, name, replica.log)
         return replica
 
     def kill_replica(self, name: str) -> None:

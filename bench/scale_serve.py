@@ -200,6 +200,7 @@ def running_cluster(
             version="production",
             serve_flags=flags,
             onnx_cache=registry.parent / "onnx-cache",  # one export per catalogue, kept
+            ready_timeout=1800,  # 1M items into Milvus: the build is minutes
         )
         if MILVUS["uri"] is not None and any(f.startswith("milvus") for f in flags):
             cluster.serve_flags += ["--index-uri", MILVUS["uri"]]
@@ -480,6 +481,7 @@ def main() -> None:
     log = RESULTS / f"{args.name}.log"
     log.unlink(missing_ok=True)
     results: dict[str, Any] = {"throughput": {}}
+    config = run_config(args)
     with contextlib.ExitStack() as stack:
         if args.milvus == "server" and any(i.startswith("milvus") for i in args.indexes):
             MILVUS["uri"] = stack.enter_context(milvus_server(SCALE / "milvus-server"))
@@ -487,9 +489,18 @@ def main() -> None:
             for index in args.indexes:
                 key = f"{catalogue} / {index}"
                 results["throughput"][key] = throughput(catalogue, index, args, log)
+                # Written after every configuration: a later failure keeps what was measured.
+                write_result(args.name, {**config, "complete": False}, results, started)
     if args.freshness:
         results["freshness"] = freshness(args, log)
-    config: dict[str, Any] = {
+    path = write_result(args.name, {**config, "complete": True}, results, started)
+    plot(results, RESULTS / f"{args.name}.png")
+    print(f"wrote {path}")
+    print(table(path))
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {
         "runs": args.runs,
         "duration_s": args.duration,
         "connections": args.connections,
@@ -502,10 +513,6 @@ def main() -> None:
             else "milvus-lite (embedded, one per replica)"
         ),
     }
-    path = write_result(args.name, config, results, started)
-    plot(results, RESULTS / f"{args.name}.png")
-    print(f"wrote {path}")
-    print(table(path))
 
 
 if __name__ == "__main__":
