@@ -432,7 +432,7 @@ def table(path: Path) -> str:
         over = out["nginx_overhead"]
         lines.append(
             f"| {key} | | nginx overhead: {over['requests_per_s_ratio']:.2f}x req/s, "
-            f"+{over['p50_ms_added']:.2f} ms p50; 2 replicas / 1: "
+            f"{over['p50_ms_added']:+.2f} ms p50; 2 replicas / 1: "
             f"{out['two_over_one_replica']:.2f}x | | | | |"
         )
     fresh = results.get("freshness")
