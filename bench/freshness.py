@@ -139,17 +139,27 @@ def new_item(registry: Path, trials: int, log: Path) -> dict[str, Any]:
 
 def million_item_registry(root: Path, items: int = 1_000_000, dim: int = 64) -> Path:
     """A SASRec with `items` items and random weights, published as a full version."""
-    import polars as pl
     import torch
 
-    from recloop.models.factory import build_model, config_to_dict
-    from recloop.registry import Registry
+    from recloop.models.factory import build_model
 
     registry = root / "registry"
     if (registry / "versions").is_dir():
         return registry
     torch.manual_seed(0)
     model = build_model("sasrec", {"num_items": items, "dim": dim, "num_blocks": 2})
+    publish_numbered(model, root, registry)
+    return registry
+
+
+def publish_numbered(model: Any, root: Path, registry: Path) -> None:
+    """Publishes ``model`` as a full version whose raw item ids are its dense ids 1..N."""
+    import polars as pl
+
+    from recloop.models.factory import config_to_dict
+    from recloop.registry import Registry
+
+    items = int(model.item_embedding.num_items)
     vocabulary = root / "items.parquet"
     root.mkdir(parents=True, exist_ok=True)
     pl.DataFrame({"id": range(1, items + 1), "raw": range(1, items + 1)}).write_parquet(vocabulary)
@@ -160,7 +170,6 @@ def million_item_registry(root: Path, items: int = 1_000_000, dim: int = 64) -> 
         vocabulary_file="items.parquet",
         method="train",
     )
-    return registry
 
 
 def delta_publish_apply(

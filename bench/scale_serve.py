@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cluster import Cluster, Nginx, Replica, free_port
 from bench.common import REPO, RESULTS, write_result
-from bench.freshness import percentiles
+from bench.freshness import percentiles, publish_numbered
 from bench.serve import API_KEY, WORK, WRK_SCRIPT, beauty_model, known_users, median_run, wrk
 
 SCALE = WORK.parent / "bench-scale-serve"
@@ -81,7 +81,7 @@ def beauty(log: Path) -> tuple[Path, list[str], Callable[[str], None]]:
 def synthetic_1m(log: Path) -> tuple[Path, list[str], Callable[[str], None]]:
     """A 1M-item SASRec with a clustered item table; users' events go to Redis."""
     root = SCALE / "synthetic-1m"
-    labels = million_item_registry(root)
+    labels = clustered_million_registry(root)
     users = [f"s{n}" for n in range(SYNTHETIC_USERS)]
 
     def seed(redis_url: str) -> None:
@@ -102,13 +102,11 @@ def synthetic_1m(log: Path) -> tuple[Path, list[str], Callable[[str], None]]:
     return root / "registry", users, seed
 
 
-def million_item_registry(root: Path, items: int = 1_000_000, dim: int = 64) -> np.ndarray:
+def clustered_million_registry(root: Path, items: int = 1_000_000, dim: int = 64) -> np.ndarray:
     """The registry (built once) and each item's cluster label."""
-    import polars as pl
     import torch
 
-    from recloop.models.factory import build_model, config_to_dict
-    from recloop.registry import Registry
+    from recloop.models.factory import build_model
 
     rng = np.random.default_rng(0)
     clusters = 1000
@@ -125,16 +123,7 @@ def million_item_registry(root: Path, items: int = 1_000_000, dim: int = 64) -> 
     )
     with torch.no_grad():
         model.item_embedding.weight[1:] = torch.from_numpy(table) * 0.1
-    vocabulary = root / "items.parquet"
-    root.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame({"id": range(1, items + 1), "raw": range(1, items + 1)}).write_parquet(vocabulary)
-    Registry(registry).publish(
-        {k: v.detach().contiguous() for k, v in model.state_dict().items()},
-        model=config_to_dict(model),
-        extra_files={"items.parquet": vocabulary},
-        vocabulary_file="items.parquet",
-        method="train",
-    )
+    publish_numbered(model, root, registry)
     return labels
 
 

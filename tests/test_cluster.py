@@ -161,12 +161,8 @@ def test_two_replicas_behind_nginx_with_redis_and_the_learner(
                 after = recommend(client, b.url, user)
                 assert after["cached"] is False
                 assert top not in [entry["item_id"] for entry in after["items"]]
-                assert (
-                    client.get(f"{b.url}/v1/users/{user}/events", headers=HEADERS).json()["items"][
-                        -1
-                    ]
-                    == top
-                )
+                events_at_b = client.get(f"{b.url}/v1/users/{user}/events", headers=HEADERS)
+                assert events_at_b.json()["items"][-1] == top
 
                 # The learner's delta reaches both replicas.
                 cluster.start_learner(

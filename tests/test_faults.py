@@ -63,7 +63,7 @@ from recloop.events import Event, SqliteEventLog
 from recloop.online.control import CRASH_ENV
 from recloop.online.prequential import CSV_NAME
 from recloop.registry import Registry
-from recloop.serve.app import REQUIRE_READY_HEADER
+from recloop.serve.fastpath import REQUIRE_READY_HEADER
 from recloop.serve.server import free_port
 from recloop.serve.state.base import LOGGER_NAME, StateStore
 from recloop.serve.state.redis import RedisStateStore
