@@ -17,7 +17,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,3 +273,58 @@ def tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return f"({path} unreadable)"
     return "\n".join(text.splitlines()[-lines:])
+
+
+class Traffic:
+    """Client threads sending GET recommendations (and, given ``items``, every fifth request a
+    POST /v1/events) to ``url`` until the ``with`` block ends; every status is counted, a
+    transport error as 0. What "no request fails while ..." is measured with."""
+
+    def __init__(
+        self,
+        url: str,
+        users: list[str],
+        *,
+        items: list[str] | None = None,
+        api_key: str | None = None,
+        threads: int = 1,
+        params: dict[str, int] | None = None,
+    ) -> None:
+        self.url, self.users, self.items, self.params = url, users, items, params
+        self.headers = {"X-API-Key": api_key} if api_key else {}
+        self.statuses: Counter[int] = Counter()
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self.run, args=(n,), daemon=True) for n in range(threads)
+        ]
+
+    def run(self, worker: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                user = self.users[(worker * 7 + n) % len(self.users)]
+                try:
+                    if self.items and n % 5 == 0:
+                        event = {"user_id": user, "item_id": self.items[n % len(self.items)]}
+                        body = {"events": [event]}
+                        status = client.post("/v1/events", json=body, headers=self.headers)
+                    else:
+                        path = f"/v1/users/{user}/recommendations"
+                        status = client.get(path, params=self.params)
+                    code = status.status_code
+                except httpx.TransportError:
+                    code = 0
+                with self.lock:
+                    self.statuses[code] += 1
+
+    def __enter__(self) -> Traffic:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)

@@ -36,9 +36,7 @@ import contextlib
 import json
 import shutil
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cluster import Cluster, Nginx, Replica, free_port
+from bench.cluster import Cluster, Nginx, Replica, Traffic, free_port
 from bench.common import REPO, RESULTS, write_result
 from bench.freshness import percentiles, publish_numbered
 from bench.serve import API_KEY, WORK, WRK_SCRIPT, beauty_model, known_users, median_run, wrk
@@ -164,13 +162,12 @@ def milvus_server(workdir: Path) -> Iterator[str]:
         server.stop()
 
 
-MILVUS: dict[str, str | None] = {"uri": None}  # the server's URI while the run has one
-
-
 @contextmanager
 def running_cluster(
-    name: str, registry: Path, flags: list[str], replicas: int = 2
+    name: str, registry: Path, flags: list[str], milvus_uri: str | None = None, replicas: int = 2
 ) -> Iterator[Cluster]:
+    """Redis and ``replicas`` replicas; a Milvus index on ``milvus_uri`` (a shared server)
+    when given, an alias per replica, else milvus-lite in each."""
     from recloop.registry import Registry
     from tests.redis_server import running_redis
 
@@ -191,8 +188,8 @@ def running_cluster(
             onnx_cache=registry.parent / "onnx-cache",  # one export per catalogue, kept
             ready_timeout=1800,  # 1M items into Milvus: the build is minutes
         )
-        if MILVUS["uri"] is not None and any(f.startswith("milvus") for f in flags):
-            cluster.serve_flags += ["--index-uri", MILVUS["uri"]]
+        if milvus_uri is not None and any(f.startswith("milvus") for f in flags):
+            cluster.serve_flags += ["--index-uri", milvus_uri]
             cluster.alias_per_replica = True
         try:
             for n in range(replicas):
@@ -214,11 +211,13 @@ def script_for(users: list[str]) -> str:
     return WRK_SCRIPT.replace("{USERS}", "{" + ",".join(json.dumps(u) for u in users) + "}")
 
 
-def throughput(catalogue: str, index: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+def throughput(
+    catalogue: str, index: str, args: argparse.Namespace, log: Path, milvus_uri: str | None
+) -> dict[str, Any]:
     registry, users, seed = CATALOGUES[catalogue](log)
     flags = [*INDEXES[index], "--no-cache"]
     print(f"[{catalogue} / {index}]", flush=True)
-    with running_cluster(f"{catalogue}-{index}", registry, flags) as cluster:
+    with running_cluster(f"{catalogue}-{index}", registry, flags, milvus_uri) as cluster:
         seed(cluster.redis_url)
         a, b = cluster.replicas["a"], cluster.replicas["b"]
         one, two = nginx_for(cluster, [a], "nginx-1"), nginx_for(cluster, [a, b], "nginx-2")
@@ -288,36 +287,6 @@ def cross_replica_freshness(
             waits_ms.append((time.perf_counter() - posted) * 1000)
             gets.append(count)
     return {"ms": percentiles(waits_ms), "gets_needed": percentiles(gets)}
-
-
-class Traffic:
-    """One client sending recommendations through nginx until stopped, statuses counted."""
-
-    def __init__(self, url: str, users: list[str]) -> None:
-        self.url, self.users = url, users
-        self.statuses: Counter[int] = Counter()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        n = 0
-        with httpx.Client(base_url=self.url, timeout=10) as http:
-            while not self.stop.is_set():
-                n += 1
-                user = self.users[n % len(self.users)]
-                try:
-                    status = http.get(f"/v1/users/{user}/recommendations").status_code
-                except httpx.TransportError:
-                    status = 0
-                self.statuses[status] += 1
-
-    def __enter__(self) -> Traffic:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
 
 
 def promote_to_all(cluster: Cluster, users: list[str], trials: int) -> dict[str, Any]:
@@ -472,12 +441,13 @@ def main() -> None:
     results: dict[str, Any] = {"throughput": {}}
     config = run_config(args)
     with contextlib.ExitStack() as stack:
+        milvus_uri = None
         if args.milvus == "server" and any(i.startswith("milvus") for i in args.indexes):
-            MILVUS["uri"] = stack.enter_context(milvus_server(SCALE / "milvus-server"))
+            milvus_uri = stack.enter_context(milvus_server(SCALE / "milvus-server"))
         for catalogue in args.only:
             for index in args.indexes:
                 key = f"{catalogue} / {index}"
-                results["throughput"][key] = throughput(catalogue, index, args, log)
+                results["throughput"][key] = throughput(catalogue, index, args, log, milvus_uri)
                 # Written after every configuration: a later failure keeps what was measured.
                 write_result(args.name, {**config, "complete": False}, results, started)
     if args.freshness:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.cluster import Cluster, Process, render_nginx_config, tail
+from bench.cluster import Cluster, Process, Traffic, render_nginx_config, tail
 from recloop.data.dataset import SequenceDataset
 from recloop.registry import Registry
 from tests.redis_server import running_redis
@@ -32,6 +30,7 @@ from tests.warm_interpreter import WarmInterpreter, warm_interpreter
 
 HEADERS = {"X-API-Key": API_KEY}
 ROUTE = "/v1/users/{user_id}/recommendations"
+K5 = {"k": 5}
 
 
 def test_nginx_config_renders_every_replica_into_both_upstreams() -> None:
@@ -80,49 +79,6 @@ def wait_until(condition: Any, timeout: float, what: str) -> float:
         assert time.monotonic() - started < timeout, f"{what}: not within {timeout} s"
         time.sleep(0.05)
     return time.monotonic() - started
-
-
-class Load:
-    """Client threads sending recommendations and events through nginx until stopped; every
-    status is counted (a transport error counts as status 0)."""
-
-    def __init__(self, base: str, users: list[str], items: list[str] | None) -> None:
-        self.base, self.users, self.items = base, users, items  # items None: no events
-        self.statuses: Counter[int] = Counter()
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.run, args=(n,), daemon=True) for n in range(3)]
-
-    def run(self, worker: int) -> None:
-        with httpx.Client(base_url=self.base, timeout=10) as client:
-            n = 0
-            while not self.stop.is_set():
-                n += 1
-                user = self.users[(worker * 7 + n) % len(self.users)]
-                try:
-                    if self.items and n % 5 == 0:
-                        event = {"user_id": user, "item_id": self.items[n % len(self.items)]}
-                        status = client.post(
-                            "/v1/events", json={"events": [event]}, headers=HEADERS
-                        ).status_code
-                    else:
-                        status = client.get(
-                            f"/v1/users/{user}/recommendations", params={"k": 5}
-                        ).status_code
-                except httpx.TransportError:
-                    status = 0
-                with self.lock:
-                    self.statuses[status] += 1
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=30)
 
 
 @pytest.mark.slow
@@ -179,7 +135,7 @@ def test_two_replicas_behind_nginx_with_redis_and_the_learner(
                 assert sent.status_code == 200
                 reg = Registry(registry, create=False)
                 # Recommendations go on while the replicas move along the deltas: none fails.
-                with Load(nginx.url, users, None) as moving:
+                with Traffic(nginx.url, users, threads=3, params=K5) as moving:
                     wait_until(
                         lambda: reg.resolve("latest") != v1,
                         120,
@@ -201,7 +157,9 @@ def test_two_replicas_behind_nginx_with_redis_and_the_learner(
                     version = manifest.parent
 
             # SIGKILL one replica under load: nginx retries on the other, no request fails.
-            with Load(nginx.url, users, items) as load:
+            with Traffic(
+                nginx.url, users, items=items, api_key=API_KEY, threads=3, params=K5
+            ) as load:
                 time.sleep(1.0)
                 served_by_a = served_requests(a.url)
                 cluster.kill_replica("a")

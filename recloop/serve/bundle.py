@@ -299,13 +299,13 @@ def index_for(
     """The index over ``table`` for ``options``; an IVF is tuned on queries from ``encode``."""
     index_options: dict[str, Any] = {}
     num_items = int(table.shape[0]) - 1
-    if options.index in MILVUS_KINDS:  # milvus (FLAT): recall measured; milvus-ivf: tuned
+    if options.index in MILVUS_KINDS:
         index_options["uri"] = options.index_uri
         if options.index_alias is not None:
             index_options["alias"] = options.index_alias
-        index_options["tune_queries"] = _sample_queries(encode, history, max_length, num_items)
     if options.index in ("ivf", "milvus-ivf"):
         index_options["min_recall"] = options.min_recall
+    if options.index in ("ivf", *MILVUS_KINDS):  # recall tuned (IVF) or measured (FLAT) on them
         index_options["tune_queries"] = _sample_queries(encode, history, max_length, num_items)
     return build_index(
         table,

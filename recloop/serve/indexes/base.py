@@ -411,6 +411,24 @@ def measure_recall(
     return recall_at_k(found, truth)
 
 
+def tune_nprobe(
+    search_at: Callable[[int], IdArray],
+    truth: IdArray,
+    nlist: int,
+    min_recall: float,
+    start: int = 1,
+) -> tuple[int, float]:
+    """(nprobe, recall@k): nprobe doubles from ``start`` until the ids ``search_at(nprobe)``
+    returns reach ``min_recall`` against ``truth`` (the exact top-k), or every list is probed.
+    The IVF indexes (faiss in-process, IVF_FLAT in Milvus) tune with it at build time."""
+    nprobe = start
+    while True:
+        recall = recall_at_k(search_at(nprobe), truth)
+        if recall >= min_recall or nprobe >= nlist:
+            return nprobe, recall
+        nprobe = min(nlist, nprobe * 2)
+
+
 def probe_queries(table: FloatArray, seed: int, count: int = RECALL_QUERIES) -> FloatArray:
     """Sampled table rows plus Gaussian noise (half the rows' spread): realistic queries."""
     rng = np.random.default_rng(seed + 1)

@@ -34,7 +34,7 @@ from recloop.serve.indexes.base import (
     measure_recall,
     positive_int,
     probe_queries,
-    recall_at_k,
+    tune_nprobe,
 )
 
 
@@ -150,13 +150,12 @@ class IVFIndex(ItemIndex):
         """
         k = min(RECALL_K, self.num_items)
         truth, _ = exact_search(table, queries, k)
-        self.nprobe = start
-        while True:
-            found, _ = self.search(queries, k)
-            self.recall = recall_at_k(found, truth)
-            if self.recall >= min_recall or self.nprobe >= self.nlist:
-                return
-            self.nprobe = min(self.nlist, self.nprobe * 2)
+
+        def search_at(nprobe: int) -> IdArray:
+            self.nprobe = nprobe
+            return self.search(queries, k)[0]
+
+        self.nprobe, self.recall = tune_nprobe(search_at, truth, self.nlist, min_recall, start)
 
     def measure_recall(
         self, reference: ItemIndex, queries: npt.ArrayLike, k: int = RECALL_K

@@ -41,6 +41,7 @@ from recloop.serve.indexes.base import (
     mask_excluded,
     probe_queries,
     recall_at_k,
+    tune_nprobe,
 )
 
 DEFAULT_ALIAS = "recloop_items"
@@ -150,43 +151,39 @@ class MilvusIndex(ItemIndex):
             raise
         self._closed = False
         try:
+            queries, truth = self._recall_probe(checked, tune_queries, seed)
             if min_recall is not None:
-                self._tune(checked, tune_queries, seed, min_recall)
+                self._tune(queries, truth, min_recall)
             else:
-                self.recall = self._measure_recall(checked, tune_queries, seed)
+                self.recall = recall_at_k(self.search(queries, truth.shape[1])[0], truth)
         except BaseException:
             self.close()
             raise
 
-    def _tune(
-        self, table: FloatArray, tune_queries: npt.ArrayLike | None, seed: int, min_recall: float
-    ) -> None:
-        """IVF types: nprobe doubles from 1 until recall@10 on the tuning queries reaches
-        ``min_recall`` (or every list is probed), as the in-process IVF index tunes."""
-        if not self.index_type.startswith("IVF"):
-            raise ServingError(f"min_recall tunes IVF index types only, not {self.index_type}")
-        nlist = int(self.index_params.get("nlist", 128))
-        self.nprobe = 1
-        while True:
-            self.search_params["nprobe"] = self.nprobe
-            self.recall = self._measure_recall(table, tune_queries, seed)
-            if self.recall >= min_recall or self.nprobe >= nlist:
-                return
-            self.nprobe = min(nlist, self.nprobe * 2)
-
-    def _measure_recall(
+    def _recall_probe(
         self, table: FloatArray, tune_queries: npt.ArrayLike | None, seed: int
-    ) -> float:
-        """recall@10 vs exact on the queries serving will send (else perturbed table rows),
-        with the helpers IVF tunes with: ~1.0 for FLAT, and proof that Milvus returns it."""
+    ) -> tuple[FloatArray, IdArray]:
+        """The queries serving will send (else perturbed table rows) and their exact top-10:
+        what the build measures recall@10 on (~1.0 for FLAT, and proof Milvus returns it)."""
         queries = (
             check_queries(tune_queries, self.dim)
             if tune_queries is not None
             else probe_queries(table, seed)
         )
-        k = min(RECALL_K, self.num_items)
-        truth, _ = exact_search(table, queries, k)
-        return recall_at_k(self.search(queries, k)[0], truth)
+        truth, _ = exact_search(table, queries, min(RECALL_K, self.num_items))
+        return queries, truth
+
+    def _tune(self, queries: FloatArray, truth: IdArray, min_recall: float) -> None:
+        """IVF types: nprobe tuned as the in-process IVF index does (base.tune_nprobe)."""
+        if not self.index_type.startswith("IVF"):
+            raise ServingError(f"min_recall tunes IVF index types only, not {self.index_type}")
+
+        def search_at(nprobe: int) -> IdArray:
+            self.search_params["nprobe"] = nprobe
+            return self.search(queries, truth.shape[1])[0]
+
+        nlist = int(self.index_params.get("nlist", 128))
+        self.nprobe, self.recall = tune_nprobe(search_at, truth, nlist, min_recall)
 
     @property
     def alias(self) -> str:

@@ -266,4 +266,4 @@ async def every(seconds: float, action: Callable[[], Any]) -> None:
         try:
             await action()
         except Exception:  # a background task: keep serving, say why
-            log.exception("user state: %s failed", getattr(action, "__name__", action))
+            log.exception("background task %s failed", getattr(action, "__name__", action))
