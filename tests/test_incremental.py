@@ -282,8 +282,8 @@ def test_served_answers_are_the_same_with_incremental_encoding(trained: dict[str
             [[a["score"], b["score"]] for a, b in zip(left["items"], right["items"], strict=True)]
         )
         assert np.abs(scores[:, 0] - scores[:, 1]).max() <= 1e-4
-    assert status["incremental"] > 0 and status["entries"] == len(users)
-    assert status["slid"] > 0  # some windows were full: the recompute policy ran too
+    assert status["incremental"] > 0 and 0 < status["entries"] < len(users)
+    assert status["engine"] > 0  # some windows were full: "recompute" sends them to the engine
 
 
 def test_serving_refuses_incremental_encoding_for_absolute_positions(

@@ -6,9 +6,10 @@ Per request with a user id, on the compute thread: the user's state is read from
 window the engine would encode (the last ``max_length`` items of the user's sequence):
 
 - the state's items are the start of the window: only the rest is encoded (exact);
-- the window slid past the state's start (the window is full): the state's items that stay are
-  the start of the window, and the new items follow; the window policy decides (``recompute``:
-  the whole window again, exact; ``drop-oldest``: the stay-behind positions as cached);
+- the window is full (``max_length`` items): under ``recompute`` (exact) the engine encodes it,
+  as without this option, since every new event would slide it and the cache cannot help;
+  under ``drop-oldest`` (approximate) the state's items that stay in the window are matched
+  and kept as cached, the oldest dropped, and only the new items encoded;
 - anything else (no state, history rewritten, more than ``MAX_NEW_EVENTS`` new items): the whole
   window, in full, and stored.
 
@@ -68,9 +69,10 @@ class IncrementalEncoding:
         self.max_length = self.encoder.max_length
         self.num_items = int(model.item_embedding.num_items)
         self.model = model
-        # Users encoded in full (no usable state), from their state, unchanged (no new items),
-        # and of those from their state, how many had a full window slide.
-        self.counts = {"full": 0, "incremental": 0, "unchanged": 0, "slid": 0}
+        # Encoded by the engine (no user, or a full window under "recompute"); in full by the
+        # torch model (no usable state; the state stored); from their state; unchanged (no new
+        # items); and of those from their state, how many slid a full window (drop-oldest).
+        self.counts = {"engine": 0, "full": 0, "incremental": 0, "unchanged": 0, "slid": 0}
 
     def for_version(self, model: SequentialEncoder, version: str) -> IncrementalEncoding:
         """The encoder of the next version (a delta), sharing the store: the old version's
@@ -84,21 +86,29 @@ class IncrementalEncoding:
         sequences: Sequence[IdArray],
         engine_encode: Callable[[list[IdArray]], FloatArray],
     ) -> FloatArray:
-        """Query vectors [B, D]: users from their states, requests without a user (None) by
-        the engine."""
-        rows = [row for row, user in enumerate(users) if user is not None]
-        others = [row for row, user in enumerate(users) if user is None]
-        windows = [self._window(sequences[row]) for row in rows]
+        """Query vectors [B, D]: users from their states; the engine encodes requests without a
+        user (None) and, under "recompute", full windows (the cache cannot help them)."""
+        windows = [self._window(sequence) for sequence in sequences]
+        recompute = self.encoder.window == "recompute"
+        cached = [
+            row
+            for row, user in enumerate(users)
+            if user is not None and not (recompute and windows[row].size == self.max_length)
+        ]
+        others = sorted(set(range(len(users))) - set(cached))
+        self.counts["engine"] += len(others)
         result: FloatArray | None = None
         if others:
             found = np.array(engine_encode([sequences[row] for row in others]))
             result = np.zeros((len(users), found.shape[1]), dtype=np.float32)
             result[others] = found
-        if rows:
-            vectors = self._encode_users([users[row] or "" for row in rows], windows)
+        if cached:
+            vectors = self._encode_users(
+                [users[row] or "" for row in cached], [windows[row] for row in cached]
+            )
             if result is None:
                 result = np.zeros((len(users), vectors.shape[1]), dtype=np.float32)
-            result[rows] = vectors
+            result[cached] = vectors
         if result is None:
             raise ServingError("incremental encoding: an empty batch")
         return result
