@@ -12,7 +12,8 @@ position_embedding "none", untimed (serving sends no timestamps):
   of the user vectors and overlap of the top-10 items, after 1, 10, 50 and 100 slides.
 - serving: the in-process service (Service, no HTTP, result cache on) under 16 concurrent
   clients, each request one new event for a user and then that user's recommendations; users
-  whose window is filling (100-180 of max_length 200 items) and users whose window is full.
+  whose window is filling (100-120 of max_length 200 items, or 600-620 of 1000 on a random
+  HSTU) and users whose window is full (200 of 300 items).
 
     flock /tmp/recloop-cpu.lock .venv/bin/python bench/incremental.py
     .venv/bin/python bench/incremental.py --table
@@ -72,8 +73,9 @@ def encode_times(length: int, reps: int) -> dict[str, Any]:
     engine = build_engine(model, kind="onnx", max_batch=1, threads=1, label=f"L={length}")
     store = MemoryKVStore()
     served = IncrementalEncoding(model, "bench", store)
-    payload = encode_state(filling)
-    sequence = ids[:length].numpy()
+    # The served path while the window fills: a state of L - 2 items, a sequence of L - 1.
+    payload = encode_state(exact.prefill([ids[: length - 2]])[0])
+    sequence = ids[: length - 1].numpy()
 
     def served_request() -> None:
         store.put("bench", "u", payload)
@@ -214,18 +216,39 @@ async def serve_rate(
     return {"requests_per_s": round(requests / seconds, 1), "incremental": counts}
 
 
-def serving(registry: Path, version: str, requests: int) -> dict[str, Any]:
+def long_registry(root: Path) -> tuple[Path, str]:
+    """HSTU at max_length 1000 with random weights (speed only), published as a version."""
+    from bench.freshness import publish_numbered
+    from recloop.registry import Registry
+
+    torch.manual_seed(0)
+    config = HSTUConfig(num_items=NUM_ITEMS, max_length=1000, position_embedding="none", **MODEL)
+    publish_numbered(HSTU(config), root, root / "registry")
+    return root / "registry", Registry(root / "registry").resolve("latest")
+
+
+def serving(trained: tuple[Path, str], long: tuple[Path, str], requests: int) -> dict[str, Any]:
+    full, fresh = ("full (onnx)", "full (torch)"), ("incremental recompute",)
+    populations = {
+        "L=200, window filling (100 items + events)": (trained, 100, requests, (*full, *fresh)),
+        "L=200, window full (300 items)": (
+            trained,
+            300,
+            requests,
+            (*full, *fresh, "incremental drop-oldest"),
+        ),
+        "L=1000 (random weights), window filling (600 items + events)": (
+            long,
+            600,
+            requests // 4,
+            (*full, *fresh),
+        ),
+    }
     results: dict[str, Any] = {}
-    populations = {"window filling (100 items + events)": 100, "window full (300 items)": 300}
-    for population, start_length in populations.items():
+    for population, ((registry, version), start, count, variants) in populations.items():
         results[population] = {
-            variant: asyncio.run(serve_rate(registry, version, variant, start_length, requests))
-            for variant in (
-                "full (onnx)",
-                "full (torch)",
-                "incremental recompute",
-                "incremental drop-oldest",
-            )
+            variant: asyncio.run(serve_rate(registry, version, variant, start, count))
+            for variant in variants
         }
     return results
 
@@ -330,12 +353,13 @@ def main() -> None:
         data, registry, version = train_model(Path(work))
         results["drift"] = drift(registry, version, data, args.drift_users)
         print(json.dumps(results["drift"]), flush=True)
-        results["serving"] = serving(registry, version, args.requests)
+        long = long_registry(Path(work) / "long")
+        results["serving"] = serving((registry, version), long, args.requests)
     config = {
         "model": MODEL,
         "torch_threads": 1,
         "reps": args.reps,
-        "serving": {"max_length": SERVE_LENGTH, "clients": 16, "requests": args.requests},
+        "serving": {"clients": 16, "users": 64, "requests": args.requests, "at_L1000": "1/4"},
     }
     path = write_result(args.name, config, results, started)
     plot(results, RESULTS / f"{args.name}.png")
