@@ -187,7 +187,9 @@ async def serve_rate(
     load = LoadOptions(
         engine=engine, threads=1, incremental_encoding=incremental, incremental_window=window
     )
-    config = ServiceConfig(registry=registry, ref=version, load=load, state_max_length=400)
+    # The state store keeps every event here: a shorter bound slides the sequence (see
+    # recloop.serve.incremental.plan), and the benchmark is about the window.
+    config = ServiceConfig(registry=registry, ref=version, load=load, state_max_length=1200)
     service = Service(config)
     await service.start()
     try:

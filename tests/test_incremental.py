@@ -208,14 +208,21 @@ def _no_engine(sequences: list[Any]) -> Any:
 def test_plan_finds_the_new_items_after_the_cached_window() -> None:
     encoder = IncrementalHSTU(_model(use_time_bias=False))
     (state,) = encoder.prefill([torch.tensor([1, 2, 3])])
-    kept, new = plan(state, np.array([1, 2, 3, 4, 5]), MAX_LENGTH)
-    assert kept is state and new.tolist() == [4, 5]
+    for policy in ("recompute", "drop-oldest"):
+        kept, new = plan(state, np.array([1, 2, 3, 4, 5]), policy)
+        assert kept is state and new.tolist() == [4, 5]
+        kept, new = plan(state, np.array([9, 9, 9]), policy)  # history rewritten: in full
+        assert kept is None and new.tolist() == [9, 9, 9]
     full = np.arange(1, MAX_LENGTH + 1)
     (whole,) = encoder.prefill([torch.from_numpy(full)])
-    kept, new = plan(whole, np.concatenate([full[2:], [50, 51]]), MAX_LENGTH)  # slid by two
-    assert kept is whole and new.tolist() == [50, 51]
-    kept, new = plan(state, np.array([9, 9, 9]), MAX_LENGTH)  # history rewritten: in full
-    assert kept is None and new.tolist() == [9, 9, 9]
+    slid = np.concatenate([full[2:], [50, 51]])  # the full window slid by two
+    kept, new = plan(whole, slid, "drop-oldest")
+    assert kept is not None and kept.ids.tolist() == full[2:].tolist() and new.tolist() == [50, 51]
+    kept, new = plan(whole, slid, "recompute")
+    assert kept is None and new.tolist() == slid.tolist()
+    # The state store dropped the oldest event (window not full): a slide all the same.
+    kept, new = plan(state, np.array([2, 3, 4]), "drop-oldest")
+    assert kept is not None and kept.ids.tolist() == [2, 3] and new.tolist() == [4]
 
 
 # ------------------------------------------------------------------ serving
@@ -240,11 +247,12 @@ def _service(trained: dict[str, Any], **load: Any) -> Service:
 
 
 async def _serve_rounds(
-    trained: dict[str, Any], users: list[str], rounds: int
+    trained: dict[str, Any], users: list[str], rounds: int, window: str = "recompute"
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     import json
 
-    plain, incremental = _service(trained), _service(trained, incremental_encoding=True)
+    plain = _service(trained)
+    incremental = _service(trained, incremental_encoding=True, incremental_window=window)
     answers: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
     await plain.start()
     await incremental.start()
@@ -284,6 +292,19 @@ def test_served_answers_are_the_same_with_incremental_encoding(trained: dict[str
         assert np.abs(scores[:, 0] - scores[:, 1]).max() <= 1e-4
     assert status["incremental"] > 0 and 0 < status["entries"] < len(users)
     assert status["engine"] > 0  # some windows were full: "recompute" sends them to the engine
+
+
+def test_served_answers_with_drop_oldest_stay_close(trained: dict[str, Any]) -> None:
+    """drop-oldest keeps sliding windows incremental (approximate): most top-10 items agree."""
+    dataset = SequenceDataset(trained["data"])
+    users = [str(user) for user in dataset.users.to_raw([1, 5, 9])]
+    plain, incremental, status = asyncio.run(_serve_rounds(trained, users, 6, "drop-oldest"))
+    overlaps = [
+        len({i["item_id"] for i in left["items"]} & {i["item_id"] for i in right["items"]}) / 10
+        for left, right in zip(plain, incremental, strict=True)
+    ]
+    assert status["slid"] > 0 and status["engine"] == 0
+    assert float(np.mean(overlaps)) >= 0.8
 
 
 def test_serving_refuses_incremental_encoding_for_absolute_positions(

@@ -8,8 +8,10 @@ window the engine would encode (the last ``max_length`` items of the user's sequ
 - the state's items are the start of the window: only the rest is encoded (exact);
 - the window is full (``max_length`` items): under ``recompute`` (exact) the engine encodes it,
   as without this option, since every new event would slide it and the cache cannot help;
-  under ``drop-oldest`` (approximate) the state's items that stay in the window are matched
-  and kept as cached, the oldest dropped, and only the new items encoded;
+- the window slid (it was full, or the state store, which keeps ``state_max_length`` recent
+  events per user, dropped the oldest): the state's items still in the window are found;
+  ``drop-oldest`` (approximate) keeps them as cached and encodes only the new items,
+  ``recompute`` encodes the window in full;
 - anything else (no state, history rewritten, more than ``MAX_NEW_EVENTS`` new items): the whole
   window, in full, and stored.
 
@@ -71,7 +73,7 @@ class IncrementalEncoding:
         self.model = model
         # Encoded by the engine (no user, or a full window under "recompute"); in full by the
         # torch model (no usable state; the state stored); from their state; unchanged (no new
-        # items); and of those from their state, how many slid a full window (drop-oldest).
+        # items); and of those from their state, how many slid (drop-oldest dropped some).
         self.counts = {"engine": 0, "full": 0, "incremental": 0, "unchanged": 0, "slid": 0}
 
     def for_version(self, model: SequentialEncoder, version: str) -> IncrementalEncoding:
@@ -118,9 +120,9 @@ class IncrementalEncoding:
         states, news = [], []
         for user, window in zip(users, windows, strict=True):
             payload = self.store.get(self.version, user)
-            state = decode_state(payload, device) if payload is not None else None
-            state, new = plan(state, window, self.max_length)
-            self._count(state, new.size)
+            stored = decode_state(payload, device) if payload is not None else None
+            state, new = plan(stored, window, self.encoder.window)
+            self._count(stored, state, new.size)
             states.append(state)
             news.append(torch.from_numpy(new).to(device))
         vectors, done = self.encoder.encode(states, news)  # on the model's device
@@ -131,14 +133,14 @@ class IncrementalEncoding:
             queries = self.model.item_embedding.prepare_query(vectors)
         return queries.cpu().numpy().astype(np.float32, copy=False)
 
-    def _count(self, state: UserKV | None, new: int) -> None:
+    def _count(self, stored: UserKV | None, state: UserKV | None, new: int) -> None:
         if state is None:
             self.counts["full"] += 1
         elif new == 0:
             self.counts["unchanged"] += 1
         else:
             self.counts["incremental"] += 1
-            self.counts["slid"] += int(state.length + new > self.max_length)
+            self.counts["slid"] += int(stored is not None and state.length < stored.length)
 
     def _window(self, sequence: IdArray) -> IdArray:
         window = np.asarray(sequence, dtype=np.int64)[-self.max_length :]
@@ -152,18 +154,25 @@ class IncrementalEncoding:
         return {"window": self.encoder.window, **self.counts, **self.store.status()}
 
 
-def plan(state: UserKV | None, window: IdArray, max_length: int) -> tuple[UserKV | None, IdArray]:
-    """(state to extend or None, the items to encode after it) for the ``window`` to encode."""
+def plan(state: UserKV | None, window: IdArray, policy: str) -> tuple[UserKV | None, IdArray]:
+    """(state to extend or None, the items to encode after it) for the ``window`` to encode.
+
+    The window slid when its first items are no longer the state's first: the model's window
+    was full, or the state store dropped the user's oldest events. Then "recompute" encodes the
+    window in full (exact) and "drop-oldest" keeps the cached positions still in it."""
     if state is None:
         return None, window
     cached = state.ids.cpu().numpy()
-    n = cached.size
-    if window.size >= n and np.array_equal(window[:n], cached):
+    n, w = cached.size, window.size
+    if w >= n and np.array_equal(window[:n], cached):
         return state, window[n:]  # the state is the start of the window (nothing new: empty)
-    if window.size == max_length:  # the window slid: find how many new items push it along
-        for new in range(max(1, max_length - n + 1), min(max_length, MAX_NEW_EVENTS + 1)):
-            if np.array_equal(cached[n - (max_length - new) :], window[: max_length - new]):
-                return state, window[max_length - new :]
+    # Slid: the last `kept` cached items start the window, then `w - kept` new ones follow.
+    for new in range(max(1, w - n + 1), min(w, MAX_NEW_EVENTS + 1)):
+        kept = w - new
+        if np.array_equal(cached[n - kept :], window[:kept]):
+            if policy == "recompute":
+                break
+            return state.drop_oldest(n - kept), window[kept:]
     return None, window
 
 
