@@ -185,7 +185,11 @@ async def serve_rate(
         "incremental drop-oldest": ("torch", True, "drop-oldest"),
     }[variant]
     load = LoadOptions(
-        engine=engine, threads=1, incremental_encoding=incremental, incremental_window=window
+        engine=engine,
+        threads=1,
+        incremental_encoding=incremental,
+        incremental_window=window,
+        cache_dir=registry.parent / "onnx-cache",  # one ONNX export per model, not per run
     )
     # The state store keeps every event here: a shorter bound slides the sequence (see
     # recloop.serve.incremental.plan), and the benchmark is about the window.
