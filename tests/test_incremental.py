@@ -9,6 +9,8 @@ vectors; measured ~6e-8: the same arithmetic, summed in another order over paddi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,8 @@ from recloop.models.sasrec import SASRec, SASRecConfig
 from recloop.serve.bundle import LoadOptions
 from recloop.serve.incremental import IncrementalEncoding, decode_state, encode_state, plan
 from recloop.serve.service import Service, ServiceConfig
-from recloop.serve.state.kv import MemoryKVStore
+from recloop.serve.state.kv import KVStore, MemoryKVStore, RedisKVStore
+from tests.redis_server import free_port, running_redis
 from tests.serving import make_dataset, train_version
 from tests.test_cli import run_here
 
@@ -171,8 +174,20 @@ def test_position_embedding_default_keeps_the_table_and_none_has_no_table() -> N
 # ------------------------------------------------------------------ the store and the codec
 
 
-def test_memory_store_stays_within_its_byte_budget_lru_first() -> None:
-    store = MemoryKVStore(max_bytes=1000)
+@pytest.fixture(params=["memory", "redis"])
+def kv_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[int], KVStore]]:
+    """Makes a store of each backend with a byte budget (the same contract for both)."""
+    if request.param == "memory":
+        yield MemoryKVStore
+        return
+    with running_redis(tmp_path / "redis") as server:
+        yield lambda max_bytes: RedisKVStore(server.url, max_bytes)
+
+
+def test_kv_store_stays_within_its_byte_budget_lru_first(
+    kv_store: Callable[[int], KVStore],
+) -> None:
+    store = kv_store(1000)
     for user in range(8):
         store.put("v1", str(user), bytes(300))
         store.get("v1", "0")  # user 0 is read after every write: never the least recent
@@ -183,6 +198,20 @@ def test_memory_store_stays_within_its_byte_budget_lru_first() -> None:
     assert store.get("v1", "1") is None
     store.put("v1", "huge", bytes(2000))  # larger than the whole budget: not stored
     assert store.get("v1", "huge") is None and store.status()["bytes"] <= 1000
+    store.put("v1", "0", bytes(100))  # a smaller state replaces the old one's bytes
+    assert store.status()["bytes"] == 700 and store.get("v1", "0") == bytes(100)
+    store.put("v2", "0", bytes(50))
+    assert store.retain("v2") == 3  # the other version's entries go
+    assert store.status()["entries"] == 1 and store.status()["bytes"] == 50
+    assert store.get("v1", "7") is None and store.get("v2", "0") == bytes(50)
+
+
+def test_redis_kv_store_misses_while_redis_is_away(tmp_path: Path) -> None:
+    """Reads miss (full encodes), writes are skipped: no error reaches a request."""
+    store = RedisKVStore(f"redis://127.0.0.1:{free_port()}/0", 1000, retry_seconds=60)
+    store.put("v1", "u", b"state")
+    assert store.get("v1", "u") is None
+    assert store.status()["errors"] == 1  # then not asked again for retry_seconds
 
 
 def test_states_round_trip_as_bytes_and_a_new_version_drops_the_old_ones() -> None:
@@ -247,12 +276,12 @@ def _service(trained: dict[str, Any], **load: Any) -> Service:
 
 
 async def _serve_rounds(
-    trained: dict[str, Any], users: list[str], rounds: int, window: str = "recompute"
+    trained: dict[str, Any], users: list[str], rounds: int, **load: Any
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     import json
 
     plain = _service(trained)
-    incremental = _service(trained, incremental_encoding=True, incremental_window=window)
+    incremental = _service(trained, incremental_encoding=True, **load)
     answers: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
     await plain.start()
     await incremental.start()
@@ -276,12 +305,20 @@ async def _serve_rounds(
     return answers[0], answers[1], status
 
 
-def test_served_answers_are_the_same_with_incremental_encoding(trained: dict[str, Any]) -> None:
+@pytest.mark.parametrize("kv", ["memory", "redis"])
+def test_served_answers_are_the_same_with_incremental_encoding(
+    trained: dict[str, Any], kv: str, tmp_path: Path
+) -> None:
     """Known users (training history + new events, some past max_length 20) and a new user,
-    over rounds of events: the same items, scores within the bodies' rounding."""
+    over rounds of events: the same items, scores within the bodies' rounding; the states in
+    memory or in Redis."""
     dataset = SequenceDataset(trained["data"])
     users = [str(user) for user in dataset.users.to_raw([1, 5, 9])] + ["new-user"]
-    plain, incremental, status = asyncio.run(_serve_rounds(trained, users, rounds=6))
+    with contextlib.ExitStack() as stack:
+        url = None
+        if kv == "redis":
+            url = stack.enter_context(running_redis(tmp_path / "redis")).url
+        plain, incremental, status = asyncio.run(_serve_rounds(trained, users, 6, kv_url=url))
     for left, right in zip(plain, incremental, strict=True):
         assert [item["item_id"] for item in left["items"]] == [
             item["item_id"] for item in right["items"]
@@ -298,7 +335,8 @@ def test_served_answers_with_drop_oldest_stay_close(trained: dict[str, Any]) -> 
     """drop-oldest keeps sliding windows incremental (approximate): most top-10 items agree."""
     dataset = SequenceDataset(trained["data"])
     users = [str(user) for user in dataset.users.to_raw([1, 5, 9])]
-    plain, incremental, status = asyncio.run(_serve_rounds(trained, users, 6, "drop-oldest"))
+    window = {"incremental_window": "drop-oldest"}
+    plain, incremental, status = asyncio.run(_serve_rounds(trained, users, 6, **window))
     overlaps = [
         len({i["item_id"] for i in left["items"]} & {i["item_id"] for i in right["items"]}) / 10
         for left, right in zip(plain, incremental, strict=True)

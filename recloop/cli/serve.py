@@ -159,6 +159,7 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
         incremental_encoding=options["incremental_encoding"],
         incremental_window=options["incremental_window"],
         kv_cache_bytes=_mebibytes(options["kv_cache_mb"]),
+        kv_url=options["redis_url"],  # the states beside the user state: shared by replicas
     )
     protect: str = options["protect"]
     return ServiceConfig(

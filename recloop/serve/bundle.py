@@ -69,6 +69,7 @@ class LoadOptions:
     incremental_encoding: bool = False
     incremental_window: str = "recompute"
     kv_cache_bytes: int = DEFAULT_KV_BYTES
+    kv_url: str | None = None  # where the states live: None in-process, redis://... shared
 
     def __post_init__(self) -> None:
         from recloop.errors import ConfigError
@@ -120,7 +121,9 @@ class LoadOptions:
             raise ConfigError(f"min_recall (--min-recall) must be in (0, 1], got {recall!r}")
         if isinstance(drift, bool) or not isinstance(drift, int | float) or not drift >= 0:
             raise ConfigError(f"rebuild_drift must be a fraction >= 0, got {drift!r}")
-        check_options(self.incremental_encoding, self.incremental_window, self.kv_cache_bytes)
+        check_options(
+            self.incremental_encoding, self.incremental_window, self.kv_cache_bytes, self.kv_url
+        )
 
 
 IdArray = npt.NDArray[np.int64]
@@ -264,6 +267,7 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
         options.incremental_encoding,
         options.incremental_window,
         options.kv_cache_bytes,
+        options.kv_url,
     )  # before the export: a model that cannot is refused at once
     # Taken before the engine may move the model to a GPU: CPU views of the weights, no copy.
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}

@@ -34,15 +34,18 @@ from safetensors.torch import save as save_tensors
 from recloop.errors import ConfigError, ServingError
 from recloop.models.base import SequentialEncoder
 from recloop.models.hstu_kv import WINDOW_POLICIES, IncrementalHSTU, UserKV
-from recloop.serve.state.kv import KVStore, MemoryKVStore
+from recloop.serve.state.kv import KVStore, open_kv_store
 
 IdArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float32]
+KV_URLS = ("memory", "redis://", "rediss://", "unix://")
 MAX_NEW_EVENTS = 256  # more new items than this since the cached state: encode in full
 
 
-def check_options(enabled: object, window: object, max_bytes: object) -> None:
+def check_options(enabled: object, window: object, max_bytes: object, url: object) -> None:
     """The `recloop serve` incremental options, checked (LoadOptions.__post_init__)."""
+    if url is not None and not (isinstance(url, str) and url.startswith(KV_URLS)):
+        raise ConfigError(f"kv_url must be memory or a redis:// URL, got {url!r}")
     if not isinstance(enabled, bool):
         raise ConfigError(f"incremental_encoding must be true or false, got {enabled!r}")
     if window not in WINDOW_POLICIES:
@@ -130,8 +133,9 @@ class IncrementalEncoding:
             if fresh.numel():
                 self.store.put(self.version, user, encode_state(state))
         with torch.inference_mode():  # as the engine's QueryModule: normalised, temperature
-            queries = self.model.item_embedding.prepare_query(vectors)
-        return queries.cpu().numpy().astype(np.float32, copy=False)
+            queries: torch.Tensor = self.model.item_embedding.prepare_query(vectors)
+        result: FloatArray = queries.cpu().numpy().astype(np.float32, copy=False)
+        return result
 
     def _count(self, stored: UserKV | None, state: UserKV | None, new: int) -> None:
         if state is None:
@@ -203,10 +207,17 @@ def decode_state(payload: bytes, device: torch.device) -> UserKV:
 
 
 def incremental_for(
-    model: SequentialEncoder, version: str, enabled: bool, window: str, max_bytes: int
+    model: SequentialEncoder,
+    version: str,
+    enabled: bool,
+    window: str,
+    max_bytes: int,
+    url: str | None = None,
 ) -> IncrementalEncoding | None:
     """The incremental encoder a freshly loaded bundle gets (None when not asked for); a model
     that cannot be encoded incrementally is a ConfigError, so nothing is served half-set."""
     if not enabled:
         return None
-    return IncrementalEncoding(model, version, MemoryKVStore(max_bytes), window)
+    encoding = IncrementalEncoding(model, version, open_kv_store(url, max_bytes), window)
+    encoding.store.retain(version)  # a shared store may hold an older version's states
+    return encoding
