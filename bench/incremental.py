@@ -181,8 +181,9 @@ async def serve_rate(
     engine, incremental, window = {
         "full (onnx)": ("onnx", False, "recompute"),
         "full (torch)": ("torch", False, "recompute"),
-        "incremental recompute": ("torch", True, "recompute"),
-        "incremental drop-oldest": ("torch", True, "drop-oldest"),
+        # The engine (ONNX, the default) still encodes what the cache cannot help with.
+        "incremental recompute": ("onnx", True, "recompute"),
+        "incremental drop-oldest": ("onnx", True, "drop-oldest"),
     }[variant]
     load = LoadOptions(
         engine=engine,
