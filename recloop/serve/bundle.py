@@ -166,6 +166,8 @@ class ModelBundle:
     details: dict[str, Any] = field(default_factory=dict)
     model: SequentialEncoder | None = field(default=None, repr=False)
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # --incremental-encoding: encodes users from their cached keys and values (the one part
+    # that changes after build: its store of per-user states, bounded, keyed by version).
     incremental: IncrementalEncoding | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ the request path
