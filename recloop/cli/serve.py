@@ -66,6 +66,14 @@ ThreadsOption = Annotated[
     int | None,
     typer.Option(help="Inference threads (default: the cores given / recloop processes here)."),
 ]
+IncrementalOption = Annotated[
+    bool,
+    typer.Option(help="HSTU without absolute positions: encode only users' new events (KV cache)."),
+]
+IncrementalWindowOption = Annotated[
+    str, typer.Option(help="Full window: recompute (exact) or drop-oldest (approximate).")
+]
+KvCacheOption = Annotated[float, typer.Option(help="--incremental-encoding: cache budget (MiB).")]
 ProtectOption = Annotated[
     str,
     typer.Option(help="Read-only endpoints that need the API key too: docs,metrics,model."),
@@ -100,6 +108,9 @@ def serve_command(
     event_log: EventLogOption = None,
     snapshot_every: SnapshotEveryOption = 30.0,
     protect: ProtectOption = "",
+    incremental_encoding: IncrementalOption = False,
+    incremental_window: IncrementalWindowOption = "recompute",
+    kv_cache_mb: KvCacheOption = 256.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve recommendations over HTTP (API key for writes: env RECLOOP_API_KEY)."""
@@ -145,6 +156,10 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
         min_recall=options["min_recall"],
         data=options["data"],
         cache_dir=options["cache_dir"],
+        incremental_encoding=options["incremental_encoding"],
+        incremental_window=options["incremental_window"],
+        kv_cache_bytes=_mebibytes(options["kv_cache_mb"]),
+        kv_url=options["redis_url"],  # the states beside the user state: shared by replicas
     )
     protect: str = options["protect"]
     return ServiceConfig(
@@ -165,6 +180,12 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
         snapshot_seconds=options["snapshot_every"],
         protected=frozenset(name.strip() for name in protect.split(",") if name.strip()),
     )
+
+
+def _mebibytes(value: float) -> int:
+    if not value > 0:
+        raise ConfigError(f"--kv-cache-mb must be > 0, got {value}")
+    return max(1, int(value * (1 << 20)))
 
 
 def _run(config: ServiceConfig, host: str, port: int, log_level: str, threads: str) -> None:

@@ -15,7 +15,10 @@ padded length:
 - n is `max_length`, a constant, as in the reference (which always pads to the maximum length).
   Dividing by the padded length would make the output depend on the padding.
 - Padding keys are masked explicitly (the reference drops them by storing sequences jagged).
-- Absolute positions are counted from the most recent item (row 0 = most recent).
+- Absolute positions are counted from the most recent item (row 0 = most recent), when
+  `position_embedding = "from_end"` (the default). With "none" the model has only the relative
+  bias (as the paper relies on): then a position's keys and values never change when events
+  are appended, and :mod:`recloop.models.hstu_kv` encodes new events incrementally.
 - The time difference of query i and key j uses the query's own timestamp t_i. The reference
   uses the timestamp of the item being predicted (t_{i+1}), which `forward` does not receive.
   Without timestamps (None) the time bias is zero; the position bias still applies.
@@ -38,6 +41,8 @@ from recloop.errors import ConfigError
 from recloop.models.base import SequentialEncoder, window_layout
 from recloop.models.dropout import Dropout, dropout
 from recloop.models.embeddings import ItemEmbedding
+
+POSITION_EMBEDDINGS = ("from_end", "none")
 
 
 def _require(ok: bool, field: str, value: object, why: str) -> None:
@@ -72,6 +77,10 @@ class HSTUConfig:
     normalize_embeddings: bool = True
     temperature: float = 0.05  # the reference's softmax temperature for cosine logits
     layer_norm_eps: float = 1e-6  # the reference's epsilon
+    # "from_end": a learned absolute embedding per position counted from the most recent item
+    # (what every model trained so far has). "none": relative bias only; every past position's
+    # state then survives an append, which incremental encoding (hstu_kv) needs.
+    position_embedding: str = "from_end"
     init_std: float = 0.02  # item table, U/V/Q/K projection and bias tables (the reference)
 
     def __post_init__(self) -> None:
@@ -106,6 +115,12 @@ class HSTUConfig:
         for name in ("time_bucket_width", "temperature", "layer_norm_eps", "init_std"):
             value = getattr(self, name)
             _require(isinstance(value, int | float) and value > 0, name, value, "must be > 0")
+        _require(
+            self.position_embedding in POSITION_EMBEDDINGS,
+            "position_embedding",
+            self.position_embedding,
+            f"expected one of {', '.join(POSITION_EMBEDDINGS)}",
+        )
         for name in ("use_time_bias", "normalize_embeddings"):
             value = getattr(self, name)
             _require(isinstance(value, bool), name, value, "must be true or false")
@@ -158,26 +173,52 @@ class HSTUBlock(nn.Module):
         """x [B, L, D]; allowed [B, 1, L, L] 0/1 float; distance [L, L] and time_buckets
         [B, L, L] int64 bias indexes -> [B, L, D]. With `last_only`, only the last position
         queries (keys and values from all): -> [B, 1, D]."""
-        batch, length, dim = x.shape
-        heads, qk_dim, v_dim = self.num_heads, self.qk_dim, self.v_dim
-        normed = F.layer_norm(x, (dim,), eps=self.eps)  # [B, L, D]
-        uvqk: torch.Tensor = F.silu(self.uvqk(normed))  # [B, L, H * (2 Dv + 2 Dqk)]
-        u, v, q, k = torch.split(
-            uvqk, [heads * v_dim, heads * v_dim, heads * qk_dim, heads * qk_dim], dim=-1
-        )  # u, v: [B, L, H * Dv]; q, k: [B, L, H * Dqk]
+        u, v, q, k = self.project(x)
         residual = x
         if last_only:
             u, q, residual = u[:, -1:], q[:, -1:], x[:, -1:]
             allowed, distance = allowed[:, :, -1:], distance[-1:]
             time_buckets = time_buckets[:, -1:] if time_buckets is not None else None
-        queries = q.shape[1]
-        q = q.view(batch, queries, heads, qk_dim).transpose(1, 2)  # [B, H, Lq, Dqk]
-        k = k.view(batch, length, heads, qk_dim).transpose(1, 2)  # [B, H, L, Dqk]
-        v = v.view(batch, length, heads, v_dim).transpose(1, 2)  # [B, H, L, Dv]
+        return self.attend(residual, u, q, k, v, self.bias(distance, time_buckets), allowed)
 
-        bias = self.position_bias[distance]  # [Lq, L]
+    def bias(self, distance: torch.Tensor, time_buckets: torch.Tensor | None) -> torch.Tensor:
+        """The relative attention bias: distance [Lq, L] or [B, Lq, L] and time buckets
+        [B, Lq, L] (or None) -> [Lq, L] or [B, Lq, L]."""
+        bias = self.position_bias[distance]  # [Lq, L] or [B, Lq, L]
         if time_buckets is not None and self.time_bias is not None:
             bias = bias + self.time_bias[time_buckets]  # [B, Lq, L]
+        return bias
+
+    def project(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, D] -> (u, v [B, L, H * Dv], q, k [B, L, H * Dqk])."""
+        heads, qk_dim, v_dim = self.num_heads, self.qk_dim, self.v_dim
+        normed = F.layer_norm(x, (x.shape[-1],), eps=self.eps)  # [B, L, D]
+        uvqk: torch.Tensor = F.silu(self.uvqk(normed))  # [B, L, H * (2 Dv + 2 Dqk)]
+        u, v, q, k = torch.split(
+            uvqk, [heads * v_dim, heads * v_dim, heads * qk_dim, heads * qk_dim], dim=-1
+        )
+        return u, v, q, k
+
+    def attend(
+        self,
+        residual: torch.Tensor,
+        u: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor,
+        allowed: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queries (residual [B, Lq, D], u [B, Lq, H * Dv], q [B, Lq, H * Dqk]) read keys k
+        [B, L, H * Dqk] and values v [B, L, H * Dv] with bias [Lq, L] or [B, Lq, L] where
+        allowed [B, 1, Lq, L] (0/1 float) -> [B, Lq, D]."""
+        batch, queries, length = q.shape[0], q.shape[1], k.shape[1]
+        heads, qk_dim, v_dim = self.num_heads, self.qk_dim, self.v_dim
+        q = q.reshape(batch, queries, heads, qk_dim).transpose(1, 2)  # [B, H, Lq, Dqk]
+        k = k.reshape(batch, length, heads, qk_dim).transpose(1, 2)  # [B, H, L, Dqk]
+        v = v.reshape(batch, length, heads, v_dim).transpose(1, 2)  # [B, H, L, Dv]
         scores = q @ k.transpose(-1, -2) + bias.unsqueeze(-3)  # [B, H, Lq, L]
         weights = F.silu(scores) * (allowed / self.max_length)  # [B, H, Lq, L], no softmax
         weights = dropout(weights, self.attention_dropout, self.training)
@@ -194,17 +235,23 @@ class HSTU(SequentialEncoder):
         self.config = config
         self.item_embedding = ItemEmbedding.for_model(config)
         # Row p is the position p steps before the most recent item (row 0 = most recent).
-        self.position_embedding = nn.Embedding(config.max_length, config.dim)
-        nn.init.normal_(self.position_embedding.weight, std=math.sqrt(1.0 / config.dim))
+        self.position_embedding: nn.Embedding | None = None
+        if config.position_embedding == "from_end":
+            self.position_embedding = nn.Embedding(config.max_length, config.dim)
+            nn.init.normal_(self.position_embedding.weight, std=math.sqrt(1.0 / config.dim))
         self.embedding_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(HSTUBlock(config) for _ in range(config.num_blocks))
 
-    def time_buckets(self, timestamps: torch.Tensor) -> torch.Tensor:
-        """[B, L] int64 timestamps -> [B, L, L] int64 bucket of |t_i - t_j| (query i, key j)."""
-        delta = (timestamps.unsqueeze(-1) - timestamps.unsqueeze(-2)).abs()  # [B, L, L]
+    def time_buckets(
+        self, timestamps: torch.Tensor, key_timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, L] int64 timestamps -> [B, L, L] int64 bucket of |t_i - t_j| (query i, key j).
+        With `key_timestamps` [B, Lk]: queries `timestamps` [B, Lq] -> [B, Lq, Lk]."""
+        keys = timestamps if key_timestamps is None else key_timestamps
+        delta = (timestamps.unsqueeze(-1) - keys.unsqueeze(-2)).abs()  # [B, Lq, Lk]
         buckets: torch.Tensor = (
             torch.log1p(delta.float()) / self.config.time_bucket_width
-        )  # [B, L, L]
+        )  # [B, Lq, Lk]
         return buckets.floor().long().clamp(0, self.config.num_time_buckets)
 
     def forward(
@@ -235,7 +282,8 @@ class HSTU(SequentialEncoder):
         time buckets [B, L, L] or None): the inputs of the blocks."""
         valid, keep, positions = window_layout(input_ids, self.config.max_length, "hstu")
         x: torch.Tensor = self.item_embedding(input_ids) * math.sqrt(self.config.dim)  # [B, L, D]
-        x = x + self.position_embedding(positions)  # [B, L, D]
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions)  # [B, L, D]
         x = self.embedding_dropout(x) * keep  # padding rows are zero
 
         index = torch.arange(input_ids.shape[1], device=input_ids.device)

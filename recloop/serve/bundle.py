@@ -29,8 +29,10 @@ from recloop.registry.sidefiles import read_item_counts, vocabulary_path
 from recloop.serve.engines.base import InferenceEngine
 from recloop.serve.engines.export import item_table
 from recloop.serve.engines.factory import build_engine, warmup
+from recloop.serve.incremental import IncrementalEncoding, check_options, incremental_for
 from recloop.serve.indexes.base import MILVUS_NAME, ItemIndex, check_index_uri
 from recloop.serve.indexes.factory import build_index
+from recloop.serve.state.kv import DEFAULT_KV_BYTES
 
 log = logging.getLogger("recloop.serve")
 
@@ -61,6 +63,13 @@ class LoadOptions:
     # milvus: the alias searches go through; a full load replaces the collection behind it.
     # Replicas sharing one Milvus server need one alias each (see deploy/README.md).
     index_alias: str | None = None  # None: recloop_items
+    # HSTU (position_embedding "none"): encode users from cached keys and values plus their new
+    # events (recloop.serve.incremental); "recompute" re-encodes a window that slid (exact),
+    # "drop-oldest" keeps the cached positions that stay (approximate). Cache bounded in bytes.
+    incremental_encoding: bool = False
+    incremental_window: str = "recompute"
+    kv_cache_bytes: int = DEFAULT_KV_BYTES
+    kv_url: str | None = None  # where the states live: None in-process, redis://... shared
 
     def __post_init__(self) -> None:
         from recloop.errors import ConfigError
@@ -112,6 +121,9 @@ class LoadOptions:
             raise ConfigError(f"min_recall (--min-recall) must be in (0, 1], got {recall!r}")
         if isinstance(drift, bool) or not isinstance(drift, int | float) or not drift >= 0:
             raise ConfigError(f"rebuild_drift must be a fraction >= 0, got {drift!r}")
+        check_options(
+            self.incremental_encoding, self.incremental_window, self.kv_cache_bytes, self.kv_url
+        )
 
 
 IdArray = npt.NDArray[np.int64]
@@ -128,6 +140,7 @@ class TopK:
     sequence: IdArray
     k: int
     exclude: IdArray | None
+    user: str | None = None  # whose sequence it is (the incremental encoder's cache key)
 
 
 # eq=False: a bundle is equal to itself only (its bound methods are batch keys, see
@@ -153,6 +166,9 @@ class ModelBundle:
     details: dict[str, Any] = field(default_factory=dict)
     model: SequentialEncoder | None = field(default=None, repr=False)
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # --incremental-encoding: encodes users from their cached keys and values (the one part
+    # that changes after build: its store of per-user states, bounded, keyed by version).
+    incremental: IncrementalEncoding | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ the request path
 
@@ -179,6 +195,10 @@ class ModelBundle:
     def encode_batch(self, requests: Sequence[TopK]) -> FloatArray:
         """The first half of :meth:`top_items`: the requests' query vectors [B, D], a copy (the
         engine's result is a buffer it reuses), so the search may run on another thread."""
+        if self.incremental is not None:
+            users = [request.user for request in requests]
+            sequences = [request.sequence for request in requests]
+            return self.incremental.encode(users, sequences, self.engine.encode)
         return np.array(self.engine.encode([request.sequence for request in requests]))
 
     def search_batch(
@@ -243,6 +263,14 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
     started = time.perf_counter()
     version = registry.resolve(ref)
     model, manifest = load_model(registry, version)
+    incremental = incremental_for(
+        model,
+        version,
+        options.incremental_encoding,
+        options.incremental_window,
+        options.kv_cache_bytes,
+        options.kv_url,
+    )  # before the export: a model that cannot is refused at once
     # Taken before the engine may move the model to a GPU: CPU views of the weights, no copy.
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     if not manifest.vocabulary_file:
@@ -267,6 +295,7 @@ def load_bundle(registry: Registry, ref: str, options: LoadOptions) -> ModelBund
         details={"shards": options.shards, **index_details(index)},
         model=model,
         state=state,
+        incremental=incremental,
     )
 
 

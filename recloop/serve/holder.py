@@ -116,6 +116,7 @@ def apply_deltas(
         details=_delta_details(current, index, patched, len(chain), seconds, options),
         model=model,
         state=patched.state,
+        incremental=current.incremental.for_version(model, target) if current.incremental else None,
     )
 
 

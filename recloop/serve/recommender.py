@@ -55,7 +55,7 @@ class Recommender:
             sequence = np.concatenate([history, dense])
         else:
             sequence, unknown = history, []
-        items, fallback = await self._recommend(bundle, sequence, k, exclude_seen)
+        items, fallback = await self._recommend(bundle, sequence, k, exclude_seen, user_id)
         return recommendations_body(bundle, user_id, items, fallback, unknown)
 
     async def for_items(
@@ -79,7 +79,12 @@ class Recommender:
         ).encode()
 
     async def _recommend(
-        self, bundle: ModelBundle, sequence: IdArray, k: int, exclude_seen: bool
+        self,
+        bundle: ModelBundle,
+        sequence: IdArray,
+        k: int,
+        exclude_seen: bool,
+        user_id: str | None = None,
     ) -> tuple[str, str | None]:
         """(JSON array of the top-k items, fallback used or None)."""
         if len(sequence) == 0:
@@ -88,7 +93,7 @@ class Recommender:
             scores = np.zeros(len(ids), dtype=np.float32)
             return items_json(bundle, ids, scores), FALLBACK_POPULAR
         # The index de-duplicates the exclusions (on the worker thread).
-        request = TopK(sequence, k, sequence if exclude_seen else None)
+        request = TopK(sequence, k, sequence if exclude_seen else None, user_id)
         found: str = await self.batcher.submit(TopItemsJson(bundle), request)
         return found, None
 
