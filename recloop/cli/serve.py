@@ -66,6 +66,10 @@ ThreadsOption = Annotated[
     int | None,
     typer.Option(help="Inference threads (default: the cores given / recloop processes here)."),
 ]
+ExperimentOption = Annotated[
+    Path | None,
+    typer.Option(help="Experiment TOML: users split between arms (needs --event-log)."),
+]
 ProtectOption = Annotated[
     str,
     typer.Option(help="Read-only endpoints that need the API key too: docs,metrics,model."),
@@ -100,6 +104,7 @@ def serve_command(
     event_log: EventLogOption = None,
     snapshot_every: SnapshotEveryOption = 30.0,
     protect: ProtectOption = "",
+    experiment: ExperimentOption = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve recommendations over HTTP (API key for writes: env RECLOOP_API_KEY)."""
@@ -147,6 +152,13 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
         cache_dir=options["cache_dir"],
     )
     protect: str = options["protect"]
+    experiment = None
+    if options["experiment"] is not None:
+        from recloop.experiments import load_experiment
+
+        if options["version"] != "auto":
+            raise ConfigError("--version and --experiment: the arms name the versions")
+        experiment = load_experiment(options["experiment"])
     return ServiceConfig(
         registry=options["registry"],
         ref=options["version"],
@@ -164,6 +176,7 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
         event_log=options["event_log"],
         snapshot_seconds=options["snapshot_every"],
         protected=frozenset(name.strip() for name in protect.split(",") if name.strip()),
+        experiment=experiment,
     )
 
 
