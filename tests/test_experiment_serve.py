@@ -100,22 +100,8 @@ def test_arms_answer_and_a_better_arm_is_detected(
         assert model["version"] == trained["bad"]  # the control's
         arms = {arm["name"]: arm["model_version"] for arm in model["experiment"]["arms"]}
         assert arms == versions
-        for round_ in range(2):
-            for user in users:
-                # Replica A serves, replica B receives what the user does next.
-                body = a.get(f"/v1/users/{user}/recommendations", params={"exclude_seen": False})
-                assert body.status_code == 200, body.text
-                served = body.json()
-                arm = experiment.assign(user).name
-                assert (served["arm"], served["model_version"]) == (arm, versions[arm])
-                nxt = str(successor[int(last[user])])
-                posted = b.post(
-                    "/v1/events",
-                    json={"events": [{"user_id": user, "item_id": nxt}]},
-                    headers=KEYED,
-                )
-                assert posted.status_code == 200, posted.text
-                last[user] = nxt
+        for _ in range(2):
+            serve_then_act(a, b, experiment, versions, users, last, successor)
         again = a.get(
             f"/v1/users/{users[0]}/recommendations", params={"exclude_seen": False}
         ).json()
@@ -153,6 +139,31 @@ def test_arms_answer_and_a_better_arm_is_detected(
     better = treatment["vs_control"]
     assert better["hit"]["significant"] and better["hit"]["low"] > 0, better
     assert better["ndcg"]["low"] > 0, better
+
+
+def serve_then_act(
+    a: httpx.Client,
+    b: httpx.Client,
+    experiment: Experiment,
+    versions: dict[str, str],
+    users: list[str],
+    last: dict[str, str],
+    successor: list[int],
+) -> None:
+    """Each user gets a list from replica A, which names the user's arm and its version, and
+    then does the ground truth's next thing (the successor of their last item) at replica B."""
+    for user in users:
+        body = a.get(f"/v1/users/{user}/recommendations", params={"exclude_seen": False})
+        assert body.status_code == 200, body.text
+        served = body.json()
+        arm = experiment.assign(user).name
+        assert (served["arm"], served["model_version"]) == (arm, versions[arm])
+        nxt = str(successor[int(last[user])])
+        posted = b.post(
+            "/v1/events", json={"events": [{"user_id": user, "item_id": nxt}]}, headers=KEYED
+        )
+        assert posted.status_code == 200, posted.text
+        last[user] = nxt
 
 
 def _metric(text: str, name: str) -> dict[str, float]:

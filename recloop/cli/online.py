@@ -35,6 +35,10 @@ AttributesOption = Annotated[
 ]
 FollowOption = Annotated[bool, typer.Option(help="Keep consuming new events until stopped.")]
 MaxEventsOption = Annotated[int | None, typer.Option(help="Stop after this many events.")]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(help="torch threads (default: the cores given / recloop processes here)."),
+]
 ExperimentOption = Annotated[
     Path | None, typer.Option(help="Experiment TOML: learn for one arm (--arm).")
 ]
@@ -85,10 +89,7 @@ def online_command(
     attributes: AttributesOption = None,
     follow: FollowOption = False,
     max_events: MaxEventsOption = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="torch threads (default: the cores given / recloop processes here)."),
-    ] = None,
+    threads: ThreadsOption = None,
     experiment: ExperimentOption = None,
     arm: ArmOption = None,
     learn_from: LearnFromOption = "all",
