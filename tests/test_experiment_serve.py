@@ -20,10 +20,18 @@ from recloop.events import open_event_log
 from recloop.events.exposures import open_exposure_log
 from recloop.experiments import Experiment, load_experiment
 from recloop.serve.service import Service
+from tests.redis_server import RedisServer, running_redis
 from tests.serving import API_KEY, config_for, make_dataset, running_service, train_version
 from tests.test_cli import run_here
 
 KEYED = {"X-API-Key": API_KEY}
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free port."""
+    with running_redis(tmp_path / "redis") as server:
+        yield server
 
 
 def experiment_file(path: Path, control: str, treatment: str, **extra: Any) -> Path:
@@ -177,12 +185,19 @@ def _metric(text: str, name: str) -> dict[str, float]:
     return values
 
 
-def test_an_ab_test_of_one_version_is_not_significant(
-    trained: dict[str, Any], tmp_path: Path
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_cached_lists_keep_their_arm_and_are_logged_exposures(
+    trained: dict[str, Any], tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    """A/A: the same version in both arms; the cache key names the arm."""
+    """A/A (one version in both arms): the cache key names the arm, a cached answer is an
+    exposure too, and exposures land beside the event log, in SQLite or in Redis."""
+    if backend == "sqlite":
+        target = str(tmp_path / "events.sqlite")
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        target = server.url
     exp = load_experiment(experiment_file(tmp_path / "aa.toml", trained["good"], trained["good"]))
-    config = config_for(trained, experiment=exp, event_log=str(tmp_path / "events.sqlite"))
+    config = config_for(trained, experiment=exp, event_log=target)
     users, _, _ = ground_truth(trained)
     with running_service(config) as url, httpx.Client(base_url=url, timeout=60) as client:
         for user in users[:40]:
@@ -190,10 +205,14 @@ def test_an_ab_test_of_one_version_is_not_significant(
             cached = client.get(f"/v1/users/{user}/recommendations").json()
             assert cached["cached"] and cached["arm"] == first["arm"] == exp.assign(user).name
             assert cached["items"] == first["items"]
-    with open_event_log(tmp_path / "events.sqlite") as log, open_exposure_log(log) as exposures:
+        adhoc = client.post("/v1/recommendations", json={"items": ["1", "2"]}).json()
+        assert "arm" not in adhoc and adhoc["model_version"] == trained["good"]  # the control
+    # Stopping the service flushed its exposures.
+    with open_event_log(target) as log, open_exposure_log(log) as exposures:
         served = exposures.read_all()
-    assert len(served) == 80  # cache hits are exposures too
+    assert len(served) == 80  # cache hits are exposures too; ad-hoc lists are not
     assert {(e.user_id, e.arm) for e in served} == {(u, exp.assign(u).name) for u in users[:40]}
+    assert all(e.version == trained["good"] and len(e.items) == 10 for e in served)
 
 
 def test_a_missing_ref_is_one_error_before_anything_is_served(

@@ -283,15 +283,16 @@ def with_arm(body: bytes, arm: str) -> bytes:
 
 def open_arms(
     experiment: Experiment | None,
-    registry: Registry,
-    load: LoadOptions,
     control: ModelHolder,
     event_log: EventLog | None,
     metrics: ServiceMetrics,
 ) -> ExperimentArms | None:
-    """The experiment's arms when the service runs one (every ref checked), else None."""
+    """The experiment's arms when the service runs one (every ref checked), else None; the
+    other arms load with the control's registry and options."""
     if experiment is None:
         return None
     if event_log is None:  # ServiceConfig refuses this; kept for the type checker
         raise RecloopError("experiment: --experiment needs --event-log")
-    return ExperimentArms(experiment, registry, load, control, event_log, metrics.registry)
+    return ExperimentArms(
+        experiment, control.registry, control.options, control, event_log, metrics.registry
+    )

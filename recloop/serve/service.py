@@ -194,14 +194,7 @@ class Service:
         self._reload_lock = asyncio.Lock()
         try:
             self._open_state()
-            self.arms = open_arms(
-                config.experiment,
-                self.registry,
-                config.load,
-                self.holder,
-                self.event_log,
-                self.metrics,
-            )
+            self.arms = open_arms(config.experiment, self.holder, self.event_log, self.metrics)
         except BaseException:
             self._log_executor.shutdown(wait=False)
             if self.event_log is not None:
