@@ -242,6 +242,13 @@ def test_a_missing_ref_is_one_error_before_anything_is_served(
         capsys, "serve", "--registry", str(trained["registry"]), "--experiment", str(bad)
     )
     assert done.returncode == 2 and "needs --event-log" in done.stderr
+    done = run_here(
+        capsys, "experiment", "report", "--experiment", str(bad), "--event-log",
+        str(tmp_path / "none.sqlite"),
+    )  # fmt: skip
+    assert done.returncode == 2 and "none.sqlite: no such event log" in done.stderr
+    done = run_here(capsys, "experiment", "report", "--experiment", str(uneven))
+    assert done.returncode == 2 and f"{uneven}: arms.share: the shares must sum" in done.stderr
 
 
 def test_a_learner_per_arm_learns_from_all_or_its_own_users(
@@ -280,4 +287,10 @@ def test_a_learner_per_arm_learns_from_all_or_its_own_users(
     own_head = arm_version(store, Arm("t", trained["good"], 1.0, learner="learner-own-treatment"))
     all_head = arm_version(store, Arm("t", trained["good"], 1.0, learner="learner-all-treatment"))
     assert len({own_head, all_head, trained["good"]}) == 3
+    # A serving arm with `learner` follows that lineage's head.
+    from recloop.serve.bundle import LoadOptions
+    from recloop.serve.experiment import ArmHolder
+
+    arm = Arm("treatment", trained["good"], 0.5, learner="learner-own-treatment")
+    assert ArmHolder(store, LoadOptions(), arm).follow_target() == own_head
     assert store.manifest(own_head).training["online"]["offset"] <= 240
