@@ -250,7 +250,13 @@ def open_exposure_log(event_log: EventLog) -> ExposureLog:
 
     if not isinstance(event_log, RedisStreamEventLog):
         raise EventLogError(f"no exposure log for a {type(event_log).__name__}")
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     client = Redis.from_url(
-        event_log.url, decode_responses=True, socket_timeout=event_log.socket_timeout
+        event_log.url,
+        decode_responses=True,
+        socket_timeout=event_log.socket_timeout,
+        retry=Retry(NoBackoff(), 0),  # a retried EXEC whose reply was lost would log twice
     )
     return RedisExposureLog(client, f"{event_log.stream}:exposures", redact_url(event_log.url))
