@@ -12,7 +12,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from recloop.cli import compress, data, demo, models, online, serve, train
+from recloop.cli import compress, data, demo, experiment, models, online, serve, train
 from recloop.cli.common import stderr
 from recloop.errors import RecloopError
 
@@ -27,6 +27,7 @@ app = typer.Typer(
 for stage in (data, train, serve, online, compress, demo):
     stage.register(app)
 models.register(app)
+experiment.register(app)
 
 
 def main() -> None:

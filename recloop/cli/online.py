@@ -12,6 +12,8 @@ from recloop.cli.common import RegistryOption, stderr, stdout
 from recloop.errors import ConfigError
 
 if TYPE_CHECKING:
+    from recloop.events import EventLog
+    from recloop.online.config import OnlineConfig
     from recloop.online.learner import RunSummary
     from recloop.train.distributed import DistContext
 
@@ -33,6 +35,17 @@ AttributesOption = Annotated[
 ]
 FollowOption = Annotated[bool, typer.Option(help="Keep consuming new events until stopped.")]
 MaxEventsOption = Annotated[int | None, typer.Option(help="Stop after this many events.")]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(help="torch threads (default: the cores given / recloop processes here)."),
+]
+ExperimentOption = Annotated[
+    Path | None, typer.Option(help="Experiment TOML: learn for one arm (--arm).")
+]
+ArmOption = Annotated[str | None, typer.Option(help="The arm this learner trains.")]
+LearnFromOption = Annotated[
+    str, typer.Option(help="Under --experiment: all events, or only the arm's own users' (own).")
+]
 OverridesArgument = Annotated[list[str] | None, typer.Argument(help="online.key=value overrides.")]
 
 
@@ -76,10 +89,10 @@ def online_command(
     attributes: AttributesOption = None,
     follow: FollowOption = False,
     max_events: MaxEventsOption = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="torch threads (default: the cores given / recloop processes here)."),
-    ] = None,
+    threads: ThreadsOption = None,
+    experiment: ExperimentOption = None,
+    arm: ArmOption = None,
+    learn_from: LearnFromOption = "all",
     overrides: OverridesArgument = None,
 ) -> None:
     """Fine-tune the model on new events and publish delta versions (test-then-train)."""
@@ -103,7 +116,8 @@ def online_command(
         )
         settings = load_online_config(config, overrides or [])
         context = _distributed(settings.sharding)
-        with open_event_log(event_log) as log:
+        with open_event_log(event_log) as opened:
+            log, settings, start = _for_arm(opened, settings, start, experiment, arm, learn_from)
             arguments = (Registry(registry, create=False), log, settings, run_dir)
             options: dict[str, Any] = {"start": start, "data": data, "attributes": attributes}
             if context is not None:
@@ -123,6 +137,35 @@ def online_command(
             summary = learner.run(follow=follow, max_events=max_events, show_progress=True)
         if context is None or context.is_main:
             _print_summary(summary, run_dir)
+
+
+def _for_arm(
+    log: EventLog,
+    settings: OnlineConfig,
+    start: str,
+    experiment: Path | None,
+    arm: str | None,
+    learn_from: str,
+) -> tuple[EventLog, OnlineConfig, str]:
+    """Under --experiment: the arm's events (recloop.experiments.learning), its own consumer
+    name (consumer-ARM, which the arm's `learner` key names) and its ref as the start."""
+    import dataclasses
+
+    if experiment is None:
+        if arm is not None or learn_from != "all":
+            raise ConfigError("--arm and --learn-from need --experiment")
+        return log, settings, start
+    from recloop.experiments import load_experiment
+    from recloop.experiments.learning import learner_events
+
+    if arm is None:
+        raise ConfigError("--experiment needs --arm NAME (the arm this learner trains)")
+    if start != "latest":
+        raise ConfigError("--from and --experiment: the arm's ref is where the learner starts")
+    loaded = load_experiment(experiment)
+    events = learner_events(log, loaded, arm, learn_from)
+    consumer = f"{settings.consumer}-{arm}"
+    return events, dataclasses.replace(settings, consumer=consumer), loaded.arm(arm).ref
 
 
 def _distributed(sharding: str) -> DistContext | None:

@@ -74,6 +74,10 @@ IncrementalWindowOption = Annotated[
     str, typer.Option(help="Full window: recompute (exact) or drop-oldest (approximate).")
 ]
 KvCacheOption = Annotated[float, typer.Option(help="--incremental-encoding: cache budget (MiB).")]
+ExperimentOption = Annotated[
+    Path | None,
+    typer.Option(help="Experiment TOML: users split between arms (needs --event-log)."),
+]
 ProtectOption = Annotated[
     str,
     typer.Option(help="Read-only endpoints that need the API key too: docs,metrics,model."),
@@ -111,6 +115,7 @@ def serve_command(
     incremental_encoding: IncrementalOption = False,
     incremental_window: IncrementalWindowOption = "recompute",
     kv_cache_mb: KvCacheOption = 256.0,
+    experiment: ExperimentOption = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve recommendations over HTTP (API key for writes: env RECLOOP_API_KEY)."""
@@ -162,6 +167,13 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
         kv_url=options["redis_url"],  # the states beside the user state: shared by replicas
     )
     protect: str = options["protect"]
+    experiment = None
+    if options["experiment"] is not None:
+        from recloop.experiments import load_experiment
+
+        if options["version"] != "auto":
+            raise ConfigError("--version and --experiment: the arms name the versions")
+        experiment = load_experiment(options["experiment"])
     return ServiceConfig(
         registry=options["registry"],
         ref=options["version"],
@@ -179,6 +191,7 @@ def _service_config(options: dict[str, Any]) -> ServiceConfig:
         event_log=options["event_log"],
         snapshot_seconds=options["snapshot_every"],
         protected=frozenset(name.strip() for name in protect.split(",") if name.strip()),
+        experiment=experiment,
     )
 
 

@@ -42,6 +42,7 @@ from recloop.serve.recommender import UnknownItem
 from recloop.serve.schemas import (
     EventBatch,
     EventsAccepted,
+    ExperimentInfo,
     Health,
     ModelInfo,
     Problem,
@@ -297,7 +298,9 @@ def _model_routes(app: FastAPI, service: Service) -> None:
     async def model_info() -> ModelInfo:
         described = service.bundle.describe()
         core = {name: described.pop(name) for name in ModelInfo.model_fields if name in described}
-        return ModelInfo(**core, details=described)
+        arms = service.arms
+        experiment = ExperimentInfo.model_validate(arms.describe()) if arms else None
+        return ModelInfo(**core, details=described, experiment=experiment)
 
 
 def _event_routes(app: FastAPI, service: Service) -> None:

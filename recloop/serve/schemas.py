@@ -25,6 +25,9 @@ class Recommendations(BaseModel):
     """Top-k items for a user or an ad-hoc sequence."""
 
     cached: bool = Field(description="served from the result cache")
+    arm: str | None = Field(
+        None, description="the experiment arm that served the list (None: no experiment)"
+    )
     model_version: str
     user_id: str | None = None
     items: list[ScoredItem]
@@ -93,6 +96,22 @@ class ReloadResult(BaseModel):
     loaded_in_seconds: float
 
 
+class ArmInfo(BaseModel):
+    name: str
+    ref: str
+    share: float
+    model_version: str | None
+
+
+class ExperimentInfo(BaseModel):
+    """The experiment the service runs: users split between arms by a stable hash."""
+
+    name: str
+    control: str
+    k: int
+    arms: list[ArmInfo]
+
+
 class ModelInfo(BaseModel):
     version: str
     model_type: str | None
@@ -107,6 +126,9 @@ class ModelInfo(BaseModel):
     loaded_in_seconds: float
     history: bool
     details: dict[str, object] = Field(default_factory=dict)
+    experiment: ExperimentInfo | None = Field(
+        None, description="the arms, when an experiment runs (the fields above: the control)"
+    )
 
 
 class Problem(BaseModel):

@@ -30,7 +30,7 @@ from recloop.errors import ConfigError, RecloopError
 from recloop.registry import Registry
 from recloop.serve.batcher import MicroBatcher
 from recloop.serve.bundle import LoadOptions, ModelBundle
-from recloop.serve.holder import ModelHolder
+from recloop.serve.experiment import open_arms, service_holder, with_arm
 from recloop.serve.metrics import ServiceMetrics
 from recloop.serve.recommender import Recommender, as_cache_hit
 from recloop.serve.state.base import StateStore
@@ -41,6 +41,8 @@ from recloop.serve.state.sync import LoggedState, every
 
 if TYPE_CHECKING:
     from recloop.events import Event, EventLog
+    from recloop.experiments import Experiment
+    from recloop.serve.experiment import ExperimentArms
 
 log = logging.getLogger("recloop.serve")
 
@@ -96,6 +98,8 @@ class ServiceConfig:
     tail_seconds: float = 1.0  # memory state + event log: apply other writers' events this often
     # Read-only endpoints that need the API key too (a subset of PROTECTABLE).
     protected: frozenset[str] = frozenset()
+    # Users split between arms (recloop.serve.experiment); ref is then the control arm's.
+    experiment: Experiment | None = None
 
     def __post_init__(self) -> None:
         def number(value: object) -> bool:
@@ -140,6 +144,11 @@ class ServiceConfig:
         wait = self.max_wait_us
         if isinstance(wait, bool) or not isinstance(wait, int) or wait < 0:
             raise ConfigError(f"max_wait_us must be an integer >= 0, got {wait!r}")
+        if self.experiment is not None and self.event_log is None:
+            raise ConfigError(
+                "experiment: --experiment needs --event-log (served lists are logged beside it, "
+                "where outcomes are measured)"
+            )
 
     def batching(self) -> tuple[int, float]:
         return self.max_batch, self.max_wait_us / 1e6
@@ -157,7 +166,8 @@ class Service:
         self.registry = Registry(config.registry, create=False)
         ref = default_ref(self.registry) if config.ref == "auto" else config.ref
         self.registry.resolve(ref)  # fail before binding a port: no such version, no versions
-        self.holder = ModelHolder(self.registry, config.load, ref)
+        # Under an experiment, the control arm's holder (recloop.serve.experiment).
+        self.holder = service_holder(config.experiment, self.registry, config.load, ref)
         self.metrics = ServiceMetrics()
         max_batch, max_wait = config.batching()
         self.batcher = MicroBatcher(
@@ -177,12 +187,14 @@ class Service:
             self.state.check_reachable()  # before the port is bound: exit 2 naming Redis
         self.event_log: EventLog | None = None
         self.logged_state: LoggedState | None = None
+        self.arms: ExperimentArms | None = None
         self._log_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recloop-log")
         self._background: set[asyncio.Task[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._reload_lock = asyncio.Lock()
         try:
             self._open_state()
+            self.arms = open_arms(config.experiment, self.holder, self.event_log, self.metrics)
         except BaseException:
             self._log_executor.shutdown(wait=False)
             if self.event_log is not None:
@@ -207,9 +219,11 @@ class Service:
             self.logged_state.check_snapshot()
 
     def preload(self) -> ModelBundle:
-        """Loads the served version now (blocking), so that a broken version is an error before
-        the server binds its port rather than a failed start-up after it."""
+        """Loads the served version (every arm's, under an experiment) now (blocking), so that
+        a broken version is an error before the server binds its port rather than after it."""
         bundle, _ = self.holder.load(None)
+        if self.arms is not None:
+            self.arms.preload()
         return bundle
 
     # ------------------------------------------------------------------ lifecycle
@@ -232,6 +246,11 @@ class Service:
         if self.config.follow_seconds:
             self._tasks.append(loop.create_task(self._follow()))
         self._tasks.append(loop.create_task(every(INDEX_PROBE_SECONDS, self._probe_index)))
+        if self.arms is not None:
+            grace = self.config.swap_grace_seconds
+            self._tasks += self.arms.start(
+                self.config.tail_seconds, self.config.follow_seconds, grace
+            )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -242,6 +261,8 @@ class Service:
             await self.logged_state.close()
         for task in list(self._background):
             task.cancel()
+        if self.arms is not None:
+            await self.arms.stop()
         await self.batcher.stop()
         await self.state.close()  # the memory store writes its final snapshot here
         self._log_executor.shutdown(wait=True)
@@ -408,20 +429,27 @@ class Service:
 
     async def user_recommendations(self, user_id: str, k: int, exclude_seen: bool) -> bytes:
         """The JSON body of GET /v1/users/{user_id}/recommendations (validated arguments)."""
-        bundle = self.bundle
+        arm = self.arms.model_for(user_id) if self.arms is not None else None
+        bundle = arm.bundle if arm is not None else self.bundle
         recent = await self.recent_events(user_id)
         # The cache field names what the answer was computed from: model version, arguments and
         # a digest of the user's recent events. A result computed just before an event arrived
         # and written just after it is stored under the old digest and never served (the event
         # also deletes the user's cached entries); replicas agree because the digest is stable.
         field_name = f"{bundle.version}:{k}:{int(exclude_seen)}:{_digest(recent)}"
+        if arm is not None:
+            field_name = f"{arm.arm.name}:{field_name}"
         if self.config.cache:
             hit = await self.state.get_cached(user_id, field_name)
             if hit is not None:
                 self.metrics.cache_hits.inc()
+                if arm is not None:
+                    arm.exposed(bundle.version, user_id, hit)
                 return as_cache_hit(hit)
             self.metrics.cache_misses.inc()
         body = await self.recommender.for_user(bundle, user_id, recent, k, exclude_seen)
+        if arm is not None:
+            body = arm.exposed(bundle.version, user_id, with_arm(body, arm.arm.name))
         if self.config.cache:
             self.spawn(self.state.set_cached(user_id, field_name, body))
         return body
