@@ -230,6 +230,20 @@ def test_states_round_trip_as_bytes_and_a_new_version_drops_the_old_ones() -> No
     assert store.get("v1", "a") is None
 
 
+def test_a_shared_store_keeps_other_versions_for_other_replicas_and_arms(
+    kv_store: Callable[[int], KVStore],
+) -> None:
+    """A delta clears an in-process store of the old version; a shared (Redis) store keeps it,
+    since another replica mid-rollout or another experiment arm may still serve it."""
+    model = _model(use_time_bias=True)
+    store = kv_store(1 << 20)
+    served = IncrementalEncoding(model, "v1", store)
+    served.encode(["a"], [np.array([1, 2])], _no_engine)
+    served.for_version(model, "v2")
+    kept = store.get("v1", "a") is not None
+    assert kept == store.shared and store.shared == (store.backend == "redis")
+
+
 def _no_engine(sequences: list[Any]) -> Any:
     raise AssertionError("requests with a user id never reach the engine")
 

@@ -81,8 +81,8 @@ class IncrementalEncoding:
 
     def for_version(self, model: SequentialEncoder, version: str) -> IncrementalEncoding:
         """The encoder of the next version (a delta), sharing the store: the old version's
-        states are dropped (new weights, new keys and values)."""
-        self.store.retain(version)
+        states are dropped (new weights, new keys and values) unless the store is shared."""
+        _drop_other_versions(self.store, version)
         return IncrementalEncoding(model, version, self.store, self.encoder.window)
 
     def encode(
@@ -219,5 +219,13 @@ def incremental_for(
     if not enabled:
         return None
     encoding = IncrementalEncoding(model, version, open_kv_store(url, max_bytes), window)
-    encoding.store.retain(version)  # a shared store may hold an older version's states
+    _drop_other_versions(encoding.store, version)
     return encoding
+
+
+def _drop_other_versions(store: KVStore, version: str) -> None:
+    """Frees an in-process store of the versions this lineage no longer serves. A shared store
+    (Redis) is left alone: other replicas mid-rollout, or other experiment arms, may serve them;
+    entries never read again age out of its LRU."""
+    if not store.shared:
+        store.retain(version)

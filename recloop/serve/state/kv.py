@@ -2,9 +2,12 @@
 keyed by (model version, user), in a bounded store.
 
 A state belongs to one model version: weights change keys and values, so an entry of another
-version is never read (the version is in the key) and :meth:`KVStore.retain` drops them all
-when the served version changes. Entries are opaque bytes (safetensors, see
-:mod:`recloop.serve.incremental`), so a shared backend can hold them as they are.
+version is never read (the version is in the key). An in-process store belongs to one served
+lineage, so :meth:`KVStore.retain` drops the old version's entries when it moves on; a shared
+store (``shared``) is not cleared that way, because other replicas, or other arms of an
+experiment, may still serve those versions: its unread entries age out of the LRU. Entries
+are opaque bytes (safetensors, see :mod:`recloop.serve.incremental`), so a shared backend can
+hold them as they are.
 
 Two backends: :class:`MemoryKVStore` (in-process, the default) and :class:`RedisKVStore`
 (shared by replicas). Both are called on the serving compute thread, in the batch, where the
@@ -33,6 +36,7 @@ class KVStore(ABC):
     """Bytes per (version, user), bounded; safe to call from any thread."""
 
     backend: str
+    shared = False  # True: other processes read it too (never cleared by one of them)
 
     @abstractmethod
     def get(self, version: str, user: str) -> bytes | None:
@@ -150,6 +154,7 @@ class RedisKVStore(KVStore):
     full) and writes are skipped, and it is asked again after ``retry_seconds``."""
 
     backend = "redis"
+    shared = True
 
     def __init__(
         self,
