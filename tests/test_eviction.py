@@ -91,7 +91,7 @@ def bounded_run(base: tuple[Path, Path, str], tmp_path_factory: pytest.TempPathF
 
 def test_the_table_never_grows_past_max_items(bounded_run: Any) -> None:
     learner, registry = bounded_run["learner"], bounded_run["registry"]
-    assert learner.bounded.evictions > 5 * MAX_ITEMS  # the stream really churned the table
+    assert learner.item_table.evictions > 5 * MAX_ITEMS  # the stream really churned the table
     for rows, items, pending, admitted, counts in bounded_run["sizes"]:
         assert rows == MAX_ITEMS + 1 and items == MAX_ITEMS and counts == MAX_ITEMS + 1
         assert pending <= 200 and admitted <= MAX_ITEMS
@@ -192,7 +192,7 @@ def test_an_evicted_item_that_comes_back_is_admitted_as_new(
     learner.run()
     assert learner.vocabulary.dense(first) == 3  # a new item, in the next least recent row
     assert learner.state.admitted[first] == 13  # admitted again, at its new occurrence
-    assert learner.bounded.evictions == 3
+    assert learner.item_table.evictions == 3
 
 
 # ----------------------------------------------------------------------------- crash safety
@@ -307,13 +307,14 @@ def test_lru_evicts_the_least_recently_seen_row_outside_the_ttl_and_batch() -> N
     slots = ItemSlots(4, "lru", ttl=0, half_life=10.0)
     for slot, offset in [(1, 5), (2, 1), (3, 9), (4, 3)]:
         slots.assign(slot, offset)
+        slots.touch(slot, offset)
     assert slots.victim(4, now=10, protect_from=10) == 2
     assert slots.victim(4, now=10, protect_from=1) is None  # all seen in the batch
     slots.touch(2, 10)
     assert slots.victim(4, now=11, protect_from=11) == 4
     ttl = ItemSlots(4, "lru", ttl=8, half_life=10.0)
     for slot, offset in [(1, 5), (2, 1), (3, 9), (4, 3)]:
-        ttl.assign(slot, offset)
+        ttl.touch(slot, offset)
     assert ttl.victim(4, now=10, protect_from=10) == 2  # only rows idle for 8+ events
     assert ttl.victim(4, now=8, protect_from=10) is None
 
@@ -321,7 +322,7 @@ def test_lru_evicts_the_least_recently_seen_row_outside_the_ttl_and_batch() -> N
 def test_decayed_frequency_evicts_the_rarest_recent_row() -> None:
     slots = ItemSlots(3, "decayed", ttl=0, half_life=10.0)
     for slot in (1, 2, 3):
-        slots.assign(slot, 0)
+        slots.touch(slot, 0)
     for offset in range(1, 6):
         slots.touch(1, offset)  # popular, then quiet
     slots.touch(3, 40)  # seen once, recently

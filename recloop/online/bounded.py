@@ -12,7 +12,6 @@ dense sequence is used. What was remapped since the last publish goes into the n
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from recloop.data.history import UserHistory
 from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError
+from recloop.models.base import SequentialEncoder
 from recloop.online.config import OnlineConfig
 from recloop.online.resume import OnlineState
 from recloop.online.slots import ItemSlots
@@ -37,53 +37,101 @@ def table_bound(config: OnlineConfig, origin: Manifest) -> int | None:
     return int(trained) if isinstance(trained, int) and not isinstance(trained, bool) else None
 
 
-class BoundedTable:
+def bounded_table(
+    config: OnlineConfig,
+    origin: Manifest,
+    vocabulary: Vocabulary,
+    base: UserHistory | None,
+    state: OnlineState,
+) -> ItemTable:
+    """The learner's table policy: bounded (resumed from its published `state`) or not, the
+    default; ConfigError when it already has more items than the bound."""
+    bound = table_bound(config, origin)
+    if bound is None:
+        return ItemTable()
+    table = BoundedTable(config, bound, vocabulary, base)
+    table.resume(state)
+    return table
+
+
+class ItemTable:
+    """A table that grows without bound (the default): every admitted item is appended and
+    nothing is ever evicted or remapped, so every hook is a no-op."""
+
+    bounded = False
+
+    def __init__(self) -> None:
+        self.remapped: dict[int, str] = {}  # dense id -> its new raw id, since the last publish
+        self.evictions = 0
+        self.batch_start = 0  # rows seen from this offset on are never evicted
+
+    def clean(self, user: str, sequence: list[int], now: int) -> None:
+        """Drops the entries of `sequence` whose rows changed meaning since it was last used."""
+
+    def touch(self, slot: int, offset: int) -> None:
+        """`slot`'s item occurred at `offset`."""
+
+    def assign(self, slot: int, offset: int) -> None:
+        """A newly admitted item took `slot` at `offset`."""
+
+    def slot_for(self, used: int, now: int) -> int | None:
+        """Where an item admitted at `now` goes (None: nowhere yet, it stays pending)."""
+        return used + 1
+
+
+class BoundedTable(ItemTable):
     """The slots of a table of at most `capacity` items, and its remaps since a publish."""
+
+    bounded = True
 
     def __init__(
         self,
         config: OnlineConfig,
         capacity: int,
-        version: str,
         vocabulary: Vocabulary,
         base: UserHistory | None,
     ) -> None:
         items = vocabulary.num_items
         if items > capacity:
             raise ConfigError(
-                f"online.max_items = {capacity} is smaller than the {items} items version "
-                f"{version} already has: the learner evicts rows only to make room for new "
-                f"items and never shrinks a table; raise online.max_items to at least {items} "
-                "or start from a version with fewer items"
+                f"online.max_items = {capacity} is smaller than the {items} items the learner "
+                "starts with: it evicts rows only to make room for new items and never "
+                f"shrinks a table; raise online.max_items to at least {items} or start from "
+                "a version with fewer items"
             )
         if config.sharding != "none":  # OnlineConfig checks it too; max_items may be inherited
             raise ConfigError("max_items is single-process only: unset online.sharding")
+        super().__init__()
         self.capacity = capacity
         self.vocabulary = vocabulary  # the learner's: reuse() renames its rows
         self.base = base  # the learner's training histories: reuse() drops the evicted items
         self.slots = ItemSlots(capacity, config.evict, config.evict_ttl, config.decay_half_life)
-        self.remapped: dict[int, str] = {}  # dense id -> its new raw id, since the last publish
-        self.evictions = 0
-        self.batch_start = 0  # rows seen from this offset on are never evicted
         self._checked: dict[str, int] = {}  # user -> offset their sequence was last cleaned
+        self.state = OnlineState(config.consumer, "", 0)  # the learner's (see resume)
 
-    def resume(self, admitted: Mapping[str, int]) -> None:
+    def resume(self, state: OnlineState) -> None:
         """After a restart: the epochs of the rows admitted online (when they took their
         slot), and the training histories without them (the live learner dropped their slots'
         older items at each reuse, and a readmitted dataset item was new then)."""
-        slots = [self.vocabulary.dense(raw) for raw in admitted]
-        self.slots.reset_epochs(slots, list(admitted.values()))
+        self.state = state
+        slots = [self.vocabulary.dense(raw) for raw in state.admitted]
+        self.slots.reset_epochs(slots, list(state.admitted.values()))
         if self.base is not None and slots:
             self.base.forget(slots)
 
     def clean(self, user: str, sequence: list[int], now: int) -> None:
-        """Drops the entries of `sequence` whose rows changed meaning since it was last used."""
         self.slots.clean(sequence, self._checked.get(user, now))
         self._checked[user] = now
 
+    def touch(self, slot: int, offset: int) -> None:
+        self.slots.touch(slot, offset)
+
+    def assign(self, slot: int, offset: int) -> None:
+        self.slots.assign(slot, offset)
+
     def slot_for(self, used: int, now: int) -> int | None:
-        """Where an item admitted at `now` goes: `used` + 1 (appended) while the table has
-        room, else the evicted row, else None (every row is protected: it stays pending)."""
+        """`used` + 1 (appended) while the table has room, else the evicted row, else None
+        (every row is protected: the item stays pending)."""
         if used < self.capacity:
             return used + 1
         return self.slots.victim(used, now, self.batch_start)
@@ -94,14 +142,14 @@ class BoundedTable:
         raw: str,
         row: torch.Tensor,
         offset: int,
-        table: torch.nn.Parameter,
+        model: SequentialEncoder,
         optimizer: torch.optim.Optimizer,
         counts: np.ndarray,
-        state: OnlineState,
     ) -> str:
         """Gives row `slot` to the new item `raw`, admitted at `offset`, with embedding `row`
         [D], fresh optimizer moments and no count; returns the evicted raw id."""
         evicted = self.vocabulary.replace(slot, raw)
+        table = model.item_embedding.weight
         with torch.no_grad():
             table[slot] = row
         moments: dict[str, Any] = optimizer.state.get(table, {})
@@ -111,8 +159,8 @@ class BoundedTable:
         counts[slot] = 0
         if self.base is not None:
             self.base.forget([slot])
-        state.admitted.pop(evicted, None)
-        state.admitted[raw] = offset
+        self.state.admitted.pop(evicted, None)
+        self.state.admitted[raw] = offset
         self.slots.assign(slot, offset)
         self.remapped[slot] = raw
         self.evictions += 1

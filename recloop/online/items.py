@@ -19,6 +19,7 @@ import torch
 
 from recloop.data.attributes import read_item_attributes
 from recloop.data.vocabulary import Vocabulary
+from recloop.online.config import OnlineConfig
 
 MAX_CONTEXT = 64  # co-occurring item ids kept per pending item (a bounded, recent sample)
 
@@ -38,6 +39,11 @@ class PendingItems:
     counts: Counter[str] = field(default_factory=Counter)  # least recently seen first
     contexts: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     scores: dict[str, tuple[float, int]] = field(default_factory=dict)  # decayed, as of offset
+
+    @classmethod
+    def for_config(cls, config: OnlineConfig) -> PendingItems:
+        half_life = config.decay_half_life if config.admit == "decayed" else None
+        return cls(config.admit_after, config.pending_limit, half_life)
 
     def observe(self, raw: str, context: Sequence[int], offset: int = 0) -> bool:
         """Counts one occurrence (at `offset`); True when `raw` is now due for admission."""

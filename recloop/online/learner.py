@@ -17,6 +17,9 @@ Every `publish_every_events` events or `publish_every_seconds` seconds it publis
 version (changed rows, new rows, moved dense weights, grown vocabulary, the event offset it
 covers) and commits that offset; every `compact_every` deltas it compacts the chain.
 
+With `max_items` the table stops growing there: admitted items then take the rows of evicted
+ones, a remap the next delta records (recloop.online.bounded; user sequences follow it).
+
 Crash safety: the published manifest is the source of truth. A restarted learner continues
 from its newest published version and that version's offset, so no event is lost and none is
 applied twice to a published version; the work since the last publish is redone. User
@@ -43,7 +46,7 @@ from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError
 from recloop.events import EventLog, LoggedEvent, resume_offset
 from recloop.models.factory import config_to_dict
-from recloop.online.bounded import BoundedTable, table_bound
+from recloop.online.bounded import BoundedTable, bounded_table
 from recloop.online.config import OnlineConfig, context_loss_config, loss_config
 from recloop.online.control import crash_point, progress, stop_on_signals
 from recloop.online.history import base_history
@@ -132,17 +135,13 @@ class OnlineLearner:
         self.item_counts = load_item_counts(registry, manifest, self.vocabulary.num_items)
 
         self.max_length = int(self.model.config.max_length)
-        half_life = config.decay_half_life if config.admit == "decayed" else None
-        self.pending = PendingItems(config.admit_after, config.pending_limit, half_life)
+        self.pending = PendingItems.for_config(config)
         self.sequences: dict[str, list[int]] = {}
-        self._base = base_history(data, registry.manifest(self.state.origin), self.vocabulary)
-        bound = table_bound(config, registry.manifest(self.state.origin))
-        self.bounded = None  # a table of at most `bound` items (recloop.online.bounded)
-        if bound is not None:
-            self.bounded = BoundedTable(config, bound, self.version, self.vocabulary, self._base)
-            self.bounded.resume(self.state.admitted)
+        origin = registry.manifest(self.state.origin)
+        self._base = base_history(data, origin, self.vocabulary)
+        self.item_table = bounded_table(config, origin, self.vocabulary, self._base, self.state)
         self._now = self.offset  # the offset of the event being applied
-        self._loss_config = loss_config(config, registry.manifest(self.state.origin))
+        self._loss_config = loss_config(config, origin)
         self._context_config = context_loss_config(config)
         self._rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
@@ -177,7 +176,7 @@ class OnlineLearner:
         )
 
     def _save_learner_state(self, offset: int) -> None:
-        pending = self.pending if self.bounded is not None else None
+        pending = self.pending if self.item_table.bounded else None
         save_learner_state(self.run_dir, offset, self._optimizers(), self._rng, pending)
 
     def _prune_learner_states(self, keep_offset: int) -> None:
@@ -204,8 +203,7 @@ class OnlineLearner:
             base = self._base.items(user) if self._base is not None else np.zeros(0, np.int64)
             known = base[-(self.max_length + 1) :].tolist()
             self.sequences[user] = known
-        if self.bounded is not None:  # rows reused since it was last used: drop their items
-            self.bounded.clean(user, known, self._now)
+        self.item_table.clean(user, known, self._now)  # drops items of rows reused since
         return known
 
     def _observe(self, logged: LoggedEvent, *, admit: bool) -> tuple[list[int], int]:
@@ -214,7 +212,6 @@ class OnlineLearner:
         raw = logged.event.item_id
         self._now = logged.offset
         sequence = self.sequence(logged.event.user_id)
-        before = list(sequence)
         admitted_at = self.state.admitted.get(raw)
         item = self.vocabulary.dense(raw)
         if item and admitted_at is not None and logged.offset < admitted_at:
@@ -223,25 +220,23 @@ class OnlineLearner:
         if not item:
             context = sequence[-CONTEXT_ITEMS:]
             if counting and self.pending.observe(raw, context, logged.offset) and admit:
-                item = self._admit(raw, logged.offset)
-                if item and self.bounded is not None:  # drop the evicted item's entries
-                    before = [i for i in before if i != item]
-                    sequence[:] = before
+                item = self._admit(raw, logged.offset, sequence)
         elif admitted_at == logged.offset and counting:
             self.pending.admit(raw)  # replaying the admitting event
-        elif self.bounded is not None:
-            self.bounded.slots.touch(item, logged.offset)
+        before = list(sequence)
         if item:
+            self.item_table.touch(item, logged.offset)
             sequence.append(item)
             del sequence[: -(self.max_length + 1)]
             if admit:
                 self._count(item)
         return before, item
 
-    def _admit(self, raw: str, offset: int) -> int:
-        """Admits `raw` (0 when a bounded table has no row it may evict: it stays pending)."""
+    def _admit(self, raw: str, offset: int, sequence: list[int]) -> int:
+        """Admits `raw`, seen in `sequence`'s user's event (0 when a bounded table has no row
+        it may evict: it stays pending)."""
         used = self.vocabulary.num_items
-        slot = used + 1 if self.bounded is None else self.bounded.slot_for(used, offset)
+        slot = self.item_table.slot_for(used, offset)
         if slot is None:
             return 0
         context = self.pending.admit(raw)
@@ -250,11 +245,11 @@ class OnlineLearner:
         if self.attributes is not None and self.config.new_item_init == "attributes":
             neighbours = self.attributes.neighbours(raw, self.vocabulary) or context
         row = initial_row(table, [i for i in neighbours if i != slot])  # [D]
-        if slot <= used and self.bounded is not None:  # a reused row
-            table, optimizer = self.model.item_embedding.weight, self.row_optimizer
-            self.bounded.reuse(
-                slot, raw, row, offset, table, optimizer, self.item_counts, self.state
+        if slot <= used and isinstance(self.item_table, BoundedTable):  # a reused row
+            self.item_table.reuse(
+                slot, raw, row, offset, self.model, self.row_optimizer, self.item_counts
             )
+            sequence[:] = [i for i in sequence if i != slot]  # the evicted item's entries
             return slot
         item = self.vocabulary.add(raw)
         embedding = self.model.item_embedding
@@ -262,8 +257,7 @@ class OnlineLearner:
         embedding.num_items = self.vocabulary.num_items
         self.model.config.num_items = self.vocabulary.num_items
         self.state.admitted[raw] = offset
-        if self.bounded is not None:
-            self.bounded.slots.assign(item, offset)
+        self.item_table.assign(item, offset)
         log.info("admitted item %r as %d after %d occurrences", raw, item, self.config.admit_after)
         return item
 
@@ -281,8 +275,7 @@ class OnlineLearner:
         prefixes: list[list[int]] = []
         targets: list[int] = []
         new_events: dict[str, int] = {}  # user -> items appended to their sequence in this batch
-        if self.bounded is not None:
-            self.bounded.batch_start = batch[0].offset
+        self.item_table.batch_start = batch[0].offset
         for logged in batch:
             before, item = self._observe(logged, admit=True)
             user = logged.event.user_id
@@ -373,7 +366,7 @@ class OnlineLearner:
 
     def _publish(self) -> str:
         started = time.perf_counter()
-        remapped = dict(self.bounded.remapped) if self.bounded is not None else {}
+        remapped = dict(self.item_table.remapped)
         changes = diff_state(self._published, self.model.state_dict(), TABLE, sorted(remapped))
         grown = self.vocabulary.num_items != self._published_items or bool(remapped)
         vocabulary = self.vocabulary.parquet_bytes() if grown else None  # None: the parent's
@@ -400,8 +393,7 @@ class OnlineLearner:
             self.registry.promote(version)
         self.version = version
         self._published_items = self.vocabulary.num_items
-        if self.bounded is not None:
-            self.bounded.remapped.clear()
+        self.item_table.remapped.clear()
         self._unpublished_events = 0
         self._last_publish = time.monotonic()
         rows = changes.get(TABLE)

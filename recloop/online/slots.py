@@ -53,12 +53,12 @@ class ItemSlots:
         self.last_seen[slot] = offset
 
     def assign(self, slot: int, offset: int) -> None:
-        """A newly admitted item takes `slot` at `offset` (its admitting occurrence counts)."""
+        """A newly admitted item takes `slot` at `offset` (never seen yet: its admitting
+        occurrence is then counted by :meth:`touch`, as every later one)."""
         self.last_seen[slot] = -1
         self.frequency[slot] = 0.0
         self.epoch[slot] = offset
         self.latest_epoch = max(self.latest_epoch, offset)
-        self.touch(slot, offset)
 
     def victim(self, used: int, now: int, protect_from: int) -> int | None:
         """The slot among 1..`used` to evict at offset `now`, or None when every row was seen
