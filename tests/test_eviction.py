@@ -30,7 +30,10 @@ from recloop.online.slots import ItemSlots
 from recloop.registry import Registry
 from recloop.registry.sidefiles import REMAPPED_FILE, read_remapped
 from recloop.serve.bundle import LoadOptions, TopK, load_bundle
+from recloop.serve.engines.export import item_table
 from recloop.serve.holder import ModelHolder
+from recloop.serve.indexes.base import exact_search, recall_at_k
+from recloop.serve.remap import chain_remapped
 from tests.online_helpers import NUM_ITEMS, event_log, state_of
 from tests.test_cli import one_error_line, run_here
 
@@ -155,6 +158,35 @@ def test_delta_apply_equals_a_full_load_after_evictions(bounded_run: Any) -> Non
         served = bundle.to_raw(ids)
         assert not set(served) & evicted  # every served id is admitted now
         assert [learner.vocabulary.dense(r) for r in served] == ids.tolist()
+
+
+@pytest.mark.parametrize(
+    ("index", "shards"), [("exact", 2), ("exact-int8", 1), ("ivf", 1), ("milvus", 1)]
+)
+def test_every_index_takes_the_new_items_vectors_in_reused_rows(
+    bounded_run: Any, index: Any, shards: int
+) -> None:
+    registry, learner = bounded_run["registry"], bounded_run["learner"]
+    versions = [info.id for info in registry.list()]
+    options = LoadOptions(engine="torch", index=index, shards=shards, rebuild_drift=100.0)
+    holder = ModelHolder(registry, options, versions[1])
+    served, _ = holder.load()
+    applied, _ = holder.load(versions[-1])
+    try:
+        remapped = np.array(sorted(chain_remapped(registry, registry.deltas_after(
+            versions[1], versions[-1], 64))))  # fmt: skip
+        assert applied.details["applied_delta"] and len(remapped) > MAX_ITEMS // 2
+        rows = item_table(applied.model)[remapped]  # the new items' vectors
+        tolerance = 0.05 * float(np.abs(rows).max()) if index == "exact-int8" else 1e-5
+        np.testing.assert_allclose(applied.index.vectors(remapped), rows, atol=tolerance)
+        requests = [np.array(learner.sequence(f"u-{u}")) for u in range(40)]
+        queries = applied.encode_batch([TopK(r, 10, None) for r in requests if len(r)])
+        found, _ = applied.index.search(queries, 10)
+        truth, _ = exact_search(item_table(applied.model), queries, 10)
+        assert recall_at_k(found, truth) >= 0.9
+    finally:
+        served.close()
+        applied.close()
 
 
 def test_a_reused_row_is_a_remap_in_the_delta(bounded_run: Any) -> None:
