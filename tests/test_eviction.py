@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+from recloop.config import TrainConfig, config_from_dict
 from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError, DatasetError, RegistryError
 from recloop.events import Event
+from recloop.online.bounded import table_bound
 from recloop.online.config import OnlineConfig
 from recloop.online.items import PendingItems
 from recloop.online.learner import OnlineLearner
@@ -34,6 +36,7 @@ from recloop.serve.engines.export import item_table
 from recloop.serve.holder import ModelHolder
 from recloop.serve.indexes.base import exact_search, recall_at_k
 from recloop.serve.remap import chain_remapped
+from recloop.train.trainer import train
 from tests.online_helpers import NUM_ITEMS, event_log, state_of
 from tests.test_cli import one_error_line, run_here
 
@@ -216,7 +219,7 @@ def test_an_evicted_item_that_comes_back_is_admitted_as_new(
     learner = OnlineLearner(registry, log, config, tmp_path / "r")
     first = learner.vocabulary.raw(1)
     holders = [u for u in learner._base.users.strings().tolist() if 1 in learner._base.items(u)]
-    learner.run()
+    assert learner.run().admitted == 12  # 10 appended, 2 into reused rows
     assert learner.vocabulary.dense(first) == 0  # evicted
     assert learner.vocabulary.raw_strings([1, 2]) == ["n-10", "n-11"]
     assert holders and all(1 not in learner._base.items(u) for u in holders)  # its history
@@ -234,6 +237,8 @@ CRASH_SCRIPT = """
 import sys
 from pathlib import Path
 from recloop.events import SqliteEventLog
+from recloop.config import TrainConfig, config_from_dict
+from recloop.online.bounded import table_bound
 from recloop.online.config import OnlineConfig
 from recloop.online.learner import OnlineLearner
 from recloop.registry import Registry
@@ -319,6 +324,23 @@ def test_the_cli_reports_a_too_small_table_in_one_line(
         str(tmp_path / "events.db"), "--run-dir", str(tmp_path / "run"), "online.max_items=50",
     )  # fmt: skip
     one_error_line(done, "online.max_items = 50 is smaller than the 120 items")
+
+
+def test_train_max_items_bounds_training_and_the_learner(
+    base: tuple[Path, Path, str], registry: Registry, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"train\.max_items must be >= 1"):
+        TrainConfig(max_items=0)
+    config = config_from_dict(
+        {"model": {"type": "sasrec", "dim": 8}, "train": {"max_items": 100, "batch_size": 8}}
+    )
+    with pytest.raises(ConfigError, match=r"train\.max_items = 100 but the dataset has 120 items"):
+        train(config, base[0], tmp_path / "run", show_progress=False)
+    trained = registry.manifest("latest")
+    inherited = trained.replace(training={"config": {"train": {"max_items": 150}}})
+    assert table_bound(OnlineConfig(), inherited) == 150
+    assert table_bound(OnlineConfig(max_items=140), inherited) == 140
+    assert table_bound(OnlineConfig(), trained) is None
 
 
 def test_a_remap_needs_a_delta_and_its_vocabulary(registry: Registry) -> None:

@@ -63,6 +63,7 @@ class ItemTable:
     def __init__(self) -> None:
         self.remapped: dict[int, str] = {}  # dense id -> its new raw id, since the last publish
         self.evictions = 0
+        self.forgotten = 0  # evicted items that had been admitted online (no longer in state)
         self.batch_start = 0  # rows seen from this offset on are never evicted
 
     def clean(self, user: str, sequence: list[int], now: int) -> None:
@@ -159,7 +160,8 @@ class BoundedTable(ItemTable):
         counts[slot] = 0
         if self.base is not None:
             self.base.forget([slot])
-        self.state.admitted.pop(evicted, None)
+        if self.state.admitted.pop(evicted, None) is not None:
+            self.forgotten += 1
         self.state.admitted[raw] = offset
         self.slots.assign(slot, offset)
         self.remapped[slot] = raw

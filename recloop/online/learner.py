@@ -439,7 +439,8 @@ class OnlineLearner:
         stop = stop or threading.Event()
         started = time.perf_counter()
         published: list[str | None] = []
-        admitted_before = len(self.state.admitted)
+        # An admission into a reused row may replace an evicted item's entry: count those too.
+        admitted_before = len(self.state.admitted) + self.item_table.forgotten
         total = None if follow else max(self.events.last_offset() - self.offset, 0)
         if max_events is not None and total is not None:
             total = min(total, max_events)
@@ -477,7 +478,7 @@ class OnlineLearner:
             offset=self.offset,
             events=applied,
             published=done,
-            admitted=len(self.state.admitted) - admitted_before,
+            admitted=len(self.state.admitted) + self.item_table.forgotten - admitted_before,
             totals=self.state.totals.summary(),
             seconds=seconds,
             timings=timings,

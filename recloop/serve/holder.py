@@ -63,7 +63,12 @@ from recloop.serve.engines.export import TABLE_KEY, item_table, item_vectors
 from recloop.serve.engines.factory import engine_with_weights, warmup
 from recloop.serve.engines.parity import reference_queries
 from recloop.serve.indexes.base import ItemIndex
-from recloop.serve.remap import chain_remapped, check_rows_written, remapped_history
+from recloop.serve.remap import (
+    chain_remapped,
+    check_rows_written,
+    remapped_history,
+    without_remapped,
+)
 
 log = logging.getLogger("recloop.serve")
 
@@ -79,9 +84,10 @@ def apply_deltas(
     against the new model like a full load (EngineParityError refuses the version). Index:
     ``current``'s updated copy-on-write with the changed and new items' vectors. Vocabulary:
     extended with the new items, and ids a bounded table reused renamed (recloop.serve.remap).
-    Popularity: from the version's item_counts.npy, as a full load; the served one's when the
-    delta has none. User history: shared (the training dataset does not change with deltas;
-    items new to the catalogue are not in it), or without the items of reused ids.
+    Popularity: from the version's item_counts.npy, as a full load; the served one's (less
+    reused ids) when the delta has none. User history: shared (the training dataset does not
+    change with deltas; items new to the catalogue are not in it), or without the items of
+    reused ids.
 
     Raises NotApplicable (why) when the target is not such a descendant or changes more than
     weights and the number of items (then load it in full), RecloopError when it is broken.
@@ -103,9 +109,10 @@ def apply_deltas(
     check_catalog(target, catalog, num_items)
     engine = _next_engine(current, model, patched, target, options)
     index = _next_index(current, model, patched, engine, options)
-    popular = current.popular  # a delta without counts: no news about popularity
+    history = remapped_history(current.history, remapped)
+    popular = without_remapped(current.popular, remapped)  # a delta without counts: no news
     if ITEM_COUNTS_FILE in manifest.files:
-        popular = popular_items(registry, target, manifest, current.history, num_items)
+        popular = popular_items(registry, target, manifest, history, num_items)
     seconds = time.perf_counter() - started
     return ModelBundle(
         version=target,
@@ -113,7 +120,7 @@ def apply_deltas(
         engine=engine,
         index=index,
         catalog=catalog,
-        history=remapped_history(current.history, remapped),
+        history=history,
         popular=popular,
         max_length=int(model.config.max_length),
         load_seconds=seconds,

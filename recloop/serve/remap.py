@@ -47,3 +47,13 @@ def remapped_history(history: UserHistory | None, remapped: dict[int, str]) -> U
     if history is None or not remapped:
         return history
     return history.remapped(remapped)
+
+
+def without_remapped(
+    popular: npt.NDArray[np.int64], remapped: dict[int, str]
+) -> npt.NDArray[np.int64]:
+    """The popularity fallback without the remapped ids (their new items' popularity is
+    unknown until a version with item counts says it)."""
+    if not remapped:
+        return popular
+    return popular[~np.isin(popular, np.fromiter(remapped, np.int64, len(remapped)))]
