@@ -103,6 +103,9 @@ class TrainConfig:
     sharding: ShardingType = "none"
     sparse_optimizer: SparseOptimizer = "rowwise_adagrad"
     sparse_lr: float = 0.05  # the sharded table's learning rate (the schedule scales it)
+    # The item table's bound (None: none): training refuses a dataset with more items, and an
+    # online learner continuing this model keeps its table within it (online.max_items).
+    max_items: int | None = None
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -124,7 +127,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}"
             )
-        for name in ("max_steps", "max_windows_per_user", "eval_every_steps", "eval_max_users"):
+        optional = ("max_steps", "max_windows_per_user", "eval_every_steps", "eval_max_users")
+        for name in (*optional, "max_items"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"train.{name} must be >= 1 or absent, got {value}")

@@ -9,6 +9,8 @@ sequences themselves stay memory-mapped: nothing is loaded per user.
 
 from __future__ import annotations
 
+import copy as _copy
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,26 @@ class UserHistory:
     def open(cls, directory: Path, items: Vocabulary) -> UserHistory:
         """The dataset at `directory` (DatasetError when it is not a readable one)."""
         return cls(SequenceDataset(directory), items)
+
+    def remapped(self, replaced: Mapping[int, str], *, copy: bool = True) -> UserHistory:
+        """This history after model ids `replaced` (model id -> raw id) changed meaning (a
+        bounded online table reused their rows): entries of the items that held them are
+        dropped and the new items, where the dataset has them, map to their ids, as a history
+        opened with the new vocabulary would. `copy` False changes this one in place."""
+        history = _copy.copy(self) if copy else self
+        history._to_model = self._to_model.copy() if copy else self._to_model
+        ids = np.fromiter(replaced, dtype=np.int64, count=len(replaced))
+        history._to_model[np.isin(history._to_model, ids)] = 0
+        for model_id, raw in replaced.items():
+            row = self.dataset.items.dense(raw)
+            if row != self.dataset.items.missing_id:
+                history._to_model[row] = model_id
+        return history
+
+    def forget(self, model_ids: Sequence[int]) -> None:
+        """Drops the entries of model ids `model_ids` (in place), mapping nothing new."""
+        ids = np.asarray(model_ids, dtype=np.int64)
+        self._to_model[np.isin(self._to_model, ids)] = 0
 
     @property
     def num_users(self) -> int:

@@ -63,7 +63,24 @@ class OnlineConfig:
     num_negatives: int | None = None  # sampled softmax; None: the starting model's (or 256)
     negatives: NegativeSampling | Literal["auto"] = "auto"
     grad_clip: float | None = 1.0
-    admit_after: int = 2  # occurrences before an unseen item joins the vocabulary
+    admit_after: int = 2  # occurrences before an unseen item joins the vocabulary ("count")
+    # Bounded item tables (recloop.online.slots): None = the table grows with every admitted
+    # item, as before; N = it never holds more than N items (None here takes the starting
+    # model's `train.max_items`). Single-process only. When it is full, an admitted item
+    # takes the slot of the row `evict` picks ("lru": least recently seen; "decayed": lowest
+    # time-decayed frequency); rows seen in the last `evict_ttl` events are never evicted
+    # (a new item waits, pending, until one may go).
+    max_items: int | None = None
+    evict: Literal["lru", "decayed"] = "lru"
+    evict_ttl: int = 0
+    # "count": admit at `admit_after` occurrences; "decayed": when the occurrences, each
+    # halved every `decay_half_life` events, add up to `admit_after` (a burst admits, a
+    # trickle spread over a long time does not). `decay_half_life` also drives evict="decayed".
+    admit: Literal["count", "decayed"] = "count"
+    decay_half_life: float = 10_000.0
+    # Items counted while pending, at most (the least recently seen is forgotten first), so an
+    # unbounded id stream keeps memory flat; None: 4 x max_items (unbounded without max_items).
+    max_pending: int | None = None
     new_item_init: Literal["cooccurrence", "attributes"] = "cooccurrence"
     publish_every_events: int = 2000
     publish_every_seconds: float = 5.0  # also publish pending work this often (0 = never)
@@ -132,6 +149,35 @@ class OnlineConfig:
             )
         if not self.consumer.strip():
             raise ConfigError("online.consumer must not be empty")
+        self._check_bounded_table()
+
+    def _check_bounded_table(self) -> None:
+        for name in ("max_items", "max_pending"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ConfigError(f"online.{name} must be >= 1 (or unset), got {value!r}")
+        if self.evict_ttl < 0:
+            raise ConfigError(f"online.evict_ttl must be >= 0 events, got {self.evict_ttl}")
+        if not self.decay_half_life > 0:
+            raise ConfigError(
+                f"online.decay_half_life must be > 0 events, got {self.decay_half_life}"
+            )
+        if self.evict not in ("lru", "decayed"):
+            raise ConfigError(f"online.evict must be 'lru' or 'decayed', got {self.evict!r}")
+        if self.admit not in ("count", "decayed"):
+            raise ConfigError(f"online.admit must be 'count' or 'decayed', got {self.admit!r}")
+        if self.max_items is not None and self.sharding != "none":
+            raise ConfigError(
+                "online.max_items is single-process only: a row-wise sharded table "
+                "(online.sharding = 'row_wise') cannot evict rows; unset one of them"
+            )
+
+    @property
+    def pending_limit(self) -> int | None:
+        """Items counted while pending, at most (None: no limit)."""
+        if self.max_pending is not None:
+            return self.max_pending
+        return None if self.max_items is None else 4 * self.max_items
 
 
 def load_online_config(path: Path | None, overrides: Sequence[str] = ()) -> OnlineConfig:

@@ -13,38 +13,77 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from recloop.data.attributes import read_item_attributes
 from recloop.data.vocabulary import Vocabulary
+from recloop.online.config import OnlineConfig
 
 MAX_CONTEXT = 64  # co-occurring item ids kept per pending item (a bounded, recent sample)
 
 
 @dataclass
 class PendingItems:
-    """Occurrences of items not yet in the vocabulary, with the items they co-occurred with."""
+    """Occurrences of items not yet in the vocabulary, with the items they co-occurred with.
+
+    "count" admits an item at its `admit_after`-th occurrence; "decayed" (with `half_life`)
+    when its occurrences, each halved every `half_life` events, add up to `admit_after`.
+    With a `limit`, at most that many items are counted: the least recently seen is forgotten
+    first (so an unbounded stream of ids, most seen once, keeps memory flat)."""
 
     admit_after: int
-    counts: Counter[str] = field(default_factory=Counter)
+    limit: int | None = None
+    half_life: float | None = None  # None: plain counts ("count")
+    counts: Counter[str] = field(default_factory=Counter)  # least recently seen first
     contexts: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    scores: dict[str, tuple[float, int]] = field(default_factory=dict)  # decayed, as of offset
 
-    def observe(self, raw: str, context: Sequence[int]) -> bool:
-        """Counts one occurrence; True when `raw` has now occurred `admit_after` times."""
-        self.counts[raw] += 1
+    @classmethod
+    def for_config(cls, config: OnlineConfig) -> PendingItems:
+        half_life = config.decay_half_life if config.admit == "decayed" else None
+        return cls(config.admit_after, config.pending_limit, half_life)
+
+    def observe(self, raw: str, context: Sequence[int], offset: int = 0) -> bool:
+        """Counts one occurrence (at `offset`); True when `raw` is now due for admission."""
+        self.counts[raw] = self.counts.pop(raw, 0) + 1  # re-inserted: now the most recent
         kept = self.contexts[raw]
         kept.extend(int(i) for i in context)
         del kept[:-MAX_CONTEXT]
-        return self.counts[raw] >= self.admit_after
+        if self.limit is not None and len(self.counts) > self.limit:
+            self.forget(next(iter(self.counts)))
+        if self.half_life is None:
+            return self.counts[raw] >= self.admit_after
+        score, at = self.scores.get(raw, (0.0, offset))
+        score = score * 2.0 ** (-(offset - at) / self.half_life) + 1.0
+        self.scores[raw] = (score, offset)
+        return bool(score >= self.admit_after - 1e-9)
 
     def admit(self, raw: str) -> list[int]:
         """Forgets `raw` and returns its co-occurring dense ids."""
         self.counts.pop(raw, None)
+        self.scores.pop(raw, None)
         return self.contexts.pop(raw, [])
+
+    def forget(self, raw: str) -> None:
+        self.admit(raw)
 
     def __len__(self) -> int:
         return len(self.counts)
+
+    def to_json(self) -> dict[str, Any]:
+        """What a restart needs (in order: least recently seen first)."""
+        return {
+            "counts": list(self.counts.items()),
+            "contexts": {raw: self.contexts[raw] for raw in self.counts if raw in self.contexts},
+            "scores": {raw: list(value) for raw, value in self.scores.items()},
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        self.counts = Counter({str(raw): int(n) for raw, n in data["counts"]})
+        self.contexts = defaultdict(list, {str(k): list(v) for k, v in data["contexts"].items()})
+        self.scores = {str(k): (float(v[0]), int(v[1])) for k, v in data["scores"].items()}
 
 
 class ItemAttributes:

@@ -17,6 +17,9 @@ Every `publish_every_events` events or `publish_every_seconds` seconds it publis
 version (changed rows, new rows, moved dense weights, grown vocabulary, the event offset it
 covers) and commits that offset; every `compact_every` deltas it compacts the chain.
 
+With `max_items` the table stops growing there: admitted items then take the rows of evicted
+ones, a remap the next delta records (recloop.online.bounded; user sequences follow it).
+
 Crash safety: the published manifest is the source of truth. A restarted learner continues
 from its newest published version and that version's offset, so no event is lost and none is
 applied twice to a published version; the work since the last publish is redone. User
@@ -43,6 +46,7 @@ from recloop.data.vocabulary import Vocabulary
 from recloop.errors import ConfigError
 from recloop.events import EventLog, LoggedEvent, resume_offset
 from recloop.models.factory import config_to_dict
+from recloop.online.bounded import BoundedTable, bounded_table
 from recloop.online.config import OnlineConfig, context_loss_config, loss_config
 from recloop.online.control import crash_point, progress, stop_on_signals
 from recloop.online.history import base_history
@@ -131,10 +135,13 @@ class OnlineLearner:
         self.item_counts = load_item_counts(registry, manifest, self.vocabulary.num_items)
 
         self.max_length = int(self.model.config.max_length)
-        self.pending = PendingItems(config.admit_after)
+        self.pending = PendingItems.for_config(config)
         self.sequences: dict[str, list[int]] = {}
-        self._base = base_history(data, registry.manifest(self.state.origin), self.vocabulary)
-        self._loss_config = loss_config(config, registry.manifest(self.state.origin))
+        origin = registry.manifest(self.state.origin)
+        self._base = base_history(data, origin, self.vocabulary)
+        self.item_table = bounded_table(config, origin, self.vocabulary, self._base, self.state)
+        self._now = self.offset  # the offset of the event being applied
+        self._loss_config = loss_config(config, origin)
         self._context_config = context_loss_config(config)
         self._rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
@@ -164,10 +171,13 @@ class OnlineLearner:
         return {"dense": self.dense_optimizer, "rows": self.row_optimizer}
 
     def _restore_learner_state(self) -> None:
-        restore_learner_state(self.run_dir, self.offset, self._optimizers(), self._rng)
+        self._pending_restored = restore_learner_state(
+            self.run_dir, self.offset, self._optimizers(), self._rng, self.pending
+        )
 
     def _save_learner_state(self, offset: int) -> None:
-        save_learner_state(self.run_dir, offset, self._optimizers(), self._rng)
+        pending = self.pending if self.item_table.bounded else None
+        save_learner_state(self.run_dir, offset, self._optimizers(), self._rng, pending)
 
     def _prune_learner_states(self, keep_offset: int) -> None:
         prune_learner_states(self.run_dir, keep_offset)
@@ -193,43 +203,61 @@ class OnlineLearner:
             base = self._base.items(user) if self._base is not None else np.zeros(0, np.int64)
             known = base[-(self.max_length + 1) :].tolist()
             self.sequences[user] = known
+        self.item_table.clean(user, known, self._now)  # drops items of rows reused since
         return known
 
     def _observe(self, logged: LoggedEvent, *, admit: bool) -> tuple[list[int], int]:
         """Applies one event to the user state: (the user's sequence before it, its dense
         item id or 0 when the item is not, or not yet, in the vocabulary)."""
         raw = logged.event.item_id
+        self._now = logged.offset
         sequence = self.sequence(logged.event.user_id)
-        before = list(sequence)
         admitted_at = self.state.admitted.get(raw)
         item = self.vocabulary.dense(raw)
         if item and admitted_at is not None and logged.offset < admitted_at:
             item = 0  # replaying: the item was admitted later than this event
+        counting = admit or not self._pending_restored  # else restored with the state
         if not item:
-            if self.pending.observe(raw, sequence[-CONTEXT_ITEMS:]) and admit:
-                item = self._admit(raw, logged.offset)
-        elif admitted_at == logged.offset:
+            context = sequence[-CONTEXT_ITEMS:]
+            if counting and self.pending.observe(raw, context, logged.offset) and admit:
+                item = self._admit(raw, logged.offset, sequence)
+        elif admitted_at == logged.offset and counting:
             self.pending.admit(raw)  # replaying the admitting event
+        before = list(sequence)
         if item:
+            self.item_table.touch(item, logged.offset)
             sequence.append(item)
             del sequence[: -(self.max_length + 1)]
             if admit:
                 self._count(item)
         return before, item
 
-    def _admit(self, raw: str, offset: int) -> int:
+    def _admit(self, raw: str, offset: int, sequence: list[int]) -> int:
+        """Admits `raw`, seen in `sequence`'s user's event (0 when a bounded table has no row
+        it may evict: it stays pending)."""
+        used = self.vocabulary.num_items
+        slot = self.item_table.slot_for(used, offset)
+        if slot is None:
+            return 0
         context = self.pending.admit(raw)
         table = self.model.item_embedding.weight.detach()
         neighbours = context
         if self.attributes is not None and self.config.new_item_init == "attributes":
             neighbours = self.attributes.neighbours(raw, self.vocabulary) or context
-        row = initial_row(table, neighbours)  # [D]
+        row = initial_row(table, [i for i in neighbours if i != slot])  # [D]
+        if slot <= used and isinstance(self.item_table, BoundedTable):  # a reused row
+            self.item_table.reuse(
+                slot, raw, row, offset, self.model, self.row_optimizer, self.item_counts
+            )
+            sequence[:] = [i for i in sequence if i != slot]  # the evicted item's entries
+            return slot
         item = self.vocabulary.add(raw)
         embedding = self.model.item_embedding
         embedding.weight = grow_rows(embedding.weight, row.unsqueeze(0), self.row_optimizer)
         embedding.num_items = self.vocabulary.num_items
         self.model.config.num_items = self.vocabulary.num_items
         self.state.admitted[raw] = offset
+        self.item_table.assign(item, offset)
         log.info("admitted item %r as %d after %d occurrences", raw, item, self.config.admit_after)
         return item
 
@@ -247,6 +275,7 @@ class OnlineLearner:
         prefixes: list[list[int]] = []
         targets: list[int] = []
         new_events: dict[str, int] = {}  # user -> items appended to their sequence in this batch
+        self.item_table.batch_start = batch[0].offset
         for logged in batch:
             before, item = self._observe(logged, admit=True)
             user = logged.event.user_id
@@ -278,7 +307,7 @@ class OnlineLearner:
         the batch's new events ("new"), or every position ("all")."""
         every = self.config.train_positions == "all"
         return [
-            (self.sequences[user], None if every else count)
+            (self.sequence(user), None if every else count)
             for user, count in new_events.items()
             if every or count > 0
         ]
@@ -300,7 +329,7 @@ class OnlineLearner:
         if not touched:
             return []
         picks = self._rng.integers(0, len(touched), size=count)
-        return [(self.sequences[touched[int(i)]], positions) for i in picks]
+        return [(self.sequence(touched[int(i)]), positions) for i in picks]
 
     def _train_step(self, samples: Sequence[Sample]) -> None:
         optimizers: list[torch.optim.Optimizer] = [self.row_optimizer]
@@ -337,8 +366,9 @@ class OnlineLearner:
 
     def _publish(self) -> str:
         started = time.perf_counter()
-        changes = diff_state(self._published, self.model.state_dict(), TABLE)
-        grown = self.vocabulary.num_items != self._published_items
+        remapped = dict(self.item_table.remapped)
+        changes = diff_state(self._published, self.model.state_dict(), TABLE, sorted(remapped))
+        grown = self.vocabulary.num_items != self._published_items or bool(remapped)
         vocabulary = self.vocabulary.parquet_bytes() if grown else None  # None: the parent's
         parent = self.version
         self.state.offset = self.offset
@@ -354,7 +384,7 @@ class OnlineLearner:
             metrics={f"online/{k}": v for k, v in self.state.totals.summary().items()},
             method="online",
             training={"online": self.state.to_json(), "config": dataclasses.asdict(self.config)},
-            side=SideFiles(vocabulary=vocabulary, item_counts=self.item_counts),
+            side=SideFiles(vocabulary=vocabulary, item_counts=self.item_counts, remapped=remapped),
         )
         crash_point("published")
         self.events.commit(self.config.consumer, self.offset)
@@ -363,6 +393,7 @@ class OnlineLearner:
             self.registry.promote(version)
         self.version = version
         self._published_items = self.vocabulary.num_items
+        self.item_table.remapped.clear()
         self._unpublished_events = 0
         self._last_publish = time.monotonic()
         rows = changes.get(TABLE)
@@ -408,7 +439,8 @@ class OnlineLearner:
         stop = stop or threading.Event()
         started = time.perf_counter()
         published: list[str | None] = []
-        admitted_before = len(self.state.admitted)
+        # An admission into a reused row may replace an evicted item's entry: count those too.
+        admitted_before = len(self.state.admitted) + self.item_table.forgotten
         total = None if follow else max(self.events.last_offset() - self.offset, 0)
         if max_events is not None and total is not None:
             total = min(total, max_events)
@@ -446,7 +478,7 @@ class OnlineLearner:
             offset=self.offset,
             events=applied,
             published=done,
-            admitted=len(self.state.admitted) - admitted_before,
+            admitted=len(self.state.admitted) + self.item_table.forgotten - admitted_before,
             totals=self.state.totals.summary(),
             seconds=seconds,
             timings=timings,

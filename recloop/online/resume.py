@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recloop.errors import RegistryError
+from recloop.online.items import PendingItems
 from recloop.online.prequential import PrequentialTotals
 from recloop.registry import Manifest, Registry
 from recloop.registry.sidefiles import read_item_counts, vocabulary_path
@@ -94,6 +95,9 @@ def load_item_counts(registry: Registry, manifest: Manifest, num_items: int) -> 
 # --------------------------------------------------------------------------- learner state
 
 
+PENDING_FILE = "pending.json"
+
+
 def state_dir(run_dir: Path, offset: int) -> Path:
     return run_dir / "state" / f"offset-{offset:012d}"
 
@@ -103,9 +107,11 @@ def save_learner_state(
     offset: int,
     optimizers: dict[str, torch.optim.Optimizer],
     rng: np.random.Generator,
+    pending: PendingItems | None = None,
 ) -> None:
-    """Each optimizer's moments (NAME.safetensors), the torch RNG streams and the numpy
-    generator's state, written to a temporary directory and renamed into place."""
+    """Each optimizer's moments (NAME.safetensors), the torch RNG streams, the numpy
+    generator's state and (a bounded table's) pending items, written to a temporary directory
+    and renamed into place."""
     path = state_dir(run_dir, offset)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -117,6 +123,8 @@ def save_learner_state(
         meta[name] = {"param_groups": groups}
     save_file(rng_state(), str(tmp / "rng.safetensors"))
     meta["numpy_rng"] = rng.bit_generator.state
+    if pending is not None:  # the log replay cannot rebuild a bounded pending set exactly
+        (tmp / PENDING_FILE).write_text(json.dumps(pending.to_json()))
     (tmp / "state.json").write_text(json.dumps(meta))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
@@ -127,19 +135,25 @@ def restore_learner_state(
     offset: int,
     optimizers: dict[str, torch.optim.Optimizer],
     rng: np.random.Generator,
-) -> None:
-    """Optimizer moments and RNG streams saved when the resumed version was published.
-    Absent (a first start, or a version published elsewhere): fresh moments."""
+    pending: PendingItems | None = None,
+) -> bool:
+    """Optimizer moments and RNG streams saved when the resumed version was published, and
+    `pending` when they were saved with it (returns whether it was restored). Absent (a first
+    start, or a version published elsewhere): fresh moments."""
     path = state_dir(run_dir, offset)
     if not (path / "state.json").is_file():
-        return
+        return False
     meta = json.loads((path / "state.json").read_text())
     if meta.get("offset") != offset:
-        return
+        return False
     for name, optimizer in optimizers.items():
         restore_optimizer(optimizer, load_file(str(path / f"{name}.safetensors")), meta[name])
     restore_rng(load_file(str(path / "rng.safetensors")))
     rng.bit_generator.state = meta["numpy_rng"]
+    if pending is not None and (path / PENDING_FILE).is_file():
+        pending.restore(json.loads((path / PENDING_FILE).read_text()))
+        return True
+    return False
 
 
 def prune_learner_states(run_dir: Path, keep_offset: int) -> None:

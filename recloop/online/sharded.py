@@ -175,7 +175,7 @@ class ShardedOnlineLearner(OnlineLearner):
     def _owns(self, user: str) -> bool:
         return owner(user, self.context.world_size) == self.context.rank
 
-    def _admit(self, raw: str, offset: int) -> int:
+    def _admit(self, raw: str, offset: int, sequence: list[int]) -> int:
         """Every process admits the same item at the same event (replicated state): the row is
         the mean of its neighbours' rows, looked up through the table, written by its owner."""
         context = self.pending.admit(raw)

@@ -56,17 +56,23 @@ class NotADescendant(RegistryError):
 
 
 def diff_state(
-    published: dict[str, torch.Tensor], state: Mapping[str, torch.Tensor], row_table: str
+    published: dict[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    row_table: str,
+    always: Sequence[int] = (),
 ) -> dict[str, Change]:
-    """What changed in `state` since `published`: changed and new rows of `row_table`, whole
-    tensors for anything else that moved. Updates `published` to match `state`."""
+    """What changed in `state` since `published`: changed and new rows of `row_table` (and
+    its rows `always`, changed or not: rows that now mean another item), whole tensors for
+    anything else that moved. Updates `published` to match `state`."""
     changes: dict[str, Change] = {}
     for name, tensor in state.items():
         tensor = tensor.detach()
         old = published.get(name)
         if name == row_table and old is not None:
             count = len(old)
-            moved = torch.nonzero((tensor[:count] != old).any(dim=1)).squeeze(1)
+            differs = (tensor[:count] != old).any(dim=1)
+            differs[[row for row in always if row < count]] = True
+            moved = torch.nonzero(differs).squeeze(1)
             rows = torch.cat([moved, torch.arange(count, len(tensor))])
             if len(rows):
                 values = tensor[rows].clone()

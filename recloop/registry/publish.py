@@ -16,7 +16,13 @@ from recloop.errors import RegistryError
 from recloop.registry.deltas import Change
 from recloop.registry.manifest import Manifest
 from recloop.registry.sharded import ShardedTable
-from recloop.registry.sidefiles import ITEM_COUNTS_FILE, VOCABULARY_FILE, item_counts_bytes
+from recloop.registry.sidefiles import (
+    ITEM_COUNTS_FILE,
+    REMAPPED_FILE,
+    VOCABULARY_FILE,
+    item_counts_bytes,
+    remapped_bytes,
+)
 from recloop.registry.store import Registry
 
 
@@ -39,6 +45,8 @@ class SideFiles:
     item_counts: np.ndarray | Path | bytes | None = None
     other: Mapping[str, Path | bytes] = field(default_factory=dict)
     vocabulary_name: str = VOCABULARY_FILE
+    # A delta's dense ids that now mean other raw ids (dense id -> raw id; with `vocabulary`).
+    remapped: Mapping[int, str] = field(default_factory=dict)
 
     def extra_files(self) -> dict[str, Path | bytes]:
         files = dict(self.other)
@@ -48,6 +56,8 @@ class SideFiles:
             files[ITEM_COUNTS_FILE] = item_counts_bytes(self.item_counts)
         elif self.item_counts is not None:
             files[ITEM_COUNTS_FILE] = self.item_counts
+        if self.remapped:
+            files[REMAPPED_FILE] = remapped_bytes(self.remapped)
         return files
 
 

@@ -7,6 +7,7 @@ here rather than by literal names. The manifest lists and checksums every one of
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,9 @@ from recloop.registry.manifest import MANIFEST, Manifest, VocabularyRef
 
 VOCABULARY_FILE = "items.parquet"  # (id, raw): row i is dense item i + 1
 ITEM_COUNTS_FILE = "item_counts.npy"  # int64 [num_items + 1] events per dense id (popularity)
+# A delta's item ids that changed meaning (a bounded online table reused their rows):
+# {"ids": [dense ids], "raw": [their new raw ids]}; the delta's vocabulary file says the same.
+REMAPPED_FILE = "remapped_items.json"
 METRICS_FILE = "metrics.csv"  # the training run's metric history
 CURVES_FILE = "curves.png"  # its loss / validation plot
 
@@ -54,6 +58,42 @@ def read_item_counts(registry: VersionFiles, version: str, manifest: Manifest) -
     raw = registry.file(version, ITEM_COUNTS_FILE).read_bytes()
     counts: np.ndarray = np.load(io.BytesIO(raw), allow_pickle=False)
     return counts
+
+
+# ---------------------------------------------------------------------- remapped items
+
+
+def remapped_bytes(remapped: Mapping[int, str]) -> bytes:
+    """The JSON of REMAPPED_FILE (dense id -> new raw id), ids in ascending order."""
+    ids = sorted(remapped)
+    return json.dumps({"ids": ids, "raw": [remapped[i] for i in ids]}).encode()
+
+
+def read_remapped(registry: VersionFiles, version: str, manifest: Manifest) -> dict[int, str]:
+    """The dense ids delta `version` gives to new raw ids (checksum-verified; {} for none)."""
+    if REMAPPED_FILE not in manifest.files:
+        return {}
+    try:
+        data = json.loads(registry.file(version, REMAPPED_FILE).read_bytes())
+        ids, raw = data["ids"], data["raw"]
+        if len(ids) != len(raw) or not all(isinstance(i, int) and i > 0 for i in ids):
+            raise ValueError("ids and raw differ in length, or an id is not an integer >= 1")
+        return {int(i): str(r) for i, r in zip(ids, raw, strict=True)}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"version {version}: {REMAPPED_FILE} is malformed ({exc})") from None
+
+
+def check_remapped(extra: ExtraFiles, vocabulary_file: str | None, delta: bool) -> None:
+    """A remap comes with the delta's own vocabulary file, which gives the ids their new raw
+    ids: RegistryError otherwise."""
+    if REMAPPED_FILE not in extra:
+        return
+    if not delta:
+        raise RegistryError(f"{REMAPPED_FILE} belongs to deltas; a full version has none")
+    if vocabulary_file is None:
+        raise RegistryError(
+            f"a delta with {REMAPPED_FILE} must carry its own vocabulary file (vocabulary_file)"
+        )
 
 
 # ---------------------------------------------------------------------- vocabulary
@@ -91,9 +131,12 @@ def vocabulary_ref(path: Path, dataset: Mapping[str, Any] | None) -> VocabularyR
 # ---------------------------------------------------------------------- extra files
 
 
-def check_extra_files(extra: ExtraFiles, vocabulary_file: str | None) -> None:
+def check_extra_files(
+    extra: ExtraFiles, vocabulary_file: str | None, *, delta: bool = False
+) -> None:
     for name in extra:
         _check_file_name(name)
+    check_remapped(extra, vocabulary_file, delta)
     if vocabulary_file is not None and vocabulary_file not in extra:
         raise RegistryError(
             f"vocabulary_file {vocabulary_file!r} is not one of the extra files "

@@ -73,6 +73,7 @@ from recloop.registry.manifest import (
 from recloop.registry.sharded import BlockReader, ShardedTable
 from recloop.registry.shards import TENSOR_NAME
 from recloop.registry.sidefiles import (
+    REMAPPED_FILE,
     check_extra_files,
     inherited_vocabulary,
     vocabulary_ref,
@@ -181,7 +182,7 @@ class Registry:
         dense ids cannot change. All is checked before anything is written: no trace if bad.
         """
         extra = dict(extra_files or {})
-        check_extra_files(extra, vocabulary_file)
+        check_extra_files(extra, vocabulary_file, delta=True)
         check_method(method)
         parent_id = self.resolve(parent)
         source = self._read_manifest(parent_id)
@@ -243,7 +244,9 @@ class Registry:
         def fill(tmp: Path) -> tuple[Manifest, dict[str, FileMeta]]:
             write_weights(tensors, tmp / WEIGHTS)
             # A sharded table is gathered into the new weights file: its shards are not linked.
-            names = [n for n in source.files if n != WEIGHTS and n not in source.shard_files]
+            # A delta's remapped ids are news to its parent only: a full version has none.
+            skip = {WEIGHTS, REMAPPED_FILE, *source.shard_files}
+            names = [n for n in source.files if n not in skip]
             return manifest, {
                 name: self._link_file(version_id, source, name, tmp) for name in names
             }

@@ -63,6 +63,12 @@ from recloop.serve.engines.export import TABLE_KEY, item_table, item_vectors
 from recloop.serve.engines.factory import engine_with_weights, warmup
 from recloop.serve.engines.parity import reference_queries
 from recloop.serve.indexes.base import ItemIndex
+from recloop.serve.remap import (
+    chain_remapped,
+    check_rows_written,
+    remapped_history,
+    without_remapped,
+)
 
 log = logging.getLogger("recloop.serve")
 
@@ -77,9 +83,11 @@ def apply_deltas(
     graph with the new weights (no export), or a torch engine on the new model; parity-checked
     against the new model like a full load (EngineParityError refuses the version). Index:
     ``current``'s updated copy-on-write with the changed and new items' vectors. Vocabulary:
-    extended with the new items. Popularity: from the version's item_counts.npy, as a full
-    load; the served one's when the delta has none. User history: shared (the training
-    dataset does not change with deltas; items new to the catalogue are not in it).
+    extended with the new items, and ids a bounded table reused renamed (recloop.serve.remap).
+    Popularity: from the version's item_counts.npy, as a full load; the served one's (less
+    reused ids) when the delta has none. User history: shared (the training dataset does not
+    change with deltas; items new to the catalogue are not in it), or without the items of
+    reused ids.
 
     Raises NotApplicable (why) when the target is not such a descendant or changes more than
     weights and the number of items (then load it in full), RecloopError when it is broken.
@@ -95,13 +103,16 @@ def apply_deltas(
     manifest = chain[-1][1]
     model = patched_model(manifest.model, patched.state)
     num_items = int(model.item_embedding.num_items)
-    catalog = _next_catalog(registry, current, target, manifest)
+    remapped = chain_remapped(registry, chain)  # ids a bounded table reused (serve.remap)
+    check_rows_written(remapped, patched.table_rows, target)
+    catalog = _next_catalog(registry, current, target, manifest, remapped)
     check_catalog(target, catalog, num_items)
     engine = _next_engine(current, model, patched, target, options)
     index = _next_index(current, model, patched, engine, options)
-    popular = current.popular  # a delta without counts: no news about popularity
+    history = remapped_history(current.history, remapped)
+    popular = without_remapped(current.popular, remapped)  # a delta without counts: no news
     if ITEM_COUNTS_FILE in manifest.files:
-        popular = popular_items(registry, target, manifest, current.history, num_items)
+        popular = popular_items(registry, target, manifest, history, num_items)
     seconds = time.perf_counter() - started
     return ModelBundle(
         version=target,
@@ -109,11 +120,14 @@ def apply_deltas(
         engine=engine,
         index=index,
         catalog=catalog,
-        history=current.history,
+        history=history,
         popular=popular,
         max_length=int(model.config.max_length),
         load_seconds=seconds,
-        details=_delta_details(current, index, patched, len(chain), seconds, options),
+        details={
+            **_delta_details(current, index, patched, len(chain), seconds, options),
+            "remapped_items": len(remapped),
+        },
         model=model,
         state=patched.state,
         incremental=current.incremental.for_version(model, target) if current.incremental else None,
@@ -145,10 +159,15 @@ def _delta_details(
 
 
 def _next_catalog(
-    registry: Registry, current: ModelBundle, target: str, manifest: Manifest
+    registry: Registry,
+    current: ModelBundle,
+    target: str,
+    manifest: Manifest,
+    remapped: dict[int, str],
 ) -> Vocabulary:
     """``current``'s catalogue when the vocabulary file is the same, else extended by the new
-    items (a renumbered vocabulary is NotApplicable: a full load builds it from scratch)."""
+    items, with the `remapped` ids' new raw ids (a vocabulary renumbered otherwise is
+    NotApplicable: a full load builds it from scratch)."""
     name = manifest.vocabulary_file
     if not name:
         raise ServingError(f"version {target} records no item vocabulary; cannot serve it")
@@ -157,7 +176,7 @@ def _next_catalog(
     if theirs is not None and served is not None and theirs.sha256 == served.sha256:
         return current.catalog  # the same file: inherited by the delta (hard-linked)
     try:
-        return current.catalog.extended(registry.file(target, name))
+        return current.catalog.extended(registry.file(target, name), remapped)
     except DatasetError as exc:
         raise NotApplicable(str(exc)) from None
 

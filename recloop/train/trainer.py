@@ -237,6 +237,11 @@ def _build_model(
     model_config = {k: v for k, v in config.model.items() if k != "type"}
     model_config.setdefault("max_length", cfg.max_length)
     model_config["num_items"] = dataset.num_items
+    if cfg.max_items is not None and dataset.num_items > cfg.max_items:
+        raise ConfigError(
+            f"train.max_items = {cfg.max_items} but the dataset has {dataset.num_items} items: "
+            "raise it, or prepare the dataset with fewer items"
+        )
     if cfg.sharding != "none":
         sharded = build_sharded_model(str(config.model["type"]), model_config, cfg, ctx)
         check_samples(sharded.model, cfg)
