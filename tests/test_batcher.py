@@ -51,6 +51,7 @@ def bundle(engine: FakeEngine) -> ModelBundle:
     members = {
         "engine": engine,
         "index": FakeIndex(),
+        "incremental": None,  # users encoded by the engine, as without --incremental-encoding
         "top_items": ModelBundle.top_items,
         "encode_batch": ModelBundle.encode_batch,
         "search_batch": ModelBundle.search_batch,

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 
+from recloop.cli import app
 from recloop.errors import ConfigError, IndexUnavailable, ServingError
 from recloop.serve.bundle import LoadOptions
 from recloop.serve.indexes import milvus
@@ -153,14 +155,12 @@ def test_index_uri_reaches_the_load_options_and_is_checked(tmp_path: Path) -> No
     from recloop.cli.serve import _service_config
 
     uri = str(tmp_path / "items.db")
+    # The serve command's own defaults (so the test follows new options), with Milvus chosen.
+    command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    defaults = {param.name: param.default for param in command.params}
     options = {
-        "engine": "torch", "index": "milvus", "index_uri": uri, "index_alias": "replica_1",
-        "shards": 1,
-        "max_batch": 8, "threads": 1, "device": "cpu",
-        "min_recall": 0.95, "data": None, "cache_dir": None, "registry": tmp_path,
-        "version": "auto", "redis_url": None, "state_snapshot": None, "cache": True,
-        "cache_ttl": 60.0, "max_wait_us": 500, "max_queue": 64, "max_body_bytes": 1 << 20,
-        "follow": None, "event_log": None, "snapshot_every": 30.0, "protect": "",
+        **defaults, "index": "milvus", "index_uri": uri, "index_alias": "replica_1",
+        "threads": 1, "registry": tmp_path,
     }  # fmt: skip
     config = _service_config(options)
     assert config.load.index == "milvus" and config.load.index_uri == uri
