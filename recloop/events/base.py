@@ -139,7 +139,26 @@ def check_consumer(value: object) -> str:
 # ------------------------------------------------------------------------------------ interface
 
 
-class EventLog(ABC):
+class ClosedOnExit(ABC):
+    """A log that is a context manager: ``with`` closes it."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections; idempotent."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class EventLog(ClosedOnExit):
     """An append-only, durable log of events, read by offset, with committed consumer offsets.
 
     Synchronous and thread-safe; async callers (the HTTP service) use a thread executor.
@@ -192,17 +211,6 @@ class EventLog(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections; idempotent. Any other call afterwards raises EventLogError."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def resume_offset(log: EventLog, consumer: str, published: int | None) -> int:

@@ -24,14 +24,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
-from recloop.events.base import EventLog, EventLogError, check_limit, check_offset
+from recloop.events.base import ClosedOnExit, EventLog, EventLogError, check_limit, check_offset
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -80,7 +79,7 @@ class Exposure:
             raise EventLogError(f"{where}: not a recloop exposure ({exc!r})") from None
 
 
-class ExposureLog(ABC):
+class ExposureLog(ClosedOnExit):
     """Append-only, read by offset (strictly increasing in log order, as the event log)."""
 
     @abstractmethod
@@ -91,10 +90,6 @@ class ExposureLog(ABC):
     def read(self, after: int, limit: int) -> list[tuple[int, Exposure]]:
         """Up to ``limit`` (offset, exposure) with offset > ``after``, in log order."""
 
-    @abstractmethod
-    def close(self) -> None:
-        """Release connections; idempotent."""
-
     def read_all(self, batch: int = 10_000) -> list[Exposure]:
         out: list[Exposure] = []
         after = 0
@@ -102,17 +97,6 @@ class ExposureLog(ABC):
             out += [exposure for _, exposure in chunk]
             after = chunk[-1][0]
         return out
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class SqliteExposureLog(ExposureLog):
