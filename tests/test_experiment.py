@@ -18,7 +18,7 @@ from recloop.experiments import ArmTotals, Experiment, OutcomeTracker, load_expe
 from recloop.experiments.config import Arm, experiment_from_dict, unit_hash
 from recloop.experiments.learning import ArmEvents, learner_events
 from recloop.experiments.outcomes import Outcome, attribute
-from recloop.experiments.stats import difference, summarize, wilson
+from recloop.experiments.stats import difference, hit_interval, summarize, wilson
 from tests.redis_server import RedisServer, running_redis
 
 TOML = """
@@ -231,6 +231,41 @@ def test_wilson_interval_and_differences() -> None:
     report = summarize(experiment(), {"control": worse, "treatment": better})
     assert report["arms"]["treatment"]["vs_control"]["hit"]["significant"] is True
     assert "vs_control" not in report["arms"]["control"]
+
+
+def _clustered(users: int, lists: int, hitting: int) -> ArmTotals:
+    """``users`` users served ``lists`` lists each; the first ``hitting`` users hit every list
+    (NDCG 1), the others none: all of the variation is between users."""
+    totals = ArmTotals()
+    for user in range(users):
+        rank = 1 if user < hitting else None
+        for _ in range(lists):
+            totals.add(Outcome("a", "v", rank))
+        hit = lists if rank else 0
+        totals.add_user(lists, hit, float(hit))
+    return totals
+
+
+def test_intervals_count_users_as_clusters_when_the_report_knows_them() -> None:
+    """Lists of one user are not independent: 100 users x 20 lists each, every user all hit or
+    all miss, has the information of about 100 observations, not 2,000."""
+    clustered = _clustered(users=100, lists=20, hitting=50)
+    independent = ArmTotals(**{**vars(clustered), "users": 0})  # the same sums, no users
+    width = hit_interval(clustered).high - hit_interval(clustered).low
+    naive = hit_interval(independent).high - hit_interval(independent).low
+    assert math.isclose(width / naive, math.sqrt(20), rel_tol=0.1)
+    one_each = _clustered(users=2000, lists=1, hitting=1000)  # one list per user: as before
+    single = hit_interval(one_each)
+    assert math.isclose(single.high - single.low, naive, rel_tol=0.01)
+    # 0.55 vs 0.45 from 100 users each: significant if lists were independent, not as clusters.
+    better, worse = _clustered(100, 20, 55), _clustered(100, 20, 45)
+    assert not difference(better, worse)["hit"].excludes_zero
+    assert not difference(better, worse)["ndcg"].excludes_zero
+    strip = {"users": 0}
+    naive_diff = difference(
+        ArmTotals(**{**vars(better), **strip}), ArmTotals(**{**vars(worse), **strip})
+    )
+    assert naive_diff["hit"].excludes_zero
 
 
 # ------------------------------------------------------------------------------ logs

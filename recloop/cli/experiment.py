@@ -43,8 +43,9 @@ def report_command(
     with open_event_log(event_log) as log:
         report = experiment_report(loaded, log)
     k = loaded.k
-    table = Table(title=f"experiment {loaded.name} (95% intervals; * : excludes 0)")
-    for column in ("arm", "ref", "exposures", "pending", f"hit@{k}", f"NDCG@{k}"):
+    title = f"experiment {loaded.name} (95% intervals, users as clusters; * : excludes 0)"
+    table = Table(title=title)
+    for column in ("arm", "ref", "users", "exposures", "pending", f"hit@{k}", f"NDCG@{k}"):
         table.add_column(column)
     table.add_column(f"Δ hit@{k} vs {loaded.control}")
     table.add_column(f"Δ NDCG@{k} vs {loaded.control}")

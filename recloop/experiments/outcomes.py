@@ -56,12 +56,31 @@ class ArmTotals:
     ndcg_sum: float = 0.0
     ndcg_sq_sum: float = 0.0
     pending: int = 0  # exposures whose window is still open (not in the rates)
+    # Users as clusters (the report knows them; live counters do not: users stays 0). Sums
+    # over users u of n_u^2, h_u^2, h_u n_u, g_u^2, g_u n_u, where n_u, h_u, g_u are user u's
+    # settled exposures, hits and NDCG sum: the delta-method variance of a ratio of cluster
+    # sums (recloop.experiments.stats), since one user's lists are not independent.
+    users: int = 0
+    user_n_sq: float = 0.0
+    user_hit_sq: float = 0.0
+    user_hit_n: float = 0.0
+    user_ndcg_sq: float = 0.0
+    user_ndcg_n: float = 0.0
 
     def add(self, outcome: Outcome) -> None:
         self.exposures += 1
         self.hits += int(outcome.hit)
         self.ndcg_sum += outcome.ndcg
         self.ndcg_sq_sum += outcome.ndcg**2
+
+    def add_user(self, exposures: int, hits: int, ndcg: float) -> None:
+        """One user's settled exposures, hits and NDCG sum (also counted by :meth:`add`)."""
+        self.users += 1
+        self.user_n_sq += exposures * exposures
+        self.user_hit_sq += hits * hits
+        self.user_hit_n += hits * exposures
+        self.user_ndcg_sq += ndcg * ndcg
+        self.user_ndcg_n += ndcg * exposures
 
     def to_json(self) -> dict[str, float | int]:
         return {
@@ -70,6 +89,7 @@ class ArmTotals:
             "ndcg_sum": self.ndcg_sum,
             "ndcg_sq_sum": self.ndcg_sq_sum,
             "pending": self.pending,
+            "users": self.users,
         }
 
 
@@ -131,14 +151,21 @@ def attribute(
     for timeline in by_user.values():
         timeline.sort(key=lambda entry: (entry[0], entry[1]))
     totals = {name: ArmTotals() for name in experiment.arm_names}
+    clusters: dict[tuple[str, str], list[float]] = {}  # (arm, user) -> [exposures, hits, ndcg]
     for exposure in exposures:
         if exposure.experiment != experiment.name or exposure.arm not in totals:
             continue
         outcome = _settle(experiment, exposure, by_user.get(exposure.user_id, []), now)
         if outcome is None:
             totals[exposure.arm].pending += 1
-        else:
-            totals[exposure.arm].add(outcome)
+            continue
+        totals[exposure.arm].add(outcome)
+        cluster = clusters.setdefault((exposure.arm, exposure.user_id), [0, 0, 0.0])
+        cluster[0] += 1
+        cluster[1] += int(outcome.hit)
+        cluster[2] += outcome.ndcg
+    for (arm, _), (count, hits, ndcg) in clusters.items():
+        totals[arm].add_user(int(count), int(hits), ndcg)
     return totals
 
 

@@ -43,7 +43,7 @@ def _interval(estimate: dict[str, float]) -> str:
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
-    """One row per arm: arm, ref, exposures, pending, hit@k, NDCG@k, and the differences."""
+    """One row per arm: arm, ref, users, exposures, pending, hit@k, NDCG@k, and the differences."""
     rows = []
     for name, arm in report["arms"].items():
         diff = arm.get("vs_control")
@@ -51,6 +51,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             [
                 name,
                 arm["ref"],
+                f"{arm['users']:,}",
                 f"{arm['exposures']:,}",
                 f"{arm['pending']:,}",
                 _interval(arm["hit"]),

@@ -2,13 +2,17 @@
 
 * hit@k: the share of settled exposures that were hits, with the Wilson score interval (good
   at small counts and near 0 or 1, where the normal interval is not);
-* NDCG@k: the mean over settled exposures, with the normal interval of a mean (the sample
-  variance from the sums of squares; exposures are many and NDCG is bounded in [0, 1]);
-* differences arm - control: the normal interval of a difference of independent means (for
-  hit@k the unpooled Wald interval). "Significant" means the 95% interval excludes 0.
+* NDCG@k: the mean over settled exposures, with the normal interval of a mean;
+* differences arm - control: the normal interval of a difference of independent arms (users
+  are in one arm only). "Significant" means the 95% interval excludes 0.
 
-Exposures of one user are treated as independent, which understates the variance when some
-users are served many lists; with many users each seen a few times the effect is small.
+One user's lists are not independent (a user who never clicks misses every list), so where the
+totals know their users (the report: :func:`recloop.experiments.outcomes.attribute`) each rate
+is a ratio of per-user sums and its variance is the delta method's over users as clusters
+(Deng, Knoblich, Lu, "Applying the Delta Method in Metric Analytics", KDD 2018), never below
+the variance the exposures would have if they were independent. For hit@k the Wilson interval
+is then taken at the effective sample size (n times the independent variance over the
+clustered one). Totals without users (the live counters) use the independent formulas.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ class Estimate:
         return self.low > 0 or self.high < 0
 
 
-def wilson(successes: int, n: int, z: float = Z95) -> Estimate:
-    """The Wilson score interval of a proportion (0/0: an empty estimate at 0)."""
-    if n == 0:
+def wilson(successes: float, n: float, z: float = Z95) -> Estimate:
+    """The Wilson score interval of a proportion (0/0: an empty estimate at 0); ``n`` may be
+    an effective sample size (not a whole number)."""
+    if n <= 0:
         return Estimate(0.0, 0.0, 0.0)
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -58,9 +63,57 @@ def _mean_and_variance(total: float, squares: float, n: int) -> tuple[float, flo
     return mean, sample_variance / n
 
 
-def mean_interval(total: float, squares: float, n: int, z: float = Z95) -> Estimate:
-    mean, variance = _mean_and_variance(total, squares, n)
-    half = z * math.sqrt(variance)
+def ratio_variance(
+    y: float, y_sq: float, y_n: float, n: float, n_sq: float, clusters: int
+) -> float:
+    """Delta-method variance of R = sum(y_u) / sum(n_u) over ``clusters`` users, from the
+    sums of y_u, y_u^2, y_u n_u, n_u and n_u^2 (needs at least two clusters)."""
+    k = clusters
+    y_bar, n_bar, ratio = y / k, n / k, y / n
+    var_y = (y_sq - k * y_bar * y_bar) / (k - 1)
+    var_n = (n_sq - k * n_bar * n_bar) / (k - 1)
+    cov = (y_n - k * y_bar * n_bar) / (k - 1)
+    return max(var_y - 2 * ratio * cov + ratio * ratio * var_n, 0.0) / (k * n_bar * n_bar)
+
+
+def hit_variance(t: ArmTotals) -> float:
+    """The variance of hit@k: clustered by user where ``t`` knows its users."""
+    n = t.exposures
+    if n == 0:
+        return 0.0
+    p = t.hits / n
+    independent = p * (1 - p) / n
+    if t.users < 2:
+        return independent
+    clustered = ratio_variance(t.hits, t.user_hit_sq, t.user_hit_n, n, t.user_n_sq, t.users)
+    return max(independent, clustered)
+
+
+def ndcg_variance(t: ArmTotals) -> float:
+    """The variance of mean NDCG@k: clustered by user where ``t`` knows its users."""
+    _, independent = _mean_and_variance(t.ndcg_sum, t.ndcg_sq_sum, t.exposures)
+    if t.users < 2:
+        return independent
+    clustered = ratio_variance(
+        t.ndcg_sum, t.user_ndcg_sq, t.user_ndcg_n, t.exposures, t.user_n_sq, t.users
+    )
+    return max(independent, clustered)
+
+
+def hit_interval(t: ArmTotals, z: float = Z95) -> Estimate:
+    """Wilson at the effective sample size: p(1 - p) / variance, n when the exposures are
+    independent (or when p is 0 or 1, where both variances are 0)."""
+    n = t.exposures
+    p = t.hits / n if n else 0.0
+    variance = hit_variance(t)
+    effective = p * (1 - p) / variance if variance > 0 else float(n)
+    interval = wilson(p * effective, effective, z)
+    return Estimate(p, interval.low, interval.high)
+
+
+def ndcg_interval(t: ArmTotals, z: float = Z95) -> Estimate:
+    mean = t.ndcg_sum / t.exposures if t.exposures else 0.0
+    half = z * math.sqrt(ndcg_variance(t))
     return Estimate(mean, mean - half, mean + half)
 
 
@@ -70,11 +123,11 @@ def difference(a: ArmTotals, control: ArmTotals, z: float = Z95) -> dict[str, Es
     na, nc = a.exposures, control.exposures
     pa = a.hits / na if na else 0.0
     pc = control.hits / nc if nc else 0.0
-    se = math.sqrt((pa * (1 - pa) / na if na else 0.0) + (pc * (1 - pc) / nc if nc else 0.0))
+    se = math.sqrt(hit_variance(a) + hit_variance(control))
     out["hit"] = Estimate(pa - pc, pa - pc - z * se, pa - pc + z * se)
-    ma, va = _mean_and_variance(a.ndcg_sum, a.ndcg_sq_sum, na)
-    mc, vc = _mean_and_variance(control.ndcg_sum, control.ndcg_sq_sum, nc)
-    se = math.sqrt(va + vc)
+    ma = a.ndcg_sum / na if na else 0.0
+    mc = control.ndcg_sum / nc if nc else 0.0
+    se = math.sqrt(ndcg_variance(a) + ndcg_variance(control))
     out["ndcg"] = Estimate(ma - mc, ma - mc - z * se, ma - mc + z * se)
     return out
 
@@ -90,8 +143,8 @@ def summarize(experiment: Experiment, totals: dict[str, ArmTotals]) -> dict[str,
             "ref": arm.ref,
             "share": arm.share,
             **t.to_json(),
-            "hit": wilson(t.hits, t.exposures).to_json(),
-            "ndcg": mean_interval(t.ndcg_sum, t.ndcg_sq_sum, t.exposures).to_json(),
+            "hit": hit_interval(t).to_json(),
+            "ndcg": ndcg_interval(t).to_json(),
         }
         if arm.name != experiment.control:
             diff = difference(t, control)
