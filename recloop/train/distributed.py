@@ -66,5 +66,9 @@ def agree(flag: bool, context: DistContext) -> bool:
 
 
 def shutdown(context: DistContext) -> None:
+    """Leaves the default group together: a process that destroys it (and exits) while another
+    still tears down a subgroup over it can make gloo abort that one ("terminate called
+    without an active exception", seen in tests/test_sharded.py), so all wait first."""
     if context.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
