@@ -162,20 +162,9 @@ class IncrementalHSTU:
         ids = _right_aligned(windows, 0)  # [B, L] left-padded
         stamps = _right_aligned(times, 0) if times is not None else None
         x, keep, allowed, distance, buckets = model._embed(ids, stamps)
-        keys, values = [], []
-        last = len(model.blocks) - 1
-        for index, block in enumerate(_blocks(model)):
-            u, v, q, k = block.project(x)  # [B, L, *]
-            keys.append(k)
-            values.append(v)
-            residual = x
-            if index == last:  # only the most recent position queries in the last block
-                u, q, residual = u[:, -1:], q[:, -1:], x[:, -1:]
-                allowed, distance = allowed[:, :, -1:], distance[-1:]
-                buckets = buckets[:, -1:] if buckets is not None else None
-            x = block.attend(residual, u, q, k, v, block.bias(distance, buckets), allowed)
+        x, keys, values = _run_blocks(model, x, distance, buckets, allowed)
         vectors = model._finish(x[:, -1]) * keep[:, -1]  # [B, D]
-        return _split(windows, times, torch.stack(keys), torch.stack(values), vectors)
+        return _split(windows, times, keys, values, vectors)
 
     def extend(
         self, states: Sequence[UserKV], new_ids: Sequence[torch.Tensor], times: Times = None
@@ -198,26 +187,39 @@ class IncrementalHSTU:
         x = model.item_embedding(ids) * math.sqrt(dim) * (ids != 0).unsqueeze(-1)  # [B, m, D]
         old_keys = _stack_cache([state.keys for state in states], old)  # [blocks, B, n, *]
         old_values = _stack_cache([state.values for state in states], old)
-        keys, values = [], []
-        last = len(model.blocks) - 1
-        for index, block in enumerate(_blocks(model)):
-            u, v, q, k = block.project(x)  # [B, m, *]
-            keys.append(k)
-            values.append(v)
-            all_k, all_v = torch.cat([old_keys[index], k], 1), torch.cat([old_values[index], v], 1)
-            bias, mask, residual = block.bias(distance, buckets), allowed, x
-            if index == last:
-                u, q, residual, bias, mask = (
-                    u[:, -1:],
-                    q[:, -1:],
-                    x[:, -1:],
-                    bias[:, -1:],
-                    mask[:, :, -1:],
-                )
-            x = block.attend(residual, u, q, all_k, all_v, bias, mask)
+        x, keys, values = _run_blocks(model, x, distance, buckets, allowed, old_keys, old_values)
         vectors = model._finish(x[:, -1])  # [B, D]: every row's last column is a real event
-        fresh = _split(new_ids, times, torch.stack(keys), torch.stack(values), vectors)
+        fresh = _split(new_ids, times, keys, values, vectors)
         return [_joined(state, more) for state, more in zip(states, fresh, strict=True)]
+
+
+def _run_blocks(
+    model: HSTU,
+    x: torch.Tensor,
+    distance: torch.Tensor,
+    buckets: torch.Tensor | None,
+    allowed: torch.Tensor,
+    cached_keys: torch.Tensor | None = None,
+    cached_values: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocks over x [B, m, D], whose keys and values follow the cached ones ([blocks, B, n,
+    *], or none: a full window); only the most recent position queries in the last block.
+    -> (x [B, 1, D], the new positions' keys [blocks, B, m, *], values [blocks, B, m, *])."""
+    keys, values = [], []
+    last = len(model.blocks) - 1
+    for index, block in enumerate(_blocks(model)):
+        u, v, q, k = block.project(x)  # [B, m, *]
+        keys.append(k)
+        values.append(v)
+        if cached_keys is not None and cached_values is not None:
+            k = torch.cat([cached_keys[index], k], 1)  # [B, n + m, *]
+            v = torch.cat([cached_values[index], v], 1)
+        bias, mask, residual = block.bias(distance, buckets), allowed, x  # query dim: -2
+        if index == last:
+            u, q, residual = u[:, -1:], q[:, -1:], x[:, -1:]
+            bias, mask = bias[..., -1:, :], mask[:, :, -1:]
+        x = block.attend(residual, u, q, k, v, bias, mask)
+    return x, torch.stack(keys), torch.stack(values)
 
 
 def _blocks(model: HSTU) -> list[HSTUBlock]:
